@@ -1,0 +1,50 @@
+"""The `lora-diffusion` command: one subcommand per tool.
+
+To add one, append (name, module, help) to SUBCOMMANDS, where the module defines
+`add_arguments(parser)` and `run(args) -> int`; or call register() with the two functions.
+"""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = [
+    ("excise", "lora_diffusion.tools.excise", "remove words or phrases from every caption (writes a copy)"),
+    ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
+    ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
+]
+
+
+def register(name, add_arguments, run, help=""):
+    """Add a subcommand from two functions: add_arguments(parser) and run(args) -> int."""
+    SUBCOMMANDS.append((name, (add_arguments, run), help))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion: tools")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, target, help in SUBCOMMANDS:
+        if isinstance(target, str):
+            module = importlib.import_module(target)
+            add_arguments, run, description = module.add_arguments, module.run, module.__doc__
+        else:
+            (add_arguments, run), description = target, help
+        sub = subparsers.add_parser(name, help=help, description=description,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(sub)
+        sub.set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, OSError) as e:  # the tools' errors say what to fix; no traceback
+        print(f"lora-diffusion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Dataset tools from the seeds: caption excision, repeat balancing, caption sets.
+
+Each module has plain functions (for scripts and notebooks) and a small `add_arguments`/`run` pair
+that `lora_diffusion.cli` registers as a subcommand. Nothing here imports torch.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["ToolError", "list_images", "split_concept_name", "build_folder_atomically"]
+
+# kept in step with dataset.IMAGE_EXTENSIONS (a test checks it); duplicated so the package
+# never imports the top-level training module
+_NOT_TRAINING_IMAGES = {".bufr", ".grib", ".h5", ".hdf", ".mpeg", ".mpg", ".emf", ".wmf", ".eps", ".ps"}
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                             if fmt in Image.OPEN and ext not in _NOT_TRAINING_IMAGES)
+
+_CONCEPT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+class ToolError(ValueError):
+    """Bad input to a dataset tool; the message names the file or option."""
+
+
+def list_images(folder) -> list:
+    """Image files directly inside `folder` (any extension Pillow reads, in any case), sorted by name."""
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                  key=lambda p: p.name)
+
+
+def split_concept_name(name: str):
+    """'10_sks dog' -> (10, 'sks dog'); 'sks dog' -> (None, 'sks dog')."""
+    match = _CONCEPT_FOLDER.match(name)
+    return (int(match.group(1)), match.group(2)) if match else (None, name)
+
+
+def require_folder(path, what) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ToolError(f"{what} '{path}' is not a folder")
+    return path
+
+
+def check_output_folder(output, overwrite=False, inputs=()):
+    """An output folder must be new (or empty), or `overwrite` is set; never one of the inputs."""
+    output = Path(output).expanduser()
+    for source in inputs:
+        source = Path(source).resolve()
+        if output.resolve() == source or source in output.resolve().parents:
+            raise ToolError(f"output folder '{output}' is inside the input '{source}': choose another folder, "
+                            f"the input is left untouched")
+    if output.exists() and not output.is_dir():
+        raise ToolError(f"output '{output}' exists and is a file")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ToolError(f"output folder '{output}' exists and is not empty; choose a new folder or pass overwrite")
+    return output
+
+
+def build_folder_atomically(output, fill):
+    """Call fill(temp_folder) on a fresh folder next to `output`, then move it into place, so an
+    interrupted run never leaves a half-written dataset under the final name."""
+    output = Path(output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        result = fill(temp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(temp, output)
+        return result
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def write_text_atomically(path, text):
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(temp, path)
