@@ -1,0 +1,14 @@
+"""lora_diffusion: LoRA for Stable Diffusion, kohya-compatible files, a hackable library and a lean trainer."""
+
+from .inject import (DEFAULT_TARGET_REPLACE, TEXT_ENCODER_DEFAULT_TARGET_REPLACE, inject_trainable_lora,
+                     lora_network, remove_lora)
+from .kohya import LoRAFileError, read_lora_file
+from .layer import LoRALayer
+from .network import LoRANetwork, create_network, load_network
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALayer", "LoRANetwork", "create_network", "load_network", "inject_trainable_lora", "lora_network",
+    "remove_lora", "read_lora_file", "LoRAFileError", "DEFAULT_TARGET_REPLACE", "TEXT_ENCODER_DEFAULT_TARGET_REPLACE",
+]

@@ -1,0 +1,152 @@
+"""LoRALayer: a low-rank update wrapped around one existing nn.Linear or nn.Conv2d.
+
+The base module stays where it is, with its own weight: `apply()` swaps its `forward` for ours, `remove()` puts the
+original back. The LoRA parameters live here (not in the base model's module tree), so casting or saving the base
+model never touches them and they stay in fp32 while the base runs in fp16/bf16.
+
+    y = base(x) + multiplier * (alpha / rank) * up(dropout(down(x)))
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALayer(nn.Module):
+    def __init__(self, base: nn.Module, rank: int = 4, alpha: float | None = None, *, multiplier: float = 1.0,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if isinstance(base, LoRALayer):
+            raise TypeError("LoRALayer cannot wrap another LoRALayer; wrap its base module")
+        if isinstance(base, nn.Linear):
+            in_dim, out_dim = base.in_features, base.out_features
+            self.lora_down = nn.Linear(in_dim, rank, bias=False, dtype=dtype)
+            self.lora_up = nn.Linear(rank, out_dim, bias=False, dtype=dtype)
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1 or base.dilation not in ((1, 1), 1):
+                raise ValueError(f"LoRALayer supports Conv2d with groups=1 and dilation=1, got {base}")
+            in_dim, out_dim = base.in_channels, base.out_channels
+            self.lora_down = nn.Conv2d(in_dim, rank, base.kernel_size, base.stride, base.padding, bias=False,
+                                       dtype=dtype)
+            self.lora_up = nn.Conv2d(rank, out_dim, 1, 1, bias=False, dtype=dtype)
+        else:
+            raise TypeError(f"LoRALayer wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
+        alpha = float(rank if alpha is None or alpha == 0 else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        if base.weight.device.type != "meta":
+            self.to(base.weight.device)
+        self.rank = rank
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.merged_multiplier = None  # set while the delta is baked into the base weight
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        # Plain attributes, not submodules: the base belongs to its model, not to this layer.
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "_base_forward", None)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha.item() / self.rank
+
+    @property
+    def applied(self) -> bool:
+        return self._base_forward is not None
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_multiplier is not None
+
+    def apply_to(self) -> "LoRALayer":
+        """Route the base module's calls through this layer."""
+        if not self.applied:
+            object.__setattr__(self, "_had_own_forward", "forward" in self.base.__dict__)
+            object.__setattr__(self, "_base_forward", self.base.forward)
+            self.base.forward = self.forward
+        return self
+
+    def remove(self):
+        """Give the base module back its own forward (the base weight was never modified unless merged)."""
+        if not self.applied:
+            return
+        if self.base.__dict__.get("forward") != self.forward:
+            raise RuntimeError("this base module was wrapped again after this LoRA; remove the newer LoRA first")
+        if self._had_own_forward:
+            self.base.forward = self._base_forward
+        else:
+            del self.base.forward
+        object.__setattr__(self, "_base_forward", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base_forward(x)
+        if self.merged or self.multiplier == 0:
+            return out
+        if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
+            return out
+        return out + self.lora_delta(x).to(out.dtype)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier * scale * up(down(x)), with the training-time dropouts."""
+        weight_dtype = self.lora_down.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_dtype)
+        h = self.lora_down(x)
+        scale = self.multiplier * self.scale
+        if self.training:
+            if self.dropout > 0:
+                h = F.dropout(h, p=self.dropout)
+            if self.rank_dropout > 0:
+                h = h * self._rank_mask(h)
+                scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(h) * scale
+
+    def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
+        keep = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
+        if isinstance(self.lora_down, nn.Conv2d):
+            return keep[:, :, None, None]  # (B, r, H, W)
+        if h.dim() == 3:
+            return keep[:, None, :]  # (B, T, r)
+        return keep
+
+    # -- merging into the base weight ------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / rank) * the weight update, in fp32 and shaped like the base weight (multiplier not applied)."""
+        down = self.lora_down.weight.float()
+        up = self.lora_up.weight.float()
+        if isinstance(self.lora_down, nn.Linear):
+            delta = up @ down
+        elif down.shape[2:] == (1, 1):
+            delta = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+        else:
+            # Composing a kxk conv (down) with a 1x1 conv (up) is itself a kxk conv.
+            delta = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        return delta * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            return
+        self._add_to_base(self.delta_weight() * self.multiplier)
+        self.merged_multiplier = self.multiplier
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        self._add_to_base(self.delta_weight() * -self.merged_multiplier)
+        self.merged_multiplier = None
+
+    def _add_to_base(self, delta: torch.Tensor):
+        weight = self.base.weight
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha.item():g}, multiplier={self.multiplier:g}"

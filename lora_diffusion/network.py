@@ -1,0 +1,247 @@
+"""LoRANetwork: the set of LoRALayers over a U-Net and a text encoder, and the two ways to make one.
+
+    network = create_network(unet, text_encoder, rank=16, alpha=8)       # new, trainable, applied
+    network = load_network("x.safetensors", unet, text_encoder)           # from any kohya-format file
+
+Its state_dict is the kohya file's tensors (module names are the kohya names), so saving is a dtype cast.
+"""
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from . import kohya
+from .layer import LoRALayer
+from .targets import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, all_named_modules, filter_targets,
+                      text_encoder_targets, unet_targets)
+
+
+class LoRANetwork(nn.Module):
+    def __init__(self, layers: dict[str, LoRALayer], *, rank: int, alpha: float, network_args: dict | None = None):
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+        self.rank = rank
+        self.alpha = alpha
+        self.network_args = dict(network_args or {})
+
+    # -- the layers ---------------------------------------------------------------------------------------------
+
+    def layers(self) -> dict[str, LoRALayer]:
+        return dict(self.named_children())
+
+    @property
+    def unet_layers(self) -> list[LoRALayer]:
+        return [m for n, m in self.named_children() if n.startswith(UNET_PREFIX + "_")]
+
+    @property
+    def text_encoder_layers(self) -> list[LoRALayer]:
+        return [m for n, m in self.named_children() if n.startswith(TEXT_ENCODER_PREFIX)]
+
+    def apply_to(self) -> "LoRANetwork":
+        for layer in self.children():
+            layer.apply_to()
+        return self
+
+    def remove(self):
+        """Restore every wrapped module exactly as it was (unmerging first if merged)."""
+        for layer in reversed(list(self.children())):
+            layer.unmerge()
+            layer.remove()
+
+    def set_multiplier(self, multiplier: float):
+        for layer in self.children():
+            if layer.merged:
+                raise RuntimeError("unmerge() before changing the multiplier of a merged network")
+            layer.multiplier = multiplier
+
+    def merge(self):
+        """Bake multiplier * delta into the base weights; the LoRA branch then costs nothing at inference."""
+        for layer in self.children():
+            layer.merge()
+
+    def unmerge(self):
+        for layer in self.children():
+            layer.unmerge()
+
+    # -- training -----------------------------------------------------------------------------------------------
+
+    def param_groups(self, *, unet_lr: float | None = None, text_encoder_lr: float | None = None,
+                     default_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: one for the U-Net LoRA, one for the text encoder's, each with its own lr.
+
+        A part whose lr is 0 is left out (frozen), as in kohya."""
+        groups = []
+        for name, layers, lr in (("unet", self.unet_layers, unet_lr), ("text_encoder", self.text_encoder_layers,
+                                                                          text_encoder_lr)):
+            lr = default_lr if lr is None else lr
+            params = [p for layer in layers for p in layer.parameters()]
+            if not params or lr == 0:
+                continue
+            group = {"params": params, "name": name}
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+        return groups
+
+    def set_trainable(self, unet: bool = True, text_encoder: bool = True):
+        for layer in self.unet_layers:
+            layer.requires_grad_(unet)
+        for layer in self.text_encoder_layers:
+            layer.requires_grad_(text_encoder)
+
+    # -- files --------------------------------------------------------------------------------------------------
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of the kohya file, with ONE alpha for the whole file.
+
+        diffusers applies the file's most common alpha to every module, so a module whose alpha differs from the
+        network's (LoCon convs with their own conv_alpha, or a loaded file with mixed alphas) has its scale folded
+        into lora_up: up * (alpha_m / alpha), which leaves alpha_m / r_m * up @ down unchanged."""
+        tensors = {}
+        file_alpha = float(self.alpha)
+        for name, layer in self.named_children():
+            up = layer.lora_up.weight.detach().float()
+            layer_alpha = layer.alpha.item()
+            if layer_alpha != file_alpha:
+                up = up * (layer_alpha / file_alpha)
+            save_dtype = dtype or layer.lora_down.weight.dtype
+            tensors[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach().to(save_dtype)
+            tensors[f"{name}.lora_up.weight"] = up.to(save_dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=save_dtype)
+        return tensors
+
+    def save_weights(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None):
+        """Write a kohya-format .safetensors (atomically) that diffusers, ComfyUI, A1111 and kohya load unchanged.
+
+        `metadata` adds to / overrides the network keys (`ss_network_*`, `modelspec.*`)."""
+        path = os.fspath(path)
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"save_weights writes .safetensors files, got {path}")
+        full = kohya.network_metadata(rank=self.rank, alpha=self.alpha, network_args=self.network_args,
+                                      output_name=os.path.splitext(os.path.basename(path))[0])
+        full.update(metadata or {})
+        kohya.write_lora_file(path, self.file_tensors(dtype), full)
+
+    def load_weights(self, path: str, strict: bool = True):
+        """Load a kohya file into this network's existing modules (shapes must match), e.g. to resume training."""
+        modules, _ = kohya.read_lora_file(path)
+        own = self.layers()
+        missing = sorted(set(own) - set(modules))
+        unexpected = sorted(set(modules) - set(own))
+        if strict and (missing or unexpected):
+            raise kohya.LoRAFileError(
+                f"{path} does not match this network: missing {_preview(missing)}, unexpected {_preview(unexpected)}")
+        for name in set(own) & set(modules):
+            _copy_into(own[name], modules[name], name, path)
+
+
+def _preview(names: list[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _copy_into(layer: LoRALayer, weights: kohya.ModuleWeights, name: str, source: str):
+    """Copy file tensors into a layer, folding the file's alpha into lora_up when the layer's alpha differs."""
+    down = _fit(weights.down, layer.lora_down.weight.shape)
+    up = _fit(weights.up, layer.lora_up.weight.shape)
+    if down is None or up is None:
+        raise kohya.LoRAFileError(
+            f"{source}: {name} has lora_down {tuple(weights.down.shape)} / lora_up {tuple(weights.up.shape)}, "
+            f"expected {tuple(layer.lora_down.weight.shape)} / {tuple(layer.lora_up.weight.shape)} for this model "
+            f"(a LoRA made for another base model?)")
+    with torch.no_grad():
+        layer.lora_down.weight.copy_(down)
+        layer.lora_up.weight.copy_(up.float() * (weights.alpha / layer.alpha.item()))
+
+
+def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """The tensor in the given shape when they differ at most by trailing 1x1 dims (2-D files for 1x1 convs)."""
+    def squeeze(s):
+        return tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)
+    return tensor.reshape(shape) if squeeze(tensor.shape) == squeeze(shape) else None
+
+
+# -- making networks ----------------------------------------------------------------------------------------------
+
+
+def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank: int = 4, alpha: float = 1.0,
+                   conv_rank: int | None = None, conv_alpha: float | None = None, *, multiplier: float = 1.0,
+                   dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                   include: list[str] | None = None, exclude: list[str] | None = None,
+                   train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+    """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules).
+
+    `conv_rank` adds LoCon on the ResNet and sampler convs (3x3 convs at conv_rank/conv_alpha; the other modules of
+    those blocks at rank/alpha, as kohya). `include`/`exclude` are regexes over module paths or kohya names;
+    `train_unet=False` / `train_text_encoder=False` make a U-Net-only or text-encoder-only network."""
+    if unet is None and text_encoder is None:
+        raise ValueError("create_network needs a unet, a text_encoder, or both")
+    targets: list[Target] = []
+    if unet is not None and train_unet:
+        targets += unet_targets(unet, conv=bool(conv_rank))
+    if text_encoder is not None and train_text_encoder:
+        targets += text_encoder_targets(text_encoder)
+    targets = filter_targets(targets, include, exclude)
+    if not targets:
+        raise ValueError("create_network matched no module: check the models and the include/exclude patterns")
+
+    conv_alpha = conv_rank if conv_alpha is None else conv_alpha
+    layers = {}
+    for target in targets:
+        r, a = (conv_rank, conv_alpha) if target.is_conv_kxk else (rank, alpha)
+        layers[target.name] = LoRALayer(target.module, r, a, multiplier=multiplier, dropout=dropout,
+                                        rank_dropout=rank_dropout, module_dropout=module_dropout)
+    args = {}
+    if conv_rank:
+        args.update(conv_dim=conv_rank, conv_alpha=conv_alpha)
+    for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+        if value:
+            args[key] = value
+    return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
+
+
+def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | None,
+                 multiplier: float = 1.0) -> LoRANetwork:
+    """Build and apply LoRA modules for exactly the names in a kohya-format file (ours, kohya sd-scripts',
+    LyCORIS plain LoRA/LoCon, OneTrainer, diffusers' kohya export); rank per module from the shapes."""
+    modules, metadata = kohya.read_lora_file(path)
+    available = all_named_modules(unet, text_encoder)
+    unplaced = sorted(name for name in modules if name not in available)
+    if unplaced:
+        hint = ""
+        if unet is None or text_encoder is None:
+            hint = " (a model was passed as None)"
+        raise kohya.LoRAFileError(f"{path}: {len(unplaced)} module(s) match nothing in the given models{hint}: "
+                                  f"{_preview(unplaced)}")
+    layers = {}
+    for name, weights in modules.items():
+        target = available[name]
+        canonical = target.name
+        if canonical in layers:
+            raise kohya.LoRAFileError(f"{path}: {name} addresses the same module as another key ({canonical})")
+        layer = LoRALayer(target.module, weights.rank, weights.alpha, multiplier=multiplier)
+        _copy_into(layer, weights, name, path)
+        layers[canonical] = layer
+    rank = _metadata_number(metadata, "ss_network_dim", int) or max(w.rank for w in modules.values())
+    alpha = _metadata_number(metadata, "ss_network_alpha", float) or _most_common_alpha(modules)
+    try:
+        args = json.loads(metadata.get("ss_network_args", "{}")) or {}
+    except json.JSONDecodeError:
+        args = {}
+    return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
+
+
+def _metadata_number(metadata: dict, key: str, kind):
+    try:
+        return kind(float(metadata[key]))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _most_common_alpha(modules: dict[str, kohya.ModuleWeights]) -> float:
+    alphas = [w.alpha for w in modules.values()]
+    return max(set(alphas), key=alphas.count)

@@ -1,0 +1,50 @@
+"""Tiny Stable Diffusion models with SD1.5's topology (same blocks and layers, narrow channels), built from the
+configs the package ships; deterministic, no downloads."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ASSETS = Path(__file__).resolve().parents[1] / "lora_diffusion" / "assets"
+
+
+def build_tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(ASSETS / "tiny-sd" / "unet")).eval()
+
+
+def build_tiny_text_encoder(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    config = CLIPTextConfig.from_json_file(ASSETS / "tiny-sd" / "text_encoder" / "config.json")
+    return CLIPTextModel(config).eval()
+
+
+@pytest.fixture
+def tiny_unet():
+    return build_tiny_unet()
+
+
+@pytest.fixture
+def tiny_text_encoder():
+    return build_tiny_text_encoder()
+
+
+def unet_inputs(batch: int = 2, size: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor([10, 500][:batch]),
+            torch.randn(batch, 7, 32, generator=g))
+
+
+def text_ids(batch: int = 2, length: int = 77, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 49000, (batch, length), generator=g)
+    ids[:, 0] = 49406
+    ids[:, -1] = 49407
+    return ids
