@@ -151,7 +151,7 @@ def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_a
     learning_rate). optimizer_args: see parse_optimizer_args.
     """
     kwargs = parse_optimizer_args(optimizer_args)
-    param_groups = list(param_groups)
+    param_groups = [dict(g) if isinstance(g, dict) else g for g in param_groups]  # never edit the caller's dicts
     if not param_groups:
         raise ValueError("create_optimizer: no parameters to train (is the network empty, or both halves disabled?)")
     name = optimizer_type or "AdamW"

@@ -73,6 +73,10 @@ class PromptFileError(ValueError):
     """A sample prompt (file) that cannot be read."""
 
 
+class PromptFileNotFoundError(PromptFileError, FileNotFoundError):
+    """--sample_prompts names a file that does not exist."""
+
+
 def _finish(prompt):
     """Validate and normalise a prompt dict in place (kohya: sizes down to a multiple of 8, steps 1..1000)."""
     for key in ("width", "height"):
@@ -137,7 +141,7 @@ def read_prompts(path, *, width=512, height=512, scale=7.5, steps=30, seed=None,
     """All prompts of a .txt (one a line), .toml (kohya's [prompt] / [[prompt.subset]]) or .json (list) file."""
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"--sample_prompts {path}: no such file (expected a .txt with one prompt a line)")
+        raise PromptFileNotFoundError(f"--sample_prompts {path}: no such file (expected a .txt with one prompt a line)")
     defaults = _defaults(width, height, scale, steps, seed, negative_prompt, sampler)
     if path.suffix.lower() in (".toml", ".json"):
         try:
