@@ -556,6 +556,7 @@ class LoRADataset(torch.utils.data.Dataset):
                        keep_tokens=keep_tokens, caption_dropout_rate=caption_dropout_rate,
                        caption_tag_dropout_rate=caption_tag_dropout_rate, caption_prefix=caption_prefix,
                        caption_suffix=caption_suffix, caption_separator=caption_separator)
+        _check_subset(Subset(Path("."), **options), "dataset options")  # bad flags fail before any scanning
         subsets = _concept_subsets(train_data_dir, "train_data_dir", False, options)
         if reg_data_dir is not None:
             subsets += _concept_subsets(reg_data_dir, "reg_data_dir", True, options)
