@@ -52,9 +52,9 @@ def plan_balance(dataset_dir, steps_per_concept) -> list:
         raise ToolError(f"no concept folders with images in '{dataset_dir}': expected subfolders such as "
                         f"'{dataset_dir / '10_conceptA'}' holding the images")
     names = [row.new_name for row in rows]
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        raise ToolError(f"several folders would be named {', '.join(clashes)}: give the concepts distinct names")
+    for clash in sorted({n for n in names if names.count(n) > 1}):
+        sources = " and ".join(f"'{row.folder.name}'" for row in rows if row.new_name == clash)
+        raise ToolError(f"{sources} would both become '{clash}': give the concepts distinct names")
     return rows
 
 
