@@ -404,6 +404,8 @@ def test_lr_scheduler_errors():
         create_lr_scheduler("linear", opt, num_training_steps=10, lr_warmup_steps=20)
     with pytest.raises(ValueError, match="lr_warmup_steps"):
         create_lr_scheduler("linear", opt, num_training_steps=10, lr_warmup_steps=-1)
+    with pytest.raises(ValueError, match="Adafactor"):
+        create_lr_scheduler("adafactor", opt, num_training_steps=10)
 
 
 # ---------------------------------------------------------------- state

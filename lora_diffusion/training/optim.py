@@ -151,6 +151,8 @@ def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_a
     learning_rate). optimizer_args: see parse_optimizer_args.
     """
     kwargs = parse_optimizer_args(optimizer_args)
+    if "lr" in kwargs:
+        raise ValueError("--optimizer_args: set the learning rate with --learning_rate/--unet_lr, not lr=")
     param_groups = [dict(g) if isinstance(g, dict) else g for g in param_groups]  # never edit the caller's dicts
     if not param_groups:
         raise ValueError("create_optimizer: no parameters to train (is the network empty, or both halves disabled?)")
@@ -245,6 +247,9 @@ def create_lr_scheduler(
         base_name = "adafactor"
     if base_name == "adafactor":
         from transformers.optimization import AdafactorSchedule
+
+        if type(optimizer).__name__ != "Adafactor":
+            raise ValueError(f"--lr_scheduler adafactor needs --optimizer_type Adafactor, not {type(optimizer).__name__}")
 
         initial_lr = float(name.split(":")[1]) if ":" in name else 0.0
         return AdafactorSchedule(optimizer, initial_lr=initial_lr)
