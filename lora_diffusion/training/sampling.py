@@ -234,7 +234,7 @@ def generate_samples(
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modules = [m for m in (text_encoder, vae, unet)]
+    modules = [text_encoder, vae, unet]
     was_training = [m.training for m in modules]
     devices = [next(m.parameters()).device for m in modules]
     python_state, numpy_state = random.getstate(), np.random.get_state()
@@ -246,7 +246,7 @@ def generate_samples(
                 m.eval().to(device)
             pipeline = StableDiffusionPipeline(
                 vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                scheduler=make_sample_scheduler(sampler, noise_scheduler, v_parameterization=v_parameterization),  # per prompt below
+                scheduler=make_sample_scheduler(sampler, noise_scheduler, v_parameterization=v_parameterization),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
             pipeline.set_progress_bar_config(disable=True)
