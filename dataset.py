@@ -245,7 +245,7 @@ def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=Fals
         swap = orientation in (5, 6, 7, 8)
         shown_w, shown_h = (img.height, img.width) if swap else img.size
         scale = max(bucket_w / shown_w, bucket_h / shown_h)
-        if img.format == "JPEG" and scale < 0.5:
+        if img.format == "JPEG" and scale < 1:
             # decode at 1/2, 1/4 or 1/8 size straight from the DCT, never below what the resize needs
             need = (math.ceil(shown_w * scale), math.ceil(shown_h * scale))
             img.draft(img.mode, (need[1], need[0]) if swap else need)
