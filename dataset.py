@@ -631,6 +631,18 @@ class LoRADataset(torch.utils.data.Dataset):
     def _count(self, subset):
         return sum(1 for e in self.entries if self.subsets[e.subset] is subset)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            # a plain pickle or deepcopy (not a DataLoader worker being started): keep the value only
+            state["_epoch"] = int(self._epoch.value)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["_epoch"], int):
+            state["_epoch"] = multiprocessing.Value("q", state["_epoch"], lock=False)
+        self.__dict__.update(state)
+
     # -- epochs and items -----------------------------------------------------------------------
 
     @property
@@ -678,10 +690,15 @@ class LoRADataset(torch.utils.data.Dataset):
         """A file that fails to decode mid-training is replaced by the next image of the same bucket
         (with its own caption), with a warning naming it, instead of killing a long run."""
         bucket = self.entries[entry_index].bucket
+        try:
+            return load_image(self.entries[entry_index].path, bucket, crop_rng=crop_rng, flip=flip), entry_index
+        except Exception as e:
+            failures = [f"{self.entries[entry_index].path}: {type(e).__name__}: {e}"]
+            _warn(f"could not decode image '{self.entries[entry_index].path}' ({type(e).__name__}: {e}); "
+                  f"using another image of bucket {bucket[0]}x{bucket[1]} instead")
         same_bucket = [i for i, e in enumerate(self.entries) if e.bucket == bucket]
         start = same_bucket.index(entry_index)
-        failures = []
-        for candidate in same_bucket[start:] + same_bucket[:start]:
+        for candidate in same_bucket[start + 1:] + same_bucket[:start]:
             try:
                 return load_image(self.entries[candidate].path, bucket, crop_rng=crop_rng, flip=flip), candidate
             except Exception as e:

@@ -462,6 +462,18 @@ def test_dataloader_with_workers_sees_the_epoch(tmp_path):
         assert torch.equal(batch["images"], expected["images"])
 
 
+def test_dataset_pickles_and_copies(tmp_path):
+    import copy
+    import pickle
+    ds = bucketed_dataset(tmp_path, shuffle_caption=True, caption_prefix="a, b, c")
+    ds.set_epoch(3)
+    for clone in (pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds)):
+        assert clone.epoch == 3 and len(clone) == len(ds)
+        assert clone[5]["caption"] == ds[5]["caption"]
+        clone.set_epoch(4)
+        assert ds.epoch == 3
+
+
 def test_collate_rejects_mixed_buckets(tmp_path):
     ds = bucketed_dataset(tmp_path)
     wide = next(i for i in range(len(ds)) if ds[i]["bucket"][0] > ds[i]["bucket"][1])
