@@ -11,9 +11,12 @@ tensor is read, cast to `dtype` and renamed one at a time, then assigned; no ful
 `dtype` is half.
 """
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +39,18 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1.x: OpenAI CLIP ViT-L/14 in transformers' layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP ViT-H/14 in open_clip's layout
 DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def load_libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+    except OSError:
+        return None
+
+
+LIBC = load_libc()
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if LIBC is not None else 4096
+MADV_DONTNEED = 4  # Linux and macOS
 SD2_CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
@@ -197,9 +212,16 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
         if not (folder / part).is_dir():
             raise ModelLoadError(f"diffusers folder {folder} has no {part}/ subfolder")
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, **{DTYPE_KWARG: dtype})
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", torch_dtype=dtype, variant=weights_variant(folder / "unet"), local_files_only=True
+        )
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", torch_dtype=dtype, variant=weights_variant(folder / "vae"), local_files_only=True
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            str(folder / "text_encoder"), variant=weights_variant(folder / "text_encoder"), local_files_only=True,
+            **{DTYPE_KWARG: dtype},
+        )
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {error}") from error
     if v2 is None:
@@ -224,6 +246,13 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
     )
 
 
+def weights_variant(subfolder):
+    """"fp16" when a subfolder holds only fp16-variant weights (model.fp16.safetensors), as some downloads do."""
+    files = [f.name for f in Path(subfolder).iterdir() if f.suffix in (".safetensors", ".bin")]
+    plain = [f for f in files if len(f.split(".")) == 2]
+    return "fp16" if not plain and any(".fp16." in f for f in files) else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A single checkpoint file in the original (CompVis / Stability) layout.
 
@@ -240,44 +269,106 @@ class CheckpointReader:
             )
         try:
             if suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self.file = safe_open(str(self.path), framework="pt", device="cpu")
-                self.names = list(self.file.keys())
-                self.tensors = None
+                self.file, self.mapped = SafetensorsFile(self.path), False
+                self.names = list(self.file.entries)
             else:
-                self.tensors = read_torch_checkpoint(self.path)
-                self.names = list(self.tensors)
+                self.file, self.mapped = read_torch_checkpoint(self.path)
+                self.names = list(self.file)
         except ModelLoadError:
             raise
-        except Exception as error:  # safetensors, zipfile and pickle each raise their own kinds
+        except Exception as error:  # json, zipfile and pickle each raise their own kinds
             raise ModelLoadError(f"{self.path} could not be read (corrupt, truncated or not a checkpoint?): {error}") from error
 
     def get(self, name):
-        tensor = self.file.get_tensor(name) if self.tensors is None else self.tensors[name]
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        tensor = self.file[name]
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        if not self.mapped:
+            return tensor.to(dtype)
+        owned = tensor.to(dtype, copy=True)  # the model must not keep pages of the file
+        release_file_pages(tensor)
+        return owned
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Reads one tensor at a time with plain file reads. Memory-mapping (safe_open) would leave every page it
+    touched resident and counted in the process's memory until the file is closed: a 4 GB fp32 file loaded as
+    fp16 would peak at 6 GB instead of 2 GB. The format: 8-byte little-endian header size, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the data."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_size <= size - 8:
+                raise ValueError(f"header size {header_size} does not fit a file of {size} bytes")
+            header = json.loads(f.read(header_size))
+        self.data_start = 8 + header_size
+        header.pop("__metadata__", None)
+        self.entries = header
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{name} has unsupported dtype {entry['dtype']}")
+            if self.data_start + end > size:
+                raise ValueError(f"the data of {name} ends past the end of the file (truncated?)")
+            if end - begin != math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
+                raise ValueError(f"the data size of {name} does not match its shape {entry['shape']}")
+
+    def __getitem__(self, name):
+        entry = self.entries[name]
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            f.readinto(buffer)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def read_torch_checkpoint(path):
-    """A .ckpt/.pt state dict, read with weights_only=True (pickled code is never run), memory-mapped when possible."""
+    """(state dict, memory-mapped?) of a .ckpt/.pt file, read with weights_only=True: pickled code never runs."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        try:
+            checkpoint, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            checkpoint, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy format
+    except pickle.UnpicklingError as error:
+        detail = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+        if detail:
             raise ModelLoadError(
-                f"{path} contains pickled objects other than tensors, which are not loaded for safety "
-                f"(weights_only=True). Convert it to .safetensors with a tool you trust, then load that. Detail: {error}"
+                f"{path} contains pickled objects other than tensors ({detail[0].split(' was not')[0]}), which are not loaded for safety "
+                "(torch.load weights_only=True). Convert it to .safetensors with a tool you trust, then load that"
             ) from error
         raise
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise ModelLoadError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
-    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}, mapped
+
+
+def release_file_pages(tensor):
+    """Drop the pages of a memory-mapped (read-only, file-backed) tensor from this process's resident memory;
+    they are re-read from the file if touched again. Without this, every page read stays counted, and a 4 GB
+    fp32 .ckpt loaded as fp16 would peak at 6 GB. Only for tensors from torch.load(mmap=True): on ordinary
+    memory MADV_DONTNEED would zero the data."""
+    if LIBC is None:
+        return
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr() & ~(PAGE_SIZE - 1)
+    end = storage.data_ptr() + storage.nbytes()
+    if end > start:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def check_is_sd_checkpoint(path, names):

@@ -297,6 +297,17 @@ def test_diffusers_folder_roundtrip(tmp_path, no_network):
     assert not load_models(folder, v_parameterization=False).v_parameterization
 
 
+def test_diffusers_folder_with_fp16_variant_only(tmp_path):
+    folder = save_tiny_diffusers_folder(tmp_path / "tiny", seed=6)
+    source = build_tiny_models(seed=6)
+    for part in ("unet", "vae", "text_encoder"):
+        for weights in (folder / part).glob("*.safetensors"):
+            name, suffix = weights.name.split(".", 1)
+            weights.rename(weights.with_name(f"{name}.fp16.{suffix}"))
+    models = load_models(folder, dtype=torch.float16)
+    assert_same_weights(models.unet, source.unet, dtype=torch.float16)
+
+
 # --- single-file SD1.x -----------------------------------------------------------------------------------------
 
 
@@ -313,6 +324,34 @@ def test_single_file_sd1(sd1, tmp_path, filename, wrap, no_network):
     assert not models.v2 and not models.v_parameterization and models.name == str(path)
     assert models.tokenizer.pad_token == "<|endoftext|>"
     assert models.noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_single_file_matches_diffusers_own_converter(sd1):
+    """diffusers' converter (a second, independent implementation) maps the same file to the same tensors."""
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+    _, vae, unet, ckpt, path = sd1
+    models = load_models(path, config_dir=TINY)
+    theirs_unet = single_file_utils.convert_ldm_unet_checkpoint(ckpt, dict(unet.config))
+    theirs_vae = single_file_utils.convert_ldm_vae_checkpoint(ckpt, dict(vae.config))
+    for ours, theirs in ((models.unet.state_dict(), theirs_unet), (models.vae.state_dict(), theirs_vae)):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value.reshape(ours[key].shape)), key
+
+
+@pytest.mark.parametrize("family", ["v1", "v2", "v2-v"])
+def test_shipped_configs_cover_every_original_key(family):
+    """At full size (on the meta device): every key of an original-layout file of this family has a place."""
+    from lora_diffusion.models import clip_names, empty_modules, unet_names, vae_names
+
+    text_encoder, vae, unet = empty_modules(ASSETS / family)
+    ckpt = original_checkpoint(text_encoder, vae, unet, open_clip=family != "v1")
+    unet_map = unet_names(ckpt, unet.config.layers_per_block)
+    assert sorted(t for targets in unet_map.values() for t, _ in targets) == sorted(unet.state_dict())
+    vae_map = vae_names(ckpt, len(vae.config.up_block_types))
+    assert sorted(t for targets in vae_map.values() for t, _ in targets) == sorted(vae.state_dict())
+    te_map = clip_names(ckpt, hasattr(text_encoder, "text_model"), text_encoder.config.num_hidden_layers)
+    assert sorted(t for targets in te_map.values() for t, _ in targets) == sorted(text_encoder.state_dict())
 
 
 def test_single_file_bfloat16(sd1):
