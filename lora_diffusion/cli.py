@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     ("excise", "lora_diffusion.tools.excise", "remove words or phrases from every caption (writes a copy)"),
     ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
     ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
+    ("generate", "lora_diffusion.generate", "images from a base model plus LoRA files with multipliers"),
 ]
 
 
@@ -21,7 +22,8 @@ def register(name, add_arguments, run, help=""):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion: tools")
+    parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion: tools "
+                                     "(training is `python train_lora.py`)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, target, help in SUBCOMMANDS:
         if isinstance(target, str):

@@ -1,0 +1,133 @@
+"""Flag files: `--config_file x.toml` (kohya's: any sections, keys are flag names) or a kohya_ss GUI `.json`, and
+`--output_config` to write the flags of a run back out as TOML.
+
+The parser is the authority on flag names: a key that is no flag is an error that names it (TOML) or, in a GUI
+JSON full of interface state, a warning that names it.
+"""
+
+import argparse
+import json
+import shlex
+import tomllib
+import warnings
+from pathlib import Path
+
+
+class ConfigFileError(ValueError):
+    pass
+
+
+# kohya_ss GUI keys that mean a trainer flag under another name or in another unit.
+GUI_RENAMES = {
+    "epoch": "max_train_epochs",
+    "max_resolution": "resolution",
+    "optimizer": "optimizer_type",
+    "lora_network_weights": "network_weights",
+}
+# kohya_ss GUI keys that only drive the interface (or the launcher); ignored quietly.
+GUI_ONLY = {
+    "LoRA_type", "model_list", "num_cpu_threads_per_process", "use_wandb", "wandb_api_key", "sdxl", "unit",
+    "save_model_as", "num_processes", "num_machines", "multi_gpu", "gpu_ids", "main_process_port",
+}
+# Values that mean "unset" in the GUI's files.
+_UNSET = (None, "", 0, 0.0, "0", False)
+
+
+def flag_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions if action.dest != "help"}
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Flag values from a TOML or kohya_ss GUI JSON file, checked against the parser's flags."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigFileError(f"--config_file {path}: no such file")
+    try:
+        if path.suffix.lower() == ".json":
+            return _from_gui_json(json.loads(path.read_text(encoding="utf-8-sig")), path, parser)
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigFileError(f"--config_file {path} is not valid TOML/JSON: {e}") from None
+    flat = {}
+    for key, value in document.items():  # kohya groups flags in any sections; one level deep
+        for k, v in (value.items() if isinstance(value, dict) else [(key, value)]):
+            flat[k] = v
+    return _checked(flat, path, parser)
+
+
+def _checked(values: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
+    actions = flag_dests(parser)
+    unknown = sorted(k for k in values if k not in actions)
+    if unknown:
+        raise ConfigFileError(f"--config_file {path}: unknown key(s) {', '.join(unknown)}; keys are the flag names "
+                              f"of train_lora.py without the leading -- (see `python train_lora.py --help`)")
+    checked = {}
+    for key, value in values.items():
+        action = actions[key]
+        if action.nargs in ("*", "+") and isinstance(value, str):
+            value = value.split()
+        if isinstance(value, list) and action.nargs not in ("*", "+"):
+            raise ConfigFileError(f"--config_file {path}: {key} takes one value, got a list {value!r}")
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise ConfigFileError(f"--config_file {path}: {key} = {value!r} is not valid: {e}") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ConfigFileError(f"--config_file {path}: {key} = {value!r}; expected one of {list(action.choices)}")
+        checked[key] = value
+    return checked
+
+
+def _from_gui_json(document: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
+    """A kohya_ss GUI config: its flag-named keys, its renamed keys, `additional_parameters` parsed as flags."""
+    actions = flag_dests(parser)
+    values, ignored, network_args = {}, [], []
+    for key, value in document.items():
+        if key in ("conv_dim", "conv_alpha") and value not in _UNSET:
+            network_args.append(f"{key}={value}")
+        elif key == "lr_warmup" and value not in _UNSET:  # the GUI's warm-up is a percentage of the steps
+            values["lr_warmup_steps"] = float(value) / 100
+        elif key == "additional_parameters" and value:
+            given, defaults = vars(parser.parse_known_args(shlex.split(value))[0]), vars(parser.parse_known_args([])[0])
+            values.update({k: v for k, v in given.items() if v != defaults[k]})
+        elif key in GUI_RENAMES and value not in ("", None):
+            values[GUI_RENAMES[key]] = value
+        elif key in actions and value not in ("", None):
+            values[key] = value
+        elif key not in actions and key not in GUI_ONLY and key not in GUI_RENAMES and value not in _UNSET:
+            ignored.append(key)
+    if network_args:
+        values["network_args"] = network_args + list(values.get("network_args") or [])
+    if ignored:
+        warnings.warn(f"{path}: ignoring kohya_ss GUI setting(s) this trainer does not have: "
+                      f"{', '.join(sorted(ignored))}", stacklevel=2)
+    if isinstance(values.get("resolution"), str):
+        values["resolution"] = values["resolution"].replace(" ", "")
+    return _checked(values, path, parser)
+
+
+def write_config_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Every flag that differs from its default, as a flat TOML that --config_file reads back."""
+    lines = []
+    for dest, action in flag_dests(parser).items():
+        if dest in ("config_file", "output_config"):
+            continue
+        value = getattr(args, dest, None)
+        if value is None or value == action.default:
+            continue
+        lines.append(f"{dest} = {_toml_value(value)}")
+    text = "\n".join(lines) + "\n"
+    from .kohya import atomic_write_bytes
+    atomic_write_bytes(str(path), text.encode("utf-8"))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

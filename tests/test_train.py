@@ -1,0 +1,235 @@
+"""train_lora.py end to end on the built-in tiny model: it learns, every LoRA parameter trains, files load in
+diffusers, resume equals an uninterrupted run, DDP, and bad input gets a clear error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import train_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(root: Path, n: int = 4, size: int = 64) -> Path:
+    folder = root / "data" / "5_toy"
+    folder.mkdir(parents=True)
+    colors = [(220, 40, 40), (40, 70, 220), (40, 170, 70), (235, 210, 40)]
+    for i in range(n):
+        image = Image.new("RGB", (size, size), colors[i % 4])
+        for x in range(size // 4, 3 * size // 4):
+            for y in range(size // 4, 3 * size // 4):
+                image.putpixel((x, y), colors[(i + 1) % 4])
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"toy, square number {i}")
+    return root / "data"
+
+
+def base_flags(tmp_path, data, **overrides):
+    flags = dict(pretrained_model_name_or_path="builtin:tiny", train_data_dir=data, resolution=64,
+                 train_batch_size=2, network_dim=4, network_alpha=4, learning_rate=1e-3, max_train_steps=4,
+                 seed=1, output_dir=tmp_path / "out", output_name="t", max_data_loader_n_workers=0)
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_dataset(tmp_path)
+
+
+def fixed_eval_loss(lora_path, data_dir):
+    """The denoising loss on the training images with fixed noise and timesteps, computed here with diffusers'
+    own modules and scheduler (and our loader for the LoRA file)."""
+    from lora_diffusion import load_network
+    from lora_diffusion.models import load_models
+
+    models = load_models("builtin:tiny")
+    if lora_path is not None:
+        load_network(lora_path, models.unet, models.text_encoder)
+    images = []
+    for path in sorted(Path(data_dir).rglob("*.png")):
+        pixels = torch.tensor(list(Image.open(path).convert("RGB").getdata()), dtype=torch.float32)
+        images.append(pixels.view(64, 64, 3).permute(2, 0, 1) / 127.5 - 1)
+    captions = [Path(p).with_suffix(".txt").read_text() for p in sorted(Path(data_dir).rglob("*.png"))]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = models.vae.encode(torch.stack(images)).latent_dist.mode() * models.vae.config.scaling_factor
+        ids = models.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
+        context = models.text_encoder(ids).last_hidden_state
+        total = 0.0
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+            noisy = models.noise_scheduler.add_noise(latents, noise, t)
+            total += torch.nn.functional.mse_loss(models.unet(noisy, t, context).sample, noise).item()
+    return total / 8
+
+
+def test_loss_goes_down_on_a_small_overfit_set(tmp_path, data):
+    argv = base_flags(tmp_path, data, max_train_steps=60, learning_rate=3e-3, network_dim=8,
+                      network_args=["conv_dim=4", "conv_alpha=4"], cache_latents=True)
+    assert train_lora.main(argv) == 0
+    before = fixed_eval_loss(None, data)
+    after = fixed_eval_loss(tmp_path / "out" / "t.safetensors", data)
+    assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_every_lora_parameter_of_both_models_trains(tmp_path, data, checkpointing):
+    argv = base_flags(tmp_path, data, max_train_steps=2, save_every_n_steps=1, optimizer_args=["weight_decay=0"],
+                      gradient_checkpointing=checkpointing, network_args=["conv_dim=2"])
+    assert train_lora.main(argv) == 0
+    step1, _ = read(tmp_path / "out" / "t-step00000001.safetensors")
+    step2, meta = read(tmp_path / "out" / "t-step00000002.safetensors")
+    ups = [k for k in step1 if k.endswith("lora_up.weight")]
+    downs = [k for k in step1 if k.endswith("lora_down.weight")]
+    assert len(ups) == 278 + 72 and any(k.startswith("lora_te_") for k in ups)
+    # lora_up starts at zero: after one AdamW step (no decay) it moved iff it had a gradient
+    dead_up = [k for k in ups if step1[k].abs().sum() == 0]
+    # lora_down first gets a gradient at step 2, once lora_up is non-zero
+    dead_down = [k for k in downs if torch.equal(step1[k], step2[k])]
+    assert not dead_up and not dead_down, (dead_up[:3], dead_down[:3])
+    assert meta["ss_steps"] == "2" and meta["ss_gradient_checkpointing"] == str(checkpointing)
+
+
+def test_output_loads_in_diffusers_with_every_key_applied(tmp_path, data):
+    from diffusers import StableDiffusionPipeline
+
+    from lora_diffusion.models import load_models
+
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=2, save_precision="fp16",
+                                      network_args=["conv_dim=4", "conv_alpha=1"])) == 0
+    tensors, meta = read(tmp_path / "out" / "t.safetensors")
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+                "ss_num_train_images", "ss_dataset_dirs", "ss_tag_frequency", "ss_seed", "ss_optimizer",
+                "sshs_model_hash", "modelspec.architecture"):
+        assert key in meta, key
+    models = load_models("builtin:tiny")
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                   unet=models.unet, scheduler=models.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name="t.safetensors")
+    modules = {k.split(".")[0] for k in tensors}
+    wrapped_unet = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    wrapped_te = [n for n, m in pipe.text_encoder.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert len(wrapped_unet) == sum(m.startswith("lora_unet_") for m in modules) == 278
+    assert len(wrapped_te) == sum(m.startswith("lora_te_") for m in modules) == 72
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, data):
+    flags = dict(max_train_steps=6, save_every_n_steps=3, save_state=True, network_dropout=0.1,
+                 shuffle_caption=True, noise_offset=0.05, lr_scheduler="cosine", lr_warmup_steps=2)
+    assert train_lora.main(base_flags(tmp_path / "a", data, **flags)) == 0
+    state = tmp_path / "a" / "out" / "t-step00000003-state"
+    assert (state / "train_state.json").is_file()
+    resumed = dict(flags, resume=state)
+    assert train_lora.main(base_flags(tmp_path / "b", data, **resumed)) == 0
+    uninterrupted, meta_a = read(tmp_path / "a" / "out" / "t.safetensors")
+    continued, meta_b = read(tmp_path / "b" / "out" / "t.safetensors")
+    assert meta_b["ss_steps"] == "6"
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], continued[key]), key
+
+
+def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch, capsys):
+    import lora_diffusion.training as training
+
+    calls = {"n": 0}
+    real_loss = training.diffusion_loss
+
+    def loss_that_breaks(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", loss_that_breaks)
+    code = train_lora.main(base_flags(tmp_path, data, max_train_steps=5, save_every_n_steps=1))
+    assert code == 2
+    assert "loss became nan at step 3" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["t-step00000001.safetensors",
+                                                                  "t-step00000002.safetensors"]
+    tensors, _ = read(out / "t-step00000002.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(pretrained_model_name_or_path="/nonexistent/model.safetensors"), "not found"),
+    (dict(train_data_dir="__EMPTY__"), "N_name"),
+    (dict(network_args=["conv_rank=4"]), "--network_args 'conv_rank=4'"),
+    (dict(optimizer_type="NoSuchOptimizer"), "NoSuchOptimizer"),
+    (dict(resume="__DATA__"), "--resume"),
+    (dict(network_weights="__DATA__/missing.safetensors"), "not found"),
+    (dict(sample_prompts="__DATA__/nope.txt"), "nope.txt"),
+    (dict(network_train_unet_only=True, network_train_text_encoder_only=True), "exclude each other"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, data, capsys, flags, message):
+    (tmp_path / "empty").mkdir()
+    flags = {k: (str(v).replace("__EMPTY__", str(tmp_path / "empty")).replace("__DATA__", str(data))
+                 if isinstance(v, str) else v) for k, v in flags.items()}
+    assert train_lora.main(base_flags(tmp_path, data, **flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_config_files_toml_and_kohya_ss_gui_json(tmp_path, data, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[model]\npretrained_model_name_or_path = "builtin:tiny"\n[data]\ntrain_data_dir = "{data}"\n'
+                    f'resolution = "64"\n[x]\nnetwork_dim = 2\nmax_train_steps = 1\noutput_dir = "{tmp_path}/o"\n'
+                    f'max_data_loader_n_workers = 0\n')
+    args = train_lora.parse_args(["--config_file", str(toml), "--network_dim", "3"])
+    assert args.network_dim == 3 and args.max_train_steps == 1 and args.resolution == "64"  # the command line wins
+    toml.write_text(toml.read_text() + "netwrok_alpha = 2\n")
+    assert train_lora.main(["--config_file", str(toml)]) == 2
+    assert "netwrok_alpha" in capsys.readouterr().err
+
+    gui = tmp_path / "unbias.json"
+    gui.write_text('{"LoRA_type": "Kohya LoCon", "pretrained_model_name_or_path": "builtin:tiny", '
+                   f'"train_data_dir": "{data}", "max_resolution": "64,64", "epoch": 2, "optimizer": "AdamW", '
+                   '"lr_warmup": 10, "conv_dim": 4, "conv_alpha": 2, "network_dim": 8, "network_alpha": 4, '
+                   '"save_model_as": "safetensors", "mem_eff_attn": true, "caption_extension": ".txt", '
+                   '"additional_parameters": "--max_grad_norm=0.5", "seed": "", "unet_lr": 0.0001}')
+    with pytest.warns(UserWarning, match="mem_eff_attn"):
+        args = train_lora.parse_args(["--config_file", str(gui)])
+    assert (args.max_train_epochs, args.resolution, args.lr_warmup_steps, args.max_grad_norm) == (2, "64,64", 0.1, 0.5)
+    assert args.network_args == ["conv_dim=4", "conv_alpha=2"] and args.network_dim == 8 and args.seed == 42
+
+    assert train_lora.main(["--config_file", str(toml.with_name("c2.toml")), "--output_config"]) == 2
+    out_config = base_flags(tmp_path, data, network_dim=7, output_config=True)
+    assert train_lora.main(out_config) == 0
+    written = tmp_path / "out" / "t.toml"
+    again = train_lora.parse_args(["--config_file", str(written)])
+    assert again.network_dim == 7 and again.train_data_dir == str(data)
+
+
+def test_two_process_ddp(tmp_path, data):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "train_lora.py"), *base_flags(tmp_path, data, max_train_steps=3)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA weights identical on 2 processes" in result.stdout + result.stderr
+    tensors, meta = read(tmp_path / "out" / "t.safetensors")
+    assert meta["ss_steps"] == "3" and len(tensors) == 3 * (192 + 72)

@@ -1,0 +1,620 @@
+"""Train a LoRA for Stable Diffusion: `python train_lora.py --flags` (kohya sd-scripts' flag names).
+
+    python train_lora.py --config_file examples/quickstart/config.toml
+
+Reads top to bottom: flags -> accelerator -> models -> data -> network -> optimizer -> the loop -> files.
+The pieces live in the package (lora_diffusion.training, lora_diffusion.network, dataset.py); this file wires them.
+"""
+
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    g = p.add_argument_group("config")
+    g.add_argument("--config_file", help="TOML of flags (any sections), or a kohya_ss GUI .json")
+    g.add_argument("--output_config", action="store_true", help="write the flags to <output_dir>/<output_name>.toml "
+                   "and exit")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", help="diffusers folder, SD1.x/2.x .safetensors/.ckpt, or "
+                   "builtin:tiny")
+    g.add_argument("--v2", action="store_true", help="the model is SD2.x (detected from single files)")
+    g.add_argument("--v_parameterization", action="store_true", help="v-prediction (SD2.x 768-v)")
+    g.add_argument("--clip_skip", type=int, help="use the output of the k-th last text-encoder layer (2: penultimate)")
+    g.add_argument("--max_token_length", type=int, choices=[75, 150, 225])
+
+    g = p.add_argument_group("data (see docs/dataset.md)")
+    g.add_argument("--train_data_dir", help="the PARENT of <repeats>_<name> folders")
+    g.add_argument("--reg_data_dir", help="the parent of <repeats>_<class> regularization folders")
+    g.add_argument("--dataset_config", help="kohya dataset config TOML ([general], [[datasets]], [[datasets.subsets]])")
+    g.add_argument("--caption_extension", default=".txt")
+    g.add_argument("--resolution", default="512", help="W or W,H")
+    g.add_argument("--enable_bucket", action="store_true")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--flip_aug", action="store_true")
+    g.add_argument("--shuffle_caption", action="store_true")
+    g.add_argument("--keep_tokens", type=int, default=0)
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_prefix")
+    g.add_argument("--caption_suffix")
+    g.add_argument("--caption_separator", default=",")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--cache_latents_to_disk", action="store_true")
+    g.add_argument("--vae_batch_size", type=int, default=1)
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_data_loader_n_workers", type=int, help="default: 0 with cached latents, else up to 4")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--network_module", default="networks.lora", help="networks.lora (kohya's LoRA/LoCon)")
+    g.add_argument("--network_dim", type=int, default=4, help="rank")
+    g.add_argument("--network_alpha", type=float, default=1.0)
+    g.add_argument("--network_dropout", type=float, default=0.0)
+    g.add_argument("--network_args", nargs="*", default=[], help="conv_dim=8 conv_alpha=4 rank_dropout=0.1 "
+                   "module_dropout=0.1")
+    g.add_argument("--network_weights", help="start from this LoRA file (not a resume: see --resume)")
+    g.add_argument("--network_train_unet_only", action="store_true")
+    g.add_argument("--network_train_text_encoder_only", action="store_true")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", default="AdamW",
+                   help="AdamW, AdamW8bit, Lion, Lion8bit, PagedAdamW8bit, Prodigy, Adafactor, SGDNesterov or "
+                        "module.Class")
+    g.add_argument("--optimizer_args", nargs="*", default=[], help='e.g. "weight_decay=0.01" "betas=0.9,0.99"')
+    g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--unet_lr", type=float)
+    g.add_argument("--text_encoder_lr", type=float)
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a fraction (< 1) of the total")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (default: PyTorch SDPA)")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--multires_noise_iterations", type=int, default=0)
+    g.add_argument("--multires_noise_discount", type=float, default=0.3)
+    g.add_argument("--min_snr_gamma", type=float)
+    g.add_argument("--min_timestep", type=int, default=0)
+    g.add_argument("--max_timestep", type=int, default=1000)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="output")
+    g.add_argument("--output_name", default="lora")
+    g.add_argument("--save_model_as", default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="default: fp32")
+    g.add_argument("--save_every_n_epochs", type=int)
+    g.add_argument("--save_every_n_steps", type=int)
+    g.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch files")
+    g.add_argument("--save_state", action="store_true", help="also save optimizer/RNG state with each file")
+    g.add_argument("--resume", help="a <name>-...-state folder written by --save_state")
+    g.add_argument("--logging_dir", help="TensorBoard logs")
+    g.add_argument("--log_prefix", default="")
+    g.add_argument("--sample_prompts", help="one prompt a line, options --n --w --h --d --l --s")
+    g.add_argument("--sample_every_n_epochs", type=int)
+    g.add_argument("--sample_every_n_steps", type=int)
+    g.add_argument("--sample_sampler", default="ddim")
+    g.add_argument("--training_comment")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from lora_diffusion.config import read_config_file
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config_file:  # file values are defaults; flags given on the command line win
+        parser.set_defaults(**read_config_file(args.config_file, parser))
+        args = parser.parse_args(argv)
+    check_args(args)
+    args.parser = parser
+    return args
+
+
+def check_args(args):
+    def bad(message):
+        raise TrainingError(message)
+
+    if not args.output_config and not args.pretrained_model_name_or_path:
+        bad("--pretrained_model_name_or_path is required (a diffusers folder, an SD checkpoint, or builtin:tiny)")
+    if not args.output_config and not (args.train_data_dir or args.dataset_config):
+        bad("--train_data_dir (the parent of <repeats>_<name> folders) or --dataset_config is required")
+    if args.network_module not in ("networks.lora", "lora_diffusion"):
+        bad(f"--network_module {args.network_module}: only networks.lora (LoRA / LoCon) is supported")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        bad("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    if args.use_8bit_adam:
+        args.optimizer_type = "AdamW8bit"
+    for name in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.min_timestep < args.max_timestep <= 1000:
+        bad(f"--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000, got {args.min_timestep}, "
+            f"{args.max_timestep}")
+
+
+def network_options(args) -> dict:
+    """--network_args k=v pairs as create_network keywords."""
+    known = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float), "rank_dropout": ("rank_dropout", float),
+             "module_dropout": ("module_dropout", float)}
+    options = {}
+    for item in args.network_args:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in known:
+            raise TrainingError(f"--network_args {item!r}: expected key=value with key in {sorted(known)}")
+        name, kind = known[key.strip()]
+        try:
+            options[name] = kind(value.strip())
+        except ValueError:
+            raise TrainingError(f"--network_args {item!r}: {value!r} is not a {kind.__name__}") from None
+    return options
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces of the run that the loop calls
+
+
+def build_dataset(args):
+    from dataset import LoRADataset
+
+    options = dict(caption_extension=args.caption_extension, resolution=args.resolution,
+                   enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso,
+                   max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
+                   bucket_no_upscale=args.bucket_no_upscale, random_crop=args.random_crop, flip_aug=args.flip_aug,
+                   shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
+                   caption_dropout_rate=args.caption_dropout_rate,
+                   caption_tag_dropout_rate=args.caption_tag_dropout_rate, caption_prefix=args.caption_prefix,
+                   caption_suffix=args.caption_suffix, caption_separator=args.caption_separator, seed=args.seed)
+    if args.dataset_config:
+        return LoRADataset.from_config(args.dataset_config, **options)
+    return LoRADataset(args.train_data_dir, args.reg_data_dir, **options)
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """This process's share of the bucket batches (every world-th batch); equal counts on every process."""
+
+    def __init__(self, batch_sampler, rank: int, world: int):
+        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)
+        usable = len(batches) - len(batches) % self.world
+        return iter(batches[self.rank:usable:self.world])
+
+    def __len__(self):
+        return len(self.batch_sampler) // self.world
+
+
+def captions_are_fixed(args) -> bool:
+    return not (args.shuffle_caption or args.caption_dropout_rate or args.caption_tag_dropout_rate)
+
+
+def fixed_captions(dataset) -> set[str]:
+    """Every caption the dataset can give when no caption option is random."""
+    from dataset import process_caption
+
+    return {process_caption(e.caption, dataset.subsets[e.subset], random.Random(0)) for e in dataset.entries}
+
+
+def cache_text_encoder_outputs(captions, tokenizer, text_encoder, args, device) -> dict:
+    """caption -> encoder hidden states, for a frozen text encoder and captions that never change."""
+    from lora_diffusion.training import encode_prompts
+
+    captions, cache = sorted(captions), {}
+    text_encoder.to(device)
+    with torch.no_grad():
+        for start in range(0, len(captions), 16):
+            chunk = captions[start:start + 16]
+            states = encode_prompts(tokenizer, text_encoder, chunk, clip_skip=args.clip_skip,
+                                    max_token_length=args.max_token_length)
+            cache.update(zip(chunk, states))
+    return cache
+
+
+def save_lora(network, path, args, run, accelerator, *, epoch, step, final=False):
+    """One LoRA file with the whole run's settings in its metadata; rotation for --save_last_n_epochs."""
+    from lora_diffusion.training import training_metadata
+
+    if not accelerator.is_main_process:
+        return
+    metadata = training_metadata(**run["metadata"], ss_epoch=epoch, ss_steps=step,
+                                 ss_training_finished_at=time.time() if final else None)
+    metadata.update(network_metadata(run))
+    metadata["ss_output_name"] = args.output_name
+    network.save_weights(path, dtype=SAVE_DTYPES[args.save_precision], metadata=metadata)
+    accelerator.print(f"saved {path}")
+
+
+def network_metadata(run) -> dict:
+    from lora_diffusion.kohya import network_metadata as kohya_network_metadata
+
+    models = run["models"]
+    return {k: v for k, v in kohya_network_metadata(
+        rank=run["network"].rank, alpha=run["network"].alpha, network_args=run["network"].network_args,
+        v2=models.v2, v_parameterization=models.v_parameterization, output_name=run["args"].output_name,
+        resolution=run["resolution"]).items() if k != "ss_output_name"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(args):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from dataset import BucketBatchSampler, collate_fn
+    from lora_diffusion import create_network
+    from lora_diffusion.models import load_models
+    from lora_diffusion.training import (create_lr_scheduler, create_optimizer, describe_optimizer, diffusion_loss,
+                                         encode_prompts, generate_samples, load_state, make_noise, read_prompts,
+                                         read_train_state, rotate, sample_timesteps, save_state, training_target,
+                                         warmup_steps)
+
+    log_with = "tensorboard" if args.logging_dir else None
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
+                              project_dir=args.logging_dir,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())
+    set_seed(args.seed)
+    device, weight_dtype = accelerator.device, DTYPES[args.mixed_precision]
+    output_dir = Path(args.output_dir)
+
+    # --- models: the frozen base, loaded straight into the compute dtype ---------------------------------------
+    models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
+                         v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
+    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False).eval()
+    vae.to(torch.float32)  # the VAE is run in fp32: fp16 VAEs of SD1.x overflow into NaN latents
+    if args.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # noqa: BLE001 - xformers raises several kinds when missing or unusable
+            raise TrainingError(f"--xformers: xformers is not usable here ({e}); install it with "
+                                f"`pip install \"lora-diffusion[xformers]\"` or drop the flag (SDPA is the default)")
+
+    # --- data -------------------------------------------------------------------------------------------------
+    dataset = build_dataset(args)
+    accelerator.print(dataset.summary())
+    if args.cache_latents:
+        dataset.cache_latents(vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                              device=device, dtype=torch.float32)
+    train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
+    text_cache = None
+    if not train_text_encoder and captions_are_fixed(args):
+        text_cache = cache_text_encoder_outputs(fixed_captions(dataset), tokenizer, text_encoder, args, device)
+    need_vae = not args.cache_latents or args.sample_prompts
+    need_text_encoder = text_cache is None or args.sample_prompts
+    if not need_vae:
+        vae.to("cpu")
+    if not need_text_encoder:
+        text_encoder.to("cpu")
+
+    batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, seed=args.seed)
+    loader_sampler = ShardedBatches(batch_sampler, accelerator.process_index, accelerator.num_processes)
+    workers = args.max_data_loader_n_workers
+    if workers is None:
+        workers = 0 if args.cache_latents else min(4, max(0, (os.cpu_count() or 1) - 1))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=loader_sampler, collate_fn=collate_fn,
+                                         num_workers=workers, persistent_workers=False,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(args.seed))
+    steps_per_epoch = math.ceil(len(loader_sampler) / args.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"one epoch has fewer batches ({len(batch_sampler)}) than processes "
+                            f"({accelerator.num_processes}); lower --train_batch_size or add images")
+    max_train_steps = args.max_train_steps
+    if args.max_train_epochs:
+        max_train_steps = args.max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    # --- network ----------------------------------------------------------------------------------------------
+    network = create_network(unet, text_encoder, rank=args.network_dim, alpha=args.network_alpha,
+                             dropout=args.network_dropout, train_unet=not args.network_train_text_encoder_only,
+                             train_text_encoder=train_text_encoder, **network_options(args))
+    if args.network_weights:
+        network.load_weights(args.network_weights)
+        accelerator.print(f"started from {args.network_weights}")
+    network.to(device).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        unet.train()  # diffusers and transformers only checkpoint in training mode; dropout is 0 in SD
+        text_encoder.train(train_text_encoder)
+
+    param_groups = network.param_groups(unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr,
+                                        default_lr=args.learning_rate)
+    optimizer = create_optimizer(args.optimizer_type, param_groups, learning_rate=args.learning_rate,
+                                 optimizer_args=args.optimizer_args)
+    lr_scheduler = create_lr_scheduler(args.lr_scheduler, optimizer, num_training_steps=max_train_steps,
+                                       lr_warmup_steps=args.lr_warmup_steps,
+                                       lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
+                                       lr_scheduler_power=args.lr_scheduler_power)
+    # Only the optimizer goes through accelerate (GradScaler for fp16, skipped steps while accumulating). The
+    # scheduler is stepped by hand once per optimizer step, and the network's gradients are averaged across
+    # processes by hand: its forward runs inside the base models, so DDP's hooks would never fire.
+    optimizer = accelerator.prepare(optimizer)
+    accelerator.register_for_checkpointing(network, lr_scheduler)
+
+    # --- where we start ---------------------------------------------------------------------------------------
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if args.resume:
+        read_train_state(args.resume)  # a clear error before anything heavy
+        state = load_state(args.resume, accelerator=accelerator)
+        global_step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1}, "
+                          f"batch {skip_batches})")
+
+    resolution = dataset_resolution(args)
+    run = {"args": args, "models": models, "network": network, "resolution": resolution,
+           "metadata": run_metadata(args, dataset, len(loader_sampler), max_train_steps, num_epochs, optimizer,
+                                   describe_optimizer)}
+    prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
+        if args.sample_prompts else None
+    if log_with:
+        accelerator.init_trackers("lora_diffusion", config={k: v for k, v in vars(args).items()
+                                                            if isinstance(v, (int, float, str, bool))})
+
+    def sample(epoch=None):
+        if not prompts or not accelerator.is_main_process:
+            return
+        vae.to(device)
+        generate_samples(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                         noise_scheduler=models.noise_scheduler, prompts=prompts, out_dir=output_dir / "sample",
+                         step=global_step, epoch=epoch, output_name=args.output_name, device=device,
+                         dtype=weight_dtype, sampler=args.sample_sampler,
+                         v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
+                         max_token_length=args.max_token_length, seed=args.seed)
+        if not need_vae:
+            vae.to("cpu")
+        text_encoder.train(train_text_encoder and args.gradient_checkpointing)
+        unet.train(args.gradient_checkpointing)
+
+    def checkpoint(stem, epoch, batch_in_epoch, final=False):
+        save_lora(network, output_dir / f"{stem}.safetensors", args, run, accelerator, epoch=epoch,
+                  step=global_step, final=final)
+        if args.save_state:
+            save_state(output_dir / f"{stem}-state", accelerator=accelerator, step=global_step, epoch=epoch,
+                       batch_in_epoch=batch_in_epoch)
+
+    # --- one step: noise, predict, loss -----------------------------------------------------------------------
+    def compute_loss(batch):
+        if "latents" in batch:
+            latents = batch["latents"].to(device)
+        else:
+            with torch.no_grad():
+                images = batch["images"].to(device, torch.float32)
+                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        latents = latents.to(weight_dtype)
+        if text_cache is not None:
+            context = torch.stack([text_cache[c] for c in batch["captions"]]).to(device)
+        else:
+            with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
+                context = encode_prompts(tokenizer, text_encoder, batch["captions"], clip_skip=args.clip_skip,
+                                         max_token_length=args.max_token_length)
+        noise = make_noise(latents, noise_offset=args.noise_offset,
+                           multires_noise_iterations=args.multires_noise_iterations,
+                           multires_noise_discount=args.multires_noise_discount)
+        timesteps = sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
+                                     max_timestep=args.max_timestep, device=device)
+        noisy, target = training_target(models.noise_scheduler, latents, noise, timesteps, models.v_parameterization)
+        with accelerator.autocast():
+            pred = unet(noisy, timesteps, context.to(weight_dtype)).sample
+        return diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
+                              min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
+                              is_reg=batch["is_reg"].to(device), prior_loss_weight=args.prior_loss_weight)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    params = [p for group in param_groups for p in group["params"]]
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="steps")
+    recent_losses, epoch, batch_in_epoch = [], first_epoch, skip_batches
+    started = time.time()
+    accelerator.print(f"training {sum(p.numel() for p in params):,} LoRA parameters for {max_train_steps} steps "
+                      f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, {args.mixed_precision} "
+                      f"precision")
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            if global_step >= max_train_steps:
+                break
+            batch_sampler.set_epoch(epoch)
+            batch_in_epoch = skip_batches if epoch == first_epoch else 0
+            batch_sampler.skip_batches = batch_in_epoch * accelerator.num_processes
+            for batch in loader:
+                with accelerator.accumulate(network):
+                    loss = compute_loss(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {global_step + 1} (epoch {epoch + 1}); stopping "
+                            f"before a broken file is written. The last saved files are intact. Try a lower "
+                            f"--learning_rate, --mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        average_gradients(params, accelerator)
+                        if args.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                global_step += 1
+                recent_losses = (recent_losses + [loss.item()])[-100:]
+                logs = {"loss/current": recent_losses[-1], "loss/average": sum(recent_losses) / len(recent_losses)}
+                for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+                    logs["lr/unet" if group.get("name") == "unet" else "lr/textencoder"] = lr
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
+                if log_with:
+                    accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=global_step)
+                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
+                    checkpoint(f"{args.output_name}-step{global_step:08d}", epoch, batch_in_epoch)
+                if args.sample_every_n_steps and global_step % args.sample_every_n_steps == 0:
+                    sample()
+                if global_step >= max_train_steps:
+                    break
+            else:  # a whole epoch
+                done = epoch + 1
+                if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < num_epochs:
+                    checkpoint(f"{args.output_name}-{done:06d}", done, 0)
+                    if args.save_last_n_epochs and accelerator.is_main_process:
+                        rotate(str(output_dir / f"{args.output_name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"),
+                               args.save_last_n_epochs)
+                if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
+                    sample(epoch=done)
+    except KeyboardInterrupt:
+        accelerator.print(f"\ninterrupted at step {global_step}: saving the LoRA and the training state")
+        stem = f"{args.output_name}-step{global_step:08d}"
+        save_lora(network, output_dir / f"{stem}.safetensors", args, run, accelerator, epoch=epoch, step=global_step)
+        save_state(output_dir / f"{stem}-state", accelerator=accelerator, step=global_step, epoch=epoch,
+                   batch_in_epoch=batch_in_epoch)
+        accelerator.print(f"resume with: --resume {output_dir / (stem + '-state')}")
+        raise
+    progress.close()
+
+    # --- the final file ---------------------------------------------------------------------------------------
+    check_identical_across_processes(params, accelerator)
+    final_path = output_dir / f"{args.output_name}.safetensors"
+    save_lora(network, final_path, args, run, accelerator, epoch=epoch + 1, step=global_step, final=True)
+    if args.save_state:
+        save_state(output_dir / f"{args.output_name}-state", accelerator=accelerator, step=global_step,
+                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+    if prompts and not (args.sample_every_n_steps or args.sample_every_n_epochs):
+        sample()
+    accelerator.end_training()
+    elapsed = time.time() - started
+    accelerator.print(f"done: {global_step} steps in {elapsed:.1f}s; LoRA: {final_path}" +
+                      (f"; samples: {output_dir / 'sample'}" if prompts else "") +
+                      (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
+    return final_path
+
+
+def average_gradients(params, accelerator):
+    """Mean of the LoRA gradients over processes, in one flat all-reduce."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def check_identical_across_processes(params, accelerator):
+    """Every process must end with the same LoRA: compare a fingerprint of the weights before one process writes."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973)
+    fingerprint = torch.stack([flat.double().sum(), (flat.double() * weights).sum()])
+    everyone = accelerator.gather(fingerprint[None]).reshape(-1, 2)
+    if not torch.equal(everyone.min(0).values, everyone.max(0).values):
+        raise TrainingError(f"LoRA weights differ between processes: {everyone.tolist()}")
+    accelerator.print(f"LoRA weights identical on {accelerator.num_processes} processes")
+
+
+def dataset_resolution(args) -> tuple[int, int]:
+    parts = [int(v) for v in str(args.resolution).split(",")]
+    return (parts[0], parts[-1])
+
+
+def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimizer, describe_optimizer) -> dict:
+    """The training record (kohya's ss_* keys) of this run, as plain values."""
+    return dict(
+        ss_learning_rate=args.learning_rate, ss_unet_lr=args.unet_lr, ss_text_encoder_lr=args.text_encoder_lr,
+        ss_num_train_images=dataset.num_train_images, ss_num_reg_images=dataset.num_reg_images,
+        ss_num_batches_per_epoch=num_batches, ss_num_epochs=num_epochs, ss_max_train_steps=max_train_steps,
+        ss_lr_warmup_steps=args.lr_warmup_steps, ss_lr_scheduler=args.lr_scheduler,
+        ss_optimizer=describe_optimizer(optimizer, args.optimizer_args),
+        ss_mixed_precision=args.mixed_precision, ss_full_fp16=False, ss_seed=args.seed,
+        ss_resolution=f"({dataset_resolution(args)[0]}, {dataset_resolution(args)[1]})",
+        ss_clip_skip=args.clip_skip, ss_max_token_length=args.max_token_length, ss_noise_offset=args.noise_offset,
+        ss_multires_noise_iterations=args.multires_noise_iterations,
+        ss_multires_noise_discount=args.multires_noise_discount, ss_min_snr_gamma=args.min_snr_gamma,
+        ss_caption_dropout_rate=args.caption_dropout_rate, ss_caption_tag_dropout_rate=args.caption_tag_dropout_rate,
+        ss_keep_tokens=args.keep_tokens, ss_shuffle_caption=args.shuffle_caption, ss_flip_aug=args.flip_aug,
+        ss_enable_bucket=args.enable_bucket, ss_bucket_no_upscale=args.bucket_no_upscale,
+        ss_min_bucket_reso=args.min_bucket_reso, ss_max_bucket_reso=args.max_bucket_reso,
+        ss_cache_latents=args.cache_latents,
+        ss_gradient_checkpointing=args.gradient_checkpointing,
+        ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
+        ss_batch_size_per_device=args.train_batch_size, ss_max_grad_norm=args.max_grad_norm,
+        ss_prior_loss_weight=args.prior_loss_weight, ss_network_dropout=args.network_dropout,
+        ss_dataset_dirs=dataset.dataset_dirs, ss_tag_frequency=dataset.tag_frequency,
+        ss_sd_model_name=os.path.basename(str(args.pretrained_model_name_or_path)),
+        ss_training_started_at=time.time(), ss_v2=args.v2, ss_v_parameterization=args.v_parameterization,
+        ss_training_comment=args.training_comment,
+    )
+
+
+def main(argv=None) -> int:
+    from lora_diffusion.config import ConfigFileError, write_config_file
+    from lora_diffusion.kohya import LoRAFileError
+    from lora_diffusion.models import ModelLoadError
+    from lora_diffusion.training import MissingPackageError, PromptFileError, StateNotFoundError
+    from dataset import DatasetError
+
+    try:
+        args = parse_args(argv)
+        if args.output_config:
+            path = Path(args.output_dir) / f"{args.output_name}.toml"
+            write_config_file(path, args, args.parser)
+            print(f"wrote {path}")
+            return 0
+        train(args)
+        return 0
+    except (TrainingError, ConfigFileError, DatasetError, ModelLoadError, LoRAFileError, MissingPackageError,
+            PromptFileError, StateNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM saves like Ctrl-C
+    sys.exit(main())
