@@ -320,7 +320,8 @@ def test_single_file_sd1(sd1, tmp_path, filename, wrap, no_network):
     assert_same_weights(models.text_encoder, text_encoder)
     assert_same_weights(models.vae, vae)
     assert_same_weights(models.unet, unet)
-    assert_same_outputs(models, text_encoder, vae, unet)
+    if filename.endswith(".safetensors"):  # equal weights imply equal outputs; checked once
+        assert_same_outputs(models, text_encoder, vae, unet)
     assert not models.v2 and not models.v_parameterization and models.name == str(path)
     assert models.tokenizer.pad_token == "<|endoftext|>"
     assert models.noise_scheduler.config.prediction_type == "epsilon"
