@@ -297,6 +297,10 @@ def train(args):
     device, weight_dtype = accelerator.device, DTYPES[args.mixed_precision]
     output_dir = Path(args.output_dir)
 
+    # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
+    dataset = build_dataset(args)
+    accelerator.print(dataset.summary())
+
     # --- models: the frozen base, loaded straight into the compute dtype ---------------------------------------
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
@@ -311,9 +315,6 @@ def train(args):
             raise TrainingError(f"--xformers: xformers is not usable here ({e}); install it with "
                                 f"`pip install \"lora-diffusion[xformers]\"` or drop the flag (SDPA is the default)")
 
-    # --- data -------------------------------------------------------------------------------------------------
-    dataset = build_dataset(args)
-    accelerator.print(dataset.summary())
     if args.cache_latents:
         dataset.cache_latents(vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
                               device=device, dtype=torch.float32)
@@ -328,7 +329,8 @@ def train(args):
     if not need_text_encoder:
         text_encoder.to("cpu")
 
-    batch_sampler = BucketBatchSampler(dataset, args.train_batch_size, seed=args.seed)
+    batch_size = getattr(dataset, "batch_size", None) or args.train_batch_size  # a dataset config's batch_size wins
+    batch_sampler = BucketBatchSampler(dataset, batch_size, seed=args.seed)
     loader_sampler = ShardedBatches(batch_sampler, accelerator.process_index, accelerator.num_processes)
     workers = args.max_data_loader_n_workers
     if workers is None:
@@ -592,11 +594,7 @@ def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimi
 
 
 def main(argv=None) -> int:
-    from lora_diffusion.config import ConfigFileError, write_config_file
-    from lora_diffusion.kohya import LoRAFileError
-    from lora_diffusion.models import ModelLoadError
-    from lora_diffusion.training import MissingPackageError, PromptFileError, StateNotFoundError
-    from dataset import DatasetError
+    from lora_diffusion.config import write_config_file
 
     try:
         args = parse_args(argv)
@@ -607,8 +605,10 @@ def main(argv=None) -> int:
             return 0
         train(args)
         return 0
-    except (TrainingError, ConfigFileError, DatasetError, ModelLoadError, LoRAFileError, MissingPackageError,
-            PromptFileError, StateNotFoundError) as e:
+    except (TrainingError, ValueError, OSError) as e:
+        # Every error of the pieces is a ValueError/OSError whose message names the flag or file to fix.
+        if os.environ.get("LORA_DIFFUSION_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
