@@ -101,14 +101,17 @@ def load_models(name_or_path, *, v2=None, v_parameterization=None, dtype=torch.f
         return models
     path = Path(name).expanduser()
     if not path.exists():
-        hint = " (nothing is downloaded: fetch the model first and pass its local path)" if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else ""
+        looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+        hint = " (nothing is downloaded: fetch the model first and pass its local path)" if looks_like_hub_id else ""
         raise ModelLoadError(
             f"--pretrained_model_name_or_path {name} not found; expected a diffusers folder with model_index.json, "
             f"a .safetensors/.ckpt SD1.x/2.x checkpoint, or {BUILTIN_TINY}{hint}"
         )
     if path.is_dir():
         return load_diffusers_folder(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device)
-    return load_single_file(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device, config_dir=config_dir)
+    return load_single_file(
+        path, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device, config_dir=config_dir
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,7 +127,8 @@ def empty_modules(config_dir):
     """Text encoder, VAE and U-Net from `config_dir`'s configs, parameters on the meta device (no memory)."""
     config_dir = Path(config_dir)
     with init_empty_weights():
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder"), local_files_only=True))
+        te_config = CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder"), local_files_only=True)
+        text_encoder = CLIPTextModel(te_config)
         vae = AutoencoderKL.from_config(read_config(config_dir / "vae"))
         unet = UNet2DConditionModel.from_config(read_config(config_dir / "unet"))
     return text_encoder, vae, unet
@@ -222,18 +226,19 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
             str(folder / "text_encoder"), variant=weights_variant(folder / "text_encoder"), local_files_only=True,
             **{DTYPE_KWARG: dtype},
         )
+        if v2 is None:
+            v2 = unet.config.cross_attention_dim == 1024
+        if (folder / "tokenizer").is_dir():
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        else:
+            tokenizer = load_clip_tokenizer(v2=v2)
+        if v_parameterization is None:
+            scheduler_dir = folder / "scheduler"
+            has_config = (scheduler_dir / "scheduler_config.json").is_file()
+            prediction = read_config(scheduler_dir, "scheduler_config.json").get("prediction_type") if has_config else None
+            v_parameterization = prediction == "v_prediction"
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {error}") from error
-    if v2 is None:
-        v2 = unet.config.cross_attention_dim == 1024
-    if v_parameterization is None:
-        scheduler_config = folder / "scheduler" / "scheduler_config.json"
-        prediction = read_config(scheduler_config.parent, scheduler_config.name).get("prediction_type") if scheduler_config.is_file() else None
-        v_parameterization = prediction == "v_prediction"
-    if (folder / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    else:
-        tokenizer = load_clip_tokenizer(v2=v2)
     return SDModels(
         tokenizer=tokenizer,
         text_encoder=finish(text_encoder, dtype, device),
@@ -265,7 +270,8 @@ class CheckpointReader:
         suffix = self.path.suffix.lower()
         if suffix not in CHECKPOINT_SUFFIXES:
             raise ModelLoadError(
-                f"{self.path} is not a model checkpoint: expected a .safetensors or .ckpt/.pt file in the original SD1.x/2.x layout"
+                f"{self.path} is not a model checkpoint: expected a .safetensors or .ckpt/.pt file "
+                "in the original SD1.x/2.x layout"
             )
         try:
             if suffix == ".safetensors":
@@ -277,7 +283,8 @@ class CheckpointReader:
         except ModelLoadError:
             raise
         except Exception as error:  # json, zipfile and pickle each raise their own kinds
-            raise ModelLoadError(f"{self.path} could not be read (corrupt, truncated or not a checkpoint?): {error}") from error
+            reason = f"{self.path} could not be read (corrupt, truncated or not a checkpoint?): {error}"
+            raise ModelLoadError(reason) from error
 
     def get(self, name):
         tensor = self.file[name]
@@ -346,8 +353,9 @@ def read_torch_checkpoint(path):
         detail = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
         if detail:
             raise ModelLoadError(
-                f"{path} contains pickled objects other than tensors ({detail[0].split(' was not')[0]}), which are not loaded for safety "
-                "(torch.load weights_only=True). Convert it to .safetensors with a tool you trust, then load that"
+                f"{path} contains pickled objects other than tensors ({detail[0].split(' was not')[0]}), "
+                "which are not loaded for safety (torch.load weights_only=True). "
+                "Convert it to .safetensors with a tool you trust, then load that"
             ) from error
         raise
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
@@ -403,8 +411,9 @@ def load_single_file(path, *, v2=None, v_parameterization=None, dtype=torch.floa
     check_is_sd_checkpoint(path, reader.names)
     detected_v2 = detect_v2(reader)
     if v2 is not None and bool(v2) != detected_v2:
-        found = "SD2.x (OpenCLIP text encoder, 1024-wide cross-attention)" if detected_v2 else "SD1.x (CLIP ViT-L text encoder)"
-        raise ModelLoadError(f"{path} holds {found} weights but --v2 was {'given' if v2 else 'set to false'}; drop the flag to let it be detected")
+        found = "SD2.x (OpenCLIP text encoder, 1024-wide cross-attention)" if detected_v2 else "SD1.x (CLIP text encoder)"
+        flag = "given" if v2 else "set to false"
+        raise ModelLoadError(f"{path} holds {found} weights but --v2 was {flag}; drop the flag to let it be detected")
     v2 = detected_v2
     v_parameterization = bool(v_parameterization)
     if config_dir is None:

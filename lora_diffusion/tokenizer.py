@@ -24,7 +24,7 @@ CACHE_VERSION = "clip-bpe-16e6-v1"
 
 def bytes_to_unicode():
     """The 256 printable stand-ins CLIP (and GPT-2) use for raw bytes, in CLIP's order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     extra = 0
     for b in range(256):

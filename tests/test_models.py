@@ -398,6 +398,22 @@ def test_single_file_sd2(tmp_path, no_network):
         load_models(path, config_dir=config_dir, v2=False)
 
 
+def test_safetensors_reader_matches_the_library(tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_diffusion.models import SafetensorsFile
+
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
+               "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    ours, theirs = SafetensorsFile(path), load_file(str(path))
+    assert sorted(ours.entries) == sorted(theirs)
+    for name, expected in theirs.items():
+        assert ours[name].dtype == expected.dtype and torch.equal(ours[name], expected), name
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 
 
@@ -408,9 +424,17 @@ def test_missing_path(tmp_path):
         load_models("runwayml/stable-diffusion-v1-5")
 
 
-def test_folder_without_model_index(tmp_path):
-    with pytest.raises(ModelLoadError, match="model_index.json"):
+def test_folder_without_model_index_or_parts(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder: model_index.json"):
         load_models(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="has no vae/ subfolder"):
+        load_models(tmp_path)
+    for part in ("vae", "text_encoder"):
+        (tmp_path / part).mkdir()
+    with pytest.raises(ModelLoadError, match="could not load the diffusers folder"):
+        load_models(tmp_path)  # empty subfolders
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -421,6 +445,12 @@ def test_not_a_checkpoint(tmp_path):
     lora = write_checkpoint({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, tmp_path / "lora.safetensors")
     with pytest.raises(ModelLoadError, match=r"LoRA file.*model\.diffusion_model\."):
         load_models(lora)
+    sdxl = write_checkpoint({"conditioner.embedders.0.transformer.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, tmp_path / "xl.safetensors")
+    with pytest.raises(ModelLoadError, match="SDXL"):
+        load_models(sdxl)
+    unet_only = write_checkpoint({"model.diffusion_model.out.2.weight": torch.zeros(1)}, tmp_path / "unet.safetensors")
+    with pytest.raises(ModelLoadError, match="missing: VAE, text encoder"):
+        load_models(unet_only)
     other = write_checkpoint({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelLoadError, match=r"not a recognised SD1.x/2.x checkpoint.*encoder.weight.*first_stage_model\."):
         load_models(other)
