@@ -16,10 +16,8 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import random
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, fields, replace
@@ -28,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from lora_diffusion.io import atomic_write
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
            "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption"]
@@ -875,20 +875,12 @@ def _read_latent_file(path: Path, key: str):
 
 
 def _write_latent_file(path: Path, key: str, plain, flipped):
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save
     tensors = {"latents": plain.contiguous()}
     if flipped is not None:
         tensors["latents_flipped"] = flipped.contiguous()
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={"key": key, "format": "lora_diffusion.latents.1"})
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+    data = save(tensors, metadata={"key": key, "format": "lora_diffusion.latents.1"})
+    atomic_write(path, lambda f: f.write(data))
 
 
 # ----------------------------------------------------------------------------------------------

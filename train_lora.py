@@ -31,7 +31,6 @@ class TrainingError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
     g = p.add_argument_group("config")
     g.add_argument("--config_file", help="TOML of flags (any sections), or a kohya_ss GUI .json")
     g.add_argument("--output_config", action="store_true", help="write the flags to <output_dir>/<output_name>.toml "
@@ -285,8 +284,7 @@ def train(args):
     from lora_diffusion.models import load_models
     from lora_diffusion.training import (create_lr_scheduler, create_optimizer, describe_optimizer, diffusion_loss,
                                          encode_prompts, generate_samples, load_state, make_noise, read_prompts,
-                                         read_train_state, rotate, sample_timesteps, save_state, training_target,
-                                         warmup_steps)
+                                         read_train_state, rotate, sample_timesteps, save_state, training_target)
 
     log_with = "tensorboard" if args.logging_dir else None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,

@@ -12,6 +12,8 @@ import tomllib
 import warnings
 from pathlib import Path
 
+from .io import atomic_write
+
 
 class ConfigFileError(ValueError):
     pass
@@ -119,8 +121,7 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
             continue
         lines.append(f"{dest} = {_toml_value(value)}")
     text = "\n".join(lines) + "\n"
-    from .kohya import atomic_write_bytes
-    atomic_write_bytes(str(path), text.encode("utf-8"))
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def _toml_value(value) -> str:

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
+from .io import atomic_write
 from .targets import KNOWN_PREFIXES
 
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -115,22 +116,7 @@ def write_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[
     metadata["sshs_model_hash"] = model_hash
     metadata["sshs_legacy_hash"] = legacy_hash
     data = save_safetensors_bytes(tensors, metadata)
-    atomic_write_bytes(path, data)
-
-
-def atomic_write_bytes(path: str, data: bytes):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import text_ids, unet_inputs
+from conftest import unet_inputs
 from lora_diffusion import (TEXT_ENCODER_DEFAULT_TARGET_REPLACE, create_network, inject_trainable_lora,
                             lora_network, remove_lora)
 

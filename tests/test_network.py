@@ -1,12 +1,10 @@
 """LoRANetwork on SD1.5-topology models: which modules, how many parameters, training, merge/remove."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import ASSETS, build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
+from conftest import ASSETS, text_ids, unet_inputs
 from lora_diffusion import create_network
 
 

@@ -1,6 +1,5 @@
 """Tests of lora_diffusion.training: each piece against a formula written here or a real client."""
 
-import gzip
 import json
 import math
 import random
@@ -11,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_diffusion import training
 from lora_diffusion.training import (
@@ -40,36 +38,10 @@ TINY = ASSETS / "tiny-sd"
 # ---------------------------------------------------------------- fixtures
 
 
-def build_clip_tokenizer(folder, pad_token):
-    """CLIP's tokenizer from open_clip's BPE file (the vocabulary derivation of OpenAI's CLIP)."""
-    import open_clip  # noqa: F401  (only its data file is used)
-
-    bpe = Path(sys.modules["open_clip"].__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    tokens = [chr(c) for c in cs]
-    tokens = tokens + [t + "</w>" for t in tokens] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
-
-
 def clip_tokenizer(tmp_path_factory, v2):
-    try:
-        from lora_diffusion.models import load_clip_tokenizer
+    from lora_diffusion.models import load_clip_tokenizer
 
-        return load_clip_tokenizer(v2=v2)
-    except ImportError:
-        import open_clip  # noqa: F401
-
-        return build_clip_tokenizer(tmp_path_factory.mktemp("tok"), "!" if v2 else "<|endoftext|>")
+    return load_clip_tokenizer(v2=v2)
 
 
 @pytest.fixture(scope="module")

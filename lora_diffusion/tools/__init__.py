@@ -77,11 +77,3 @@ def build_folder_atomically(output, fill):
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-
-
-def write_text_atomically(path, text):
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(temp, path)

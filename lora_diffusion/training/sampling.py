@@ -11,7 +11,6 @@ RNG, the modules' train/eval modes and devices as it found them.
 """
 
 import json
-import os
 import random
 import re
 import secrets

@@ -14,29 +14,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
+
+from ..io import atomic_write
 
 TRAIN_STATE_FILE = "train_state.json"
 STATE_FORMAT = 1
-
-
-def atomic_write(path, write_fn, *, mode="wb"):
-    """Write `path` all-or-nothing: write_fn(file) writes a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _replace_dir(new_dir, final_dir):
