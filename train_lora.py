@@ -305,7 +305,8 @@ def train(args):
     unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False).eval()
-    vae.to(torch.float32)  # the VAE is run in fp32: fp16 VAEs of SD1.x overflow into NaN latents
+    if vae.dtype != torch.float32:
+        vae.to(torch.float32)  # the VAE is run in fp32: fp16 VAEs of SD1.x overflow into NaN latents
     if args.xformers:
         try:
             unet.enable_xformers_memory_efficient_attention()

@@ -78,6 +78,7 @@ def make_noise_scheduler(v_parameterization=False):
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
+        steps_offset=1,  # as SD's own scheduler configs; only inference timesteps depend on it
         prediction_type="v_prediction" if v_parameterization else "epsilon",
     )
 

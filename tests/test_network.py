@@ -15,7 +15,7 @@ def randomize(network, seed=0, std=0.05):
 
 
 def outputs(unet, text_encoder):
-    x, t, c = unet_inputs()
+    x, t, c = unet_inputs(size=16)
     with torch.no_grad():
         return unet(x, t, c).sample, text_encoder(text_ids()).last_hidden_state
 
@@ -111,7 +111,7 @@ def test_every_lora_parameter_gets_a_gradient_within_two_steps(tiny_unet, tiny_t
     network.train()
     optimizer = torch.optim.AdamW(network.param_groups(unet_lr=1e-3, text_encoder_lr=5e-4), lr=1e-3)
     touched = {name: False for name, _ in network.named_parameters()}
-    x, t, _ = unet_inputs()
+    x, t, _ = unet_inputs(size=16)  # 16x16 latents: the mid block attends over 4 tokens, not 1
     for _ in range(2):
         optimizer.zero_grad()
         context = tiny_text_encoder(text_ids()[:, :7]).last_hidden_state

@@ -87,11 +87,17 @@ def fixed_eval_loss(lora_path, data_dir):
 
 def test_loss_goes_down_on_a_small_overfit_set(tmp_path, data):
     argv = base_flags(tmp_path, data, max_train_steps=60, learning_rate=3e-3, network_dim=8,
-                      network_args=["conv_dim=4", "conv_alpha=4"], cache_latents=True)
+                      network_args=["conv_dim=4", "conv_alpha=4"], cache_latents=True, logging_dir=tmp_path / "logs")
     assert train_lora.main(argv) == 0
     before = fixed_eval_loss(None, data)
     after = fixed_eval_loss(tmp_path / "out" / "t.safetensors", data)
     assert after < 0.9 * before, (before, after)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = [EventAccumulator(str(d)).Reload() for d in {p.parent for p in (tmp_path / "logs").rglob("events.*")}]
+    [scalars] = [run for run in runs if "loss/current" in run.Tags()["scalars"]]
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder"} <= set(scalars.Tags()["scalars"])
+    assert len(scalars.Scalars("loss/current")) == 60
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
@@ -174,6 +180,47 @@ def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch,
                                                                   "t-step00000002.safetensors"]
     tensors, _ = read(out / "t-step00000002.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_ctrl_c_saves_the_lora_and_a_resumable_state(tmp_path, data, monkeypatch):
+    import lora_diffusion.training as training
+
+    calls = {"n": 0}
+    real_loss = training.diffusion_loss
+
+    def interrupted_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "diffusion_loss", interrupted_at_step_3)
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=5)) == 130
+    tensors, meta = read(tmp_path / "out" / "t-step00000002.safetensors")
+    assert meta["ss_steps"] == "2" and len(tensors) == 3 * (192 + 72)
+    assert (tmp_path / "out" / "t-step00000002-state" / "train_state.json").is_file()
+    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=5,
+                                      resume=tmp_path / "out" / "t-step00000002-state")) == 0
+    assert read(tmp_path / "out" / "t.safetensors")[1]["ss_steps"] == "5"
+
+
+def test_frozen_text_encoder_outputs_are_cached(tmp_path, data, monkeypatch):
+    import lora_diffusion.training as training
+
+    calls = {"n": 0}
+    real_encode = training.encode_prompts
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(training, "encode_prompts", counted)
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=4, network_train_unet_only=True,
+                                      cache_latents=True)) == 0
+    assert calls["n"] == 1  # the 4 captions once, before the loop; never inside it
+    tensors, _ = read(tmp_path / "out" / "t.safetensors")
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
 
 
 @pytest.mark.parametrize("flags,message", [
