@@ -221,8 +221,9 @@ class ShardedBatches(torch.utils.data.Sampler):
         return len(self.batch_sampler) // self.world
 
 
-def captions_are_fixed(args) -> bool:
-    return not (args.shuffle_caption or args.caption_dropout_rate or args.caption_tag_dropout_rate)
+def captions_are_fixed(dataset) -> bool:
+    """No caption option draws at random, in any folder (a dataset config sets them per subset)."""
+    return not any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate for s in dataset.subsets)
 
 
 def fixed_captions(dataset) -> set[str]:
@@ -298,6 +299,9 @@ def train(args):
     # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
     dataset = build_dataset(args)
     accelerator.print(dataset.summary())
+    resolution = dataset_resolution(args)
+    prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
+        if args.sample_prompts else None
 
     # --- models: the frozen base, loaded straight into the compute dtype ---------------------------------------
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
@@ -319,7 +323,7 @@ def train(args):
                               device=device, dtype=torch.float32)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
     text_cache = None
-    if not train_text_encoder and captions_are_fixed(args):
+    if not train_text_encoder and captions_are_fixed(dataset):
         text_cache = cache_text_encoder_outputs(fixed_captions(dataset), tokenizer, text_encoder, args, device)
     need_vae = not args.cache_latents or args.sample_prompts
     need_text_encoder = text_cache is None or args.sample_prompts
@@ -373,6 +377,7 @@ def train(args):
     # Only the optimizer goes through accelerate (GradScaler for fp16, skipped steps while accumulating). The
     # scheduler is stepped by hand once per optimizer step, and the network's gradients are averaged across
     # processes by hand: its forward runs inside the base models, so DDP's hooks would never fire.
+    optimizer_name = describe_optimizer(optimizer, args.optimizer_args)
     optimizer = accelerator.prepare(optimizer)
     accelerator.register_for_checkpointing(network, lr_scheduler)
 
@@ -385,12 +390,9 @@ def train(args):
         accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1}, "
                           f"batch {skip_batches})")
 
-    resolution = dataset_resolution(args)
     run = {"args": args, "models": models, "network": network, "resolution": resolution,
-           "metadata": run_metadata(args, dataset, len(loader_sampler), max_train_steps, num_epochs, optimizer,
-                                   describe_optimizer)}
-    prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
-        if args.sample_prompts else None
+           "metadata": run_metadata(args, dataset, len(loader_sampler), max_train_steps, num_epochs,
+                                   optimizer_name)}
     if log_with:
         accelerator.init_trackers("lora_diffusion", config={k: v for k, v in vars(args).items()
                                                             if isinstance(v, (int, float, str, bool))})
@@ -563,14 +565,14 @@ def dataset_resolution(args) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
-def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimizer, describe_optimizer) -> dict:
+def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimizer_name) -> dict:
     """The training record (kohya's ss_* keys) of this run, as plain values."""
     return dict(
         ss_learning_rate=args.learning_rate, ss_unet_lr=args.unet_lr, ss_text_encoder_lr=args.text_encoder_lr,
         ss_num_train_images=dataset.num_train_images, ss_num_reg_images=dataset.num_reg_images,
         ss_num_batches_per_epoch=num_batches, ss_num_epochs=num_epochs, ss_max_train_steps=max_train_steps,
         ss_lr_warmup_steps=args.lr_warmup_steps, ss_lr_scheduler=args.lr_scheduler,
-        ss_optimizer=describe_optimizer(optimizer, args.optimizer_args),
+        ss_optimizer=optimizer_name,
         ss_mixed_precision=args.mixed_precision, ss_full_fp16=False, ss_seed=args.seed,
         ss_resolution=f"({dataset_resolution(args)[0]}, {dataset_resolution(args)[1]})",
         ss_clip_skip=args.clip_skip, ss_max_token_length=args.max_token_length, ss_noise_offset=args.noise_offset,

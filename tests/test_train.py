@@ -182,6 +182,20 @@ def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch,
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def test_bf16_accumulation_and_8bit_adam(tmp_path):
+    data = make_dataset(tmp_path, size=128)  # 128 px: the mid block's self-attention sees more than one token
+    argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, mixed_precision="bf16", gradient_accumulation_steps=2,
+                      optimizer_type="AdamW8bit", lr_scheduler="linear", min_snr_gamma=5, noise_offset=0.1,
+                      save_every_n_steps=1)
+    assert train_lora.main(argv) == 0
+    tensors, meta = read(tmp_path / "out" / "t.safetensors")
+    assert meta["ss_steps"] == "2" and meta["ss_mixed_precision"] == "bf16"
+    assert "AdamW8bit" in meta["ss_optimizer"] and meta["ss_gradient_accumulation_steps"] == "2"
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    ups = [k for k in tensors if k.endswith("lora_up.weight")]
+    assert all(tensors[k].abs().sum() > 0 for k in ups)  # two micro-batches per step still reach every module
+
+
 def test_ctrl_c_saves_the_lora_and_a_resumable_state(tmp_path, data, monkeypatch):
     import lora_diffusion.training as training
 
