@@ -1,0 +1,127 @@
+"""End to end: train_lora.py against a diffusers-style loop (diffusers_style_train.py) on the same SD1.5-architecture
+model folder (fp32 safetensors, random weights), the same captioned images and the same number of steps.
+
+    python benchmarks/bench_end_to_end.py --json e2e.json                  # 256 px, rank 16, bf16, 8 images, 16 steps
+    python benchmarks/bench_end_to_end.py --steps 8 --repeats 1 --runs ours diffusers
+    python benchmarks/bench_end_to_end.py --quick                          # tiny model folder
+
+Every run is its own process (python start, imports, model loading, the loop, saving): the wall time is measured
+from outside, the peak memory is that process's max RSS (os.wait4), so the runs never share memory. Runs alternate
+A B C D A B C D. U-Net only, no workers (--max_data_loader_n_workers 0 and the example's dataloader_num_workers=0).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+RUNS = {  # name -> (script, extra flags)
+    "ours": ("train_lora.py", []),
+    "ours+cache": ("train_lora.py", ["--cache_latents"]),
+    "diffusers": ("benchmarks/diffusers_style_train.py", []),
+    "diffusers+cache": ("benchmarks/diffusers_style_train.py", ["--cache_latents"]),
+}
+
+
+def command(name, args, model, data, out_dir):
+    script, extra = RUNS[name]
+    if script == "train_lora.py":
+        flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+                 "--resolution", str(args.resolution), "--network_dim", str(args.rank), "--network_alpha",
+                 str(args.rank), "--network_train_unet_only", "--mixed_precision", args.mixed_precision,
+                 "--max_train_steps", str(args.steps), "--train_batch_size", "1", "--output_dir", str(out_dir),
+                 "--max_data_loader_n_workers", "0"] + args.ours_flags
+    else:
+        flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+                 "--resolution", str(args.resolution), "--rank", str(args.rank), "--mixed_precision",
+                 args.mixed_precision, "--max_train_steps", str(args.steps), "--targets", args.targets,
+                 "--threads", str(args.threads)]
+    return [sys.executable, str(common.ROOT / script)] + flags + extra
+
+
+def run_measured(cmd, threads) -> dict:
+    """Run `cmd` in its own process; wall seconds, its max RSS, and the 'done: N steps in X s' it printed."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({process.returncode}):\n{text[-3000:]}")
+    done = re.search(r"done: (\d+) steps in ([\d.]+)\s*s", text)
+    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "steps": int(done.group(1)),
+            "loop_s": float(done.group(2)), "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model folder (a smoke test)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--targets", default="kohya", choices=["kohya", "diffusers"], help="the baseline's targets")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ours_flags", nargs=argparse.REMAINDER, default=[],
+                        help="more train_lora.py flags (last on the line)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.resolution, args.steps, args.repeats = min(args.resolution, 64), min(args.steps, 4), 1
+
+    model = common.sd15_diffusers_folder(quick=args.quick)
+    start_load, busy = common.loadavg(), common.other_busy_processes()
+    with tempfile.TemporaryDirectory() as temp:
+        data = common.make_captioned_images(Path(temp) / "data", args.images, size=args.resolution)
+        runs = {name: (lambda n=name: run_measured(command(n, args, model, data, Path(temp) / f"out-{n}"),
+                                                   args.threads)) for name in args.runs}
+        results = common.alternate(runs, args.repeats, warmup=0)
+
+    rows = {}
+    for name in args.runs:
+        runs_ = results[name]
+        rows[name] = {"runs": runs_, "wall_s": common.median([r["wall_s"] for r in runs_]),
+                      "loop_s": common.median([r["loop_s"] for r in runs_]),
+                      "peak_rss": max(r["peak_rss"] for r in runs_), "steps": runs_[0]["steps"]}
+        rows[name]["wall_per_step"] = rows[name]["wall_s"] / rows[name]["steps"]
+        rows[name]["images_per_s"] = rows[name]["steps"] / rows[name]["wall_s"]
+        rows[name]["loop_per_step"] = rows[name]["loop_s"] / rows[name]["steps"]
+    ref_name = "diffusers" if "diffusers" in rows else args.runs[-1]
+    ref = rows[ref_name]
+    table = [[name, r["wall_s"], r["wall_per_step"], r["images_per_s"], r["loop_per_step"], common.gib(r["peak_rss"]),
+              r["wall_s"] / ref["wall_s"], r["loop_s"] / ref["loop_s"], r["peak_rss"] / ref["peak_rss"]]
+             for name, r in rows.items()]
+    model_name = "tiny" if args.quick else "SD1.5-architecture (fp32 safetensors folder)"
+    common.print_table(
+        f"End to end, {model_name}, {args.resolution} px, {args.images} images, {args.steps} steps, batch 1, rank "
+        f"{args.rank}, {args.mixed_precision}, U-Net only, baseline targets {args.targets}; median of {args.repeats}; "
+        f"load {start_load:.2f} at start, {min(results['_load']):.2f}-{max(results['_load']):.2f} during",
+        ["run", "wall s", "wall s/step", "images/s", "loop s/step", "peak RSS GiB", "wall / ref", "loop / ref",
+         "peak / ref"], table)
+    print(f"ref = {ref_name}; wall = process start to exit (imports, loading, loop, saving); loop = the training "
+          f"loop as each script reports it")
+    common.write_json(args.json, {"benchmark": "end_to_end", "machine": common.machine(), "quick": args.quick,
+                                  "model": str(model), "resolution": args.resolution, "rank": args.rank,
+                                  "mixed_precision": args.mixed_precision, "steps": args.steps,
+                                  "images": args.images, "targets": args.targets, "ours_flags": args.ours_flags,
+                                  "load_start": start_load, "load_during": results["_load"], "busy_processes": busy,
+                                  "results": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
