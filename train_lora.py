@@ -455,8 +455,8 @@ def train(args):
     recent_losses, epoch, batch_in_epoch = [], first_epoch, skip_batches
     started = time.time()
     accelerator.print(f"training {sum(p.numel() for p in params):,} LoRA parameters for {max_train_steps} steps "
-                      f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, {args.mixed_precision} "
-                      f"precision")
+                      f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, "
+                      f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
     try:
         for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
