@@ -343,7 +343,8 @@ def test_single_file_matches_diffusers_own_converter(sd1):
 @pytest.mark.parametrize("family", ["v1", "v2", "v2-v"])
 def test_shipped_configs_cover_every_original_key(family):
     """At full size (on the meta device): every key of an original-layout file of this family has a place."""
-    from lora_diffusion.models import clip_names, empty_modules, unet_names, vae_names
+    from lora_diffusion.convert import clip_names, unet_names, vae_names
+    from lora_diffusion.models import empty_modules
 
     text_encoder, vae, unet = empty_modules(ASSETS / family)
     ckpt = original_checkpoint(text_encoder, vae, unet, open_clip=family != "v1")
@@ -401,7 +402,7 @@ def test_single_file_sd2(tmp_path, no_network):
 def test_safetensors_reader_matches_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from lora_diffusion.models import SafetensorsFile
+    from lora_diffusion.checkpoint import SafetensorsFile
 
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
                "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4),

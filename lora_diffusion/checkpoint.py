@@ -1,0 +1,155 @@
+"""Reading one checkpoint file (.safetensors, or .ckpt/.pt through torch.load) a tensor at a time.
+
+    reader = CheckpointReader("v1-5-pruned-emaonly.safetensors", torch.float16)
+    reader.names                                  # every key in the file
+    reader.get("first_stage_model.encoder.conv_in.weight")   # one tensor, cast to fp16
+
+Memory stays low: safetensors are read with plain file reads (not memory-mapped), and the pages of
+memory-mapped .ckpt tensors are released once each tensor has been copied out.
+"""
+
+import ctypes
+import ctypes.util
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def load_libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+    except OSError:
+        return None
+
+
+LIBC = load_libc()
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if LIBC is not None else 4096
+MADV_DONTNEED = 4  # Linux and macOS
+
+
+class ModelLoadError(ValueError):
+    """A model path or file that cannot be loaded; the message names the file and what was expected."""
+
+
+class CheckpointReader:
+    """Key names of a checkpoint file, and each tensor on demand, cast to `dtype`."""
+
+    def __init__(self, path, dtype):
+        self.path, self.dtype = Path(path), dtype
+        suffix = self.path.suffix.lower()
+        if suffix not in CHECKPOINT_SUFFIXES:
+            raise ModelLoadError(
+                f"{self.path} is not a model checkpoint: expected a .safetensors or .ckpt/.pt file "
+                "in the original SD1.x/2.x layout"
+            )
+        try:
+            if suffix == ".safetensors":
+                self.file, self.mapped = SafetensorsFile(self.path), False
+                self.names = list(self.file.entries)
+            else:
+                self.file, self.mapped = read_torch_checkpoint(self.path)
+                self.names = list(self.file)
+        except ModelLoadError:
+            raise
+        except Exception as error:  # json, zipfile and pickle each raise their own kinds
+            reason = f"{self.path} could not be read (corrupt, truncated or not a checkpoint?): {error}"
+            raise ModelLoadError(reason) from error
+
+    def get(self, name):
+        tensor = self.file[name]
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        if not self.mapped:
+            return tensor.to(dtype)
+        owned = tensor.to(dtype, copy=True)  # the model must not keep pages of the file
+        release_file_pages(tensor)
+        return owned
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Reads one tensor at a time with plain file reads. Memory-mapping (safe_open) would leave every page it
+    touched resident and counted in the process's memory until the file is closed: a 4 GB fp32 file loaded as
+    fp16 would peak at 6 GB instead of 2 GB. The format: 8-byte little-endian header size, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the data."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_size <= size - 8:
+                raise ValueError(f"header size {header_size} does not fit a file of {size} bytes")
+            header = json.loads(f.read(header_size))
+        self.data_start = 8 + header_size
+        header.pop("__metadata__", None)
+        self.entries = header
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{name} has unsupported dtype {entry['dtype']}")
+            if self.data_start + end > size:
+                raise ValueError(f"the data of {name} ends past the end of the file (truncated?)")
+            if end - begin != math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
+                raise ValueError(f"the data size of {name} does not match its shape {entry['shape']}")
+
+    def __getitem__(self, name):
+        entry = self.entries[name]
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            f.readinto(buffer)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def read_torch_checkpoint(path):
+    """(state dict, memory-mapped?) of a .ckpt/.pt file, read with weights_only=True: pickled code never runs."""
+    try:
+        try:
+            checkpoint, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            checkpoint, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy format
+    except pickle.UnpicklingError as error:
+        detail = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+        if detail:
+            raise ModelLoadError(
+                f"{path} contains pickled objects other than tensors ({detail[0].split(' was not')[0]}), "
+                "which are not loaded for safety (torch.load weights_only=True). "
+                "Convert it to .safetensors with a tool you trust, then load that"
+            ) from error
+        raise
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}, mapped
+
+
+def release_file_pages(tensor):
+    """Drop the pages of a memory-mapped (read-only, file-backed) tensor from this process's resident memory;
+    they are re-read from the file if touched again. Without this, every page read stays counted, and a 4 GB
+    fp32 .ckpt loaded as fp16 would peak at 6 GB. Only for tensors from torch.load(mmap=True): on ordinary
+    memory MADV_DONTNEED would zero the data."""
+    if LIBC is None:
+        return
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr() & ~(PAGE_SIZE - 1)
+    end = storage.data_ptr() + storage.nbytes()
+    if end > start:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+

@@ -1,0 +1,168 @@
+"""The original (CompVis / Stability) single-file layout of SD1.x/2.x: recognising it, and renaming its keys to
+diffusers' names.
+
+    names = unet_names(reader.names, layers_per_block=2)   # {original key: [(diffusers key, chunk or None)] or None}
+"""
+
+import re
+
+from .checkpoint import ModelLoadError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD1.x: OpenAI CLIP ViT-L/14 in transformers' layout
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP ViT-H/14 in open_clip's layout
+SD2_CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def check_is_sd_checkpoint(path, names):
+    has = lambda prefix: any(n.startswith(prefix) for n in names)  # noqa: E731
+    parts = {"U-Net": has(UNET_PREFIX), "VAE": has(VAE_PREFIX), "text encoder": has(CLIP_PREFIX) or has(OPEN_CLIP_PREFIX)}
+    if all(parts.values()):
+        return
+    if any(n.startswith(("lora_unet_", "lora_te_")) for n in names):
+        found = "it looks like a LoRA file, not a base model"
+    elif has("conditioner.embedders."):
+        found = "it looks like an SDXL checkpoint, which is not supported"
+    elif any(parts.values()):
+        found = "missing: " + ", ".join(p for p, ok in parts.items() if not ok)
+    else:
+        found = "found keys such as " + ", ".join(sorted(names)[:3]) if names else "it holds no tensors"
+    raise ModelLoadError(
+        f"{path} is not a recognised SD1.x/2.x checkpoint ({found}); expected keys starting with {UNET_PREFIX} (U-Net), "
+        f"{VAE_PREFIX} (VAE) and {CLIP_PREFIX} (SD1.x CLIP) or {OPEN_CLIP_PREFIX} (SD2.x OpenCLIP)"
+    )
+
+
+def detect_v2(reader):
+    if any(n.startswith(OPEN_CLIP_PREFIX) for n in reader.names):
+        return True
+    if SD2_CROSS_ATTENTION_KEY in reader.names:
+        return reader.get(SD2_CROSS_ATTENTION_KEY).shape[1] == 1024
+    return False
+
+
+# Key names: original layout -> diffusers layout. Each maps the keys under one prefix; a key that has no place
+# maps to None (reported as unexpected); keys known to carry nothing we need are left out.
+
+UNET_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+               ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+
+
+def replace_all(text, pairs):
+    for old, new in pairs:
+        text = text.replace(old, new)
+    return text
+
+
+def unet_name(key, layers_per_block):
+    """One U-Net key (without prefix) in diffusers' naming, or None. Input/output blocks are numbered flat in the
+    original: per resolution `layers_per_block` res(+attn) blocks then one down/up-sampler."""
+    per_level = layers_per_block + 1
+    fixed = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d)\.(.+)", key):
+        i, j, rest = int(m[1]) - 1, m[2], m[3]
+        level, layer = divmod(i, per_level)
+        if i < 0:
+            return None
+        if layer == layers_per_block:
+            return f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}" if j == "0" and rest.startswith("op.") else None
+        if j == "0":
+            return f"down_blocks.{level}.resnets.{layer}.{replace_all(rest, UNET_RESNET)}"
+        return f"down_blocks.{level}.attentions.{layer}.{rest}" if j == "1" else None
+    if m := re.fullmatch(r"middle_block\.(\d)\.(.+)", key):
+        j, rest = m[1], m[2]
+        mid = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}.get(j)
+        return mid and f"mid_block.{mid}.{replace_all(rest, UNET_RESNET) if j != '1' else rest}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.(\d)\.(.+)", key):
+        level, layer = divmod(int(m[1]), per_level)
+        j, rest = m[2], m[3]
+        if j == "0":
+            return f"up_blocks.{level}.resnets.{layer}.{replace_all(rest, UNET_RESNET)}"
+        if rest.startswith("conv."):  # the upsampler: slot 1 in blocks without attention, else slot 2
+            return f"up_blocks.{level}.upsamplers.0.conv.{rest[5:]}"
+        return f"up_blocks.{level}.attentions.{layer}.{rest}" if j == "1" else None
+    return None
+
+
+def unet_names(names, layers_per_block):
+    return {n: wrap(unet_name(n[len(UNET_PREFIX):], layers_per_block)) for n in names if n.startswith(UNET_PREFIX)}
+
+
+VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def vae_name(key, num_levels):
+    """One VAE key (without prefix) in diffusers' naming, or None. The original decoder counts its levels from
+    the lowest resolution up (up.3 runs first), diffusers in running order."""
+    key = key.replace("nin_shortcut", "conv_shortcut")
+    if m := re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|norm_out)\.(weight|bias)", key):
+        return f"{m[1]}.{'conv_norm_out' if m[2] == 'norm_out' else m[2]}.{m[3]}"
+    if re.fullmatch(r"(post_)?quant_conv\.(weight|bias)", key):
+        return key
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key):
+        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{m[3]}"
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", key):
+        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)", key):
+        return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.resnets.{m[2]}.{m[3]}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)", key):
+        return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(.+)", key):
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{m[3]}"
+    if (m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)", key)) and m[2] in VAE_ATTENTION:
+        return f"{m[1]}.mid_block.attentions.0.{VAE_ATTENTION[m[2]]}.{m[3]}"
+    return None
+
+
+def vae_names(names, num_levels):
+    return {
+        n: wrap(vae_name(n[len(VAE_PREFIX):], num_levels))
+        for n in names
+        if n.startswith(VAE_PREFIX) and not n.startswith(VAE_PREFIX + "loss.")  # training-loss weights, unused
+    }
+
+
+OPEN_CLIP_LAYER = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                   ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]
+OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}  # not part of a CLIPTextModel
+
+
+def clip_names(names, nested, num_layers):
+    """Text-encoder keys. SD1.x stores transformers' CLIPTextModel (with or without the `text_model.` level);
+    SD2.x stores open_clip's text tower, whose fused q/k/v is split in three, and whose last block SD2 skips
+    (it uses the penultimate layer), so diffusers' config has one layer fewer."""
+    level = "text_model." if nested else ""
+    result = {}
+    for n in names:
+        if n.startswith(CLIP_PREFIX):
+            key = n[len(CLIP_PREFIX):].removeprefix("text_model.")
+            if key != "embeddings.position_ids":  # a buffer, rebuilt by the model
+                result[n] = wrap(level + key)
+        elif n.startswith(OPEN_CLIP_PREFIX):
+            key = n[len(OPEN_CLIP_PREFIX):]
+            if key in OPEN_CLIP_UNUSED or key.startswith("visual."):
+                continue
+            if m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key):
+                index, rest = int(m[1]), m[2]
+                if index == num_layers:
+                    continue
+                layer = f"{level}encoder.layers.{index}."
+                if m := re.fullmatch(r"attn\.in_proj_(weight|bias)", rest):
+                    result[n] = [(f"{layer}self_attn.{q}_proj.{m[1]}", chunk) for chunk, q in enumerate("qkv")]
+                else:
+                    result[n] = wrap(layer + replace_all(rest, OPEN_CLIP_LAYER))
+                continue
+            fixed = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                     "positional_embedding": "embeddings.position_embedding.weight",
+                     "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+            result[n] = wrap(fixed.get(key) and level + fixed[key])
+    return result
+
+
+def wrap(target):
+    return None if target is None else [(target, None)]
