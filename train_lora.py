@@ -503,8 +503,9 @@ def train(args):
                 if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < num_epochs:
                     checkpoint(f"{args.output_name}-{done:06d}", done, 0)
                     if args.save_last_n_epochs and accelerator.is_main_process:
-                        rotate(str(output_dir / f"{args.output_name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"),
-                               args.save_last_n_epochs)
+                        epoch_stem = f"{args.output_name}-" + "[0-9]" * 6
+                        rotate(str(output_dir / f"{epoch_stem}.safetensors"), args.save_last_n_epochs)
+                        rotate(str(output_dir / f"{epoch_stem}-state"), args.save_last_n_epochs)
                 if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
                     sample(epoch=done)
     except KeyboardInterrupt:

@@ -182,6 +182,19 @@ def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch,
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def test_epoch_files_rotate_and_carry_their_epoch(tmp_path, data):
+    # 20 samples / batch 2 = 10 steps an epoch; 4 epochs, a file every epoch, keep the last 2 (+ the final file)
+    argv = base_flags(tmp_path, data, max_train_epochs=4, save_every_n_epochs=1, save_last_n_epochs=2,
+                      save_state=True, learning_rate=1e-4)
+    assert train_lora.main(argv) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["t-000002.safetensors", "t-000003.safetensors",
+                                                                 "t.safetensors"]
+    assert sorted(p.name for p in out.glob("*-state")) == ["t-000002-state", "t-000003-state", "t-state"]
+    assert read(out / "t-000003.safetensors")[1]["ss_epoch"] == "3"
+    assert read(out / "t.safetensors")[1]["ss_epoch"] == "4" and read(out / "t.safetensors")[1]["ss_steps"] == "40"
+
+
 def test_bf16_accumulation_and_8bit_adam(tmp_path):
     data = make_dataset(tmp_path, size=128)  # 128 px: the mid block's self-attention sees more than one token
     argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, mixed_precision="bf16", gradient_accumulation_steps=2,
