@@ -10,534 +10,36 @@ LoRADataset(train_data_dir, reg_data_dir, **kohya_flag_names) or LoRADataset.fro
 ds[i] -> {"image" (3,H,W) in [-1,1] | "latents" (4,h,w), "caption", "is_reg", "bucket" (w,h), "path"}.
 BucketBatchSampler draws every batch from one bucket; collate_fn stacks a batch.
 Every random choice (caption shuffle/dropout, flip, crop) is a function of (seed, epoch, sample index).
+
+This file puts together the pieces in lora_diffusion/data/: errors, subset (one folder's settings), buckets,
+images, captions, layout (concept folders, repeats), config_file (kohya's dataset config) and latents.
 """
 
-import hashlib
-import json
 import math
 import multiprocessing
 import random
-import re
-import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from lora_diffusion.io import atomic_write
+from lora_diffusion.data import images as image_files
+from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
+from lora_diffusion.data.captions import process_caption
+from lora_diffusion.data.config_file import read_dataset_config
+from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
+from lora_diffusion.data.images import load_image
+from lora_diffusion.data.latents import (encode_latents, latent_cache_key, latent_file_path, read_latent_file,
+                                         vae_fingerprint, write_latent_file)
+from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
+from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset, check_subset
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
            "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption"]
 
-
-class DatasetError(ValueError):
-    """Bad training data or dataset settings; the message names the file, folder or option."""
-
-
-class DatasetWarning(UserWarning):
-    """Something in the data was skipped or guessed; training goes on."""
-
-
-def _warn(message):
-    warnings.warn(message, DatasetWarning, stacklevel=3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings of one image folder (a kohya "subset")
-
-@dataclass(frozen=True)
-class Subset:
-    image_dir: Path
-    num_repeats: int = 1
-    is_reg: bool = False
-    class_tokens: str | None = None
-    caption_extension: str = ".txt"
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
-    caption_tag_dropout_rate: float = 0.0
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_separator: str = ","
-    flip_aug: bool = False
-    random_crop: bool = False
-    # shared by all subsets of one [[datasets]] table in kohya's config
-    resolution: tuple = (512, 512)
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-
-
-SUBSET_KEYS = ("num_repeats", "caption_extension", "shuffle_caption", "keep_tokens", "caption_dropout_rate",
-               "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "caption_separator",
-               "flip_aug", "random_crop")
-DATASET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                "bucket_no_upscale")
-FLAG_DEFAULTS = {f.name: f.default for f in fields(Subset) if f.name in SUBSET_KEYS + DATASET_KEYS}
-FLAG_DEFAULTS.pop("num_repeats")
-
-
-def parse_resolution(value, where="resolution"):
-    """512, "512", "512,768", (512, 768) or [512, 768] -> (width, height)."""
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[,x\s]+", value.strip()) if p]
-        if not all(p.isdigit() for p in parts):
-            raise DatasetError(f"{where}: expected 'SIZE' or 'WIDTH,HEIGHT' in pixels, got {value!r}")
-        value = [int(p) for p in parts]
-    if isinstance(value, bool):
-        raise DatasetError(f"{where}: expected an integer or [width, height], got {value!r}")
-    if isinstance(value, int):
-        value = (value, value)
-    if not (isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise DatasetError(f"{where}: expected an integer or [width, height], got {value!r}")
-    width, height = (value[0], value[0]) if len(value) == 1 else value
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise DatasetError(f"{where}: width and height must be positive multiples of 8 (the VAE downsamples "
-                           f"by 8), got {width}x{height}")
-    return (width, height)
-
-
-def _check_subset(s: Subset, where: str) -> Subset:
-    def bad(key, expected):
-        raise DatasetError(f"{where}: {key} must be {expected}, got {getattr(s, key)!r}")
-    ext = s.caption_extension
-    if not isinstance(ext, str) or not ext.strip(". "):
-        bad("caption_extension", "a file extension such as '.txt'")
-    if not ext.startswith("."):
-        s = replace(s, caption_extension="." + ext)
-    s = replace(s, resolution=parse_resolution(s.resolution, f"{where}: resolution"))
-    if not isinstance(s.num_repeats, int) or s.num_repeats < 1:
-        bad("num_repeats", "an integer >= 1")
-    if not isinstance(s.keep_tokens, int) or s.keep_tokens < 0:
-        bad("keep_tokens", "an integer >= 0")
-    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not isinstance(getattr(s, key), (int, float)) or not 0.0 <= getattr(s, key) <= 1.0:
-            bad(key, "a number between 0 and 1")
-    if not isinstance(s.caption_separator, str) or not s.caption_separator:
-        bad("caption_separator", "a non-empty string")
-    steps = s.bucket_reso_steps
-    if not isinstance(steps, int) or steps < 8 or steps % 8:
-        bad("bucket_reso_steps", "a positive multiple of 8")
-    for key in ("min_bucket_reso", "max_bucket_reso"):
-        if not isinstance(getattr(s, key), int) or getattr(s, key) < steps:
-            bad(key, f"an integer >= bucket_reso_steps ({steps})")
-    if s.enable_bucket and not s.bucket_no_upscale:
-        if s.min_bucket_reso > min(s.resolution) or s.max_bucket_reso < max(s.resolution):
-            raise DatasetError(f"{where}: min_bucket_reso {s.min_bucket_reso} and max_bucket_reso "
-                               f"{s.max_bucket_reso} must enclose the resolution {s.resolution}")
-    return s
-
-
-# ----------------------------------------------------------------------------------------------
-# Buckets
-
-def bucket_resolutions(resolution, min_reso=256, max_reso=1024, steps=64):
-    """All (w, h), multiples of `steps` within [min_reso, max_reso], of at most the area of `resolution`,
-    the largest height for each width, plus the square bucket; sorted."""
-    max_area = resolution[0] * resolution[1]
-    side = int(math.sqrt(max_area)) // steps * steps
-    buckets = {(side, side)}
-    for width in range(min_reso - min_reso % steps or steps, max_reso + 1, steps):
-        if width < min_reso:
-            continue
-        height = min(max_reso, max_area // width // steps * steps)
-        if height >= min_reso:
-            buckets.add((width, height))
-            buckets.add((height, width))
-    return sorted(buckets)
-
-
-def select_bucket(image_size, subset: Subset):
-    """The (w, h) an image of `image_size` trains at under the subset's bucket settings."""
-    width, height = image_size
-    if not subset.enable_bucket:
-        return subset.resolution
-    if subset.bucket_no_upscale:
-        # the image's own aspect ratio, shrunk to the training area if larger, rounded down to steps
-        steps = subset.bucket_reso_steps
-        scale = min(1.0, math.sqrt(subset.resolution[0] * subset.resolution[1] / (width * height)))
-        return (max(steps, int(width * scale) // steps * steps), max(steps, int(height * scale) // steps * steps))
-    candidates = _buckets_for(subset.resolution, subset.min_bucket_reso, subset.max_bucket_reso,
-                              subset.bucket_reso_steps)
-    log_ratio = math.log(width / height)
-    # nearest aspect ratio on a log scale (so 2:1 and 1:2 are equally far from 1:1); ties -> larger area
-    return min(candidates, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ratio), -b[0] * b[1]))
-
-
-_BUCKET_LISTS = {}
-
-
-def _buckets_for(resolution, min_reso, max_reso, steps):
-    key = (tuple(resolution), min_reso, max_reso, steps)
-    if key not in _BUCKET_LISTS:
-        _BUCKET_LISTS[key] = bucket_resolutions(resolution, min_reso, max_reso, steps)
-    return _BUCKET_LISTS[key]
-
-
-def cover_size(image_size, bucket):
-    """The size to resize to so that the image covers the bucket, keeping its aspect ratio."""
-    scale = max(bucket[0] / image_size[0], bucket[1] / image_size[1])
-    return (max(bucket[0], round(image_size[0] * scale)), max(bucket[1], round(image_size[1] * scale)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-# formats Pillow can identify but not decode without extra software, or that are not pictures
-_NOT_TRAINING_IMAGES = {".bufr", ".grib", ".h5", ".hdf", ".mpeg", ".mpg", ".emf", ".wmf", ".eps", ".ps"}
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                             if fmt in Image.OPEN and ext not in _NOT_TRAINING_IMAGES)
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSE_FOR_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                              8: Image.Transpose.ROTATE_90}
-
-
-def is_image_file(path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _orientation(img) -> int:
-    try:
-        value = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # a broken EXIF block must not cost the image
-        return 1
-    return value if value in _TRANSPOSE_FOR_ORIENTATION else 1
-
-
-def image_size(path):
-    """(width, height) as displayed (EXIF orientation applied), reading only the header."""
-    with Image.open(path) as img:
-        width, height = img.size
-        return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
-
-
-def _to_rgb(img):
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        array = np.asarray(img, dtype=np.float64 if img.mode == "F" else np.int64)
-        if img.mode != "F":  # 16-bit samples: keep the top 8 bits instead of clipping at 255
-            array = array / 257.0
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        # transparent pixels become white, not whatever colour happens to be stored under them
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=False) -> torch.Tensor:
-    """Decode `path`, resize it to cover `bucket` (w, h) and crop (center, or random with `crop_rng`).
-    Returns a float32 tensor (3, h, w) in [-1, 1]."""
-    bucket_w, bucket_h = bucket
-    with Image.open(path) as img:
-        orientation = _orientation(img)
-        swap = orientation in (5, 6, 7, 8)
-        shown_w, shown_h = (img.height, img.width) if swap else img.size
-        scale = max(bucket_w / shown_w, bucket_h / shown_h)
-        if img.format == "JPEG" and scale < 1:
-            # decode at 1/2, 1/4 or 1/8 size straight from the DCT, never below what the resize needs
-            need = (math.ceil(shown_w * scale), math.ceil(shown_h * scale))
-            img.draft(img.mode, (need[1], need[0]) if swap else need)
-        img.load()
-        if orientation != 1:
-            img = img.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-        img = _to_rgb(img)
-        resized_w, resized_h = cover_size(img.size, bucket)
-        if crop_rng is not None:
-            left, top = crop_rng.randint(0, resized_w - bucket_w), crop_rng.randint(0, resized_h - bucket_h)
-        else:
-            left, top = (resized_w - bucket_w) // 2, (resized_h - bucket_h) // 2
-        # resize only the cropped region: one resampling pass, same pixels as resize-then-crop
-        sx, sy = img.width / resized_w, img.height / resized_h
-        box = (left * sx, top * sy, (left + bucket_w) * sx, (top + bucket_h) * sy)
-        if img.size != (bucket_w, bucket_h) or box != (0, 0, bucket_w, bucket_h):
-            img = img.resize((bucket_w, bucket_h), Image.Resampling.LANCZOS, box=box)
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = np.asarray(img)  # (h, w, 3) uint8
-    out = torch.empty((3, bucket_h, bucket_w), dtype=torch.float32)
-    out_np = out.numpy()
-    np.divide(pixels.transpose(2, 0, 1), np.float32(127.5), out=out_np, dtype=np.float32, casting="unsafe")
-    out_np -= 1.0
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Captions
-
-def read_caption(path: Path) -> str:
-    """The first non-empty line of a UTF-8 caption file (a BOM is fine); '' for an empty file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"caption file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                           f"re-save it as UTF-8") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 1:
-        _warn(f"caption file {path} has {len(lines)} lines; only the first is used")
-    return lines[0] if lines else ""
-
-
-def _join(left: str, right: str) -> str:
-    left, right = left.rstrip(), right.lstrip()
-    if not left or not right:
-        return left or right
-    return left + right if right[0] in ",.;:" else left + " " + right
-
-
-def process_caption(caption: str, subset: Subset, rng: random.Random) -> str:
-    """kohya's order: prefix/suffix, whole-caption dropout, then keep_tokens / shuffle / tag dropout."""
-    caption = _join(_join(subset.caption_prefix or "", caption), subset.caption_suffix or "")
-    if subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate:
-        return ""
-    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0:
-        separator = subset.caption_separator
-        tags = [t.strip() for t in caption.split(separator) if t.strip()]
-        fixed, flexible = tags[:subset.keep_tokens], tags[subset.keep_tokens:]
-        if subset.shuffle_caption:
-            rng.shuffle(flexible)
-        if subset.caption_tag_dropout_rate > 0:
-            flexible = [t for t in flexible if rng.random() >= subset.caption_tag_dropout_rate]
-        caption = (separator.strip() + " " if separator.strip() else separator).join(fixed + flexible)
-    return caption.strip()
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding the images
-
-@dataclass
-class ImageEntry:
-    path: Path
-    subset: int  # index into LoRADataset.subsets
-    caption: str  # before per-epoch processing
-    size: tuple  # (w, h) as displayed
-    bucket: tuple  # (w, h)
-    repeats: int = 0
-
-
-_CONCEPT_FOLDER = re.compile(r"^(\d+)_(.*)$")
-
-
-def _concept_subsets(parent, flag, is_reg, options):
-    """The subsets of a kohya folder: one per <repeats>_<class tokens> child of `parent`."""
-    parent = Path(parent).expanduser()
-    if not parent.exists():
-        raise DatasetError(f"{flag} '{parent}' does not exist")
-    if not parent.is_dir():
-        raise DatasetError(f"{flag} '{parent}' is a file; expected the parent folder of '<repeats>_<name>' "
-                           f"folders such as '{parent.parent / 'train' / '10_sks dog'}'")
-    subsets, skipped = [], []
-    for child in sorted(parent.iterdir(), key=lambda p: p.name):
-        if not child.is_dir() or child.name.startswith("."):
-            continue
-        match = _CONCEPT_FOLDER.match(child.name)
-        if not match or int(match.group(1)) < 1:
-            skipped.append(child.name)
-            _warn(f"skipping folder '{child}': its name has no repeat prefix; concept folders are named "
-                  f"'<repeats>_<class tokens>', e.g. '10_sks dog'")
-            continue
-        subsets.append(Subset(image_dir=child, num_repeats=int(match.group(1)), is_reg=is_reg,
-                              class_tokens=match.group(2).strip() or None, **options))
-    if not subsets:
-        loose = sum(1 for p in parent.iterdir() if p.is_file() and is_image_file(p))
-        message = (f"no training data found: {flag} '{parent}' has no '<repeats>_<name>' folders. {flag} must be "
-                   f"the PARENT of folders such as '{parent / '10_sks dog'}' that hold the images and captions.")
-        if loose:
-            message += (f" It holds {loose} image(s) directly: move them into a subfolder named like "
-                        f"'10_<class tokens>' (10 = repeats per epoch).")
-        if _CONCEPT_FOLDER.match(parent.name):
-            message += f" '{parent.name}' looks like a concept folder itself: pass its parent '{parent.parent}'."
-        if skipped:
-            message += f" Folders without a repeat prefix were skipped: {', '.join(skipped)}."
-        raise DatasetError(message)
-    return subsets
-
-
-def _scan_subset(subset: Subset, subset_index: int):
-    """ImageEntry for every readable image directly inside subset.image_dir (not recursive)."""
-    folder = subset.image_dir
-    if not folder.is_dir():
-        raise DatasetError(f"image_dir '{folder}' does not exist or is not a folder")
-    entries, missing_captions, ext = [], 0, subset.caption_extension
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        if not path.is_file() or not is_image_file(path):
-            continue
-        try:
-            size = image_size(path)
-        except Exception as e:  # Pillow raises many kinds of errors on bad files
-            _warn(f"skipping unreadable image '{path}': {type(e).__name__}: {e}")
-            continue
-        caption_path = path.with_name(path.stem + ext)
-        if caption_path.is_file():
-            caption = read_caption(caption_path)
-        else:
-            missing_captions += 1
-            caption = subset.class_tokens or ""
-        entries.append(ImageEntry(path, subset_index, caption, size, select_bucket(size, subset)))
-    if missing_captions:
-        fallback = f"the class tokens '{subset.class_tokens}'" if subset.class_tokens else "an empty caption"
-        hint = ""
-        others = sorted({p.suffix for p in folder.iterdir() if p.suffix.lower() in (".txt", ".caption", ".tags")
-                         and p.suffix != ext})
-        if others:
-            hint = f" (there are {', '.join(others)} files: set caption_extension to use them)"
-        _warn(f"{missing_captions} of {len(entries)} image(s) in '{folder}' have no '{ext}' caption file; "
-              f"using {fallback}{hint}")
-    return entries
-
-
-def _assign_repeats(entries, subsets):
-    """Training images repeat num_repeats times; the regularization pool repeats round-robin until it
-    has as many samples as the training images (kohya's rule: it may stop before using every image)."""
-    train = [e for e in entries if not subsets[e.subset].is_reg]
-    reg = [e for e in entries if subsets[e.subset].is_reg]
-    for e in train:
-        e.repeats = subsets[e.subset].num_repeats
-    target = sum(e.repeats for e in train)
-    count, first_pass = 0, True
-    while reg and count < target:
-        for e in reg:
-            step = subsets[e.subset].num_repeats if first_pass else 1
-            e.repeats += step
-            count += step
-            if count >= target:
-                break
-        first_pass = False
-
-
-# ----------------------------------------------------------------------------------------------
-# kohya's dataset config file: [general], [[datasets]], [[datasets.subsets]]
-
-_KEY_TYPES = {
-    "num_repeats": int, "caption_extension": str, "shuffle_caption": bool, "keep_tokens": int,
-    "caption_dropout_rate": float, "caption_tag_dropout_rate": float, "caption_prefix": str,
-    "caption_suffix": str, "caption_separator": str, "flip_aug": bool, "random_crop": bool,
-    "resolution": "resolution", "enable_bucket": bool, "min_bucket_reso": int, "max_bucket_reso": int,
-    "bucket_reso_steps": int, "bucket_no_upscale": bool, "batch_size": int,
-    "image_dir": str, "is_reg": bool, "class_tokens": str, "subsets": list,
-}
-_LEVEL_KEYS = {
-    "[general]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size",)),
-    "[[datasets]]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size", "subsets")),
-    "[[datasets.subsets]]": set(SUBSET_KEYS + ("image_dir", "is_reg", "class_tokens")),
-}
-# kohya options this library does not implement: accepted only when switched off
-_UNSUPPORTED_KOHYA_KEYS = {
-    "color_aug", "face_crop_aug_range", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-    "token_warmup_min", "token_warmup_step", "caption_dropout_every_n_epochs", "alpha_mask",
-    "custom_attributes", "cache_info", "metadata_file", "network_multiplier", "conditioning_data_dir",
-}
-
-
-def _check_table(table, level, where):
-    if not isinstance(table, dict):
-        raise DatasetError(f"{where}: expected a table of options, got {table!r}")
-    for key, value in table.items():
-        if key in _UNSUPPORTED_KOHYA_KEYS:
-            if value not in (False, 0, None, "", [], {}):
-                raise DatasetError(f"{where}: '{key}' is a kohya option that lora_diffusion does not support; "
-                                   f"remove it")
-            continue
-        if key not in _LEVEL_KEYS[level]:
-            import difflib
-            elsewhere = [lvl for lvl, keys in _LEVEL_KEYS.items() if key in keys]
-            close = difflib.get_close_matches(key, _KEY_TYPES, n=1)
-            hint = (f"; it belongs in {' or '.join(elsewhere)}" if elsewhere else
-                    f"; did you mean '{close[0]}'?" if close else "")
-            raise DatasetError(f"{where}: unknown key '{key}'{hint}")
-        expected = _KEY_TYPES[key]
-        if expected == "resolution":
-            parse_resolution(value, f"{where}: resolution")
-            continue
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
-              isinstance(value, int) and not isinstance(value, bool) if expected is int else
-              isinstance(value, expected))
-        if not ok:
-            raise DatasetError(f"{where}: '{key}' must be {_TYPE_WORDS[expected]}, got {value!r}")
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               list: "a list of tables"}
-
-
-def _load_config_file(path: Path) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"dataset config '{path}' does not exist")
-    try:
-        if path.suffix.lower() == ".json":
-            return json.loads(path.read_text(encoding="utf-8-sig"))
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise DatasetError(f"dataset config '{path}' cannot be parsed: {e}") from None
-
-
-def read_dataset_config(path, defaults):
-    """Parse and validate a kohya dataset config. Returns (subsets, batch_size or None).
-    Precedence: [[datasets.subsets]] > [[datasets]] > [general] > `defaults` (the flags)."""
-    path = Path(path)
-    config = _load_config_file(path)
-    where = f"dataset config '{path}'"
-    for key in config:
-        if key not in ("general", "datasets"):
-            raise DatasetError(f"{where}: unknown top-level key '{key}'; expected [general] and [[datasets]]")
-    general = config.get("general", {})
-    _check_table(general, "[general]", f"{where} [general]")
-    datasets = config.get("datasets")
-    if not isinstance(datasets, list) or not datasets:
-        raise DatasetError(f"{where}: needs at least one [[datasets]] table with [[datasets.subsets]]")
-    subsets, batch_sizes = [], set()
-    for d, dataset in enumerate(datasets, 1):
-        _check_table(dataset, "[[datasets]]", f"{where} [[datasets]] #{d}")
-        if not dataset.get("subsets"):
-            raise DatasetError(f"{where} [[datasets]] #{d}: needs at least one [[datasets.subsets]] with image_dir")
-        if "batch_size" in dataset or "batch_size" in general:
-            batch_sizes.add(dataset.get("batch_size", general.get("batch_size")))
-        seen_dirs = set()
-        for s, table in enumerate(dataset["subsets"], 1):
-            here = f"{where} [[datasets]] #{d} [[datasets.subsets]] #{s}"
-            _check_table(table, "[[datasets.subsets]]", here)
-            if "image_dir" not in table:
-                raise DatasetError(f"{here}: 'image_dir' is required (the folder that holds the images)")
-            image_dir = _config_path(table["image_dir"], path, here)
-            if image_dir in seen_dirs:
-                _warn(f"{here}: image_dir '{image_dir}' appears twice in one dataset; the duplicate is ignored")
-                continue
-            seen_dirs.add(image_dir)
-            values = {**defaults, "num_repeats": 1}
-            for level in (general, dataset, table):
-                values.update({k: v for k, v in level.items() if k in FLAG_DEFAULTS or k == "num_repeats"})
-            subset = Subset(image_dir=image_dir, is_reg=table.get("is_reg", False),
-                            class_tokens=table.get("class_tokens"), **values)
-            subsets.append(_check_subset(subset, here))
-    if len(batch_sizes) > 1:
-        raise DatasetError(f"{where}: datasets ask for different batch_size values {sorted(batch_sizes)}; "
-                           f"lora_diffusion trains with one batch size: set it once in [general]")
-    return subsets, (batch_sizes.pop() if batch_sizes else None)
-
-
-def _config_path(value, config_path, where):
-    """A path as written: absolute, relative to the working folder, or relative to the config file."""
-    written = Path(value).expanduser()
-    for candidate in (written, config_path.parent / written):
-        if candidate.is_dir():
-            return candidate
-    raise DatasetError(f"{where}: image_dir '{value}' is not a folder (looked in '{written.absolute()}' and "
-                       f"'{(config_path.parent / written).absolute()}')")
+# the image extensions scanned for; lora_diffusion.tools keeps a copy that tests/test_tools.py compares with this
+IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,10 +58,10 @@ class LoRADataset(torch.utils.data.Dataset):
                        keep_tokens=keep_tokens, caption_dropout_rate=caption_dropout_rate,
                        caption_tag_dropout_rate=caption_tag_dropout_rate, caption_prefix=caption_prefix,
                        caption_suffix=caption_suffix, caption_separator=caption_separator)
-        _check_subset(Subset(Path("."), **options), "dataset options")  # bad flags fail before any scanning
-        subsets = _concept_subsets(train_data_dir, "train_data_dir", False, options)
+        check_subset(Subset(Path("."), **options), "dataset options")  # bad flags fail before any scanning
+        subsets = concept_subsets(train_data_dir, "train_data_dir", False, options)
         if reg_data_dir is not None:
-            subsets += _concept_subsets(reg_data_dir, "reg_data_dir", True, options)
+            subsets += concept_subsets(reg_data_dir, "reg_data_dir", True, options)
         self._setup(subsets, seed, sources=[f"train_data_dir '{train_data_dir}'"] +
                     ([f"reg_data_dir '{reg_data_dir}'"] if reg_data_dir is not None else []))
 
@@ -570,7 +72,7 @@ class LoRADataset(torch.utils.data.Dataset):
         path = Path(toml_path).expanduser()
         ignored = [k for k in ("train_data_dir", "reg_data_dir") if defaults.pop(k, None) is not None]
         if ignored:
-            _warn(f"{' and '.join(ignored)} ignored: the dataset config '{path}' lists the image folders")
+            warn(f"{' and '.join(ignored)} ignored: the dataset config '{path}' lists the image folders")
         seed = defaults.pop("seed", 0)
         unknown = sorted(set(defaults) - set(FLAG_DEFAULTS))
         if unknown:
@@ -589,19 +91,19 @@ class LoRADataset(torch.utils.data.Dataset):
             raise DatasetError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
         self.batch_size = None  # a batch_size from a dataset config file, for the trainer to use
-        self.subsets = [_check_subset(s, f"folder '{s.image_dir}'") for s in subsets]
+        self.subsets = [check_subset(s, f"folder '{s.image_dir}'") for s in subsets]
         self.entries = []
         for index, subset in enumerate(self.subsets):
-            found = _scan_subset(subset, index)
+            found = scan_subset(subset, index)
             if not found:
-                _warn(f"no images in '{subset.image_dir}'; the folder is skipped")
+                warn(f"no images in '{subset.image_dir}'; the folder is skipped")
             self.entries.extend(found)
         if not any(not self.subsets[e.subset].is_reg for e in self.entries):
             folders = ", ".join(f"'{s.image_dir}'" for s in self.subsets if not s.is_reg)
             raise DatasetError(f"no training images found in {' and '.join(sources)}: looked for files ending in "
                                f"{', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp', '.bmp'}))} (or any other "
                                f"format Pillow reads) directly inside {folders or 'no folder'}")
-        _assign_repeats(self.entries, self.subsets)
+        assign_repeats(self.entries, self.subsets)
         self.sample_entry = np.repeat(np.arange(len(self.entries)), [e.repeats for e in self.entries])
         self.sample_buckets = [self.entries[i].bucket for i in self.sample_entry]
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with DataLoader workers
@@ -694,7 +196,7 @@ class LoRADataset(torch.utils.data.Dataset):
             return load_image(self.entries[entry_index].path, bucket, crop_rng=crop_rng, flip=flip), entry_index
         except Exception as e:
             failures = [f"{self.entries[entry_index].path}: {type(e).__name__}: {e}"]
-            _warn(f"could not decode image '{self.entries[entry_index].path}' ({type(e).__name__}: {e}); "
+            warn(f"could not decode image '{self.entries[entry_index].path}' ({type(e).__name__}: {e}); "
                   f"using another image of bucket {bucket[0]}x{bucket[1]} instead")
         same_bucket = [i for i, e in enumerate(self.entries) if e.bucket == bucket]
         start = same_bucket.index(entry_index)
@@ -703,7 +205,7 @@ class LoRADataset(torch.utils.data.Dataset):
                 return load_image(self.entries[candidate].path, bucket, crop_rng=crop_rng, flip=flip), candidate
             except Exception as e:
                 failures.append(f"{self.entries[candidate].path}: {type(e).__name__}: {e}")
-                _warn(f"could not decode image '{self.entries[candidate].path}' ({type(e).__name__}: {e}); "
+                warn(f"could not decode image '{self.entries[candidate].path}' ({type(e).__name__}: {e}); "
                       f"using another image of bucket {bucket[0]}x{bucket[1]} instead")
         raise DatasetError("no image of bucket %dx%d can be decoded:\n  %s" % (*bucket, "\n  ".join(failures)))
 
@@ -725,13 +227,13 @@ class LoRADataset(torch.utils.data.Dataset):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DatasetError(f"vae_batch_size must be an integer >= 1, got {batch_size!r}")
         vae_key = str(vae_id) if vae_id is not None else vae_fingerprint(vae)
-        keys = [self._latent_key(entry, vae_key, dtype) for entry in self.entries]
+        keys = [latent_cache_key(entry, vae_key, dtype) for entry in self.entries]
         results, todo = {}, defaultdict(list)
         for i, (entry, key) in enumerate(zip(self.entries, keys)):
             need_flip = self.subsets[entry.subset].flip_aug
             found = self._latent_store.get(key)
             if found is None and to_disk:
-                found = _read_latent_file(self._latent_path(entry, key, cache_dir), key)
+                found = read_latent_file(latent_file_path(entry, key, cache_dir), key)
             if found is not None and (found[1] is not None or not need_flip):
                 results[i] = found
             else:
@@ -755,7 +257,7 @@ class LoRADataset(torch.utils.data.Dataset):
             for i in indices:
                 results[i] = (encoded[(i, False)], encoded.get((i, True)))
                 if to_disk:
-                    _write_latent_file(self._latent_path(self.entries[i], keys[i], cache_dir), keys[i], *results[i])
+                    write_latent_file(latent_file_path(self.entries[i], keys[i], cache_dir), keys[i], *results[i])
         for i, key in enumerate(keys):
             self._latent_store[key] = results[i]
         self._latents = [results[i] for i in range(len(self.entries))]
@@ -767,18 +269,6 @@ class LoRADataset(torch.utils.data.Dataset):
     @property
     def latents_cached(self) -> bool:
         return self._latents is not None
-
-    def _latent_key(self, entry, vae_key, dtype):
-        resized = cover_size(entry.size, entry.bucket)
-        crop = ((resized[0] - entry.bucket[0]) // 2, (resized[1] - entry.bucket[1]) // 2)
-        fields_ = {"format": 1, "image": _file_sha256(entry.path), "bucket": list(entry.bucket),
-                   "resized": list(resized), "crop": list(crop), "vae": vae_key, "dtype": str(dtype)}
-        return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()
-
-    @staticmethod
-    def _latent_path(entry, key, cache_dir):
-        folder = Path(cache_dir) if cache_dir is not None else entry.path.parent
-        return folder / f"{entry.path.stem}_{key[:16]}.safetensors"
 
     # -- summary --------------------------------------------------------------------------------
 
@@ -818,69 +308,6 @@ class LoRADataset(torch.utils.data.Dataset):
 
     def __repr__(self):
         return self.summary()
-
-
-# ----------------------------------------------------------------------------------------------
-# Latent cache helpers
-
-def encode_latents(vae, images, *, device="cpu", dtype=torch.float32):
-    """Images (B,3,H,W) in [-1,1] -> scaled latents: (mode of the posterior - shift) * scaling_factor."""
-    with torch.no_grad():
-        output = vae.encode(images.to(device=device, dtype=dtype))
-        distribution = output.latent_dist if hasattr(output, "latent_dist") else output[0]
-        latents = distribution.mode() if hasattr(distribution, "mode") else distribution.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
-
-def vae_fingerprint(vae) -> str:
-    """Identifies a VAE by its config and, per tensor, name, shape, dtype and rounded sums: cheap next to
-    encoding, and a different VAE (or a fine-tuned one) gets a different fingerprint."""
-    digest = hashlib.sha256()
-    config = getattr(vae, "config", None)
-    if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in vae.state_dict().items():
-            values = tensor.detach().float()
-            stats = (values.sum().item(), values.abs().sum().item(), values.flatten()[:4].tolist())
-            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{stats[0]:.6e}|{stats[1]:.6e}|"
-                          f"{[f'{v:.6e}' for v in stats[2]]}".encode())
-    return digest.hexdigest()
-
-
-def _file_sha256(path, chunk=1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_latent_file(path: Path, key: str):
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return None
-            names = set(f.keys())
-            plain = f.get_tensor("latents")
-            flipped = f.get_tensor("latents_flipped") if "latents_flipped" in names else None
-        return plain, flipped
-    except Exception as e:
-        _warn(f"latent cache file '{path}' is unreadable ({type(e).__name__}: {e}); encoding the image again")
-        return None
-
-
-def _write_latent_file(path: Path, key: str, plain, flipped):
-    from safetensors.torch import save
-    tensors = {"latents": plain.contiguous()}
-    if flipped is not None:
-        tensors["latents_flipped"] = flipped.contiguous()
-    data = save(tensors, metadata={"key": key, "format": "lora_diffusion.latents.1"})
-    atomic_write(path, lambda f: f.write(data))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""kohya's dataset config file (TOML or JSON): [general], [[datasets]], [[datasets.subsets]], read and
+validated into Subsets."""
+
+import json
+from pathlib import Path
+
+from lora_diffusion.data.errors import DatasetError, warn
+from lora_diffusion.data.subset import (DATASET_KEYS, FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset,
+                                        parse_resolution)
+
+
+_KEY_TYPES = {
+    "num_repeats": int, "caption_extension": str, "shuffle_caption": bool, "keep_tokens": int,
+    "caption_dropout_rate": float, "caption_tag_dropout_rate": float, "caption_prefix": str,
+    "caption_suffix": str, "caption_separator": str, "flip_aug": bool, "random_crop": bool,
+    "resolution": "resolution", "enable_bucket": bool, "min_bucket_reso": int, "max_bucket_reso": int,
+    "bucket_reso_steps": int, "bucket_no_upscale": bool, "batch_size": int,
+    "image_dir": str, "is_reg": bool, "class_tokens": str, "subsets": list,
+}
+_LEVEL_KEYS = {
+    "[general]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size",)),
+    "[[datasets]]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size", "subsets")),
+    "[[datasets.subsets]]": set(SUBSET_KEYS + ("image_dir", "is_reg", "class_tokens")),
+}
+# kohya options this library does not implement: accepted only when switched off
+_UNSUPPORTED_KOHYA_KEYS = {
+    "color_aug", "face_crop_aug_range", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
+    "token_warmup_min", "token_warmup_step", "caption_dropout_every_n_epochs", "alpha_mask",
+    "custom_attributes", "cache_info", "metadata_file", "network_multiplier", "conditioning_data_dir",
+}
+
+
+def _check_table(table, level, where):
+    if not isinstance(table, dict):
+        raise DatasetError(f"{where}: expected a table of options, got {table!r}")
+    for key, value in table.items():
+        if key in _UNSUPPORTED_KOHYA_KEYS:
+            if value not in (False, 0, None, "", [], {}):
+                raise DatasetError(f"{where}: '{key}' is a kohya option that lora_diffusion does not support; "
+                                   f"remove it")
+            continue
+        if key not in _LEVEL_KEYS[level]:
+            import difflib
+            elsewhere = [lvl for lvl, keys in _LEVEL_KEYS.items() if key in keys]
+            close = difflib.get_close_matches(key, _KEY_TYPES, n=1)
+            hint = (f"; it belongs in {' or '.join(elsewhere)}" if elsewhere else
+                    f"; did you mean '{close[0]}'?" if close else "")
+            raise DatasetError(f"{where}: unknown key '{key}'{hint}")
+        expected = _KEY_TYPES[key]
+        if expected == "resolution":
+            parse_resolution(value, f"{where}: resolution")
+            continue
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
+              isinstance(value, int) and not isinstance(value, bool) if expected is int else
+              isinstance(value, expected))
+        if not ok:
+            raise DatasetError(f"{where}: '{key}' must be {_TYPE_WORDS[expected]}, got {value!r}")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list of tables"}
+
+
+def _load_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"dataset config '{path}' does not exist")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(path.read_text(encoding="utf-8-sig"))
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise DatasetError(f"dataset config '{path}' cannot be parsed: {e}") from None
+
+
+def read_dataset_config(path, defaults):
+    """Parse and validate a kohya dataset config. Returns (subsets, batch_size or None).
+    Precedence: [[datasets.subsets]] > [[datasets]] > [general] > `defaults` (the flags)."""
+    path = Path(path)
+    config = _load_config_file(path)
+    where = f"dataset config '{path}'"
+    for key in config:
+        if key not in ("general", "datasets"):
+            raise DatasetError(f"{where}: unknown top-level key '{key}'; expected [general] and [[datasets]]")
+    general = config.get("general", {})
+    _check_table(general, "[general]", f"{where} [general]")
+    datasets = config.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise DatasetError(f"{where}: needs at least one [[datasets]] table with [[datasets.subsets]]")
+    subsets, batch_sizes = [], set()
+    for d, dataset in enumerate(datasets, 1):
+        _check_table(dataset, "[[datasets]]", f"{where} [[datasets]] #{d}")
+        if not dataset.get("subsets"):
+            raise DatasetError(f"{where} [[datasets]] #{d}: needs at least one [[datasets.subsets]] with image_dir")
+        if "batch_size" in dataset or "batch_size" in general:
+            batch_sizes.add(dataset.get("batch_size", general.get("batch_size")))
+        seen_dirs = set()
+        for s, table in enumerate(dataset["subsets"], 1):
+            here = f"{where} [[datasets]] #{d} [[datasets.subsets]] #{s}"
+            _check_table(table, "[[datasets.subsets]]", here)
+            if "image_dir" not in table:
+                raise DatasetError(f"{here}: 'image_dir' is required (the folder that holds the images)")
+            image_dir = _config_path(table["image_dir"], path, here)
+            if image_dir in seen_dirs:
+                warn(f"{here}: image_dir '{image_dir}' appears twice in one dataset; the duplicate is ignored")
+                continue
+            seen_dirs.add(image_dir)
+            values = {**defaults, "num_repeats": 1}
+            for level in (general, dataset, table):
+                values.update({k: v for k, v in level.items() if k in FLAG_DEFAULTS or k == "num_repeats"})
+            subset = Subset(image_dir=image_dir, is_reg=table.get("is_reg", False),
+                            class_tokens=table.get("class_tokens"), **values)
+            subsets.append(check_subset(subset, here))
+    if len(batch_sizes) > 1:
+        raise DatasetError(f"{where}: datasets ask for different batch_size values {sorted(batch_sizes)}; "
+                           f"lora_diffusion trains with one batch size: set it once in [general]")
+    return subsets, (batch_sizes.pop() if batch_sizes else None)
+
+
+def _config_path(value, config_path, where):
+    """A path as written: absolute, relative to the working folder, or relative to the config file."""
+    written = Path(value).expanduser()
+    for candidate in (written, config_path.parent / written):
+        if candidate.is_dir():
+            return candidate
+    raise DatasetError(f"{where}: image_dir '{value}' is not a folder (looked in '{written.absolute()}' and "
+                       f"'{(config_path.parent / written).absolute()}')")

@@ -1,0 +1,85 @@
+"""The latent cache: encoding images with the VAE, a VAE fingerprint, cache keys and cache files."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from lora_diffusion.data.buckets import cover_size
+from lora_diffusion.data.errors import warn
+from lora_diffusion.io import atomic_write
+
+
+def encode_latents(vae, images, *, device="cpu", dtype=torch.float32):
+    """Images (B,3,H,W) in [-1,1] -> scaled latents: (mode of the posterior - shift) * scaling_factor."""
+    with torch.no_grad():
+        output = vae.encode(images.to(device=device, dtype=dtype))
+        distribution = output.latent_dist if hasattr(output, "latent_dist") else output[0]
+        latents = distribution.mode() if hasattr(distribution, "mode") else distribution.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+
+def vae_fingerprint(vae) -> str:
+    """Identifies a VAE by its config and, per tensor, name, shape, dtype and rounded sums: cheap next to
+    encoding, and a different VAE (or a fine-tuned one) gets a different fingerprint."""
+    digest = hashlib.sha256()
+    config = getattr(vae, "config", None)
+    if config is not None:
+        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in vae.state_dict().items():
+            values = tensor.detach().float()
+            stats = (values.sum().item(), values.abs().sum().item(), values.flatten()[:4].tolist())
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{stats[0]:.6e}|{stats[1]:.6e}|"
+                          f"{[f'{v:.6e}' for v in stats[2]]}".encode())
+    return digest.hexdigest()
+
+
+def latent_cache_key(entry, vae_key, dtype) -> str:
+    """Hashes everything a cached latent depends on: image bytes, bucket, resize, crop, VAE and dtype."""
+    resized = cover_size(entry.size, entry.bucket)
+    crop = ((resized[0] - entry.bucket[0]) // 2, (resized[1] - entry.bucket[1]) // 2)
+    fields = {"format": 1, "image": _file_sha256(entry.path), "bucket": list(entry.bucket),
+               "resized": list(resized), "crop": list(crop), "vae": vae_key, "dtype": str(dtype)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def latent_file_path(entry, key, cache_dir):
+    folder = Path(cache_dir) if cache_dir is not None else entry.path.parent
+    return folder / f"{entry.path.stem}_{key[:16]}.safetensors"
+
+
+def _file_sha256(path, chunk=1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_latent_file(path: Path, key: str):
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            names = set(f.keys())
+            plain = f.get_tensor("latents")
+            flipped = f.get_tensor("latents_flipped") if "latents_flipped" in names else None
+        return plain, flipped
+    except Exception as e:
+        warn(f"latent cache file '{path}' is unreadable ({type(e).__name__}: {e}); encoding the image again")
+        return None
+
+
+def write_latent_file(path: Path, key: str, plain, flipped):
+    from safetensors.torch import save
+    tensors = {"latents": plain.contiguous()}
+    if flipped is not None:
+        tensors["latents_flipped"] = flipped.contiguous()
+    data = save(tensors, metadata={"key": key, "format": "lora_diffusion.latents.1"})
+    atomic_write(path, lambda f: f.write(data))
