@@ -1,5 +1,11 @@
 """lora_diffusion: LoRA for Stable Diffusion, kohya-compatible files, a hackable library and a lean trainer."""
 
+import logging
+
+# diffusers imports bitsandbytes when it is installed, and on CPUs bitsandbytes warns at import about a 4-bit kernel
+# package that nothing here uses; keep that line out of every command's output (real errors still show).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .inject import (DEFAULT_TARGET_REPLACE, TEXT_ENCODER_DEFAULT_TARGET_REPLACE, inject_trainable_lora,
                      lora_network, remove_lora)
 from .kohya import LoRAFileError, read_lora_file
