@@ -105,7 +105,9 @@ class LoRALayer(nn.Module):
             if self.rank_dropout > 0:
                 h = h * self._rank_mask(h)
                 scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(h) * scale
+        # The scale goes on the rank-r tensor, not on the output: r << out_features, so one small product instead
+        # of a full-size one (and a full-size one less in the backward).
+        return self.lora_up(h * scale)
 
     def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
         keep = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
