@@ -278,6 +278,7 @@ def network_metadata(run) -> dict:
 
 def train(args):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
     from dataset import BucketBatchSampler, collate_fn
@@ -287,6 +288,10 @@ def train(args):
                                          encode_prompts, generate_samples, load_state, make_noise, read_prompts,
                                          read_train_state, rotate, sample_timesteps, save_state, training_target)
 
+    # accelerate keeps its settings in process-wide singletons; a second train() in one process (a notebook, the
+    # tests) with another --mixed_precision would be refused without this reset.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     log_with = "tensorboard" if args.logging_dir else None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
                               project_dir=args.logging_dir,
@@ -309,8 +314,8 @@ def train(args):
     unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False).eval()
-    if vae.dtype != torch.float32:
-        vae.to(torch.float32)  # the VAE is run in fp32: fp16 VAEs of SD1.x overflow into NaN latents
+    if vae.dtype == torch.float16:
+        vae.to(torch.float32)  # SD1.x's VAE overflows into NaN latents in fp16 (not in bf16, which is kept: 2x faster)
     if args.xformers:
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -320,7 +325,7 @@ def train(args):
 
     if args.cache_latents:
         dataset.cache_latents(vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                              device=device, dtype=torch.float32)
+                              device=device, dtype=vae.dtype)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
     text_cache = None
     if not train_text_encoder and captions_are_fixed(dataset):
@@ -336,8 +341,8 @@ def train(args):
     batch_sampler = BucketBatchSampler(dataset, batch_size, seed=args.seed)
     loader_sampler = ShardedBatches(batch_sampler, accelerator.process_index, accelerator.num_processes)
     workers = args.max_data_loader_n_workers
-    if workers is None:
-        workers = 0 if args.cache_latents else min(4, max(0, (os.cpu_count() or 1) - 1))
+    if workers is None:  # on a CPU the step is hundreds of times slower than loading: workers only take its cores
+        workers = 0 if args.cache_latents or device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=loader_sampler, collate_fn=collate_fn,
                                          num_workers=workers, persistent_workers=False,
                                          pin_memory=device.type == "cuda",
@@ -425,7 +430,7 @@ def train(args):
             latents = batch["latents"].to(device)
         else:
             with torch.no_grad():
-                images = batch["images"].to(device, torch.float32)
+                images = batch["images"].to(device, vae.dtype)
                 latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
         latents = latents.to(weight_dtype)
         if text_cache is not None:
@@ -453,7 +458,7 @@ def train(args):
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="steps")
     recent_losses, epoch, batch_in_epoch = [], first_epoch, skip_batches
-    started = time.time()
+    started, first_step_done = time.time(), None
     accelerator.print(f"training {sum(p.numel() for p in params):,} LoRA parameters for {max_train_steps} steps "
                       f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, "
                       f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
@@ -489,6 +494,8 @@ def train(args):
                 for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
                     logs["lr/unet" if group.get("name") == "unet" else "lr/textencoder"] = lr
                 progress.update(1)
+                if first_step_done is None:
+                    first_step_done = (time.time(), global_step)  # later steps are the steady pace
                 progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
                 if log_with:
                     accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=global_step)
@@ -517,6 +524,7 @@ def train(args):
         accelerator.print(f"resume with: --resume {output_dir / (stem + '-state')}")
         raise
     progress.close()
+    loop_ended = time.time()
 
     # --- the final file ---------------------------------------------------------------------------------------
     check_identical_across_processes(params, accelerator)
@@ -529,7 +537,11 @@ def train(args):
         sample()
     accelerator.end_training()
     elapsed = time.time() - started
-    accelerator.print(f"done: {global_step} steps in {elapsed:.1f}s; LoRA: {final_path}" +
+    pace = ""
+    if first_step_done and global_step > first_step_done[1]:
+        per_step = (loop_ended - first_step_done[0]) / (global_step - first_step_done[1])
+        pace = f" ({per_step:.3f} s/step after the first)"
+    accelerator.print(f"done: {global_step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
                       (f"; samples: {output_dir / 'sample'}" if prompts else "") +
                       (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
     return final_path

@@ -25,7 +25,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .checkpoint import CheckpointReader, ModelLoadError
+from .checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
 from .convert import check_is_sd_checkpoint, clip_names, detect_v2, unet_names, vae_names
 from .tokenizer import load_clip_tokenizer
 
@@ -193,13 +193,13 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
         if not (folder / part).is_dir():
             raise ModelLoadError(f"diffusers folder {folder} has no {part}/ subfolder")
     try:
-        unet = UNet2DConditionModel.from_pretrained(
+        unet = load_part_lean(folder / "unet", dtype) or UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", torch_dtype=dtype, variant=weights_variant(folder / "unet"), local_files_only=True
         )
-        vae = AutoencoderKL.from_pretrained(
+        vae = load_part_lean(folder / "vae", dtype) or AutoencoderKL.from_pretrained(
             folder, subfolder="vae", torch_dtype=dtype, variant=weights_variant(folder / "vae"), local_files_only=True
         )
-        text_encoder = CLIPTextModel.from_pretrained(
+        text_encoder = load_part_lean(folder / "text_encoder", dtype) or CLIPTextModel.from_pretrained(
             str(folder / "text_encoder"), variant=weights_variant(folder / "text_encoder"), local_files_only=True,
             **{DTYPE_KWARG: dtype},
         )
@@ -226,6 +226,40 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
         v_parameterization=bool(v_parameterization),
         name=str(folder),
     )
+
+
+def load_part_lean(subfolder, dtype):
+    """One part of a diffusers folder built empty from its config and filled tensor by tensor, each cast to `dtype`
+    as it is read. `from_pretrained` memory-maps the whole file, and every page it touched stays counted in the
+    process's memory: an fp32 SD1.5 folder loaded as bf16 then peaks at the fp32 size. Returns None (the caller
+    uses from_pretrained) for anything but one plain .safetensors whose keys match the config's module."""
+    stem = "model" if subfolder.name == "text_encoder" else "diffusion_pytorch_model"
+    variant = weights_variant(subfolder)
+    weights = subfolder / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
+    if not weights.is_file():
+        return None
+    with init_empty_weights():
+        if subfolder.name == "text_encoder":
+            module = CLIPTextModel(CLIPTextConfig.from_pretrained(str(subfolder), local_files_only=True))
+        else:
+            model_class = UNet2DConditionModel if subfolder.name == "unet" else AutoencoderKL
+            module = model_class.from_config(read_config(subfolder))
+    expected = module.state_dict()
+    reader = SafetensorsFile(weights)
+    renamed = {}
+    for name in reader.entries:  # transformers 4 and 5 write CLIP keys with and without `text_model.`
+        for key in (name, name.removeprefix("text_model."), "text_model." + name):
+            if key in expected:
+                renamed[key] = name
+                break
+        else:
+            if not name.endswith("position_ids"):
+                return None
+    if set(renamed) != set(expected):
+        return None
+    state = {key: reader[name].to(dtype) for key, name in renamed.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
 
 
 def weights_variant(subfolder):
