@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 RUNS = {  # name -> (script, extra flags)
-    "ours": ("train_lora.py", []),
+    "ours": ("train_lora.py", ["--no_cache_latents"]),
     "ours+cache": ("train_lora.py", ["--cache_latents"]),
     "diffusers": ("benchmarks/diffusers_style_train.py", []),
     "diffusers+cache": ("benchmarks/diffusers_style_train.py", ["--cache_latents"]),

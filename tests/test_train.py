@@ -299,6 +299,15 @@ def test_config_files_toml_and_kohya_ss_gui_json(tmp_path, data, capsys):
     assert again.network_dim == 7 and again.train_data_dir == str(data)
 
 
+def test_latents_are_cached_by_default_unless_crops_are_random(data):
+    base = ["--pretrained_model_name_or_path", "builtin:tiny", "--train_data_dir", str(data)]
+    assert train_lora.parse_args(base).cache_latents is True
+    assert train_lora.parse_args(base + ["--no_cache_latents"]).cache_latents is False
+    assert train_lora.parse_args(base + ["--random_crop"]).cache_latents is False
+    with pytest.raises(train_lora.TrainingError, match="exclude each other"):
+        train_lora.parse_args(base + ["--random_crop", "--cache_latents"])
+
+
 def test_two_process_ddp(tmp_path, data):
     # On a machine without GPUs, accelerate's --multi_gpu launcher starts torchrun and the processes use gloo on the
     # CPU (`--cpu --num_processes 2` starts a single process unless MPI is set up).
