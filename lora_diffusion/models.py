@@ -133,16 +133,16 @@ def build_tiny_models(seed=0, dtype=torch.float32, device="cpu"):
     text_encoder, vae, unet = empty_modules(ASSETS / "tiny-sd")
     for offset, module in enumerate((text_encoder, vae, unet)):
         module.load_state_dict(deterministic_state_dict(module, seed * 1000 + offset), assign=True)
-    return SDModels(
-        tokenizer=load_clip_tokenizer(v2=False),
-        text_encoder=finish(text_encoder, dtype, device),
-        vae=finish(vae, dtype, device),
-        unet=finish(unet, dtype, device),
-        noise_scheduler=make_noise_scheduler(False),
-        v2=False,
-        v_parameterization=False,
-        name=BUILTIN_TINY,
-    )
+    return assemble(load_clip_tokenizer(v2=False), text_encoder, vae, unet, dtype=dtype, device=device, v2=False,
+                    v_parameterization=False, name=BUILTIN_TINY)
+
+
+def assemble(tokenizer, text_encoder, vae, unet, *, dtype, device, v2, v_parameterization, name) -> SDModels:
+    """The loaded parts, cast and moved, in eval mode, with SD's training noise schedule."""
+    return SDModels(tokenizer=tokenizer, text_encoder=finish(text_encoder, dtype, device),
+                    vae=finish(vae, dtype, device), unet=finish(unet, dtype, device),
+                    noise_scheduler=make_noise_scheduler(v_parameterization), v2=bool(v2),
+                    v_parameterization=bool(v_parameterization), name=name)
 
 
 def finish(module, dtype, device):
@@ -216,16 +216,8 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
             v_parameterization = prediction == "v_prediction"
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {error}") from error
-    return SDModels(
-        tokenizer=tokenizer,
-        text_encoder=finish(text_encoder, dtype, device),
-        vae=finish(vae, dtype, device),
-        unet=finish(unet, dtype, device),
-        noise_scheduler=make_noise_scheduler(v_parameterization),
-        v2=bool(v2),
-        v_parameterization=bool(v_parameterization),
-        name=str(folder),
-    )
+    return assemble(tokenizer, text_encoder, vae, unet, dtype=dtype, device=device, v2=bool(v2),
+                    v_parameterization=bool(v_parameterization), name=str(folder))
 
 
 def load_part_lean(subfolder, dtype):
@@ -299,16 +291,8 @@ def load_single_file(path, *, v2=None, v_parameterization=None, dtype=torch.floa
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     else:
         tokenizer = load_clip_tokenizer(v2=v2)
-    return SDModels(
-        tokenizer=tokenizer,
-        text_encoder=finish(text_encoder, dtype, device),
-        vae=finish(vae, dtype, device),
-        unet=finish(unet, dtype, device),
-        noise_scheduler=make_noise_scheduler(v_parameterization),
-        v2=v2,
-        v_parameterization=v_parameterization,
-        name=str(path),
-    )
+    return assemble(tokenizer, text_encoder, vae, unet, dtype=dtype, device=device, v2=v2,
+                    v_parameterization=v_parameterization, name=str(path))
 
 
 def convert_into(module, reader, names, path, part):
