@@ -13,8 +13,7 @@ import re
 from torch import nn
 
 from .layer import LoRALayer
-from .network import LoRANetwork, _copy_into
-from .kohya import LoRAFileError, read_lora_file
+from .network import LoRANetwork
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, canonical_text_encoder_path, kohya_name
 
 DEFAULT_TARGET_REPLACE = {"CrossAttention", "Attention", "GEGLU"}
@@ -72,7 +71,7 @@ def inject_trainable_lora(model: nn.Module, target_replace_module=DEFAULT_TARGET
 
     network = LoRANetwork({name: layer for name, (_, layer) in layers.items()}, rank=r, alpha=r)
     if loras is not None:
-        _load_into(network, loras)
+        network.load_weights(loras, strict=False)
     model.requires_grad_(False)
     network.requires_grad_(True)
     network.apply_to()
@@ -83,16 +82,6 @@ def inject_trainable_lora(model: nn.Module, target_replace_module=DEFAULT_TARGET
         params.append(list(layer.lora_up.parameters()))
         params.append(list(layer.lora_down.parameters()))
     return params, [path for path, _ in layers.values()]
-
-
-def _load_into(network: LoRANetwork, path: str):
-    modules, _ = read_lora_file(path)
-    own = network.layers()
-    found = {name: weights for name, weights in modules.items() if name in own}
-    if not found:
-        raise LoRAFileError(f"{path} has no module matching the injected ones (e.g. {next(iter(own))})")
-    for name, weights in found.items():
-        _copy_into(own[name], weights, name, path)
 
 
 def _networks(model: nn.Module) -> list[LoRANetwork]:

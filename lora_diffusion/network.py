@@ -126,15 +126,17 @@ class LoRANetwork(nn.Module):
         kohya.write_lora_file(path, self.file_tensors(dtype), full)
 
     def load_weights(self, path: str, strict: bool = True):
-        """Load a kohya file into this network's existing modules (shapes must match), e.g. to resume training."""
+        """Load a kohya file into this network's existing modules (shapes must match), e.g. to start training from
+        it. strict=False loads the modules both have, but at least one must match."""
         modules, _ = kohya.read_lora_file(path)
         own = self.layers()
         missing = sorted(set(own) - set(modules))
         unexpected = sorted(set(modules) - set(own))
-        if strict and (missing or unexpected):
+        shared = set(own) & set(modules)
+        if (strict and (missing or unexpected)) or not shared:
             raise kohya.LoRAFileError(
                 f"{path} does not match this network: missing {_preview(missing)}, unexpected {_preview(unexpected)}")
-        for name in set(own) & set(modules):
+        for name in shared:
             _copy_into(own[name], modules[name], name, path)
 
 
