@@ -38,6 +38,10 @@ class LoRALayer(nn.Module):
             raise TypeError(f"LoRALayer wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
         alpha = float(rank if alpha is None or alpha == 0 else alpha)
         self.register_buffer("alpha", torch.tensor(alpha))
+        # The forward reads alpha as a Python float: `.item()` on a GPU tensor would sync the device in every
+        # module on every step. Loading a state dict refreshes it.
+        self._alpha_value = alpha
+        self.register_load_state_dict_post_hook(_refresh_alpha)
         if base.weight.device.type != "meta":
             self.to(base.weight.device)
         self.rank = rank
@@ -54,7 +58,7 @@ class LoRALayer(nn.Module):
 
     @property
     def scale(self) -> float:
-        return self.alpha.item() / self.rank
+        return self._alpha_value / self.rank
 
     @property
     def applied(self) -> bool:
@@ -152,3 +156,7 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha.item():g}, multiplier={self.multiplier:g}"
+
+
+def _refresh_alpha(layer: LoRALayer, incompatible_keys):
+    layer._alpha_value = float(layer.alpha)
