@@ -257,7 +257,7 @@ def cache_text_encoder_outputs(captions, tokenizer, text_encoder, args, device) 
 
 
 def save_lora(network, path, args, run, accelerator, *, epoch, step, final=False):
-    """One LoRA file with the whole run's settings in its metadata; rotation for --save_last_n_epochs."""
+    """One LoRA file with the whole run's settings in its metadata, written by the main process only."""
     from lora_diffusion.training import training_metadata
 
     if not accelerator.is_main_process:
