@@ -72,7 +72,7 @@ def test_conv_alpha_is_folded_into_lora_up(tmp_path, tiny_unet):
 
 def kohya_file_from_naming_rules(unet, text_encoder, path, rank=3, alpha=1.5, te_prefix="text_model."):
     """A kohya file made here from the naming rules only, not with the library: every attention to_q and to_v of
-    the U-Net and every fc1 of the text encoder, plus a 3x3 conv, with random weights."""
+    the U-Net and every fc1 of the text encoder, plus a 3x3 conv with its own alpha, with random weights."""
     g = torch.Generator().manual_seed(7)
     tensors, expected_deltas = {}, {}
     modules = [("lora_unet", n, m) for n, m in unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_v"))]
@@ -94,8 +94,9 @@ def kohya_file_from_naming_rules(unet, text_encoder, path, rank=3, alpha=1.5, te
             delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
         tensors[f"{name}.lora_down.weight"] = down
         tensors[f"{name}.lora_up.weight"] = up
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-        expected_deltas[module] = delta * (alpha / rank)
+        module_alpha = alpha / 2 if w.dim() == 4 else alpha  # LoCon files carry their own conv alpha
+        tensors[f"{name}.alpha"] = torch.tensor(module_alpha)
+        expected_deltas[module] = delta * (module_alpha / rank)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
     return expected_deltas
 

@@ -209,6 +209,13 @@ def test_bf16_accumulation_and_8bit_adam(tmp_path):
     assert all(tensors[k].abs().sum() > 0 for k in ups)  # two micro-batches per step still reach every module
 
 
+def test_v_prediction_runs_and_is_recorded(tmp_path, data):
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=2, v_parameterization=True,
+                                      min_snr_gamma=5)) == 0
+    _, meta = read(tmp_path / "out" / "t.safetensors")
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_min_snr_gamma"] == "5.0"
+
+
 def test_ctrl_c_saves_the_lora_and_a_resumable_state(tmp_path, data, monkeypatch):
     import lora_diffusion.training as training
 
