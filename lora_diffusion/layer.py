@@ -98,10 +98,7 @@ class LoRALayer(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """multiplier * scale * up(down(x)), with the training-time dropouts."""
-        weight_dtype = self.lora_down.weight.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight_dtype)
-        h = self.lora_down(x)
+        h = _in_dtype_of(self.lora_down, x)
         scale = self.multiplier * self.scale
         if self.training:
             if self.dropout > 0:
@@ -111,7 +108,7 @@ class LoRALayer(nn.Module):
                 scale = scale / (1.0 - self.rank_dropout)
         # The scale goes on the rank-r tensor, not on the output: r << out_features, so one small product instead
         # of a full-size one (and a full-size one less in the backward).
-        return self.lora_up(h * scale)
+        return _in_dtype_of(self.lora_up, h * scale)
 
     def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
         keep = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
@@ -160,3 +157,14 @@ class LoRALayer(nn.Module):
 
 def _refresh_alpha(layer: LoRALayer, incompatible_keys):
     layer._alpha_value = float(layer.alpha)
+
+
+def _in_dtype_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) computed in x's dtype: fp32 LoRA weights on a bf16/fp16 activation are cast (a tiny copy, which
+    autocast would make too), rather than the activation being cast up to fp32 (a full-size copy)."""
+    weight = module.weight
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return module(x)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight.to(x.dtype))
+    return module._conv_forward(x, weight.to(x.dtype), None)
