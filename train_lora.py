@@ -7,6 +7,7 @@ The pieces live in the package (lora_diffusion.training, lora_diffusion.network,
 """
 
 import argparse
+import glob
 import math
 import os
 import random
@@ -162,6 +163,8 @@ def check_args(args):
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         bad("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.cache_latents_to_disk:
+        if args.cache_latents is False:
+            bad("--cache_latents_to_disk and --no_cache_latents exclude each other")
         args.cache_latents = True
     if args.cache_latents is None:  # cached latents have one fixed crop, so random crops need the VAE every step
         args.cache_latents = not args.random_crop
@@ -169,7 +172,9 @@ def check_args(args):
         bad("--cache_latents and --random_crop exclude each other (a cached latent has one fixed crop)")
     if args.use_8bit_adam:
         args.optimizer_type = "AdamW8bit"
-    for name in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+    for name in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                 "max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
+                 "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:
@@ -302,9 +307,7 @@ def train(args):
     GradientState._reset_state()
     log_with = "tensorboard" if args.logging_dir else None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
-                              project_dir=args.logging_dir,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())
+                              project_dir=args.logging_dir, cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     device, weight_dtype = accelerator.device, DTYPES[args.mixed_precision]
     output_dir = Path(args.output_dir)
@@ -312,7 +315,7 @@ def train(args):
     # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
     dataset = build_dataset(args)
     accelerator.print(dataset.summary())
-    resolution = dataset_resolution(args)
+    resolution = dataset_resolution(dataset)
     prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
         if args.sample_prompts else None
 
@@ -332,17 +335,17 @@ def train(args):
                                 f"`pip install \"lora-diffusion[xformers]\"` or drop the flag (SDPA is the default)")
 
     if args.cache_latents:
-        dataset.cache_latents(vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                              device=device, dtype=vae.dtype)
+        with accelerator.main_process_first():
+            dataset.cache_latents(vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                                  device=device, dtype=vae.dtype)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
+    train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
     text_cache = None
     if not train_text_encoder and captions_are_fixed(dataset):
         text_cache = cache_text_encoder_outputs(fixed_captions(dataset), tokenizer, text_encoder, args, device)
-    need_vae = not args.cache_latents or args.sample_prompts
-    need_text_encoder = text_cache is None or args.sample_prompts
-    if not need_vae:
-        vae.to("cpu")
-    if not need_text_encoder:
+    if args.cache_latents:
+        vae.to("cpu")  # sampling moves it back for as long as it needs it
+    if text_cache is not None:
         text_encoder.to("cpu")
 
     batch_size = getattr(dataset, "batch_size", None) or args.train_batch_size  # a dataset config's batch_size wins
@@ -355,7 +358,8 @@ def train(args):
                                          num_workers=workers, persistent_workers=False,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = math.ceil(len(loader_sampler) / args.gradient_accumulation_steps)
+    batches_per_epoch = batch_sampler.num_batches_per_epoch // accelerator.num_processes
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if steps_per_epoch == 0:
         raise TrainingError(f"one epoch has fewer batches ({len(batch_sampler)}) than processes "
                             f"({accelerator.num_processes}); lower --train_batch_size or add images")
@@ -366,12 +370,13 @@ def train(args):
 
     # --- network ----------------------------------------------------------------------------------------------
     network = create_network(unet, text_encoder, rank=args.network_dim, alpha=args.network_alpha,
-                             dropout=args.network_dropout, train_unet=not args.network_train_text_encoder_only,
+                             dropout=args.network_dropout, train_unet=train_unet,
                              train_text_encoder=train_text_encoder, **network_options(args))
     if args.network_weights:
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
     network.to(device).train()
+    set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text_encoder:
@@ -404,31 +409,35 @@ def train(args):
                           f"batch {skip_batches})")
 
     run = {"args": args, "models": models, "network": network, "resolution": resolution,
-           "metadata": run_metadata(args, dataset, len(loader_sampler), max_train_steps, num_epochs,
-                                   optimizer_name)}
+           "metadata": run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch,
+                                   max_train_steps, num_epochs, optimizer_name)}
     if log_with:
         accelerator.init_trackers("lora_diffusion", config={k: v for k, v in vars(args).items()
                                                             if isinstance(v, (int, float, str, bool))})
 
+    last_sampled_step = None
+
     def sample(epoch=None):
+        nonlocal last_sampled_step
+        last_sampled_step = global_step
         if not prompts or not accelerator.is_main_process:
             return
-        vae.to(device)
+        network.eval()  # no LoRA dropout in the pictures
         generate_samples(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                          noise_scheduler=models.noise_scheduler, prompts=prompts, out_dir=output_dir / "sample",
                          step=global_step, epoch=epoch, output_name=args.output_name, device=device,
                          dtype=weight_dtype, sampler=args.sample_sampler,
                          v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
                          max_token_length=args.max_token_length, seed=args.seed)
-        if not need_vae:
-            vae.to("cpu")
+        network.train()
         text_encoder.train(train_text_encoder and args.gradient_checkpointing)
         unet.train(args.gradient_checkpointing)
 
-    def checkpoint(stem, epoch, batch_in_epoch, final=False):
-        save_lora(network, output_dir / f"{stem}.safetensors", args, run, accelerator, epoch=epoch,
-                  step=global_step, final=final)
-        if args.save_state:
+    def checkpoint(stem, epoch, batch_in_epoch, *, with_state=args.save_state, final=False):
+        """The LoRA (and the state to resume at `batch_in_epoch` of 0-based `epoch`) as `<stem>...`."""
+        save_lora(network, output_dir / f"{stem}.safetensors", args, run, accelerator,
+                  epoch=epoch + (batch_in_epoch > 0), step=global_step, final=final)  # ss_epoch counts from 1
+        if with_state:
             save_state(output_dir / f"{stem}-state", accelerator=accelerator, step=global_step, epoch=epoch,
                        batch_in_epoch=batch_in_epoch)
 
@@ -477,30 +486,33 @@ def train(args):
             batch_sampler.set_epoch(epoch)
             batch_in_epoch = skip_batches if epoch == first_epoch else 0
             batch_sampler.skip_batches = batch_in_epoch * accelerator.num_processes
+            micro = 0
             for batch in loader:
-                with accelerator.accumulate(network):
-                    loss = compute_loss(batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"the loss became {loss.item()} at step {global_step + 1} (epoch {epoch + 1}); stopping "
-                            f"before a broken file is written. The last saved files are intact. Try a lower "
-                            f"--learning_rate, --mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        average_gradients(params, accelerator)
-                        if args.max_grad_norm:
-                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                batch_in_epoch += 1
-                if not accelerator.sync_gradients:
+                if micro == 0:  # one optimizer step sums N micro-batches, or what is left of the epoch
+                    group = min(args.gradient_accumulation_steps, batches_per_epoch - batch_in_epoch)
+                loss = compute_loss(batch)
+                if not loss_is_finite(loss, accelerator):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {global_step + 1} (epoch {epoch + 1}); stopping "
+                        f"before a broken file is written. The last saved files are intact. Try a lower "
+                        f"--learning_rate, --mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
+                accelerator.backward(loss / group)
+                micro, batch_in_epoch = micro + 1, batch_in_epoch + 1
+                if micro < group:
                     continue
+                micro = 0
+                average_gradients(params, accelerator)
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 lr_scheduler.step()
                 global_step += 1
+
                 recent_losses = (recent_losses + [loss.item()])[-100:]
                 logs = {"loss/current": recent_losses[-1], "loss/average": sum(recent_losses) / len(recent_losses)}
-                for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
-                    logs["lr/unet" if group.get("name") == "unet" else "lr/textencoder"] = lr
+                for group_of_params, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+                    logs["lr/unet" if group_of_params.get("name") == "unet" else "lr/textencoder"] = lr
                 progress.update(1)
                 if first_step_done is None:
                     first_step_done = (time.time(), global_step)  # later steps are the steady pace
@@ -513,22 +525,21 @@ def train(args):
                     sample()
                 if global_step >= max_train_steps:
                     break
-            else:  # a whole epoch
-                done = epoch + 1
-                if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < num_epochs:
-                    checkpoint(f"{args.output_name}-{done:06d}", done, 0)
-                    if args.save_last_n_epochs and accelerator.is_main_process:
-                        epoch_stem = f"{args.output_name}-" + "[0-9]" * 6
-                        rotate(str(output_dir / f"{epoch_stem}.safetensors"), args.save_last_n_epochs)
-                        rotate(str(output_dir / f"{epoch_stem}-state"), args.save_last_n_epochs)
-                if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
-                    sample(epoch=done)
+            if batch_in_epoch < batches_per_epoch:
+                continue  # stopped inside the epoch
+            done = epoch + 1
+            if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < num_epochs:
+                checkpoint(f"{args.output_name}-{done:06d}", done, 0)
+                if args.save_last_n_epochs and accelerator.is_main_process:
+                    epoch_stem = glob.escape(f"{args.output_name}-") + "[0-9]" * 6
+                    rotate(str(output_dir / f"{epoch_stem}.safetensors"), args.save_last_n_epochs)
+                    rotate(str(output_dir / f"{epoch_stem}-state"), args.save_last_n_epochs)
+            if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
+                sample(epoch=done)
     except KeyboardInterrupt:
         accelerator.print(f"\ninterrupted at step {global_step}: saving the LoRA and the training state")
         stem = f"{args.output_name}-step{global_step:08d}"
-        save_lora(network, output_dir / f"{stem}.safetensors", args, run, accelerator, epoch=epoch, step=global_step)
-        save_state(output_dir / f"{stem}-state", accelerator=accelerator, step=global_step, epoch=epoch,
-                   batch_in_epoch=batch_in_epoch)
+        checkpoint(stem, epoch, batch_in_epoch, with_state=True)
         accelerator.print(f"resume with: --resume {output_dir / (stem + '-state')}")
         raise
     progress.close()
@@ -537,12 +548,9 @@ def train(args):
     # --- the final file ---------------------------------------------------------------------------------------
     check_identical_across_processes(params, accelerator)
     final_path = output_dir / f"{args.output_name}.safetensors"
-    save_lora(network, final_path, args, run, accelerator, epoch=epoch + 1, step=global_step, final=True)
-    if args.save_state:
-        save_state(output_dir / f"{args.output_name}-state", accelerator=accelerator, step=global_step,
-                   epoch=epoch, batch_in_epoch=batch_in_epoch)
-    if prompts and not (args.sample_every_n_steps or args.sample_every_n_epochs):
-        sample()
+    checkpoint(args.output_name, epoch, batch_in_epoch, final=True)
+    if prompts and last_sampled_step != global_step:
+        sample()  # the final LoRA's pictures, unless this step was just sampled
     accelerator.end_training()
     elapsed = time.time() - started
     pace = ""
@@ -555,17 +563,22 @@ def train(args):
     return final_path
 
 
+def loss_is_finite(loss, accelerator) -> bool:
+    """The same answer on every process (so that all stop together): is the loss finite everywhere?"""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return finite.item() == 1.0
+
+
 def average_gradients(params, accelerator):
     """Mean of the LoRA gradients over processes, in one flat all-reduce."""
     if accelerator.num_processes == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = piece.view_as(p)
 
 
 def check_identical_across_processes(params, accelerator):
@@ -581,12 +594,14 @@ def check_identical_across_processes(params, accelerator):
     accelerator.print(f"LoRA weights identical on {accelerator.num_processes} processes")
 
 
-def dataset_resolution(args) -> tuple[int, int]:
-    parts = [int(v) for v in str(args.resolution).split(",")]
-    return (parts[0], parts[-1])
+def dataset_resolution(dataset) -> tuple[int, int]:
+    """(width, height) the dataset trains at: --resolution, or what a dataset config set."""
+    width, height = dataset.subsets[0].resolution
+    return int(width), int(height)
 
 
-def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimizer_name) -> dict:
+def run_metadata(args, models, dataset, resolution, batch_size, num_batches, max_train_steps, num_epochs,
+                 optimizer_name) -> dict:
     """The training record (kohya's ss_* keys) of this run, as plain values."""
     return dict(
         ss_learning_rate=args.learning_rate, ss_unet_lr=args.unet_lr, ss_text_encoder_lr=args.text_encoder_lr,
@@ -595,7 +610,7 @@ def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimi
         ss_lr_warmup_steps=args.lr_warmup_steps, ss_lr_scheduler=args.lr_scheduler,
         ss_optimizer=optimizer_name,
         ss_mixed_precision=args.mixed_precision, ss_full_fp16=False, ss_seed=args.seed,
-        ss_resolution=f"({dataset_resolution(args)[0]}, {dataset_resolution(args)[1]})",
+        ss_resolution=f"({resolution[0]}, {resolution[1]})",
         ss_clip_skip=args.clip_skip, ss_max_token_length=args.max_token_length, ss_noise_offset=args.noise_offset,
         ss_multires_noise_iterations=args.multires_noise_iterations,
         ss_multires_noise_discount=args.multires_noise_discount, ss_min_snr_gamma=args.min_snr_gamma,
@@ -606,11 +621,11 @@ def run_metadata(args, dataset, num_batches, max_train_steps, num_epochs, optimi
         ss_cache_latents=args.cache_latents,
         ss_gradient_checkpointing=args.gradient_checkpointing,
         ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
-        ss_batch_size_per_device=args.train_batch_size, ss_max_grad_norm=args.max_grad_norm,
+        ss_batch_size_per_device=batch_size, ss_max_grad_norm=args.max_grad_norm,
         ss_prior_loss_weight=args.prior_loss_weight, ss_network_dropout=args.network_dropout,
         ss_dataset_dirs=dataset.dataset_dirs, ss_tag_frequency=dataset.tag_frequency,
         ss_sd_model_name=os.path.basename(str(args.pretrained_model_name_or_path)),
-        ss_training_started_at=time.time(), ss_v2=args.v2, ss_v_parameterization=args.v_parameterization,
+        ss_training_started_at=time.time(), ss_v_parameterization=models.v_parameterization,
         ss_training_comment=args.training_comment,
     )
 

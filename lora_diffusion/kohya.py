@@ -130,14 +130,6 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return model_hash, legacy_hash
 
 
-def file_body_sha256(path: str) -> str:
-    """sha256 of a safetensors file's tensor bytes (what `sshs_model_hash` holds)."""
-    with open(path, "rb") as f:
-        (header_length,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + header_length)
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 BASE_MODEL_VERSIONS = {  # (v2, v_parameterization) -> ss_base_model_version, modelspec architecture
     (False, False): ("sd_v1", "stable-diffusion-v1/lora"),
     (True, False): ("sd_v2", "stable-diffusion-v2-512/lora"),

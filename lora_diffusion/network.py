@@ -191,7 +191,8 @@ def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank:
     if not targets:
         raise ValueError("create_network matched no module: check the models and the include/exclude patterns")
 
-    conv_alpha = conv_rank if conv_alpha is None else conv_alpha
+    alpha = alpha or rank  # kohya: an alpha of 0 (or none) means alpha = rank, i.e. scale 1
+    conv_alpha = conv_alpha or conv_rank
     layers = {}
     for target in targets:
         r, a = (conv_rank, conv_alpha) if target.is_conv_kxk else (rank, alpha)

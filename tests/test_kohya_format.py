@@ -58,6 +58,15 @@ def test_written_file_follows_the_format(tmp_path, tiny_unet, tiny_text_encoder)
     assert len(meta["sshs_legacy_hash"]) == 8
 
 
+def test_alpha_zero_means_alpha_equals_rank(tmp_path, tiny_unet):
+    network = create_network(tiny_unet, None, rank=4, alpha=0, conv_rank=2, conv_alpha=0)
+    assert {layer.scale for layer in network.layers().values()} == {1.0}
+    network.save_weights(tmp_path / "a0.safetensors")
+    tensors, meta = read_raw(str(tmp_path / "a0.safetensors"))
+    assert {t.item() for k, t in tensors.items() if k.endswith(".alpha")} == {4.0}
+    assert float(meta["ss_network_alpha"]) == 4.0
+
+
 def test_conv_alpha_is_folded_into_lora_up(tmp_path, tiny_unet):
     network = create_network(tiny_unet, None, rank=4, alpha=2, conv_rank=8, conv_alpha=4)
     randomize(network)

@@ -195,6 +195,19 @@ def test_epoch_files_rotate_and_carry_their_epoch(tmp_path, data):
     assert read(out / "t.safetensors")[1]["ss_epoch"] == "4" and read(out / "t.safetensors")[1]["ss_steps"] == "40"
 
 
+def test_accumulation_steps_end_with_each_epoch_and_every_epoch_samples(tmp_path, data):
+    # 10 batches an epoch, 3 per step: steps of 3+3+3+1 batches, so 4 steps an epoch and 8 for two epochs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("toy, a square --w 64 --h 64 --s 2 --d 5\n")
+    argv = base_flags(tmp_path, data, max_train_epochs=2, gradient_accumulation_steps=3,
+                      sample_prompts=prompts, sample_every_n_epochs=1, network_dropout=0.5)
+    assert train_lora.main(argv) == 0
+    _, meta = read(tmp_path / "out" / "t.safetensors")
+    assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_epoch"]) == ("8", "8", "2")
+    samples = sorted(p.name for p in (tmp_path / "out" / "sample").glob("*.png"))
+    assert [name.split("_")[1] for name in samples] == ["e000001", "e000002"]  # the last epoch too, once
+
+
 def test_bf16_accumulation_and_8bit_adam(tmp_path):
     data = make_dataset(tmp_path, size=128)  # 128 px: the mid block's self-attention sees more than one token
     argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, mixed_precision="bf16", gradient_accumulation_steps=2,

@@ -32,7 +32,8 @@ def pyramid_noise(noise, *, iterations, discount, generator=None):
     b, c, h, w = noise.shape
     upsample = torch.nn.Upsample(size=(h, w), mode="bilinear")
     for i in range(iterations):
-        r = 2.0 + 2.0 * torch.rand((), generator=generator, device=noise.device).item()
+        # drawn on the generator's device (the CPU by default): .item() on a GPU draw would sync every level
+        r = 2.0 + 2.0 * torch.rand((), generator=generator, device=generator.device if generator else "cpu").item()
         hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
         low = torch.randn((b, c, hn, wn), generator=generator, device=noise.device, dtype=torch.float32)
         noise = noise + upsample(low).to(noise.dtype) * discount**i
