@@ -355,7 +355,7 @@ def train(args):
     if workers is None:  # on a CPU the step is hundreds of times slower than loading: workers only take its cores
         workers = 0 if args.cache_latents or device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=loader_sampler, collate_fn=collate_fn,
-                                         num_workers=workers, persistent_workers=False,
+                                         num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(args.seed))
     batches_per_epoch = batch_sampler.num_batches_per_epoch // accelerator.num_processes

@@ -70,9 +70,12 @@ def build_folder_atomically(output, fill):
     temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
         result = fill(temp)
-        if output.exists():
-            shutil.rmtree(output)
+        old = output.with_name(f".{output.name}.old")
+        if output.exists():  # moved aside, not deleted, until the new folder is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output, old)
         os.replace(temp, output)
+        shutil.rmtree(old, ignore_errors=True)
         return result
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
