@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .state import atomic_write
+from ..io import atomic_write
 from .text import encode_prompts
 
 SAMPLERS = {
