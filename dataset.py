@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lora_diffusion.data import images as image_files
 from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
 from lora_diffusion.data.captions import process_caption
 from lora_diffusion.data.config_file import read_dataset_config
+from lora_diffusion.data import files as image_files
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
 from lora_diffusion.data.images import load_image
 from lora_diffusion.data.latents import (encode_latents, latent_cache_key, latent_file_path, read_latent_file,
@@ -38,7 +38,7 @@ from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset, check_subset
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
            "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption"]
 
-# the image extensions scanned for; lora_diffusion.tools keeps a copy that tests/test_tools.py compares with this
+# the image extensions scanned for (one definition, shared with lora_diffusion.tools)
 IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
 
 

@@ -1,8 +1,7 @@
-"""Reading training images: which files are images, EXIF orientation, colour modes, resize and crop."""
+"""Reading training images: EXIF orientation, colour modes, resize and crop (which files are images: files.py)."""
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,20 +10,12 @@ from PIL import Image
 from lora_diffusion.data.buckets import cover_size
 
 
-# formats Pillow can identify but not decode without extra software, or that are not pictures
-_NOT_TRAINING_IMAGES = {".bufr", ".grib", ".h5", ".hdf", ".mpeg", ".mpg", ".emf", ".wmf", ".eps", ".ps"}
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                             if fmt in Image.OPEN and ext not in _NOT_TRAINING_IMAGES)
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                               8: Image.Transpose.ROTATE_90}
-
-
-def is_image_file(path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _orientation(img) -> int:

@@ -1,14 +1,14 @@
 """kohya's folder layout: concept folders named <repeats>_<class tokens>, the images and captions in
 them, and how many times each image repeats per epoch (regularization images included)."""
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_diffusion.data.buckets import select_bucket
 from lora_diffusion.data.captions import read_caption
 from lora_diffusion.data.errors import DatasetError, warn
-from lora_diffusion.data.images import image_size, is_image_file
+from lora_diffusion.data.files import CONCEPT_FOLDER, is_image_file
+from lora_diffusion.data.images import image_size
 from lora_diffusion.data.subset import Subset
 
 
@@ -20,9 +20,6 @@ class ImageEntry:
     size: tuple  # (w, h) as displayed
     bucket: tuple  # (w, h)
     repeats: int = 0
-
-
-_CONCEPT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 def concept_subsets(parent, flag, is_reg, options):
@@ -37,7 +34,7 @@ def concept_subsets(parent, flag, is_reg, options):
     for child in sorted(parent.iterdir(), key=lambda p: p.name):
         if not child.is_dir() or child.name.startswith("."):
             continue
-        match = _CONCEPT_FOLDER.match(child.name)
+        match = CONCEPT_FOLDER.match(child.name)
         if not match or int(match.group(1)) < 1:
             skipped.append(child.name)
             warn(f"skipping folder '{child}': its name has no repeat prefix; concept folders are named "
@@ -52,7 +49,7 @@ def concept_subsets(parent, flag, is_reg, options):
         if loose:
             message += (f" It holds {loose} image(s) directly: move them into a subfolder named like "
                         f"'10_<class tokens>' (10 = repeats per epoch).")
-        if _CONCEPT_FOLDER.match(parent.name):
+        if CONCEPT_FOLDER.match(parent.name):
             message += f" '{parent.name}' looks like a concept folder itself: pass its parent '{parent.parent}'."
         if skipped:
             message += f" Folders without a repeat prefix were skipped: {', '.join(skipped)}."

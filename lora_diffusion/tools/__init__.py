@@ -1,26 +1,17 @@
 """Dataset tools from the seeds: caption excision, repeat balancing, caption sets.
 
 Each module has plain functions (for scripts and notebooks) and a small `add_arguments`/`run` pair
-that `lora_diffusion.cli` registers as a subcommand. Nothing here imports torch.
+that `lora_diffusion.cli` registers as a subcommand.
 """
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from PIL import Image
+from ..data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS
 
 __all__ = ["ToolError", "list_images", "split_concept_name", "build_folder_atomically"]
-
-# kept in step with dataset.IMAGE_EXTENSIONS (a test checks it); duplicated so the package
-# never imports the top-level training module
-_NOT_TRAINING_IMAGES = {".bufr", ".grib", ".h5", ".hdf", ".mpeg", ".mpg", ".emf", ".wmf", ".eps", ".ps"}
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                             if fmt in Image.OPEN and ext not in _NOT_TRAINING_IMAGES)
-
-_CONCEPT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 class ToolError(ValueError):
@@ -36,7 +27,7 @@ def list_images(folder) -> list:
 
 def split_concept_name(name: str):
     """'10_sks dog' -> (10, 'sks dog'); 'sks dog' -> (None, 'sks dog')."""
-    match = _CONCEPT_FOLDER.match(name)
+    match = CONCEPT_FOLDER.match(name)
     return (int(match.group(1)), match.group(2)) if match else (None, name)
 
 
