@@ -110,28 +110,20 @@ class LoRADataset(torch.utils.data.Dataset):
         self._latents = None  # entry index -> (latents, flipped latents or None) once cached
         self._latent_store = {}  # cache key -> (latents, flipped), survives a re-cache with other settings
 
-        train_subsets = [s for s in self.subsets if not s.is_reg]
-        reg_subsets = [s for s in self.subsets if s.is_reg]
-        self.num_train_images = sum(s.num_repeats * self._count(s) for s in train_subsets)
-        self.num_reg_images = sum(s.num_repeats * self._count(s) for s in reg_subsets)
-        self.dataset_dirs = {}
-        self.tag_frequency = {}
-        for index, subset in enumerate(self.subsets):
-            name = subset.image_dir.name
-            self.dataset_dirs[name] = {"n_repeats": subset.num_repeats, "img_count": self._count(subset)}
-            frequency = self.tag_frequency.setdefault(name, {})
-            for entry in self.entries:
-                if entry.subset != index:
-                    continue
-                for tag in entry.caption.split(","):
-                    tag = tag.strip().lower()
-                    if tag:
-                        frequency[tag] = frequency.get(tag, 0) + 1
+        images_in = Counter(e.subset for e in self.entries)  # subset index -> images found
+        self.num_train_images = sum(s.num_repeats * images_in[i] for i, s in enumerate(self.subsets) if not s.is_reg)
+        self.num_reg_images = sum(s.num_repeats * images_in[i] for i, s in enumerate(self.subsets) if s.is_reg)
+        self.dataset_dirs = {s.image_dir.name: {"n_repeats": s.num_repeats, "img_count": images_in[i]}
+                             for i, s in enumerate(self.subsets)}
+        self.tag_frequency = {s.image_dir.name: {} for s in self.subsets}
+        for entry in self.entries:
+            frequency = self.tag_frequency[self.subsets[entry.subset].image_dir.name]
+            for tag in entry.caption.split(","):
+                tag = tag.strip().lower()
+                if tag:
+                    frequency[tag] = frequency.get(tag, 0) + 1
         self.bucket_counts = dict(sorted(Counter(self.sample_buckets).items()))
         self.buckets = list(self.bucket_counts)
-
-    def _count(self, subset):
-        return sum(1 for e in self.entries if self.subsets[e.subset] is subset)
 
     def __getstate__(self):
         state = self.__dict__.copy()
