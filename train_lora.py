@@ -269,20 +269,11 @@ def save_lora(network, path, args, run, accelerator, *, epoch, step, final=False
         return
     metadata = training_metadata(**run["metadata"], ss_epoch=epoch, ss_steps=step,
                                  ss_training_finished_at=time.time() if final else None)
-    metadata.update(network_metadata(run))
-    metadata["ss_output_name"] = args.output_name
-    network.save_weights(path, dtype=SAVE_DTYPES[args.save_precision], metadata=metadata)
-    accelerator.print(f"saved {path}")
-
-
-def network_metadata(run) -> dict:
-    from lora_diffusion.kohya import network_metadata as kohya_network_metadata
-
     models = run["models"]
-    return {k: v for k, v in kohya_network_metadata(
-        rank=run["network"].rank, alpha=run["network"].alpha, network_args=run["network"].network_args,
-        v2=models.v2, v_parameterization=models.v_parameterization, output_name=run["args"].output_name,
-        resolution=run["resolution"]).items() if k != "ss_output_name"}
+    network.save_weights(path, dtype=SAVE_DTYPES[args.save_precision], metadata=metadata,
+                         output_name=args.output_name, v2=models.v2, v_parameterization=models.v_parameterization,
+                         resolution=run["resolution"])
+    accelerator.print(f"saved {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +399,7 @@ def train(args):
         accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1}, "
                           f"batch {skip_batches})")
 
-    run = {"args": args, "models": models, "network": network, "resolution": resolution,
+    run = {"models": models, "resolution": resolution,
            "metadata": run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch,
                                    max_train_steps, num_epochs, optimizer_name)}
     if log_with:

@@ -113,15 +113,18 @@ class LoRANetwork(nn.Module):
             tensors[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=save_dtype)
         return tensors
 
-    def save_weights(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None):
+    def save_weights(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None, *,
+                     output_name: str | None = None, **base_model):
         """Write a kohya-format .safetensors (atomically) that diffusers, ComfyUI, A1111 and kohya load unchanged.
 
-        `metadata` adds to / overrides the network keys (`ss_network_*`, `modelspec.*`)."""
+        `base_model` describes what it was trained on (`v2`, `v_parameterization`, `resolution`; SD1.x 512 px by
+        default), `output_name` defaults to the file's stem; `metadata` adds to / overrides the network keys."""
         path = os.fspath(path)
         if not path.endswith(".safetensors"):
             raise ValueError(f"save_weights writes .safetensors files, got {path}")
         full = kohya.network_metadata(rank=self.rank, alpha=self.alpha, network_args=self.network_args,
-                                      output_name=os.path.splitext(os.path.basename(path))[0])
+                                      output_name=output_name or os.path.splitext(os.path.basename(path))[0],
+                                      **base_model)
         full.update(metadata or {})
         kohya.write_lora_file(path, self.file_tensors(dtype), full)
 
