@@ -1,0 +1,402 @@
+"""Pretrain `builtin:mini` from scratch on the shapes world (lora_diffusion/world.py): VAE, CLIP text encoder and
+an SD1.x-topology U-Net, written as a diffusers folder.
+
+    lora-diffusion pretrain-mini                       # ~1 hour on 2 CPU cores; minutes on a GPU
+    lora-diffusion pretrain-mini --work_dir runs/pretrain-mini --out lora_diffusion/assets/mini
+
+Two stages, each resumable from its last checkpoint in --work_dir (run the same command again):
+1. the VAE, on every shape of the world (the star too: like SD's VAE it is a general image codec);
+2. the text encoder and U-Net together on the VAE's latents, never shown a star or a held-out colour pair,
+   with an EMA of their weights. Captions are the world's sentences and tags, and empty for a share (which is
+   also what classifier-free guidance needs).
+Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv. The folder is
+written in fp16 at the end, atomically, and judged on held-out colour pairs (--work_dir/eval.json).
+"""
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from . import world
+from .io import atomic_write
+from .tokenizer import load_clip_tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+RESOLUTION = 64
+
+TEXT_ENCODER_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4, max_position_embeddings=77,
+    vocab_size=49408, projection_dim=64, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=49407,
+)
+VAE_CONFIG = dict(
+    block_out_channels=[16, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+    sample_size=RESOLUTION, in_channels=3, out_channels=3, act_fn="silu",
+)
+UNET_CONFIG = dict(  # SD1.x's blocks and module names at 1/10 of its width: kohya's targets give 192 + 72 modules
+    block_out_channels=[32, 64, 128, 128], attention_head_dim=8, cross_attention_dim=64,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, layers_per_block=2, norm_num_groups=16,
+    in_channels=4, out_channels=4, sample_size=RESOLUTION // 8, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+    downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5, center_input_sample=False,
+)
+SCHEDULER_CONFIG = dict(  # SD's training schedule; DPM-Solver++ samples well in 20-30 steps
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+    prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading",
+)
+
+
+@dataclass
+class PretrainSettings:
+    out: str = str(ASSETS / "mini")
+    work_dir: str = "runs/pretrain-mini"
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 6e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    empty_caption_share: float = 0.1
+    checkpoint_every: int = 250
+    eval_every: int = 1000
+    eval_images: int = 48
+
+
+def build_models(seed):
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    vae = AutoencoderKL(**VAE_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    return text_encoder, vae, unet
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: a batch is a pure function of (seed, stage, step), so a resumed run sees the same batches.
+
+
+def world_batch(seed, stage, step, batch_size, shapes, pairs, empty_share=0.0):
+    rng = random.Random(f"{seed}-{stage}-{step}")
+    scenes = [world.sample_scene(rng, shapes=shapes, pairs=pairs) for _ in range(batch_size)]
+    images = torch.stack([to_tensor(world.render(s, RESOLUTION)) for s in scenes])
+    styles = ["empty" if rng.random() < empty_share else rng.choice(("sentence", "tags")) for _ in scenes]
+    return images, [world.caption(s, style) for s, style in zip(scenes, styles)]
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+class TokenCache:
+    """Token ids per caption; the world has a few hundred distinct captions."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, captions):
+        missing = [c for c in set(captions) if c not in self.cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self.cache.update(zip(missing, ids))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: tensors in safetensors, the rest in JSON.
+
+
+def save_checkpoint(path, modules, optimizer, info):
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().reshape(value.shape).contiguous()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / "state.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
+    info = {**info, "param_groups": opt["param_groups"]}
+    atomic_write(path / "state.json", lambda f: f.write(json.dumps(info, indent=1)), mode="w")
+
+
+def _safetensors_bytes(tensors):
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def load_checkpoint(path, modules, optimizer):
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        return None
+    info = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "state.safetensors")
+    for name, module in modules.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, field = key.split(".", 2)
+            state.setdefault(int(index), {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+    return info
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def append_loss(path, step, loss, lr):
+    new = not Path(path).exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "loss", "lr"])
+        writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: the VAE.
+
+
+def train_vae(vae, settings: PretrainSettings, work: Path):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    info = load_checkpoint(work / "vae_state", {"vae": vae}, optimizer) or {"step": 0}
+    start = info["step"]
+    vae.train()
+    bar = tqdm(range(start, settings.vae_steps), initial=start, total=settings.vae_steps, desc="VAE", unit="step")
+    for step in bar:
+        lr = lr_at(step, settings.vae_steps, settings.vae_lr, settings.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, _ = world_batch(settings.seed, "vae", step, settings.vae_batch_size, world.SHAPES, None)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        rec = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+        loss = rec + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{rec.item():.4f}")
+        append_loss(work / "loss_vae.csv", step + 1, rec.item(), lr)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps:
+            save_checkpoint(work / "vae_state", {"vae": vae}, optimizer, {"step": step + 1})
+    vae.eval()
+    if "scaling_factor" not in info:
+        with torch.no_grad():
+            images, _ = world_batch(settings.seed, "vae-scale", 0, 256, world.SHAPES, None)
+            latents = vae.encode(images).latent_dist.sample()
+        info["scaling_factor"] = round(1.0 / latents.std().item(), 5)
+        save_checkpoint(work / "vae_state", {"vae": vae}, optimizer, {**info, "step": settings.vae_steps})
+    vae.register_to_config(scaling_factor=info["scaling_factor"])
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: text encoder and U-Net.
+
+
+def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSettings, work: Path):
+    from .models import make_noise_scheduler
+
+    noise_scheduler = make_noise_scheduler()
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    ema_te, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_te, "ema_unet": ema_unet}
+    info = load_checkpoint(work / "denoiser_state", modules, optimizer) or {"step": 0, "evals": []}
+    start = info["step"]
+    tokens = TokenCache(tokenizer)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weights = torch.clamp(snr, max=settings.min_snr_gamma) / snr
+    pairs = world.color_pairs()
+    text_encoder.train(), unet.train()
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="U-Net + text encoder",
+               unit="step")
+    for step in bar:
+        lr = lr_at(step, settings.steps, settings.lr, settings.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, captions = world_batch(settings.seed, "denoiser", step, settings.batch_size, world.PRETRAIN_SHAPES,
+                                       pairs, settings.empty_caption_share)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        with torch.no_grad():
+            moments = vae.encode(images).latent_dist
+            latents = (moments.mean + moments.std * torch.randn(moments.mean.shape, generator=generator))
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(tokens(captions))[0]
+        prediction = unet(noisy, timesteps, hidden).sample
+        loss = (F.mse_loss(prediction, noise, reduction="none").mean((1, 2, 3)) * weights[timesteps]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_te, text_encoder), (ema_unet, unet)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        append_loss(work / "loss_denoiser.csv", step + 1, loss.item(), lr)
+        done = step + 1
+        if done % settings.eval_every == 0 or done == settings.steps:
+            accuracy = judge_model(tokenizer, ema_te, vae, ema_unet, n=settings.eval_images, steps=20)
+            info["evals"].append({"step": done, **accuracy})
+            tqdm.write(f"step {done}: judged on held-out colour pairs: {fmt(accuracy)}")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(work / "denoiser_state", modules, optimizer, {**info, "step": done})
+    return ema_te, ema_unet, info
+
+
+def fmt(accuracy):
+    return ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling and judging.
+
+
+def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler=None):
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = scheduler or DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def held_out_scenes(n, seed=1234, shapes=world.PRETRAIN_SHAPES, pairs=world.HELD_OUT_PAIRS):
+    """n prompts cycling through shapes x held-out colour pairs, in a fixed order."""
+    combos = [(s, c, b) for s in shapes for c, b in pairs]
+    random.Random(seed).shuffle(combos)
+    return [world.Scene(*combos[i % len(combos)]) for i in range(n)]
+
+
+def judge_pipeline(pipe, scenes, *, steps=30, guidance=5.0, seed=0, batch_size=16, cross_attention_kwargs=None):
+    """Generate one image per scene's sentence caption and judge it; returns (accuracy dict, images)."""
+    images = []
+    for i in range(0, len(scenes), batch_size):
+        chunk = scenes[i:i + batch_size]
+        generator = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        images += pipe([world.caption(s) for s in chunk], height=RESOLUTION, width=RESOLUTION,
+                       num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       cross_attention_kwargs=cross_attention_kwargs).images
+    return world.judge_accuracy(images, scenes), images
+
+
+@torch.no_grad()
+def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
+    was_training = text_encoder.training, unet.training
+    text_encoder.eval(), unet.eval()
+    accuracy, _ = judge_pipeline(make_pipeline(tokenizer, text_encoder, vae, unet), held_out_scenes(n), steps=steps)
+    text_encoder.train(was_training[0]), unet.train(was_training[1])
+    return accuracy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The folder.
+
+
+def write_folder(out, tokenizer, text_encoder, vae, unet):
+    """The diffusers folder, fp16 safetensors, written beside `out` and renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-mini-", dir=out.parent))
+    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+        half = torch.nn.Module.to(copy.deepcopy(module), torch.float16)
+        half.save_pretrained(staging / name, safe_serialization=True)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for root, dirs, files in os.walk(staging):
+        for name in dirs + files:
+            os.chmod(Path(root) / name, 0o755 if name in dirs else 0o644)
+    os.chmod(staging, 0o755)
+    if out.exists():
+        old = out.with_name(f".old-{out.name}-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out)
+    return out
+
+
+def pretrain(settings: PretrainSettings):
+    work = Path(settings.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
+    start = time.time()
+    tokenizer = load_clip_tokenizer(v2=False)
+    text_encoder, vae, unet = build_models(settings.seed)
+    vae = train_vae(vae, settings, work).requires_grad_(False)
+    ema_te, ema_unet, info = train_denoiser(text_encoder, vae, unet, tokenizer, settings, work)
+    out = write_folder(settings.out, tokenizer, ema_te, vae, ema_unet)
+    print(f"wrote {out} in {(time.time() - start) / 60:.1f} min of this run; judging it ...")
+    from .models import load_models
+
+    mini = load_models(out)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe = make_pipeline(mini.tokenizer, mini.text_encoder, mini.vae, mini.unet, scheduler)
+    accuracy, _ = judge_pipeline(pipe, held_out_scenes(96), steps=30, guidance=5.0)
+    result = {"held_out_accuracy": accuracy, "evals": info["evals"], "settings": asdict(settings)}
+    (work / "eval.json").write_text(json.dumps(result, indent=1))
+    print(f"held-out colour pairs, 96 images, 30 steps, guidance 5: {fmt(accuracy)}")
+    return out, accuracy
+
+
+def add_arguments(parser):
+    for field, default in asdict(PretrainSettings()).items():
+        parser.add_argument(f"--{field}", type=type(default), default=default)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = PretrainSettings(**{k: v for k, v in vars(args).items() if k in PretrainSettings.__dataclass_fields__})
+    pretrain(settings)
+    return 0

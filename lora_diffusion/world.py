@@ -1,0 +1,231 @@
+"""The shapes world of `builtin:mini`: seeded scenes of one filled shape on a plain background, their captions,
+and a judge that reads shape, colour and background back from any image by measurement.
+
+    rng = random.Random(0)
+    scene = sample_scene(rng)                       # Scene(shape='square', color='red', background='blue', ...)
+    image = render(scene, size=64)                  # PIL image, anti-aliased
+    caption(scene)                                  # 'a red square on a blue background'
+    judge(image)                                    # ('square', 'red', 'blue')
+
+The star is drawn like any shape but held out of pretraining: it is the concept a LoRA learns. Eight
+colour/background pairs (HELD_OUT_PAIRS) are held out too, so the model can be asked for combinations it never saw.
+"""
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLORS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle", "star")
+PRETRAIN_SHAPES = ("circle", "square", "triangle")
+# Each colour once as a shape and once as a background: (red on yellow), (green on purple), ...
+HELD_OUT_PAIRS = tuple((COLORS[i], COLORS[(i + 3) % len(COLORS)]) for i in range(len(COLORS)))
+CAPTION_STYLES = ("sentence", "tags", "empty")
+
+SIZE_RANGE = (0.35, 0.75)  # the shape's extent, as a share of the image side
+CENTER_JITTER = 0.15  # the centre's largest offset from the middle, as a share of the side
+MAX_ROTATION = 15.0  # degrees, either way
+STAR_INNER_RATIO = 0.45  # inner/outer radius of the five-pointed star
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+    size: float = 0.55
+    cx: float = 0.5
+    cy: float = 0.5
+    rotation: float = 0.0
+
+
+def color_pairs(held_out=False):
+    """All (shape colour, background) pairs of distinct colours, without the held-out ones, or only those."""
+    pairs = [(c, b) for c in COLORS for b in COLORS if c != b]
+    return [p for p in pairs if (p in HELD_OUT_PAIRS) == held_out]
+
+
+def sample_scene(rng: random.Random, shapes=PRETRAIN_SHAPES, pairs=None) -> Scene:
+    """A random scene; `pairs` limits the (colour, background) pairs (default: all but the held-out ones)."""
+    color, background = rng.choice(pairs if pairs is not None else color_pairs())
+    jitter = lambda: rng.uniform(-CENTER_JITTER, CENTER_JITTER)  # noqa: E731
+    return Scene(shape=rng.choice(shapes), color=color, background=background, size=rng.uniform(*SIZE_RANGE),
+                 cx=0.5 + jitter(), cy=0.5 + jitter(), rotation=rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+
+
+def caption(scene: Scene, style="sentence") -> str:
+    if style == "sentence":
+        return f"a {scene.color} {scene.shape} on a {scene.background} background"
+    if style == "tags":
+        return f"{scene.color} {scene.shape}, {scene.background} background"
+    if style == "empty":
+        return ""
+    raise ValueError(f"caption style {style!r} is not one of {', '.join(CAPTION_STYLES)}")
+
+
+_COLOR = "|".join(COLORS)
+_CAPTION = re.compile(rf"\b({_COLOR}) ({'|'.join(SHAPES)})\b.*?\b({_COLOR}) background\b")
+
+
+def parse_caption(text):
+    """(shape, colour, background) asked for by a caption or prompt in either style, or None."""
+    match = _CAPTION.search(text.lower())
+    return (match[2], match[1], match[3]) if match else None
+
+
+def outline(scene: Scene, side: float):
+    """The shape's polygon (or circle box) in pixel coordinates of an image `side` pixels wide."""
+    cx, cy, radius = scene.cx * side, scene.cy * side, scene.size * side / 2
+    turn = math.radians(scene.rotation)
+
+    def polygon(radii, start):
+        step = 2 * math.pi / len(radii)
+        return [(cx + r * math.cos(start + turn + i * step), cy + r * math.sin(start + turn + i * step))
+                for i, r in enumerate(radii)]
+
+    if scene.shape == "circle":
+        return [(cx - radius, cy - radius), (cx + radius, cy + radius)]
+    if scene.shape == "square":  # `size` is the side of the square
+        return polygon([radius * math.sqrt(2)] * 4, math.pi / 4)
+    if scene.shape == "triangle":  # pointing up
+        return polygon([radius] * 3, -math.pi / 2)
+    if scene.shape == "star":  # five points, pointing up
+        return polygon([radius, radius * STAR_INNER_RATIO] * 5, -math.pi / 2)
+    raise ValueError(f"shape {scene.shape!r} is not one of {', '.join(SHAPES)}")
+
+
+def render(scene: Scene, size=64, noise=0.0, rng=None, supersample=4) -> Image.Image:
+    """Draw `scene` as a `size` x `size` RGB image, anti-aliased by supersampling; `noise` adds Gaussian pixel
+    noise of that standard deviation (0-255 scale) from `rng` (a numpy Generator)."""
+    big = size * supersample
+    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+    draw = ImageDraw.Draw(image)
+    shape = outline(scene, big)
+    if scene.shape == "circle":
+        draw.ellipse(shape, fill=PALETTE[scene.color])
+    else:
+        draw.polygon(shape, fill=PALETTE[scene.color])
+    image = image.resize((size, size), Image.Resampling.BOX)
+    if noise:
+        rng = rng if rng is not None else np.random.default_rng()
+        pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, noise, (size, size, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The judge.
+
+_PALETTE_ARRAY = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
+
+
+def judge(image):
+    """(shape, colour, background) of an image, by measurement: background = the palette colour that holds the
+    border, colour = the most common other palette colour inside, shape from the mask of pixels nearer the shape
+    colour than the background: solidity (area over convex hull area) below 0.75 is a star, else the area over the
+    circle through the farthest hull point tells circle (~1), square (~0.64) and triangle (~0.41).
+    Returns None for the shape when there is no shape to measure."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    labels = np.argmin(((pixels[:, :, None, :] - _PALETTE_ARRAY) ** 2).sum(-1), axis=-1)
+    side = min(labels.shape)
+    ring = max(1, side // 32)
+    border = np.concatenate([labels[:ring].ravel(), labels[-ring:].ravel(), labels[:, :ring].ravel(),
+                             labels[:, -ring:].ravel()])
+    background = np.bincount(border, minlength=len(COLORS)).argmax()
+    # Count only pixels whose four neighbours share their label: anti-aliased edges blend two colours into a third.
+    core = labels.copy()
+    core[1:-1, 1:-1][(labels[1:-1, 1:-1] != labels[:-2, 1:-1]) | (labels[1:-1, 1:-1] != labels[2:, 1:-1])
+                     | (labels[1:-1, 1:-1] != labels[1:-1, :-2]) | (labels[1:-1, 1:-1] != labels[1:-1, 2:])] = -1
+    counts = np.bincount(core[core >= 0].ravel(), minlength=len(COLORS))
+    counts[background] = 0
+    if counts.sum() < side * side * 0.01:
+        return None, None, COLORS[background]
+    color = counts.argmax()
+    mask = shape_mask(pixels, _PALETTE_ARRAY[color], _PALETTE_ARRAY[background])
+    return classify_mask(mask), COLORS[color], COLORS[background]
+
+
+def shape_mask(pixels, color, background):
+    """Pixels nearer `color` than `background` (projected on the line between them), cleaned by a 3x3 majority."""
+    direction = color - background
+    t = ((pixels - background) @ direction) / float(direction @ direction)
+    mask = (t > 0.5).astype(np.int32)
+    padded = np.pad(mask, 1, mode="edge")
+    votes = sum(padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]] for dy in range(3) for dx in range(3))
+    return votes >= 5
+
+
+def classify_mask(mask):
+    area = int(mask.sum())
+    if area < 8:
+        return None
+    hull = convex_hull(mask_corners(mask))
+    hull_area = polygon_area(hull)
+    if area / hull_area < 0.75:
+        return "star"
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
+    radius = max(math.hypot(x - cx, y - cy) for x, y in hull)
+    fill = area / (math.pi * radius * radius)
+    if fill > 0.82:
+        return "circle"
+    return "square" if fill > 0.52 else "triangle"
+
+
+def mask_corners(mask):
+    """The outer pixel corners of each row's leftmost and rightmost mask pixel: enough points for the hull."""
+    points = []
+    for y in np.nonzero(mask.any(axis=1))[0]:
+        row = np.nonzero(mask[y])[0]
+        for x in (row[0], row[-1] + 1):
+            points += [(float(x), float(y)), (float(x), float(y + 1))]
+    return points
+
+
+def convex_hull(points):
+    """Andrew's monotone chain; counter-clockwise, no repeated end point."""
+    points = sorted(set(points))
+    if len(points) < 3:
+        return points
+
+    def half(seq):
+        chain = []
+        for p in seq:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain
+
+    lower, upper = half(points), half(reversed(points))
+    return lower[:-1] + upper[:-1]
+
+
+def polygon_area(points):
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])))
+
+
+def judge_accuracy(images, scenes):
+    """Share of images judged right for shape, colour and background, and for all three at once."""
+    hits = {"shape": 0, "color": 0, "background": 0, "all": 0}
+    for image, scene in zip(images, scenes):
+        shape, color, background = judge(image)
+        right = (shape == scene.shape, color == scene.color, background == scene.background)
+        for key, ok in zip(("shape", "color", "background"), right):
+            hits[key] += ok
+        hits["all"] += all(right)
+    return {key: value / max(1, len(scenes)) for key, value in hits.items()}

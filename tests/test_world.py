@@ -1,0 +1,73 @@
+"""The shapes world of builtin:mini: scenes, captions, and the judge that reads them back."""
+
+import random
+
+import numpy as np
+import pytest
+
+from lora_diffusion import world
+
+
+def test_judge_is_right_on_1000_noisy_antialiased_images():
+    rng, noise_rng = random.Random(7), np.random.default_rng(7)
+    pairs = world.color_pairs() + world.color_pairs(held_out=True)
+    scenes = [world.sample_scene(rng, shapes=world.SHAPES, pairs=pairs) for _ in range(1000)]
+    images = [world.render(s, 64, noise=8.0, rng=noise_rng) for s in scenes]
+    accuracy = world.judge_accuracy(images, scenes)
+    assert accuracy["all"] >= 0.98, accuracy
+    assert {s.shape for s in scenes} == set(world.SHAPES)
+
+
+@pytest.mark.parametrize("size", [48, 128])
+def test_judge_works_at_other_resolutions(size):
+    rng = random.Random(size)
+    scenes = [world.sample_scene(rng, shapes=world.SHAPES) for _ in range(100)]
+    assert world.judge_accuracy([world.render(s, size) for s in scenes], scenes)["all"] >= 0.98
+
+
+def test_judge_on_a_plain_image_finds_no_shape():
+    from PIL import Image
+
+    assert world.judge(Image.new("RGB", (64, 64), world.PALETTE["blue"])) == (None, None, "blue")
+
+
+def test_scenes_follow_the_world_rules():
+    rng = random.Random(0)
+    for _ in range(500):
+        s = world.sample_scene(rng)
+        assert s.shape in world.PRETRAIN_SHAPES and s.color != s.background
+        assert (s.color, s.background) not in world.HELD_OUT_PAIRS
+        assert 0.35 <= s.size <= 0.75 and abs(s.cx - 0.5) <= 0.15 and abs(s.cy - 0.5) <= 0.15
+    assert "star" in world.SHAPES and "star" not in world.PRETRAIN_SHAPES
+    assert len(world.HELD_OUT_PAIRS) == 8 and all(c != b for c, b in world.HELD_OUT_PAIRS)
+    assert len(world.color_pairs()) + len(world.color_pairs(held_out=True)) == 8 * 7
+
+
+def test_rendered_colours_are_the_palette():
+    image = world.render(world.Scene("square", "purple", "orange", size=0.6), 64)
+    pixels = np.asarray(image)
+    assert tuple(pixels[32, 32]) == world.PALETTE["purple"]
+    assert tuple(pixels[1, 1]) == world.PALETTE["orange"]
+    # the square covers size^2 of the image, give or take the anti-aliased edge
+    inside = (np.abs(pixels.astype(int) - world.PALETTE["purple"]).sum(-1) < 30).mean()
+    assert inside == pytest.approx(0.36, abs=0.03)
+
+
+def test_captions_and_rendering_are_reproducible():
+    scene = world.Scene("star", "red", "white")
+    assert world.caption(scene) == "a red star on a white background"
+    assert world.caption(scene, "tags") == "red star, white background"
+    assert world.caption(scene, "empty") == ""
+    with pytest.raises(ValueError, match="caption style"):
+        world.caption(scene, "poem")
+    a = world.sample_scene(random.Random(3))
+    assert a == world.sample_scene(random.Random(3))
+    assert np.array_equal(np.asarray(world.render(a)), np.asarray(world.render(a)))
+
+
+def test_parse_caption_reads_both_caption_styles():
+    scene = world.Scene("triangle", "black", "yellow")
+    for style in ("sentence", "tags"):
+        assert world.parse_caption(world.caption(scene, style)) == ("triangle", "black", "yellow")
+    assert world.parse_caption("toy, a red circle on a blue background --w 64") == ("circle", "red", "blue")
+    assert world.parse_caption("a photo of a dog") is None
