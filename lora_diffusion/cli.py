@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
     ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
     ("generate", "lora_diffusion.generate", "images from a base model plus LoRA files with multipliers"),
+    ("pretrain-mini", "lora_diffusion.pretrain_mini", "pretrain builtin:mini from scratch on the shapes world"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Loading Stable Diffusion 1.x/2.x, offline: the built-in tiny model, a diffusers folder, or one checkpoint file.
 
+    models = load_models("builtin:mini")                        # pretrained mini SD1.x of the shapes world
     models = load_models("builtin:tiny")                        # tiny random SD1.x, same weights everywhere
     models = load_models("path/to/diffusers_folder")            # has model_index.json
     models = load_models("v1-5-pruned-emaonly.safetensors")     # original CompVis/Stability key layout
@@ -31,6 +32,8 @@ from .tokenizer import load_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_MINI = "builtin:mini"
+MINI_FOLDER = ASSETS / "mini"  # written by `lora-diffusion pretrain-mini`
 DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
@@ -76,13 +79,23 @@ def load_models(name_or_path, *, v2=None, v_parameterization=None, dtype=torch.f
         models.v_parameterization = bool(v_parameterization)
         models.noise_scheduler = make_noise_scheduler(models.v_parameterization)
         return models
+    if name == BUILTIN_MINI:
+        if not (MINI_FOLDER / "model_index.json").is_file():
+            raise ModelLoadError(f"{BUILTIN_MINI} is not in this install ({MINI_FOLDER} is missing); "
+                                 "build it with `lora-diffusion pretrain-mini`")
+        if v2:
+            raise ModelLoadError(f"{BUILTIN_MINI} is an SD1.x-style model; --v2 does not apply to it")
+        models = load_diffusers_folder(MINI_FOLDER, v_parameterization=v_parameterization, dtype=dtype,
+                                       device=device)
+        models.name = BUILTIN_MINI
+        return models
     path = Path(name).expanduser()
     if not path.exists():
         looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name)
         hint = " (nothing is downloaded: fetch the model first and pass its local path)" if looks_like_hub_id else ""
         raise ModelLoadError(
             f"--pretrained_model_name_or_path {name} not found; expected a diffusers folder with model_index.json, "
-            f"a .safetensors/.ckpt SD1.x/2.x checkpoint, or {BUILTIN_TINY}{hint}"
+            f"a .safetensors/.ckpt SD1.x/2.x checkpoint, {BUILTIN_MINI} or {BUILTIN_TINY}{hint}"
         )
     if path.is_dir():
         return load_diffusers_folder(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device)
