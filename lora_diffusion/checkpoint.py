@@ -125,19 +125,30 @@ def read_torch_checkpoint(path):
                 raise
             checkpoint, mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy format
     except pickle.UnpicklingError as error:
-        detail = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
-        if detail:
-            raise ModelLoadError(
-                f"{path} contains pickled objects other than tensors ({detail[0].split(' was not')[0]}), "
-                "which are not loaded for safety (torch.load weights_only=True). "
-                "Convert it to .safetensors with a tool you trust, then load that"
-            ) from error
-        raise
+        if "weights only" not in str(error).lower():
+            raise  # a corrupt pickle, reported as such by the caller
+        detail = _pickle_detail(error)
+        if "global" not in detail.lower():  # an opcode the safe loader does not know: most likely not a checkpoint
+            raise ModelLoadError(f"{path} could not be read (corrupt, truncated or not a checkpoint?): {detail}; "
+                                 "only tensors are loaded from .ckpt files, for safety") from None
+        raise ModelLoadError(
+            f"{path} is refused for safety: it holds pickled objects other than tensors ({detail}), "
+            "and loading those can run arbitrary code. Use a .safetensors version of the model, or convert this "
+            "file to .safetensors with a tool you trust"
+        ) from None  # torch's own text suggests weights_only=False, which we never do
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise ModelLoadError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}, mapped
+
+
+def _pickle_detail(error) -> str:
+    """The line of torch's weights-only error that names what was refused, without torch's advice."""
+    for line in str(error).splitlines():
+        if "unsupported" in line.lower():
+            return line.strip().removeprefix("WeightsUnpickler error:").strip().split(" was not")[0].rstrip(".")
+    return "a pickle torch's safe loader does not accept"
 
 
 def release_file_pages(tensor):

@@ -5,6 +5,7 @@ with an inverse key mapping written from the naming rules in this file, and must
 """
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -472,11 +473,21 @@ class NotATensor:
     pass
 
 
+class RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())  # harmless, but a pickle that calls a function when loaded
+
+
 def test_ckpt_with_pickled_objects_is_refused(tmp_path):
-    path = tmp_path / "unsafe.ckpt"
-    torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": NotATensor()}, str(path))
-    with pytest.raises(ModelLoadError, match="weights_only"):
-        load_models(path)
+    for name, value in (("object", NotATensor()), ("code", RunsCode())):
+        path = tmp_path / f"unsafe_{name}.ckpt"
+        torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": value}, str(path))
+        with pytest.raises(ModelLoadError) as caught:
+            load_models(path)
+        message = str(caught.value)
+        assert str(path) in message and "refused for safety" in message and ".safetensors" in message
+        assert "likely succeed" not in message and "weights_only=False" not in message.replace(" ", "")
+        assert "\n" not in message and caught.value.__cause__ is None  # torch's advice is not chained either
 
 
 def test_missing_and_unexpected_keys(sd1, tmp_path):
