@@ -199,6 +199,40 @@ def test_caption_sets_missing_captions(sources, tmp_path):
         build_caption_sets(images, tmp_path / "e", {"e": "empty"}, sample=30)
 
 
+# ---------------------------------------------------------------------------------------------- no lost input
+
+def tool_command(tool, source, output):
+    return {"excise": ["excise", str(source), str(output), "--words", "woman", "--overwrite"],
+            "balance": ["balance", str(source), "--steps", "20", "--copy_to", str(output), "--overwrite"],
+            "caption-sets": ["caption-sets", str(source), str(output), "--set", "e=empty", "--overwrite"]}[tool]
+
+
+@pytest.mark.parametrize("tool", ["excise", "balance", "caption-sets"])
+@pytest.mark.parametrize("relation", ["same", "inside", "parent", "ancestor"])
+def test_tools_refuse_an_output_that_overlaps_the_input(tool, relation, tmp_path, capsys):
+    data = tmp_path / "work" / "data"  # a dataset with a concept folder, as excise and balance read it
+    image(data / "10_people" / "a.png")
+    (data / "10_people" / "a.txt").write_text("a woman", encoding="utf-8")
+    source = data / "10_people" if tool == "caption-sets" else data  # caption-sets reads an image folder
+    output = {"same": source, "inside": source / "out", "parent": source.parent, "ancestor": tmp_path}[relation]
+    before = snapshot(tmp_path)
+    assert cli.main(tool_command(tool, source, output)) == 2
+    error = capsys.readouterr().err
+    assert f"'{output}'" in error and f"'{source}'" in error and "nothing was changed" in error
+    assert snapshot(tmp_path) == before and not (source / "out").exists()
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no staging folder was made either
+
+
+def test_caption_sets_refuse_an_output_that_holds_a_caption_folder(sources, tmp_path):
+    images, tags, _ = sources
+    before = snapshot(tmp_path)
+    with pytest.raises(ToolError, match=f"'{tags}' is the same folder as the input '{tags}'"):
+        build_caption_sets(images, tags, {"wd": str(tags)}, overwrite=True)
+    with pytest.raises(ToolError, match=f"'{tmp_path}' contains the input '{images}'"):
+        build_caption_sets(images, tmp_path, {"wd": str(tags)}, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------- cli
 
 def test_more_subcommands_can_be_registered(capsys):

@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 
 from ..data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS
+from ..io import ordinary_mode
 
-__all__ = ["ToolError", "list_images", "split_concept_name", "build_folder_atomically"]
+__all__ = ["ToolError", "list_images", "split_concept_name", "check_output_apart", "build_folder_atomically"]
 
 
 class ToolError(ValueError):
@@ -38,14 +39,35 @@ def require_folder(path, what) -> Path:
     return path
 
 
-def check_output_folder(output, overwrite=False, inputs=()):
-    """An output folder must be new (or empty), or `overwrite` is set; never one of the inputs."""
-    output = Path(output).expanduser()
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also right on case-insensitive file systems and through symlinks
+    except OSError:
+        return a == b
+
+
+def check_output_apart(output, inputs):
+    """Refuse an output folder that is an input, lies inside one, or contains one: replacing it would delete
+    the input. Called before anything is written."""
+    out = Path(output).expanduser().absolute()
     for source in inputs:
-        source = Path(source).resolve()
-        if output.resolve() == source or source in output.resolve().parents:
-            raise ToolError(f"output folder '{output}' is inside the input '{source}': choose another folder, "
-                            f"the input is left untouched")
+        src = Path(source).expanduser().absolute()
+        if _same(out, src):
+            relation = "is the same folder as"
+        elif any(_same(parent, src) for parent in out.resolve().parents):
+            relation = "is inside"
+        elif any(_same(out, parent) for parent in src.resolve().parents):
+            relation = "contains"
+        else:
+            continue
+        raise ToolError(f"output folder '{output}' {relation} the input '{source}': writing there could delete "
+                        f"the input; choose an output folder outside it (nothing was changed)")
+
+
+def check_output_folder(output, overwrite=False, inputs=()):
+    """An output folder must be new (or empty), or `overwrite` is set; never an input, inside one or around one."""
+    output = Path(output).expanduser()
+    check_output_apart(output, inputs)
     if output.exists() and not output.is_dir():
         raise ToolError(f"output '{output}' exists and is a file")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -60,6 +82,7 @@ def build_folder_atomically(output, fill):
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
+        os.chmod(temp, ordinary_mode(folder=True))  # mkdtemp's 0o700 would hide the dataset from other users
         result = fill(temp)
         old = output.with_name(f".{output.name}.old")
         if output.exists():  # moved aside, not deleted, until the new folder is in place

@@ -67,7 +67,6 @@ def build_caption_sets(image_dir, output_dir, sets: dict, *, repeats=10, caption
     """Build '<repeats>_<name>/' under `output_dir` for each `name: source` of `sets`.
     missing: what to do when a source has no caption for an image: 'error', 'empty' or 'skip'."""
     image_dir = require_folder(image_dir, "image folder")
-    output_dir = check_output_folder(output_dir, overwrite, inputs=[image_dir])
     if not sets:
         raise ToolError("no caption sets given: pass at least one NAME=SOURCE (e.g. empty=empty)")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -79,6 +78,8 @@ def build_caption_sets(image_dir, output_dir, sets: dict, *, repeats=10, caption
         if not name or name != Path(name).name or name.startswith("."):
             raise ToolError(f"caption set name {name!r} must be a plain folder name such as 'wd'")
     sources = {name: parse_source(spec, image_dir) if isinstance(spec, str) else spec for name, spec in sets.items()}
+    caption_folders = [source.location for source in sources.values() if source.kind == "folder"]
+    output_dir = check_output_folder(output_dir, overwrite, inputs=[image_dir, *caption_folders])
 
     images = list_images(image_dir)
     if not images:
