@@ -1,10 +1,15 @@
 """LoRALayer: a low-rank update wrapped around one existing nn.Linear or nn.Conv2d.
 
-The base module stays where it is, with its own weight: `apply()` swaps its `forward` for ours, `remove()` puts the
-original back. The LoRA parameters live here (not in the base model's module tree), so casting or saving the base
-model never touches them and they stay in fp32 while the base runs in fp16/bf16.
+The base module keeps its place, its class and its weight (never copied). `apply_to()` makes the layer part of the
+model: it becomes a child of the base module, named `lora` (`lora_1`, ... when several are stacked), and a forward
+hook on the base adds its output. So the model's `parameters()`, `state_dict()` (`<module>.lora.lora_down.weight`,
+`.lora_up.weight`, `.alpha`), `.to()`, `.train()/.eval()`, `requires_grad_`, DDP and `torch.compile` all see the
+LoRA. `remove()` takes the hook and the child away: the model is exactly as before.
 
     y = base(x) + multiplier * (alpha / rank) * up(dropout(down(x)))
+
+The LoRA weights are created in fp32 whatever the base's dtype; to run a half-precision base with fp32 LoRA
+weights, cast the model before applying the LoRA (a later `model.to(torch.float16)` casts the LoRA too).
 """
 
 import math
@@ -52,9 +57,10 @@ class LoRALayer(nn.Module):
         self.merged_multiplier = None  # set while the delta is baked into the base weight
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        # Plain attributes, not submodules: the base belongs to its model, not to this layer.
+        # A plain attribute, not a submodule: the base belongs to its model, and the layer becomes the base's child.
         object.__setattr__(self, "base", base)
-        object.__setattr__(self, "_base_forward", None)
+        object.__setattr__(self, "_hook", None)
+        self.child_name = None
 
     @property
     def scale(self) -> float:
@@ -62,39 +68,44 @@ class LoRALayer(nn.Module):
 
     @property
     def applied(self) -> bool:
-        return self._base_forward is not None
+        return self._hook is not None
 
     @property
     def merged(self) -> bool:
         return self.merged_multiplier is not None
 
     def apply_to(self) -> "LoRALayer":
-        """Route the base module's calls through this layer."""
+        """Make this layer part of the base module: its child `lora` (or `lora_<n>`) and a forward hook."""
         if not self.applied:
-            object.__setattr__(self, "_had_own_forward", "forward" in self.base.__dict__)
-            object.__setattr__(self, "_base_forward", self.base.forward)
-            self.base.forward = self.forward
+            name, n = "lora", 0
+            while name in self.base._modules:
+                n += 1
+                name = f"lora_{n}"
+            self.base.add_module(name, self)
+            self.child_name = name
+            object.__setattr__(self, "_hook", self.base.register_forward_hook(self._add_delta))
         return self
 
     def remove(self):
-        """Give the base module back its own forward (the base weight was never modified unless merged)."""
+        """Take the hook and the child away: the base module is exactly as it was (unless merged)."""
         if not self.applied:
             return
-        if self.base.__dict__.get("forward") != self.forward:
-            raise RuntimeError("this base module was wrapped again after this LoRA; remove the newer LoRA first")
-        if self._had_own_forward:
-            self.base.forward = self._base_forward
-        else:
-            del self.base.forward
-        object.__setattr__(self, "_base_forward", None)
+        self._hook.remove()
+        object.__setattr__(self, "_hook", None)
+        del self.base._modules[self.child_name]
+        self.child_name = None
+
+    def _add_delta(self, base, args, out):
+        if self.merged or self.multiplier == 0:
+            return None
+        if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
+            return None
+        return out + self.lora_delta(args[0]).to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._base_forward(x)
-        if self.merged or self.multiplier == 0:
-            return out
-        if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
-            return out
-        return out + self.lora_delta(x).to(out.dtype)
+        """base(x) + the LoRA delta, for this layer alone (the base's own computation, without its hooks)."""
+        out = self.base.forward(x)
+        return out if self.merged else out + self.lora_delta(x).to(out.dtype)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """multiplier * scale * up(down(x)), with the training-time dropouts."""

@@ -18,9 +18,9 @@ def test_unet_default_targets(tiny_unet):
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in names
     assert "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj" in names
     assert len(params) == 2 * len(names)
-    trainable = [p for p in tiny_unet.parameters() if p.requires_grad]
-    assert trainable == []  # the base is frozen; LoRA parameters live beside it
     lora = list(itertools.chain(*params))
+    trainable = [p for p in tiny_unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lora}  # the LoRA is in the model; only it trains
     assert all(p.requires_grad for p in lora) and len(list(itertools.chain(*params))) == len(lora)
     optimizer = torch.optim.AdamW(itertools.chain(*params), lr=1e-2)
     x, t, c = unet_inputs()

@@ -37,7 +37,10 @@ def test_wraps_in_place_without_copying_the_weight():
     layer = LoRALayer(base, rank=4).apply_to()
     assert base.weight.data_ptr() == pointer
     assert "weight" not in dict(layer.named_parameters()) and len(list(layer.parameters())) == 2
-    assert set(base.state_dict()) == {"weight", "bias"}
+    assert type(base) is nn.Linear and base.lora is layer
+    assert set(base.state_dict()) == {"weight", "bias", "lora.lora_down.weight", "lora.lora_up.weight", "lora.alpha"}
+    layer.remove()
+    assert set(base.state_dict()) == {"weight", "bias"} and not base._forward_hooks and "lora" not in base._modules
 
 
 @pytest.mark.parametrize("multiplier", [1.0, 0.6])
@@ -78,7 +81,7 @@ def test_merge_unmerge_round_trip_and_remove():
     layer.unmerge()
     torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
     layer.remove()
-    assert "forward" not in base.__dict__
+    assert "forward" not in base.__dict__ and not base._forward_hooks and not base._modules
     torch.testing.assert_close(base(x), F.linear(x, original, base.bias), rtol=0, atol=1e-6)
 
 
