@@ -30,8 +30,8 @@ from lora_diffusion.data.config_file import read_dataset_config
 from lora_diffusion.data import files as image_files
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
 from lora_diffusion.data.images import load_image
-from lora_diffusion.data.latents import (encode_latents, latent_cache_key, latent_file_path, read_latent_file,
-                                         vae_fingerprint, write_latent_file)
+from lora_diffusion.data.latents import (encode_latents, latent_cache_key, latent_file_path, latent_shape,
+                                         read_latent_file, vae_fingerprint, write_latent_file)
 from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
 from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset, check_subset
 
@@ -108,6 +108,7 @@ class LoRADataset(torch.utils.data.Dataset):
         self.sample_buckets = [self.entries[i].bucket for i in self.sample_entry]
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with DataLoader workers
         self._latents = None  # entry index -> (latents, flipped latents or None) once cached
+        self._replacement = {}  # entry index of an image that failed to decode -> the entry served instead
         self._latent_store = {}  # cache key -> (latents, flipped), survives a re-cache with other settings
 
         images_in = Counter(e.subset for e in self.entries)  # subset index -> images found
@@ -169,8 +170,9 @@ class LoRADataset(torch.utils.data.Dataset):
         flip = subset.flip_aug and self._rng(index, "flip").random() < 0.5
         image, latents = None, None
         if self._latents is not None:
+            entry_index = self._replacement.get(entry_index, entry_index)  # an image that failed to decode
             plain, flipped = self._latents[entry_index]
-            latents = flipped if flip else plain
+            latents = flipped if flip and flipped is not None else plain
         else:
             crop_rng = self._rng(index, "crop") if subset.random_crop else None
             image, entry_index = self._load_with_fallback(entry_index, crop_rng, flip)
@@ -212,7 +214,9 @@ class LoRADataset(torch.utils.data.Dataset):
         flipped image is encoded too. With `to_disk`, each image gets '<stem>_<key>.safetensors' next to
         it (or in `cache_dir`), where the key hashes the image bytes, bucket, resize and crop, the VAE
         (`vae_id`, else a fingerprint of its config and weights) and `dtype`: a changed input never
-        reuses a stale file."""
+        reuses a stale file, and the same input hits the cache in every run. A cache file of the wrong shape or
+        with NaN/inf is named in a warning and encoded again. An image that fails to decode is skipped with a
+        warning and replaced by the next image of its bucket, as without the cache."""
         if any(s.random_crop for s in self.subsets):
             raise DatasetError("random_crop cannot be combined with cached latents (a cached latent has one "
                                "fixed crop): turn off random_crop or the latent cache")
@@ -220,12 +224,12 @@ class LoRADataset(torch.utils.data.Dataset):
             raise DatasetError(f"vae_batch_size must be an integer >= 1, got {batch_size!r}")
         vae_key = str(vae_id) if vae_id is not None else vae_fingerprint(vae)
         keys = [latent_cache_key(entry, vae_key, dtype) for entry in self.entries]
-        results, todo = {}, defaultdict(list)
+        results, todo, broken = {}, defaultdict(list), {}
         for i, (entry, key) in enumerate(zip(self.entries, keys)):
             need_flip = self.subsets[entry.subset].flip_aug
             found = self._latent_store.get(key)
             if found is None and to_disk:
-                found = read_latent_file(latent_file_path(entry, key, cache_dir), key)
+                found = read_latent_file(latent_file_path(entry, key, cache_dir), key, latent_shape(vae, entry.bucket))
             if found is not None and (found[1] is not None or not need_flip):
                 results[i] = found
             else:
@@ -235,24 +239,47 @@ class LoRADataset(torch.utils.data.Dataset):
                                                      if self.subsets[self.entries[i].subset].flip_aug]
             encoded = {}
             for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
-                images = []
-                for i, flip in chunk:
+                chunk, images = [], []
+                for i, flip in jobs[start:start + batch_size]:
+                    if i in broken:
+                        continue
                     try:
                         images.append(load_image(self.entries[i].path, bucket, flip=flip))
-                    except Exception as e:
-                        raise DatasetError(f"image '{self.entries[i].path}' cannot be decoded ({type(e).__name__}: "
-                                           f"{e}); remove or re-save it") from None
+                        chunk.append((i, flip))
+                    except Exception as e:  # as without the cache: skipped with a warning, not the end of the run
+                        broken[i] = f"{self.entries[i].path}: {type(e).__name__}: {e}"
+                        warn(f"could not decode image '{self.entries[i].path}' ({type(e).__name__}: {e}); "
+                             f"using another image of bucket {bucket[0]}x{bucket[1]} instead")
+                if not chunk:
+                    continue
                 latents = encode_latents(vae, torch.stack(images), device=device, dtype=dtype).cpu()
                 for (i, flip), z in zip(chunk, latents):
+                    if not torch.isfinite(z).all():
+                        raise DatasetError(f"the VAE encoded image '{self.entries[i].path}' to NaN or infinite "
+                                           f"latents (an fp16 VAE overflowing?): encode in fp32 or bf16")
                     encoded[(i, flip)] = z.clone()  # not a view: keeps one latent, not the whole batch, alive
             for i in indices:
+                if i in broken:
+                    continue
                 results[i] = (encoded[(i, False)], encoded.get((i, True)))
                 if to_disk:
                     write_latent_file(latent_file_path(self.entries[i], keys[i], cache_dir), keys[i], *results[i])
         for i, key in enumerate(keys):
-            self._latent_store[key] = results[i]
-        self._latents = [results[i] for i in range(len(self.entries))]
+            if i not in broken:
+                self._latent_store[key] = results[i]
+        self._replacement = {i: self._replacement_for(i, broken) for i in broken}
+        self._latents = [results.get(i) for i in range(len(self.entries))]
+
+    def _replacement_for(self, entry_index, broken):
+        """The next decodable image of the same bucket: what a broken image is replaced by, as without the cache."""
+        bucket = self.entries[entry_index].bucket
+        same_bucket = [i for i, e in enumerate(self.entries) if e.bucket == bucket]
+        start = same_bucket.index(entry_index)
+        for candidate in same_bucket[start + 1:] + same_bucket[:start]:
+            if candidate not in broken:
+                return candidate
+        failures = [broken[i] for i in same_bucket]
+        raise DatasetError("no image of bucket %dx%d can be decoded:\n  %s" % (*bucket, "\n  ".join(failures)))
 
     def clear_latent_cache(self):
         """Serve images again (the in-memory store and disk files are kept)."""
@@ -295,7 +322,8 @@ class LoRADataset(torch.utils.data.Dataset):
         lines.append("captions and augmentation: " + (", ".join(options) if options else "defaults")
                      + f"; seed {self.seed}")
         if self._latents is not None:
-            lines.append("latents: cached")
+            skipped = f" ({len(self._replacement)} undecodable images replaced)" if self._replacement else ""
+            lines.append("latents: cached" + skipped)
         return "\n".join(lines)
 
     def __repr__(self):

@@ -535,6 +535,8 @@ keep_tokens = 2
     ("[general]\nimage_dir = 'a'", "'image_dir'.*belongs in \\[\\[datasets.subsets\\]\\]"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 'ten'", "'num_repeats' must be an integer"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nflip_aug = 1", "'flip_aug' must be true or false"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 999999999999",
+     "num_repeats must be an integer from 1 to 10000.*999999999999"),
     ("[[datasets]]\nresolution = 'big'\n[[datasets.subsets]]\nimage_dir = 'a'", "resolution"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 1", "'image_dir' is required"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'missing'", "image_dir 'missing' is not a folder"),
@@ -548,6 +550,18 @@ def test_config_errors_name_the_key(tmp_path, snippet, message):
     with pytest.raises(DatasetError, match=message) as error:
         LoRADataset.from_config(config, resolution=64)
     assert "bad.toml" in str(error.value)
+
+
+@pytest.mark.parametrize("prefix", ["999999999999", "10001", "9" * 240], ids=["12 digits", "limit+1", "240 digits"])
+def test_a_huge_repeat_count_is_a_clear_error(tmp_path, prefix):
+    make_folder(tmp_path / "t" / f"{prefix}_x", [(64, 64)], {0: "a"})
+    with pytest.raises(DatasetError, match=f"folder '.*{prefix[:20]}.*_x' asks for {prefix[:20]}.*the limit is 10000"):
+        LoRADataset(tmp_path / "t", resolution=64)
+
+
+def test_the_largest_repeat_count_is_accepted(tmp_path):
+    make_folder(tmp_path / "t" / "10000_x", [(64, 64)], {0: "a"})
+    assert len(LoRADataset(tmp_path / "t", resolution=64)) == 10000
 
 
 def test_config_switched_off_kohya_options_are_accepted(tmp_path):
@@ -647,6 +661,96 @@ def test_vae_fingerprint_changes_with_weights(tmp_path, vae):
     finally:
         with torch.no_grad():
             next(vae.parameters()).sub_(0.01)
+
+
+def test_disk_cache_key_does_not_depend_on_the_hash_seed(tmp_path):
+    """Two runs (processes) with different PYTHONHASHSEED must find each other's cache files."""
+    import os
+    import subprocess
+    import sys
+    make_folder(tmp_path / "t" / "1_x", [(64, 64)], {0: "a"})
+    script = ("import sys, torch, diffusers\n"
+              "from dataset import LoRADataset\n"
+              "torch.manual_seed(0)\n"
+              f"vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config({str(TINY_VAE)!r}))\n"
+              "LoRADataset(sys.argv[1], resolution=64).cache_latents(vae.eval(), to_disk=True, cache_dir=sys.argv[2])\n")
+    root = Path(__file__).resolve().parents[1]
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "t"), str(tmp_path / "cache")], env=env,
+                       cwd=root, check=True, capture_output=True)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "shape", "flipped shape"])
+def test_a_damaged_cache_file_is_named_and_encoded_again(tmp_path, vae, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    make_folder(tmp_path / "t" / "1_x", [(64, 64)], {0: "a"})
+    ds = LoRADataset(tmp_path / "t", resolution=64, flip_aug=True)
+    ds.cache_latents(vae, to_disk=True, cache_dir=tmp_path / "cache")
+    good = ds._latents[0]
+    [path] = (tmp_path / "cache").glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    plain, flipped = good[0].clone(), good[1].clone()
+    if damage == "nan":
+        plain[0, 0, 0] = float("nan")
+    elif damage == "inf":
+        flipped[1, 2, 3] = float("inf")
+    elif damage == "shape":
+        plain = torch.zeros(4, 16, 16)
+    else:
+        flipped = flipped[:, :4].contiguous()
+    save_file({"latents": plain, "latents_flipped": flipped}, str(path), metadata=metadata)  # same key
+    again = LoRADataset(tmp_path / "t", resolution=64, flip_aug=True)
+    vae.calls = 0
+    with pytest.warns(DatasetWarning, match=f"latent cache file '{path}'.*(NaN|shape).*encoding the image again"):
+        again.cache_latents(vae, to_disk=True, cache_dir=tmp_path / "cache")
+    assert vae.calls == 2  # plain and flipped encoded again
+    assert torch.equal(again._latents[0][0], good[0]) and torch.equal(again._latents[0][1], good[1])
+    with safe_open(str(path), framework="pt") as f:  # and the file is repaired
+        assert torch.equal(f.get_tensor("latents"), good[0])
+
+
+def test_non_finite_latents_are_never_cached(tmp_path):
+    from types import SimpleNamespace
+
+    class OverflowingVAE:  # what an fp16 VAE does on some images
+        config = SimpleNamespace(scaling_factor=1.0, shift_factor=None)
+
+        def encode(self, x):
+            z = torch.zeros(x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8)
+            z[-1, 0, 0, 0] = float("inf")
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: z))
+
+    folder = make_folder(tmp_path / "t" / "1_x", [(64, 64)], {0: "a"})
+    ds = LoRADataset(tmp_path / "t", resolution=64)
+    with pytest.raises(DatasetError, match="img0.png.*NaN or infinite latents"):
+        ds.cache_latents(OverflowingVAE(), to_disk=True, vae_id="fp16-vae")
+    assert not list(folder.glob("*.safetensors")) and not ds.latents_cached
+
+
+def test_truncated_jpeg_with_the_latent_cache_is_replaced_with_a_warning(tmp_path, vae):
+    folder = make_folder(tmp_path / "t" / "1_x", [(64, 64)] * 3, {0: "good", 1: "broken", 2: "fine"}, ext=".jpg")
+    data = (folder / "img1.jpg").read_bytes()
+    (folder / "img1.jpg").write_bytes(data[: len(data) // 3])
+    ds = LoRADataset(tmp_path / "t", resolution=64)
+    with pytest.warns(DatasetWarning, match="img1.jpg"):
+        ds.cache_latents(vae, to_disk=True)
+    assert sorted(p.name.split("_")[0] for p in folder.glob("*.safetensors")) == ["img0", "img2"]
+    items = {Path(ds.entries[int(ds.sample_entry[i])].path).name: ds[i] for i in range(len(ds))}
+    assert items["img1.jpg"]["path"].endswith("img2.jpg") and items["img1.jpg"]["caption"] == "fine"
+    pixels = torch.from_numpy(np.array(Image.open(folder / "img2.jpg").convert("RGB"), dtype=np.float32))
+    expected = reference_latents(vae, pixels.permute(2, 0, 1) / 127.5 - 1)
+    assert torch.allclose(items["img1.jpg"]["latents"], expected, atol=1e-5)
+
+    for name in ("img0.jpg", "img2.jpg"):  # when no image of the bucket decodes, the error lists them all
+        (folder / name).write_bytes(data[: len(data) // 3])
+    with pytest.warns(DatasetWarning):
+        ds = LoRADataset(tmp_path / "t", resolution=64)
+        with pytest.raises(DatasetError, match="(?s)no image of bucket 64x64.*img0.jpg.*img1.jpg.*img2.jpg"):
+            ds.cache_latents(vae)
 
 
 def test_random_crop_with_cache_is_an_error(tmp_path, vae):

@@ -139,6 +139,12 @@ def test_balance_name_clash(tmp_path):
         plan_balance(tmp_path / "t" / "1_a", 10)
 
 
+def test_balance_refuses_more_repeats_than_the_dataset_allows(tmp_path):
+    image(tmp_path / "t" / "1_a" / "x.png")
+    with pytest.raises(ToolError, match="'1_a' would need 20000 repeats.*at most 10000"):
+        plan_balance(tmp_path / "t", 20000)
+
+
 # ---------------------------------------------------------------------------------------------- caption sets
 
 @pytest.fixture

@@ -12,6 +12,9 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
                              if fmt in Image.OPEN and ext not in _NOT_TRAINING_IMAGES)
 
 CONCEPT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+# repeats of one folder per epoch: kohya's examples use 1-400; more is a typo, and 999999999999 would
+# need terabytes for the per-epoch sample list. More steps come from more epochs.
+MAX_REPEATS = 10_000
 
 
 def is_image_file(path) -> bool:

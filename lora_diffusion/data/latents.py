@@ -27,7 +27,10 @@ def vae_fingerprint(vae) -> str:
     digest = hashlib.sha256()
     config = getattr(vae, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # diffusers' bookkeeping keys (_use_default_values is a set turned into a list, in PYTHONHASHSEED order;
+        # _name_or_path, _diffusers_version) do not change the latents and must not change the key
+        values = {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
+        digest.update(json.dumps(values, sort_keys=True, default=_stable_json).encode())
     with torch.no_grad():
         for name, tensor in vae.state_dict().items():
             values = tensor.detach().float()
@@ -35,6 +38,22 @@ def vae_fingerprint(vae) -> str:
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{stats[0]:.6e}|{stats[1]:.6e}|"
                           f"{[f'{v:.6e}' for v in stats[2]]}".encode())
     return digest.hexdigest()
+
+
+def _stable_json(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return str(value)
+
+
+def latent_shape(vae, bucket):
+    """(channels, h, w) of the latents of a (w, h) bucket, or None for a VAE without a diffusers config."""
+    config = getattr(vae, "config", None)
+    try:
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        return (int(config.latent_channels), bucket[1] // factor, bucket[0] // factor)
+    except (AttributeError, TypeError):
+        return None
 
 
 def latent_cache_key(entry, vae_key, dtype) -> str:
@@ -59,7 +78,9 @@ def _file_sha256(path, chunk=1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_latent_file(path: Path, key: str):
+def read_latent_file(path: Path, key: str, shape=None):
+    """(latents, flipped latents or None) from a cache file, or None when there is none for this key. A file that
+    is unreadable, of the wrong shape or not finite is reported (named) and encoded again, never trained on."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -70,10 +91,21 @@ def read_latent_file(path: Path, key: str):
             names = set(f.keys())
             plain = f.get_tensor("latents")
             flipped = f.get_tensor("latents_flipped") if "latents_flipped" in names else None
-        return plain, flipped
     except Exception as e:
         warn(f"latent cache file '{path}' is unreadable ({type(e).__name__}: {e}); encoding the image again")
         return None
+    shape = tuple(shape) if shape is not None else tuple(plain.shape)  # at least the two must agree
+    for tensor in (plain, flipped):
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            warn(f"latent cache file '{path}' holds latents of shape {tuple(tensor.shape)}, expected {shape}; "
+                 f"encoding the image again")
+            return None
+        if not torch.isfinite(tensor).all():
+            warn(f"latent cache file '{path}' holds NaN or infinite values; encoding the image again")
+            return None
+    return plain, flipped
 
 
 def write_latent_file(path: Path, key: str, plain, flipped):

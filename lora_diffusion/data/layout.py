@@ -7,7 +7,7 @@ from pathlib import Path
 from lora_diffusion.data.buckets import select_bucket
 from lora_diffusion.data.captions import read_caption
 from lora_diffusion.data.errors import DatasetError, warn
-from lora_diffusion.data.files import CONCEPT_FOLDER, is_image_file
+from lora_diffusion.data.files import CONCEPT_FOLDER, MAX_REPEATS, is_image_file
 from lora_diffusion.data.images import image_size
 from lora_diffusion.data.subset import Subset
 
@@ -35,6 +35,9 @@ def concept_subsets(parent, flag, is_reg, options):
         if not child.is_dir() or child.name.startswith("."):
             continue
         match = CONCEPT_FOLDER.match(child.name)
+        if match and int(match.group(1)) > MAX_REPEATS:
+            raise DatasetError(f"folder '{child}' asks for {match.group(1)} repeats per epoch; the limit is "
+                               f"{MAX_REPEATS}: rename it (e.g. '10_{match.group(2)}') and train more epochs instead")
         if not match or int(match.group(1)) < 1:
             skipped.append(child.name)
             warn(f"skipping folder '{child}': its name has no repeat prefix; concept folders are named "

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from lora_diffusion.data.errors import DatasetError
+from lora_diffusion.data.files import MAX_REPEATS
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def check_subset(s: Subset, where: str) -> Subset:
     if not ext.startswith("."):
         s = replace(s, caption_extension="." + ext)
     s = replace(s, resolution=parse_resolution(s.resolution, f"{where}: resolution"))
-    if not isinstance(s.num_repeats, int) or s.num_repeats < 1:
-        bad("num_repeats", "an integer >= 1")
+    if not isinstance(s.num_repeats, int) or isinstance(s.num_repeats, bool) or not 1 <= s.num_repeats <= MAX_REPEATS:
+        bad("num_repeats", f"an integer from 1 to {MAX_REPEATS} (use more epochs for more steps)")
     if not isinstance(s.keep_tokens, int) or s.keep_tokens < 0:
         bad("keep_tokens", "an integer >= 0")
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.files import MAX_REPEATS
 from . import ToolError, build_folder_atomically, check_output_folder, list_images, require_folder, \
     split_concept_name
 
@@ -47,6 +48,9 @@ def plan_balance(dataset_dir, steps_per_concept) -> list:
             continue
         old, name = split_concept_name(folder.name)
         repeats = balanced_repeats(steps_per_concept, images)
+        if repeats > MAX_REPEATS:
+            raise ToolError(f"'{folder.name}' would need {repeats} repeats ({steps_per_concept} steps / {images} "
+                            f"images); the dataset allows at most {MAX_REPEATS}: use fewer steps and more epochs")
         rows.append(BalanceRow(folder, images, old, repeats, f"{repeats}_{name}"))
     if not rows:
         raise ToolError(f"no concept folders with images in '{dataset_dir}': expected subfolders such as "
