@@ -7,6 +7,7 @@ JSON full of interface state, a warning that names it.
 
 import argparse
 import json
+import math
 import shlex
 import tomllib
 import warnings
@@ -58,6 +59,10 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     return _checked(flat, path, parser)
 
 
+# String flags that a TOML or GUI file may well give as a number (resolution = 512).
+NUMBER_AS_STRING = {"resolution"}
+
+
 def _checked(values: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
     actions = flag_dests(parser)
     unknown = sorted(k for k in values if k not in actions)
@@ -66,34 +71,73 @@ def _checked(values: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
                               f"of train_lora.py without the leading -- (see `python train_lora.py --help`)")
     checked = {}
     for key, value in values.items():
+        value = _typed(key, value, actions[key], path)
         action = actions[key]
-        if action.nargs in ("*", "+") and isinstance(value, str):
-            value = value.split()
-        if isinstance(value, list) and action.nargs not in ("*", "+"):
-            raise ConfigFileError(f"--config_file {path}: {key} takes one value, got a list {value!r}")
-        if action.type is not None and value is not None and not isinstance(value, bool):
-            try:
-                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                raise ConfigFileError(f"--config_file {path}: {key} = {value!r} is not valid: {e}") from None
         if action.choices is not None and value is not None and value not in action.choices:
             raise ConfigFileError(f"--config_file {path}: {key} = {value!r}; expected one of {list(action.choices)}")
         checked[key] = value
     return checked
 
 
-def _from_gui_json(document: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
+def _typed(key: str, value, action: argparse.Action, path: Path):
+    """The value as the flag's type, without any lossy coercion (true is no number, 2.9 no whole number)."""
+    def bad(expected):
+        raise ConfigFileError(f"--config_file {path}: {key} = {value!r} ({type(value).__name__}); expected {expected}")
+
+    if value is None:
+        return None
+    if action.nargs == 0:  # --flag switches
+        if not isinstance(value, bool):
+            bad("true or false")
+        return value
+    if action.nargs in ("*", "+"):
+        items = value.split() if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            bad('a list of strings such as ["conv_dim=4", "conv_alpha=1"]')
+        return items
+    if action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            bad("a whole number" if action.type is int else "a number")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if action.type is float else int(value.strip())
+            except ValueError:
+                bad("a whole number" if action.type is int else "a number")
+        if action.type is int:
+            if isinstance(value, float) and not value.is_integer():
+                bad("a whole number")
+            return int(value)
+        if not math.isfinite(value):
+            bad("a finite number")
+        return float(value)
+    if isinstance(value, list) and key in NUMBER_AS_STRING and 1 <= len(value) <= 2 and \
+            all(type(v) is int for v in value):
+        return ",".join(map(str, value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in NUMBER_AS_STRING:
+        return str(value)
+    if not isinstance(value, str):
+        bad("a string")
+    return value if action.type is None else action.type(value)
+
+
+def _from_gui_json(document, path: Path, parser: argparse.ArgumentParser) -> dict:
     """A kohya_ss GUI config: its flag-named keys, its renamed keys, `additional_parameters` parsed as flags."""
+    if not isinstance(document, dict):
+        raise ConfigFileError(f"--config_file {path}: expected a JSON object of settings (a kohya_ss GUI config), "
+                              f"got a {type(document).__name__}")
     actions = flag_dests(parser)
     values, ignored, network_args = {}, [], []
     for key, value in document.items():
         if key in ("conv_dim", "conv_alpha") and value not in _UNSET:
+            _typed(key, value, _INT if key == "conv_dim" else _NUMBER, path)  # a clear error for "abc"
             network_args.append(f"{key}={value}")
         elif key == "lr_warmup" and value not in _UNSET:  # the GUI's warm-up is a percentage of the steps
-            values["lr_warmup_steps"] = float(value) / 100
+            values["lr_warmup_steps"] = _typed(key, value, _NUMBER, path) / 100
         elif key == "additional_parameters" and value:
-            given, defaults = vars(parser.parse_known_args(shlex.split(value))[0]), vars(parser.parse_known_args([])[0])
-            values.update({k: v for k, v in given.items() if v != defaults[k]})
+            given, unknown = _additional_parameters(value, path, parser)
+            defaults = vars(parser.parse_known_args([])[0])
+            values.update({k: v for k, v in vars(given).items() if v != defaults[k]})
+            ignored += [f"additional_parameters {u}" for u in unknown if u.startswith("-")]
         elif key in GUI_RENAMES and value not in ("", None):
             values[GUI_RENAMES[key]] = value
         elif key in actions and value not in ("", None):
@@ -101,13 +145,35 @@ def _from_gui_json(document: dict, path: Path, parser: argparse.ArgumentParser) 
         elif key not in actions and key not in GUI_ONLY and key not in GUI_RENAMES and value not in _UNSET:
             ignored.append(key)
     if network_args:
-        values["network_args"] = network_args + list(values.get("network_args") or [])
+        values["network_args"] = network_args + list(_typed("network_args", values.get("network_args") or [],
+                                                            actions["network_args"], path))
     if ignored:
         warnings.warn(f"{path}: ignoring kohya_ss GUI setting(s) this trainer does not have: "
                       f"{', '.join(sorted(ignored))}", stacklevel=2)
     if isinstance(values.get("resolution"), str):
         values["resolution"] = values["resolution"].replace(" ", "")
     return _checked(values, path, parser)
+
+
+_NUMBER, _INT = argparse.Action(["--number"], "number", type=float), argparse.Action(["--int"], "int", type=int)
+
+
+def _additional_parameters(value, path: Path, parser: argparse.ArgumentParser):
+    """The GUI's free-text flags, parsed by the trainer's parser; every problem names the file and the key."""
+    if not isinstance(value, str):
+        raise ConfigFileError(f"--config_file {path}: additional_parameters = {value!r}; expected a string of flags")
+    try:
+        words = shlex.split(value)
+    except ValueError as e:
+        raise ConfigFileError(f"--config_file {path}: additional_parameters = {value!r} cannot be split into flags "
+                              f"({e})") from None
+    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    try:
+        return parser.parse_known_args(words)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ConfigFileError(f"--config_file {path}: additional_parameters = {value!r}: {e}") from None
+    finally:
+        parser.exit_on_error = exit_on_error
 
 
 def write_config_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser):

@@ -16,6 +16,7 @@ Learning-rate semantics that differ from plain Adam:
 import ast
 import importlib
 import logging
+import math
 
 import torch
 
@@ -45,8 +46,11 @@ def parse_optimizer_args(optimizer_args):
             raise ValueError(f"--optimizer_args: expected key=value items such as weight_decay=0.01, got {item!r}")
         try:
             kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             kwargs[key.strip()] = value.strip()
+        numbers = kwargs[key.strip()] if isinstance(kwargs[key.strip()], tuple) else (kwargs[key.strip()],)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"--optimizer_args {item!r}: expected a finite number")
     return kwargs
 
 
@@ -181,7 +185,12 @@ def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_a
         if kwargs["relative_step"]:
             _drop_group_lrs(param_groups)
             lr = None  # Adafactor refuses an explicit lr with relative_step=True
-    return optimizer_class(param_groups, lr=lr, **kwargs)
+    try:
+        return optimizer_class(param_groups, lr=lr, **kwargs)
+    except (TypeError, ValueError) as e:  # betas="abc", an unknown keyword, a negative eps ...
+        given = " ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("nesterov", "relative_step"))
+        raise ValueError(f"--optimizer_type {name} refuses --optimizer_args {given or '(none)'} with "
+                         f"--learning_rate {learning_rate}: {e}") from None
 
 
 def describe_optimizer(optimizer, optimizer_args=None):
