@@ -7,12 +7,17 @@ The pieces live in the package (lora_diffusion.training, lora_diffusion.network,
 """
 
 import argparse
-import glob
+import json
+import logging
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="output")
     g.add_argument("--output_name", default="lora")
+    g.add_argument("--overwrite", action="store_true", help="replace files of another run that --output_dir holds "
+                   "under this --output_name (refused without it)")
     g.add_argument("--save_model_as", default="safetensors", choices=["safetensors"])
     g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="default: fp32")
     g.add_argument("--save_every_n_epochs", type=int)
@@ -151,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args):
+    from lora_diffusion.training.sampling import SAMPLERS
+
     def bad(message):
         raise TrainingError(message)
 
@@ -180,6 +189,17 @@ def check_args(args):
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:
         bad(f"--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000, got {args.min_timestep}, "
             f"{args.max_timestep}")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):  # a NaN lr trains NaN weights without a word
+            bad(f"--{name} {value}: expected a finite number")
+    name = args.output_name
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        bad(f"--output_name {name!r}: expected a plain file name without folders, such as my_lora")
+    if args.sample_sampler.lower() not in SAMPLERS:
+        bad(f"--sample_sampler {args.sample_sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        bad(f"--clip_skip must be >= 1 (2 = the penultimate layer), got {args.clip_skip}")
+    network_options(args)  # a bad --network_args before any work
 
 
 def network_options(args) -> dict:
@@ -196,6 +216,8 @@ def network_options(args) -> dict:
             options[name] = kind(value.strip())
         except ValueError:
             raise TrainingError(f"--network_args {item!r}: {value!r} is not a {kind.__name__}") from None
+        if not math.isfinite(options[name]) or options[name] < 0:
+            raise TrainingError(f"--network_args {item!r}: expected a finite number >= 0")
     return options
 
 
@@ -276,6 +298,85 @@ def save_lora(network, path, args, run, accelerator, *, epoch, step, final=False
     accelerator.print(f"saved {path}")
 
 
+def prepare_output_dir(output_dir: Path):
+    """Create --output_dir and make sure a file can be written there, before any work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"--output_dir {output_dir} is a file; expected a folder (or a path to create one at)")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise TrainingError(f"--output_dir {output_dir} is not writable ({e.strerror or e})") from None
+
+
+def session_of(path: Path):
+    """The ss_session_id of a LoRA file, or the session_id a state folder records (None when unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        if path.is_dir():
+            return json.loads((path / "train_state.json").read_text(encoding="utf-8"))["extra"]["session_id"]
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("ss_session_id")
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+        return None
+
+
+def outputs_of_other_runs(output_dir: Path, output_name: str, session_id: str) -> list[Path]:
+    """Files and state folders this run would write (final, epoch, step) that another run wrote."""
+    names = re.compile(re.escape(output_name) + r"(-\d{6}|-step\d{8})?(\.safetensors|-state)")
+    return sorted(p for p in output_dir.iterdir() if names.fullmatch(p.name) and session_of(p) != session_id)
+
+
+def check_free_space(output_dir: Path, network, args):
+    """Roughly: two copies of the largest save (an atomic write keeps the old file until the new one is whole)."""
+    n = sum(p.numel() for p in network.parameters())
+    size = n * (SAVE_DTYPES[args.save_precision] or torch.float32).itemsize + (n * 4 * 4 if args.save_state else 0)
+    free = shutil.disk_usage(output_dir).free
+    if free < 2 * size:
+        raise TrainingError(f"--output_dir {output_dir}: only {free / 2**20:.1f} MiB free, each save needs about "
+                            f"{size / 2**20:.1f} MiB (twice that while it replaces an older file)")
+
+
+class DeferredStop:
+    """Ctrl-C / SIGTERM during the loop only ask the loop to stop at the next step boundary (so the saved LoRA and
+    state are those of a whole step and a resumed run ends exactly as an uninterrupted one); a second one aborts."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving the LoRA and the state "
+                    f"(again to stop at once, without saving)\n".encode())
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(stop: DeferredStop, accelerator) -> bool:
+    """Did any process get a signal? (All processes must stop at the same step.)"""
+    flag = stop.signum is not None
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+        flag = total.item() > 0
+    return flag
+
+
+class _StopAtBoundary(Exception):
+    pass
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -288,9 +389,10 @@ def train(args):
     from dataset import BucketBatchSampler, collate_fn
     from lora_diffusion import create_network
     from lora_diffusion.models import load_models
-    from lora_diffusion.training import (create_lr_scheduler, create_optimizer, describe_optimizer, diffusion_loss,
-                                         encode_prompts, generate_samples, load_state, make_noise, read_prompts,
-                                         read_train_state, rotate, sample_timesteps, save_state, training_target)
+    from lora_diffusion.training import (StateError, create_lr_scheduler, create_optimizer, describe_optimizer,
+                                         diffusion_loss, encode_prompts, generate_samples, load_state, make_noise,
+                                         non_finite, read_prompts, read_train_state, rotate, sample_timesteps,
+                                         save_state, training_target)
 
     # accelerate keeps its settings in process-wide singletons; a second train() in one process (a notebook, the
     # tests) with another --mixed_precision would be refused without this reset.
@@ -303,6 +405,34 @@ def train(args):
     device, weight_dtype = accelerator.device, DTYPES[args.mixed_precision]
     output_dir = Path(args.output_dir)
 
+    # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
+    prepare_output_dir(output_dir)
+    resumed = read_train_state(args.resume)["extra"] if args.resume else {}
+    network_shape = dict(network_dim=args.network_dim, **network_options(args))
+    saved_shape = resumed.get("network_shape", network_shape)
+    if saved_shape != network_shape:
+        raise TrainingError(f"--resume {args.resume}: the state is of a network with {saved_shape}, this run's has "
+                            f"{network_shape}; use the --network_dim/--network_args of the run that saved it")
+    # One id for every file of this run (kohya's ss_session_id), kept across --resume: only files that carry it are
+    # ever deleted or replaced without --overwrite. From os.urandom: the seeded generators must not move.
+    session_id = str(resumed.get("session_id") or int.from_bytes(os.urandom(4), "little"))
+    others = outputs_of_other_runs(output_dir, args.output_name, session_id)
+    if others:
+        names = ", ".join(p.name for p in others[:4]) + (f" (+{len(others) - 4} more)" if len(others) > 4 else "")
+        if not args.overwrite:
+            raise TrainingError(f"--output_dir {output_dir} already holds {names} from another run; pass --overwrite "
+                                f"to replace them, or choose another --output_name or --output_dir")
+        accelerator.print(f"--overwrite: this run replaces {names} of an earlier run in {output_dir}")
+    elif (output_dir / f"{args.output_name}.safetensors").exists():
+        accelerator.print(f"{output_dir / args.output_name}.safetensors is this run's (resumed); it will be replaced")
+    quiet = logging.getLogger("lora_diffusion.training.optim")
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # its advice is given once, for the real optimizer
+    try:  # a bad --optimizer_type/--optimizer_args fails now, not after minutes of model loading
+        create_optimizer(args.optimizer_type, [{"params": [torch.nn.Parameter(torch.zeros(1))]}],
+                         learning_rate=args.learning_rate, optimizer_args=args.optimizer_args)
+    finally:
+        quiet.setLevel(level)
+
     # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
     dataset = build_dataset(args)
     accelerator.print(dataset.summary())
@@ -314,6 +444,9 @@ def train(args):
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
     unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    layers = text_encoder.config.num_hidden_layers
+    if args.clip_skip is not None and args.clip_skip > layers:
+        raise TrainingError(f"--clip_skip {args.clip_skip}: this text encoder has {layers} layers (2 = penultimate)")
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False).eval()
     if vae.dtype == torch.float16:
@@ -367,6 +500,7 @@ def train(args):
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
     network.to(device).train()
+    check_free_space(output_dir, network, args)
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -388,20 +522,20 @@ def train(args):
     # processes by hand: its forward runs inside the base models, so DDP's hooks would never fire.
     optimizer_name = describe_optimizer(optimizer, args.optimizer_args)
     optimizer = accelerator.prepare(optimizer)
-    accelerator.register_for_checkpointing(network, lr_scheduler)
+    pieces = dict(network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator)
 
     # --- where we start ---------------------------------------------------------------------------------------
     global_step, first_epoch, skip_batches = 0, 0, 0
+    epoch_files = list(resumed.get("epoch_files", []))  # stems of the epoch files this run wrote, oldest first
     if args.resume:
-        read_train_state(args.resume)  # a clear error before anything heavy
-        state = load_state(args.resume, accelerator=accelerator)
+        state = load_state(args.resume, **pieces)
         global_step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1}, "
                           f"batch {skip_batches})")
 
     run = {"models": models, "resolution": resolution,
            "metadata": run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch,
-                                   max_train_steps, num_epochs, optimizer_name)}
+                                   max_train_steps, num_epochs, optimizer_name, session_id)}
     if log_with:
         accelerator.init_trackers("lora_diffusion", config={k: v for k, v in vars(args).items()
                                                             if isinstance(v, (int, float, str, bool))})
@@ -424,13 +558,38 @@ def train(args):
         text_encoder.train(train_text_encoder and args.gradient_checkpointing)
         unet.train(args.gradient_checkpointing)
 
+    last_saved = None  # the last LoRA file this process wrote; every file written was checked finite
+
+    def intact():
+        return (f"The last file written, {last_saved}, holds finite weights." if last_saved else
+                "No LoRA file was written by this run.")
+
     def checkpoint(stem, epoch, batch_in_epoch, *, with_state=args.save_state, final=False):
-        """The LoRA (and the state to resume at `batch_in_epoch` of 0-based `epoch`) as `<stem>...`."""
-        save_lora(network, output_dir / f"{stem}.safetensors", args, run, accelerator,
-                  epoch=epoch + (batch_in_epoch > 0), step=global_step, final=final)  # ss_epoch counts from 1
-        if with_state:
-            save_state(output_dir / f"{stem}-state", accelerator=accelerator, step=global_step, epoch=epoch,
-                       batch_in_epoch=batch_in_epoch)
+        """The LoRA (and the state to resume at `batch_in_epoch` of 0-based `epoch`) as `<stem>...`, never with
+        NaN/inf (checked after the cast to --save_precision); a write error names the path."""
+        nonlocal last_saved
+        path, state_dir = output_dir / f"{stem}.safetensors", output_dir / f"{stem}-state"
+        bad = non_finite(network.file_tensors(SAVE_DTYPES[args.save_precision]))
+        if bad:
+            cause = "are NaN/inf" if non_finite(network.state_dict()) else \
+                f"overflow --save_precision {args.save_precision} (fp16 ends at 65504)"
+            raise TrainingError(f"at step {global_step} the LoRA weights {cause} ({len(bad)} tensors, e.g. {bad[0]}); "
+                                f"{path.name} was not written. {intact()} Try a lower --learning_rate or "
+                                f"--unet_lr/--text_encoder_lr, --max_grad_norm 1.0, or --save_precision bf16/float")
+        extra = dict(session_id=session_id, network_shape=network_shape, epoch_files=epoch_files)
+        target = path
+        try:
+            save_lora(network, path, args, run, accelerator,
+                      epoch=epoch + (batch_in_epoch > 0), step=global_step, final=final)  # ss_epoch counts from 1
+            last_saved, target = path, state_dir
+            if with_state:
+                save_state(state_dir, step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, extra=extra,
+                           **pieces)
+        except OSError as e:
+            raise TrainingError(f"could not write {target} at step {global_step}: {e.strerror or e}. Files already "
+                                f"there are left as they were (writes are atomic). {intact()}") from None
+        except StateError as e:
+            raise TrainingError(f"at step {global_step}: {e}. {intact()}") from None
 
     # --- one step: noise, predict, loss -----------------------------------------------------------------------
     def compute_loss(batch):
@@ -470,6 +629,7 @@ def train(args):
     accelerator.print(f"training {sum(p.numel() for p in params):,} LoRA parameters for {max_train_steps} steps "
                       f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, "
                       f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
+    stop = DeferredStop().__enter__()
     try:
         for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
@@ -485,8 +645,8 @@ def train(args):
                 if not loss_is_finite(loss, accelerator):
                     raise TrainingError(
                         f"the loss became {loss.item()} at step {global_step + 1} (epoch {epoch + 1}); stopping "
-                        f"before a broken file is written. The last saved files are intact. Try a lower "
-                        f"--learning_rate, --mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
+                        f"before a broken file is written. {intact()} Try a lower --learning_rate, "
+                        f"--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
                 accelerator.backward(loss / group)
                 micro, batch_in_epoch = micro + 1, batch_in_epoch + 1
                 if micro < group:
@@ -516,24 +676,31 @@ def train(args):
                     sample()
                 if global_step >= max_train_steps:
                     break
+                if stop_requested(stop, accelerator):  # a whole step is done: its LoRA and state resume exactly
+                    raise _StopAtBoundary
             if batch_in_epoch < batches_per_epoch:
                 continue  # stopped inside the epoch
             done = epoch + 1
             if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < num_epochs:
-                checkpoint(f"{args.output_name}-{done:06d}", done, 0)
-                if args.save_last_n_epochs and accelerator.is_main_process:
-                    epoch_stem = glob.escape(f"{args.output_name}-") + "[0-9]" * 6
-                    rotate(str(output_dir / f"{epoch_stem}.safetensors"), args.save_last_n_epochs)
-                    rotate(str(output_dir / f"{epoch_stem}-state"), args.save_last_n_epochs)
+                stem = f"{args.output_name}-{done:06d}"
+                epoch_files = [s for s in epoch_files if s != stem] + [stem]
+                checkpoint(stem, done, 0)
+                if args.save_last_n_epochs and accelerator.is_main_process:  # only files of this run, checked
+                    for suffix in (".safetensors", "-state"):
+                        rotate([output_dir / f"{s}{suffix}" for s in epoch_files], args.save_last_n_epochs,
+                               owned=lambda path: session_of(Path(path)) == session_id)
             if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
                 sample(epoch=done)
-    except KeyboardInterrupt:
-        accelerator.print(f"\ninterrupted at step {global_step}: saving the LoRA and the training state")
+    except _StopAtBoundary:
+        why = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+        accelerator.print(f"\n{why} at step {global_step}: saving the LoRA and the training state")
         stem = f"{args.output_name}-step{global_step:08d}"
-        checkpoint(stem, epoch, batch_in_epoch, with_state=True)
+        checkpoint(stem, epoch, batch_in_epoch, with_state=True)  # a second signal here aborts the save
         accelerator.print(f"resume with: --resume {output_dir / (stem + '-state')}")
-        raise
-    progress.close()
+        raise KeyboardInterrupt from None
+    finally:
+        stop.__exit__()
+        progress.close()  # an error message then starts on a line of its own
     loop_ended = time.time()
 
     # --- the final file ---------------------------------------------------------------------------------------
@@ -592,7 +759,7 @@ def dataset_resolution(dataset) -> tuple[int, int]:
 
 
 def run_metadata(args, models, dataset, resolution, batch_size, num_batches, max_train_steps, num_epochs,
-                 optimizer_name) -> dict:
+                 optimizer_name, session_id) -> dict:
     """The training record (kohya's ss_* keys) of this run, as plain values."""
     return dict(
         ss_learning_rate=args.learning_rate, ss_unet_lr=args.unet_lr, ss_text_encoder_lr=args.text_encoder_lr,
@@ -617,7 +784,7 @@ def run_metadata(args, models, dataset, resolution, batch_size, num_batches, max
         ss_dataset_dirs=dataset.dataset_dirs, ss_tag_frequency=dataset.tag_frequency,
         ss_sd_model_name=os.path.basename(str(args.pretrained_model_name_or_path)),
         ss_training_started_at=time.time(), ss_v_parameterization=models.v_parameterization,
-        ss_training_comment=args.training_comment,
+        ss_training_comment=args.training_comment, ss_session_id=session_id,
     )
 
 

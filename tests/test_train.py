@@ -230,25 +230,27 @@ def test_v_prediction_runs_and_is_recorded(tmp_path, data):
 
 
 def test_ctrl_c_saves_the_lora_and_a_resumable_state(tmp_path, data, monkeypatch):
+    import signal
+
     import lora_diffusion.training as training
 
     calls = {"n": 0}
     real_loss = training.diffusion_loss
 
-    def interrupted_at_step_3(*args, **kwargs):
+    def ctrl_c_in_step_3(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: step 3 still ends, then the run saves and stops
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "diffusion_loss", interrupted_at_step_3)
+    monkeypatch.setattr(training, "diffusion_loss", ctrl_c_in_step_3)
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=5)) == 130
-    tensors, meta = read(tmp_path / "out" / "t-step00000002.safetensors")
-    assert meta["ss_steps"] == "2" and len(tensors) == 3 * (192 + 72)
-    assert (tmp_path / "out" / "t-step00000002-state" / "train_state.json").is_file()
+    tensors, meta = read(tmp_path / "out" / "t-step00000003.safetensors")
+    assert meta["ss_steps"] == "3" and len(tensors) == 3 * (192 + 72)
+    assert (tmp_path / "out" / "t-step00000003-state" / "train_state.json").is_file()
     monkeypatch.setattr(training, "diffusion_loss", real_loss)
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=5,
-                                      resume=tmp_path / "out" / "t-step00000002-state")) == 0
+                                      resume=tmp_path / "out" / "t-step00000003-state")) == 0
     assert read(tmp_path / "out" / "t.safetensors")[1]["ss_steps"] == "5"
 
 

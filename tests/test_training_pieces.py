@@ -383,13 +383,6 @@ def test_lr_scheduler_errors():
 # ---------------------------------------------------------------- state
 
 
-@pytest.fixture(scope="module")
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
 def train_steps(model, optimizer, scheduler, n):
     for _ in range(n):
         loss = model(torch.randn(4, 8)).square().mean()
@@ -403,56 +396,112 @@ def draws():
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
 
-def test_save_load_round_trip(tmp_path, accelerator):
+def trained_pieces(steps=3):
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    train_steps(model, optimizer, scheduler, 3)
+    train_steps(model, optimizer, scheduler, steps)
+    return dict(network=model, optimizer=optimizer, lr_scheduler=scheduler)
+
+
+def test_save_load_round_trip(tmp_path):
+    pieces = trained_pieces()
+    model, optimizer, scheduler = pieces["network"], pieces["optimizer"], pieces["lr_scheduler"]
     state_dir = tmp_path / "run-step00000003-state"
-    training.save_state(state_dir, accelerator=accelerator, step=3, epoch=1, batch_in_epoch=2, extra={"note": "x"})
+    training.save_state(state_dir, step=3, epoch=1, batch_in_epoch=2, extra={"note": "x"}, **pieces)
+    assert sorted(p.name for p in state_dir.iterdir()) == ["network.safetensors", "optimizer.safetensors",
+                                                          "rng-0.safetensors", "train_state.json"]
     saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
     saved_avg = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     after_save = draws()
     train_steps(model, optimizer, scheduler, 2)  # move everything on
-    record = training.load_state(state_dir, accelerator=accelerator)
+    record = training.load_state(state_dir, **pieces)
     assert record == {"step": 3, "epoch": 1, "batch_in_epoch": 2, "extra": {"note": "x"}}
     assert draws() == after_save  # torch, numpy and python RNG continue as after the save
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved_weights[k])
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved_avg)
     assert optimizer.state_dict()["state"][0]["step"] == 3
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.95)
     assert scheduler.state_dict()["last_epoch"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-step00000003-state"]  # no temp leftovers
 
+    # loaded into new objects (other weights, a fresh optimizer, moved RNG), 2 more steps end exactly where an
+    # uninterrupted 5-step run ends
+    reference = trained_pieces(steps=5)
+    fresh = trained_pieces(steps=0)
+    with torch.no_grad():
+        fresh["network"].weight.mul_(2)
+    torch.manual_seed(123)
+    training.load_state(state_dir, **fresh)
+    train_steps(fresh["network"], fresh["optimizer"], fresh["lr_scheduler"], 2)
+    for k, v in reference["network"].state_dict().items():
+        assert torch.equal(v, fresh["network"].state_dict()[k]), k
 
-def test_crash_during_save_keeps_previous_state(tmp_path, accelerator, monkeypatch):
+
+@pytest.mark.parametrize("name", ["AdamW", "adamw8bit", "Lion", "SGDNesterov", "Adafactor", "Prodigy"])
+def test_every_optimizers_state_resumes_exactly(tmp_path, name):
+    """Two more steps after a save/load equal two more steps of the optimizer that never stopped."""
+    if name == "Prodigy":
+        pytest.importorskip("prodigyopt")
+
+    def pieces():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 80)  # > 4096 weights: bitsandbytes keeps 8-bit state tensors
+        optimizer = create_optimizer(name, [{"params": list(model.parameters()), "lr": 1e-2}], learning_rate=1e-2)
+        return dict(network=model, optimizer=optimizer,
+                    lr_scheduler=create_lr_scheduler("cosine", optimizer, num_training_steps=10, lr_warmup_steps=2))
+
+    def steps(p, n):
+        for _ in range(n):
+            one_step(p["optimizer"], list(p["network"].parameters()))
+            p["lr_scheduler"].step()
+
+    uninterrupted = pieces()
+    steps(uninterrupted, 5)
+    first = pieces()
+    steps(first, 3)
+    training.save_state(tmp_path / "s", step=3, epoch=0, batch_in_epoch=3, **first)
+    second = pieces()
+    training.load_state(tmp_path / "s", **second)
+    steps(second, 2)
+    for k, v in uninterrupted["network"].state_dict().items():
+        assert torch.equal(v, second["network"].state_dict()[k]), k
+
+
+def test_crash_during_save_keeps_previous_state(tmp_path, monkeypatch):
+    pieces = trained_pieces()
     state_dir = tmp_path / "last-state"
-    training.save_state(state_dir, accelerator=accelerator, step=1, epoch=0, batch_in_epoch=1)
+    training.save_state(state_dir, step=1, epoch=0, batch_in_epoch=1, **pieces)
     before = sorted(p.name for p in state_dir.iterdir())
 
-    def crash(output_dir, **kwargs):
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "optimizer.bin").write_bytes(b"half written")
-        raise RuntimeError("disk full")
+    import lora_diffusion.training.state as state_module
+    real = state_module.atomic_write
 
-    monkeypatch.setattr(accelerator, "save_state", crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        training.save_state(state_dir, accelerator=accelerator, step=2, epoch=0, batch_in_epoch=2)
+    def crash(path, write_fn, **kwargs):
+        if Path(path).name == "optimizer.safetensors":
+            Path(path).write_bytes(b"half written")
+            raise OSError("disk full")
+        return real(path, write_fn, **kwargs)
+
+    monkeypatch.setattr(state_module, "atomic_write", crash)
+    with pytest.raises(OSError, match="disk full"):
+        training.save_state(state_dir, step=2, epoch=0, batch_in_epoch=2, **pieces)
     assert training.read_train_state(state_dir)["step"] == 1
     assert sorted(p.name for p in state_dir.iterdir()) == before
 
 
-def test_load_state_errors(tmp_path, accelerator):
+def test_load_state_errors(tmp_path):
+    pieces = trained_pieces()
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        training.load_state(tmp_path / "missing", accelerator=accelerator)
+        training.load_state(tmp_path / "missing", **pieces)
     (tmp_path / "partial").mkdir()
     with pytest.raises(FileNotFoundError, match="train_state.json"):
-        training.load_state(tmp_path / "partial", accelerator=accelerator)
+        training.load_state(tmp_path / "partial", **pieces)
 
 
-def test_atomic_write_and_rotate(tmp_path):
+def test_rotate_deletes_only_what_it_is_given(tmp_path):
     target = tmp_path / "a.txt"
     training.atomic_write(target, lambda f: f.write(b"old"))
 
@@ -466,17 +515,15 @@ def test_atomic_write_and_rotate(tmp_path):
 
     for epoch in (1, 2, 3, 10, 11):
         (tmp_path / f"lora-{epoch:06d}.safetensors").write_bytes(b"x")
-    for step in (5, 50, 500):
-        (tmp_path / f"lora-step{step}-state").mkdir()
-    (tmp_path / "lora.safetensors").write_bytes(b"final")
-    removed = training.rotate(tmp_path / "lora-0*.safetensors", 2)
-    assert sorted(Path(p).name for p in removed) == ["lora-000001.safetensors", "lora-000002.safetensors",
-                                                     "lora-000003.safetensors"]
-    training.rotate(tmp_path / "lora-step*-state", 1)  # natural order: 500 is the newest
+    written = [tmp_path / f"lora-{epoch:06d}.safetensors" for epoch in (2, 3, 1)]  # this run's, oldest first
+    removed = training.rotate(written, 2)
+    assert [Path(p).name for p in removed] == ["lora-000002.safetensors"]
+    assert training.rotate(written, 1, owned=lambda p: not p.endswith("000003.safetensors")) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "a.txt", "lora-000010.safetensors", "lora-000011.safetensors", "lora-step500-state", "lora.safetensors"]
+        "a.txt", "lora-000001.safetensors", "lora-000003.safetensors", "lora-000010.safetensors",
+        "lora-000011.safetensors"]
     with pytest.raises(ValueError, match="save_last_n"):
-        training.rotate(tmp_path / "*", 0)
+        training.rotate(written, 0)
 
 
 # ---------------------------------------------------------------- sample prompts

@@ -12,7 +12,8 @@ from .optim import (
     warmup_steps,
 )
 from .sampling import PromptFileError, generate_samples, make_sample_scheduler, parse_prompt_line, read_prompts
-from .state import StateNotFoundError, atomic_write, load_state, read_train_state, rotate, save_state
+from .state import (StateError, StateNotFoundError, atomic_write, load_state, non_finite, read_train_state, rotate,
+                    save_state)
 from .text import encode_prompts, encode_token_ids, tokenize_captions
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Lion", "MissingPackageError", "create_lr_scheduler", "create_optimizer", "describe_optimizer",
     "parse_optimizer_args", "warmup_steps",
     "PromptFileError", "generate_samples", "make_sample_scheduler", "parse_prompt_line", "read_prompts",
-    "StateNotFoundError", "atomic_write", "load_state", "read_train_state", "rotate", "save_state",
+    "StateError", "StateNotFoundError", "atomic_write", "load_state", "non_finite", "read_train_state", "rotate",
+    "save_state",
     "encode_prompts", "encode_token_ids", "tokenize_captions",
 ]

@@ -1,25 +1,80 @@
-"""Resumable training state (--save_state / --resume), written atomically, and output rotation.
+"""Resumable training state (--save_state / --resume) in safetensors and JSON only, written atomically.
 
-A state folder is what `accelerator.save_state` writes (prepared models, optimizer, lr scheduler, the
-python/numpy/torch/cuda RNG states, objects registered with accelerator.register_for_checkpointing)
-plus `train_state.json` with the loop position (step, epoch, batch_in_epoch, extra). It is written to
-`<dir>.tmp` and renamed into place, so a crash mid-save leaves the previous state as it was; a folder
-without train_state.json is never treated as a state.
-Tip: prepare only the LoRA network (not the frozen U-Net/text encoder) with the accelerator when you
-can, or every state folder holds a full copy of the base models.
+A state folder holds exactly:
+    train_state.json      loop position (step, epoch, batch_in_epoch, extra), the optimizer's settings and
+                          scalars, the lr scheduler's and GradScaler's state
+    network.safetensors   the network's state_dict
+    optimizer.safetensors the optimizer's state tensors, as "<param index>/<name>"
+    rng-<i>.safetensors   process i's torch CPU/CUDA generator states; python and numpy states in its header
+Nothing in it is ever unpickled, so a state folder from anywhere cannot run code: a folder holding any other file
+(a .pkl, accelerate's optimizer.bin ...) is refused, and so is one with a missing or garbled file. It is written
+to `<dir>.tmp` and renamed into place, so a crash mid-save leaves the previous state as it was.
 """
 
-import glob
 import json
 import os
-import re
+import random
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from ..io import atomic_write
 
 TRAIN_STATE_FILE = "train_state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+
+
+class StateNotFoundError(FileNotFoundError):
+    """--resume points at something that is not a training state folder."""
+
+
+class StateError(ValueError):
+    """A state folder that cannot be saved or loaded as it is (foreign, tampered, garbled, another network)."""
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+# -- JSON with tuples (betas) and tensors (kept beside it in a safetensors file, referenced by key) --------------
+
+
+def _to_json(value, where, tensors=None, key=""):
+    if isinstance(value, torch.Tensor):
+        if tensors is not None:
+            tensors[key] = value
+            return {"__tensor__": key}
+        if value.numel() == 1:
+            return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, where, tensors, f"{key}/{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, where, tensors, f"{key}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, where, tensors, f"{key}/{k}") for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise StateError(f"cannot save {where}: a value of type {type(value).__name__} ({value!r:.60}) is not plain data")
+
+
+def _from_json(value, tensors=None):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v, tensors) for v in value["__tuple__"])
+        if set(value) == {"__tensor__"} and tensors is not None:
+            return tensors[value["__tensor__"]]
+        return {k: _from_json(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    return value
+
+
+# -- saving -------------------------------------------------------------------------------------------------------
 
 
 def _replace_dir(new_dir, final_dir):
@@ -34,90 +89,233 @@ def _replace_dir(new_dir, final_dir):
         shutil.rmtree(old_dir)
 
 
-def save_state(state_dir, *, accelerator, step, epoch, batch_in_epoch, extra=None):
+def _write_tensors(path, tensors, metadata=None):
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # clone: no shared storage
+    data = save_safetensors_bytes(tensors, metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _rng_state():
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    header = {"python": json.dumps([version, list(internal), gauss]),
+              "numpy": json.dumps([kind, keys.tolist(), pos, has_gauss, cached])}
+    return tensors, header
+
+
+def _optimizer_parts(optimizer):
+    """(tensors, JSON with references to them) of an optimizer's state_dict."""
+    state_dict, tensors = optimizer.state_dict(), {}
+    state = {str(i): _to_json(v, "the optimizer state", tensors, str(i)) for i, v in state_dict["state"].items()}
+    return tensors, {"state": state, "param_groups": _to_json(state_dict["param_groups"], "the optimizer settings")}
+
+
+def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batch_in_epoch, extra=None,
+               accelerator=None):
     """Save everything needed to resume into `state_dir` (replacing an older state there). Call on all processes.
 
-    step: optimizer steps done; epoch: current epoch (0-based or 1-based, the caller's convention, stored
-    as given); batch_in_epoch: batches of that epoch already consumed; extra: any JSON-able dict.
+    step: optimizer steps done; epoch: current epoch (the caller's convention, stored as given); batch_in_epoch:
+    batches of that epoch already consumed; extra: any JSON-able dict. Refuses (StateError) to write NaN/inf.
     """
     state_dir = Path(state_dir)
     tmp_dir = state_dir.with_name(state_dir.name + ".tmp")
-    if accelerator.is_main_process and tmp_dir.exists():
-        shutil.rmtree(tmp_dir)  # leftover of an interrupted save
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp_dir))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        record = dict(format=STATE_FORMAT, step=int(step), epoch=int(epoch), batch_in_epoch=int(batch_in_epoch))
-        record["extra"] = extra or {}
-        text = json.dumps(record, indent=2)
+    main = accelerator is None or accelerator.is_main_process
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    weights = network.state_dict()
+    optimizer_tensors, optimizer_rest = _optimizer_parts(optimizer)
+    bad = non_finite(weights) + [f"optimizer {k}" for k in non_finite(optimizer_tensors)]
+    if bad:
+        raise StateError(f"not saving {state_dir}: {len(bad)} tensor(s) hold NaN/inf, e.g. {bad[0]}")
+    if main:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)  # leftover of an interrupted save
+        tmp_dir.mkdir(parents=True)
+    _wait(accelerator)
+    rng_tensors, rng_header = _rng_state()
+    _write_tensors(tmp_dir / f"rng-{rank}.safetensors", rng_tensors, rng_header)
+    if main:
+        _write_tensors(tmp_dir / "network.safetensors", weights)
+        _write_tensors(tmp_dir / "optimizer.safetensors", optimizer_tensors)
+        scaler = getattr(accelerator, "scaler", None)
+        record = dict(format=STATE_FORMAT, step=int(step), epoch=int(epoch), batch_in_epoch=int(batch_in_epoch),
+                      extra=_to_json(extra or {}, "extra"), processes=world, optimizer=optimizer_rest,
+                      lr_scheduler=_to_json(lr_scheduler.state_dict(), "the lr scheduler"),
+                      scaler=None if scaler is None else _to_json(scaler.state_dict(), "the GradScaler"))
+        text = json.dumps(record, indent=1)
+        _wait(accelerator)
         atomic_write(tmp_dir / TRAIN_STATE_FILE, lambda f: f.write(text), mode="w")
         _replace_dir(tmp_dir, state_dir)
-    accelerator.wait_for_everyone()
+    else:
+        _wait(accelerator)
+    _wait(accelerator)
     return state_dir
 
 
-class StateNotFoundError(FileNotFoundError):
-    """--resume points at something that is not a complete training state."""
+def _wait(accelerator):
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
 
 
-def read_train_state(state_dir):
-    """The train_state.json of a state folder as a dict (no accelerator needed)."""
+# -- loading ------------------------------------------------------------------------------------------------------
+
+EXPECTED = "a folder written by --save_state (train_state.json, network.safetensors, optimizer.safetensors, " \
+           "rng-<i>.safetensors)"
+
+
+def _read_record(state_dir):
     state_dir = Path(state_dir)
-    expected = f"a folder written by --save_state, holding {TRAIN_STATE_FILE} and accelerate's optimizer/RNG files"
     if not state_dir.is_dir():
         hint = ""
         if state_dir.with_name(state_dir.name + ".old").is_dir():
             hint = f" ({state_dir.name}.old exists: a save was interrupted between two renames; rename it back)"
-        raise StateNotFoundError(f"--resume {state_dir}: no such folder; expected {expected}{hint}")
+        raise StateNotFoundError(f"--resume {state_dir}: no such folder; expected {EXPECTED}{hint}")
     path = state_dir / TRAIN_STATE_FILE
     if not path.is_file():
         raise StateNotFoundError(
-            f"--resume {state_dir}: {TRAIN_STATE_FILE} is missing (an incomplete or foreign folder); expected {expected}. "
-            f"To start from LoRA weights instead of resuming, use --network_weights FILE.safetensors"
-        )
+            f"--resume {state_dir}: {TRAIN_STATE_FILE} is missing (an incomplete or foreign folder); expected "
+            f"{EXPECTED}. To start from LoRA weights instead of resuming, use --network_weights FILE.safetensors")
     try:
-        record = json.loads(path.read_text())
-        return dict(
-            step=int(record["step"]),
-            epoch=int(record["epoch"]),
-            batch_in_epoch=int(record["batch_in_epoch"]),
-            extra=dict(record.get("extra") or {}),
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise StateNotFoundError(f"--resume {state_dir}: {path.name} is unreadable ({e}); expected {expected}") from e
-
-
-def load_state(state_dir, *, accelerator):
-    """Restore what save_state saved (call after accelerator.prepare, with the same objects registered).
-
-    Returns dict(step, epoch, batch_in_epoch, extra): skip that many batches of that epoch to continue.
-    """
-    record = read_train_state(state_dir)
-    accelerator.load_state(str(state_dir))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        if record.get("format") != STATE_FORMAT:
+            raise StateError(
+                f"--resume {state_dir}: format {record.get('format')!r} is not this trainer's state format "
+                f"{STATE_FORMAT} (format 1 states held accelerate pickles, which are never loaded: start from the "
+                f"LoRA file with --network_weights instead)")
+        for key in ("step", "epoch", "batch_in_epoch", "processes"):
+            if type(record.get(key)) is not int or record[key] < 0:
+                raise ValueError(f"{key} is {record.get(key)!r}, expected a whole number >= 0")
+        if not isinstance(record.get("extra"), dict) or not isinstance(record.get("optimizer"), dict):
+            raise ValueError("extra/optimizer are not JSON objects")
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, StateError):
+            raise
+        raise StateError(f"--resume {state_dir}: {TRAIN_STATE_FILE} is unreadable ({e}); expected {EXPECTED}") from None
     return record
 
 
-def _natural_key(path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+def read_train_state(state_dir):
+    """dict(step, epoch, batch_in_epoch, extra) of a state folder, checked but without loading its tensors."""
+    record = _read_record(state_dir)
+    _check_files(Path(state_dir), record["processes"])
+    return dict(step=record["step"], epoch=record["epoch"], batch_in_epoch=record["batch_in_epoch"],
+                extra=_from_json(record["extra"]))
 
 
-def rotate(paths_pattern, keep_last_n):
-    """Delete all but the newest `keep_last_n` outputs matching a glob pattern (files or state folders).
+def _check_files(state_dir, processes):
+    expected = {TRAIN_STATE_FILE, "network.safetensors", "optimizer.safetensors"}
+    expected |= {f"rng-{i}.safetensors" for i in range(processes)}
+    present = {p.name for p in state_dir.iterdir()}
+    foreign = sorted(present - expected)
+    if foreign:
+        raise StateError(f"--resume {state_dir}: unexpected {foreign[0]!r} in the folder; a state folder holds only "
+                         f"{', '.join(sorted(expected))} (pickles and other files are never loaded: a tampered or "
+                         f"foreign folder?)")
+    missing = sorted(expected - present)
+    if missing:
+        raise StateError(f"--resume {state_dir}: {missing[0]} is missing (an incomplete or damaged state)")
 
-    "Newest" is by the numbers in the names (name-000003 < name-000010; zero-padded names sort the same).
-    keep_last_n None keeps everything. Returns the deleted paths.
-    """
+
+def _read_tensors(state_dir, name):
+    path = Path(state_dir) / name
+    try:
+        data = path.read_bytes()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        return load_safetensors_bytes(data), header
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds on a garbled file
+        raise StateError(f"--resume {state_dir}: {name} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def load_state(state_dir, *, network, optimizer, lr_scheduler, accelerator=None):
+    """Restore what save_state saved into the same kind of objects; returns dict(step, epoch, batch_in_epoch, extra).
+
+    Skip `batch_in_epoch` batches of `epoch` to continue. Every problem is a StateError naming the folder."""
+    state_dir = Path(state_dir)
+    record = _read_record(state_dir)
+    _check_files(state_dir, record["processes"])
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    if record["processes"] != world:
+        raise StateError(f"--resume {state_dir}: saved by {record['processes']} process(es), this run has {world}; "
+                         f"resume with the same number of processes")
+
+    def bad(what):
+        return StateError(f"--resume {state_dir}: {what}")
+
+    weights, _ = _read_tensors(state_dir, "network.safetensors")
+    own = network.state_dict()
+    if set(weights) != set(own):
+        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        raise bad(f"network.safetensors is for another network (missing {missing[:2]}, unexpected {unexpected[:2]}; "
+                  f"other --network_args or trained parts?)")
+    for key, value in own.items():
+        if weights[key].shape != value.shape:
+            raise bad(f"network.safetensors is for another network: {key} is {tuple(weights[key].shape)}, this "
+                      f"run's is {tuple(value.shape)} (another --network_dim or --network_args?)")
+    if non_finite(weights):
+        raise bad(f"network.safetensors holds NaN/inf ({non_finite(weights)[0]})")
+
+    optimizer_tensors, _ = _read_tensors(state_dir, "optimizer.safetensors")
+    try:
+        saved = record["optimizer"]
+        groups = _from_json(saved["param_groups"])
+        state = {int(i): _from_json(v, optimizer_tensors) for i, v in saved["state"].items()}
+        current = optimizer.state_dict()["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+            raise ValueError(f"{len(groups)} parameter group(s) of {[len(g['params']) for g in groups]} tensors, "
+                             f"this run has {[len(g['params']) for g in current]} (other trained parts?)")
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise bad(f"the optimizer state does not fit this run's optimizer ({type(e).__name__}: {e})") from None
+    try:
+        lr_scheduler.load_state_dict(_from_json(record["lr_scheduler"]))
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None and record.get("scaler") is not None:
+            scaler.load_state_dict(_from_json(record["scaler"]))
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise bad(f"the lr scheduler state is unreadable ({type(e).__name__}: {e})") from None
+
+    rng, header = _read_tensors(state_dir, f"rng-{rank}.safetensors")
+    try:
+        version, internal, gauss = json.loads(header["python"])
+        kind, keys, pos, has_gauss, cached = json.loads(header["numpy"])
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(rng["torch_cpu"])
+        cuda = [rng[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in rng))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+    except (KeyError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise bad(f"rng-{rank}.safetensors is unreadable ({type(e).__name__}: {e})") from None
+    network.load_state_dict(weights)
+    return dict(step=record["step"], epoch=record["epoch"], batch_in_epoch=record["batch_in_epoch"],
+                extra=_from_json(record["extra"]))
+
+
+# -- rotation -----------------------------------------------------------------------------------------------------
+
+
+def rotate(written, keep_last_n, *, owned=None):
+    """Delete all but the newest `keep_last_n` of the outputs (files or state folders) this run `written`, oldest
+    first. Never looks at other files; `owned(path)` (optional) must also say yes before a path is deleted, e.g.
+    that the file still carries this run's session id. keep_last_n None keeps everything. Returns what was
+    deleted."""
     if keep_last_n is None:
         return []
     if keep_last_n < 1:
-        raise ValueError(f"--save_last_n_epochs/--save_last_n_steps must be >= 1, got {keep_last_n}")
-    matches = [p for p in glob.glob(str(paths_pattern)) if not p.endswith((".tmp", ".old"))]
-    matches.sort(key=_natural_key)
-    removed = matches[: max(0, len(matches) - keep_last_n)]
-    for path in removed:
+        raise ValueError(f"--save_last_n_epochs must be >= 1, got {keep_last_n}")
+    removed = []
+    for path in list(written)[: max(0, len(written) - keep_last_n)]:
+        path = str(path)
+        if not os.path.exists(path) or (owned is not None and not owned(path)):
+            continue
         if os.path.isdir(path):
             shutil.rmtree(path)
         else:
             os.remove(path)
+        removed.append(path)
     return removed
