@@ -4,6 +4,7 @@
         --prompt "toy, a red circle on a blue background" --width 128 --height 128 --out output/generate
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -12,14 +13,24 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """`path` or `path:multiplier` (a Windows drive letter is not mistaken for a multiplier)."""
+    """`path` or `path:multiplier` (a Windows drive letter is not mistaken for a multiplier, nor is the end of an
+    existing file's name). Raises ValueError for a multiplier that is not a finite number."""
     path, sep, multiplier = spec.rpartition(":")
-    if sep and path and not (len(path) == 1 and path.isalpha()):
-        try:
-            return path, float(multiplier)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not path or (len(path) == 1 and path.isalpha()) or Path(spec).is_file():
+        return spec, 1.0
+    try:
+        value = float(multiplier)
+    except ValueError:
+        raise ValueError(f"--lora {spec!r}: the multiplier {multiplier!r} is not a number; expected FILE or "
+                         f"FILE:MULTIPLIER, e.g. {path}:0.8") from None
+    return path, check_multiplier(value, path)
+
+
+def check_multiplier(multiplier, path) -> float:
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+        raise ValueError(f"--lora {path}: the multiplier must be a finite number, got {multiplier!r} "
+                         f"(nan or inf would make every image black)")
+    return float(multiplier)
 
 
 def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], out_dir: str, *, merge: bool = False,
@@ -31,6 +42,8 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
     from .network import load_network
     from .training.sampling import generate_samples
 
+    for path, multiplier in loras:
+        check_multiplier(multiplier, path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(model, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device)
     for path, multiplier in loras:

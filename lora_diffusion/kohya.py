@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import struct
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +19,39 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
 from .io import atomic_write
-from .targets import KNOWN_PREFIXES
+from .targets import KNOWN_PREFIXES, canonical_kohya_name
 
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-_UNSUPPORTED = {
-    "hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
-    "dora_scale": "DoRA", "diff": "full-weight difference (LyCORIS 'full')", "oft_": "OFT", "boft_": "BOFT",
-}
+EMBEDDING_PREFIX = "bundle_emb."  # A1111's textual-inversion embeddings bundled in a LoRA file
+
+
+def _format_of(key: str, tensor: torch.Tensor) -> str | None:
+    """The format (with its article) that a key not of a plain LoRA belongs to, from LyCORIS' and kohya's names."""
+    parts = key.split(".")[1:]
+    if not parts:
+        return None
+    last = parts[-1]
+    if any(p.startswith("hada_") for p in parts):
+        return "a LoHa (LyCORIS)"
+    if any(p.startswith("lokr_") for p in parts):
+        return "a LoKr (LyCORIS)"
+    if "lora_mid" in parts:
+        return "a LoCon with Tucker decomposition (lora_mid)"
+    if "dora_scale" in parts:
+        return "a DoRA"
+    if last in ("diff", "diff_b"):
+        return "a full-weight difference (LyCORIS 'full')"
+    if any(p.startswith("boft_") for p in parts) or (last == "oft_blocks" and tensor.dim() == 4):
+        return "a BOFT"  # BOFT's blocks are 4-D, OFT's 3-D (ComfyUI tells them apart the same way)
+    if any(p.startswith("oft_") for p in parts):
+        return "an OFT"
+    if last == "weight" and len(parts) >= 2 and parts[-2] in ("a1", "a2", "b1", "b2"):
+        return "a GLoRA (LyCORIS)"
+    if last == "on_input":
+        return "an IA3 (LyCORIS)"
+    if last in ("w_norm", "b_norm"):
+        return "a norm-layer (LyCORIS w_norm/b_norm)"
+    return None
 
 
 class LoRAFileError(ValueError):
@@ -34,17 +62,30 @@ class LoRAFileError(ValueError):
 class ModuleWeights:
     down: torch.Tensor
     up: torch.Tensor
-    alpha: float  # kohya convention: a missing .alpha means alpha = rank
+    alpha: float  # kohya convention: a missing .alpha, or 0, means alpha = rank
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
 
+class LoRAModules(dict):
+    """{kohya module name: ModuleWeights}, plus `embeddings`: the textual-inversion embeddings bundled in the file
+    ({name: {key after the name: tensor}}, A1111's `bundle_emb.<name>.*`), which are not applied."""
+
+    def __init__(self, modules=(), embeddings=None):
+        super().__init__(modules)
+        self.embeddings = embeddings or {}
+
+
+class LoRAFileWarning(UserWarning):
+    """Part of a LoRA file was not used; the message says which and why."""
+
+
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
-def read_lora_file(path: str) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
+def read_lora_file(path: str) -> tuple[LoRAModules, dict[str, str]]:
     """Read a kohya-format LoRA: {kohya module name: ModuleWeights}, metadata. Raises LoRAFileError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -59,26 +100,43 @@ def read_lora_file(path: str) -> tuple[dict[str, ModuleWeights], dict[str, str]]
     return parse_state_dict(tensors, source=path), metadata
 
 
-def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, ModuleWeights]:
-    """Group flat kohya keys into modules, validating names, suffixes and shapes."""
+def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict") -> LoRAModules:
+    """Group flat kohya keys into modules, validating names, suffixes, shapes and values."""
     if not tensors:
         raise LoRAFileError(f"{source} holds no tensors")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
+    embeddings: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = {}
     for key, tensor in tensors.items():
+        if key.startswith(EMBEDDING_PREFIX):
+            name, _, rest = key[len(EMBEDDING_PREFIX):].partition(".")
+            embeddings.setdefault(name, {})[rest] = tensor
+            continue
         name, _, suffix = key.partition(".")
         if suffix not in _SUFFIXES or not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
-            unknown.append(key)
+            unknown[key] = tensor
             continue
         grouped.setdefault(name, {})[suffix] = tensor
     if unknown:
         raise LoRAFileError(_unknown_keys_message(unknown, source))
+    if not grouped:
+        raise LoRAFileError(f"{source} holds only bundled embeddings ({', '.join(sorted(embeddings))}), no LoRA")
 
-    modules = {}
+    spellings = {}
+    for name in sorted(grouped):
+        other = spellings.setdefault(canonical_kohya_name(name), name)
+        if other != name:
+            raise LoRAFileError(f"{source}: {other} and {name} are two spellings of the same module; a file may "
+                                f"hold each module once")
+    modules = LoRAModules(embeddings=embeddings)
     for name, parts in sorted(grouped.items()):
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             missing = [s for s in _SUFFIXES[:2] if s not in parts]
             raise LoRAFileError(f"{source}: module {name} lacks {', '.join(name + '.' + m for m in missing)}")
+        for suffix, tensor in parts.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise LoRAFileError(f"{source}: {name}.{suffix} holds NaN or infinite values; the file is damaged "
+                                    f"(saved from a diverged run?) and would turn every image black")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
             raise LoRAFileError(f"{source}: module {name} has inconsistent shapes lora_down {tuple(down.shape)}, "
@@ -89,16 +147,21 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
         if alpha is not None and alpha.numel() != 1:
             raise LoRAFileError(f"{source}: {name}.alpha must be a scalar, got shape {tuple(alpha.shape)}")
         rank = down.shape[0]
-        alpha_value = float(alpha.float().item()) if alpha is not None else float(rank)
-        modules[name] = ModuleWeights(down, up, alpha_value)
+        alpha_value = float(alpha.float().item()) if alpha is not None else 0.0
+        modules[name] = ModuleWeights(down, up, alpha_value or float(rank))  # kohya: alpha 0 means alpha = rank
+    if embeddings:
+        warnings.warn(f"{source}: the bundled embedding(s) {', '.join(repr(n) for n in sorted(embeddings))} were "
+                      f"not loaded (lora_diffusion cannot apply textual-inversion embeddings yet); the LoRA was, and "
+                      f"the embeddings' trigger words are read as plain text", LoRAFileWarning, stacklevel=3)
     return modules
 
 
-def _unknown_keys_message(keys: list[str], source: str) -> str:
-    for marker, kind in _UNSUPPORTED.items():
-        if any(marker in k for k in keys):
-            return (f"{source} is a {kind} file, which is not a plain LoRA/LoCon; keys such as "
-                    f"{', '.join(sorted(k for k in keys if marker in k)[:3])} cannot be loaded")
+def _unknown_keys_message(keys: dict[str, torch.Tensor], source: str) -> str:
+    formats = {key: _format_of(key, tensor) for key, tensor in sorted(keys.items())}
+    for kind, _ in Counter(f for f in formats.values() if f).most_common(1):  # the format of most keys
+        examples = [k for k, f in formats.items() if f == kind][:3]
+        return (f"{source} is {kind} file, which is not a plain LoRA/LoCon; keys such as "
+                f"{', '.join(examples)} cannot be loaded")
     shown = ", ".join(sorted(keys)[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
     return (f"{source} has keys that are not kohya LoRA keys: {shown}. Expected "
             f"`<lora_unet|lora_te|lora_te1|lora_te2>_<module>.{{lora_down.weight,lora_up.weight,alpha}}`")

@@ -46,6 +46,17 @@ def canonical_text_encoder_path(path: str) -> str:
     return path
 
 
+def canonical_kohya_name(name: str) -> str:
+    """The one spelling of a module name. Text-encoder names come as `lora_te_text_model_encoder_...`, as
+    `lora_te_encoder_...` (transformers 5 paths) and as `lora_te1_...` (SDXL's first encoder, which ComfyUI and
+    A1111 also accept for SD1's only one); all become `lora_te_text_model_encoder_...`."""
+    for prefix in ("lora_te1_", "lora_te_"):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return f"{TEXT_ENCODER_PREFIX}_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+    return name
+
+
 def _lora_capable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
@@ -75,7 +86,8 @@ def text_encoder_targets(text_encoder: nn.Module, *, prefix: str = TEXT_ENCODER_
 def all_named_modules(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, Target]:
     """Every Linear/Conv2d of both models by kohya name: what a foreign file may address.
 
-    Text-encoder modules are reachable under both `lora_te_text_model_...` and `lora_te_...` spellings.
+    Text-encoder modules are reachable under every spelling canonical_kohya_name accepts: `lora_te_text_model_...`,
+    `lora_te_...`, `lora_te1_text_model_...` and `lora_te1_...`.
     """
     names = {}
     if unet is not None:
@@ -90,7 +102,8 @@ def all_named_modules(unet: nn.Module | None, text_encoder: nn.Module | None) ->
                 target = Target(kohya_name(TEXT_ENCODER_PREFIX, canonical), path, module)
                 names[target.name] = target
                 short = canonical.removeprefix("text_model.")
-                names.setdefault(kohya_name(TEXT_ENCODER_PREFIX, short), target)
+                for prefix, rest in (("lora_te", short), ("lora_te1", canonical), ("lora_te1", short)):
+                    names.setdefault(kohya_name(prefix, rest), target)
     return names
 
 

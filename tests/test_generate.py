@@ -1,12 +1,14 @@
 """`lora-diffusion generate`: base model + LoRA files with multipliers -> images."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from lora_diffusion import create_network
 from lora_diffusion.cli import main
-from lora_diffusion.generate import parse_lora_spec
+from lora_diffusion.generate import generate, parse_lora_spec
 from lora_diffusion.models import load_models
 
 
@@ -49,3 +51,43 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     assert main(["generate", "--model", "builtin:tiny", "--prompt", "x", "--lora", str(tmp_path / "none.safetensors"),
                  "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_lora_spec_errors():
+    for spec, message in (("a.safetensors:abc", "multiplier 'abc' is not a number"),
+                          ("a.safetensors:", "multiplier '' is not a number"),
+                          ("a.safetensors:nan", "finite number, got nan"), ("a.safetensors:-inf", "got -inf"),
+                          ("a.safetensors:1e400", "got inf")):
+        with pytest.raises(ValueError, match=message):
+            parse_lora_spec(spec)
+
+
+def test_a_colon_in_an_existing_file_name_is_not_a_multiplier(tmp_path):
+    path = tmp_path / "style:v2.safetensors"
+    path.write_bytes(b"")
+    assert parse_lora_spec(str(path)) == (str(path), 1.0)
+
+
+def test_generate_refuses_non_finite_multipliers_and_weights(tmp_path, capsys):
+    models = load_models("builtin:tiny")
+    network = create_network(models.unet, models.text_encoder, rank=2, alpha=2)
+    lora = tmp_path / "l.safetensors"
+    network.save_weights(lora)
+    tensors = load_file(str(lora))
+    name = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    base = ["generate", "--model", "builtin:tiny", "--prompt", "x", "--width", "64", "--height", "64",
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--lora", f"{lora}:abc"]) == 2
+    error = capsys.readouterr().err
+    assert "multiplier 'abc' is not a number" in error and "not found" not in error
+    for multiplier in ("nan", "inf"):
+        assert main([*base, "--lora", f"{lora}:{multiplier}"]) == 2
+        assert f"got {multiplier}" in capsys.readouterr().err
+    assert main([*base, "--lora", str(tmp_path / "nan.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'nan.safetensors'}: {name} holds NaN or infinite values" in error
+    with pytest.raises(ValueError, match="finite number"):  # the function checks too
+        generate("builtin:tiny", [(str(lora), float("nan"))], [{"prompt": "x"}], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing drawn

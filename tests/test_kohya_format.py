@@ -60,7 +60,7 @@ def test_written_file_follows_the_format(tmp_path, tiny_unet, tiny_text_encoder)
 
 def test_alpha_zero_means_alpha_equals_rank(tmp_path, tiny_unet):
     network = create_network(tiny_unet, None, rank=4, alpha=0, conv_rank=2, conv_alpha=0)
-    assert {layer.scale for layer in network.layers().values()} == {1.0}
+    assert {layer.scaling for layer in network.layers().values()} == {1.0}
     network.save_weights(tmp_path / "a0.safetensors")
     tensors, meta = read_raw(str(tmp_path / "a0.safetensors"))
     assert {t.item() for k, t in tensors.items() if k.endswith(".alpha")} == {4.0}
@@ -79,7 +79,8 @@ def test_conv_alpha_is_folded_into_lora_up(tmp_path, tiny_unet):
                                conv.lora_up.weight * 2)
 
 
-def kohya_file_from_naming_rules(unet, text_encoder, path, rank=3, alpha=1.5, te_prefix="text_model."):
+def kohya_file_from_naming_rules(unet, text_encoder, path, rank=3, alpha=1.5, te_prefix="text_model.",
+                                 te_name="lora_te"):
     """A kohya file made here from the naming rules only, not with the library: every attention to_q and to_v of
     the U-Net and every fc1 of the text encoder, plus a 3x3 conv with its own alpha, with random weights."""
     g = torch.Generator().manual_seed(7)
@@ -89,7 +90,7 @@ def kohya_file_from_naming_rules(unet, text_encoder, path, rank=3, alpha=1.5, te
     te_layers = text_encoder.encoder.layers if hasattr(text_encoder, "encoder") else \
         text_encoder.text_model.encoder.layers
     for i, layer in enumerate(te_layers):
-        modules.append(("lora_te", f"{te_prefix}encoder.layers.{i}.mlp.fc1", layer.mlp.fc1))
+        modules.append((te_name, f"{te_prefix}encoder.layers.{i}.mlp.fc1", layer.mlp.fc1))
     for prefix, path_name, module in modules:
         name = prefix + "_" + path_name.replace(".", "_")
         w = module.weight
@@ -110,11 +111,12 @@ def kohya_file_from_naming_rules(unet, text_encoder, path, rank=3, alpha=1.5, te
     return expected_deltas
 
 
+@pytest.mark.parametrize("te_name", ["lora_te", "lora_te1"])  # lora_te1: SD1 files that ComfyUI and A1111 load
 @pytest.mark.parametrize("te_prefix", ["text_model.", ""])
-def test_foreign_kohya_file_loads_with_the_outputs_of_a_formula_merge(tmp_path, te_prefix):
+def test_foreign_kohya_file_loads_with_the_outputs_of_a_formula_merge(tmp_path, te_prefix, te_name):
     unet, te = build_tiny_unet(), build_tiny_text_encoder()
     path = tmp_path / "foreign.safetensors"
-    deltas = kohya_file_from_naming_rules(unet, te, path, te_prefix=te_prefix)
+    deltas = kohya_file_from_naming_rules(unet, te, path, te_prefix=te_prefix, te_name=te_name)
     x, t, c = unet_inputs()
     ids = text_ids()
 
@@ -146,6 +148,76 @@ def test_missing_alpha_means_alpha_equals_rank_and_2d_weights_fit_1x1_convs(tmp_
     network = load_network(path, tiny_unet, None)
     assert network.layers()["lora_unet_down_blocks_0_attentions_0_proj_in"].alpha.item() == 2.0
     torch.testing.assert_close(proj_in(x), expected, rtol=1e-5, atol=1e-5)
+
+
+TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def test_alpha_zero_in_a_file_means_alpha_equals_rank(tmp_path, tiny_unet):
+    to_q = tiny_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(3, 32, generator=g) * 0.1, torch.randn(32, 3, generator=g) * 0.1
+    path = tmp_path / "alpha0.safetensors"
+    save_file({f"{TO_Q}.lora_down.weight": down, f"{TO_Q}.lora_up.weight": up, f"{TO_Q}.alpha": torch.tensor(0.0)},
+              str(path))
+    x = torch.randn(2, 5, 32)
+    expected = F.linear(x, to_q.weight + 0.7 * (3 / 3) * (up @ down), to_q.bias)  # alpha = rank = 3
+    load_network(path, tiny_unet, None, multiplier=0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(to_q(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bundled_embeddings_are_kept_aside_and_the_lora_is_loaded(tmp_path, tiny_unet):
+    to_q = tiny_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    down, up = torch.randn(2, 32) * 0.1, torch.randn(32, 2) * 0.1
+    embedding = torch.randn(2, 32)
+    path = tmp_path / "bundled.safetensors"
+    save_file({f"{TO_Q}.lora_down.weight": down, f"{TO_Q}.lora_up.weight": up, f"{TO_Q}.alpha": torch.tensor(1.0),
+               "bundle_emb.sks_style.string_to_param.*": embedding,
+               "bundle_emb.other.string_to_param.*": torch.zeros(1, 32)}, str(path))
+    x = torch.randn(2, 5, 32)
+    expected = F.linear(x, to_q.weight + (1.0 / 2) * (up @ down), to_q.bias)
+    with pytest.warns(kohya.LoRAFileWarning, match="'other', 'sks_style' were not loaded"):
+        load_network(path, tiny_unet, None)
+    with torch.no_grad():
+        torch.testing.assert_close(to_q(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.warns(kohya.LoRAFileWarning):
+        modules, _ = kohya.read_lora_file(path)
+    assert list(modules) == [TO_Q] and sorted(modules.embeddings) == ["other", "sks_style"]
+    assert torch.equal(modules.embeddings["sks_style"]["string_to_param.*"], embedding)
+
+
+@pytest.mark.parametrize("first,second", [
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_encoder_layers_0_mlp_fc1"),
+    ("lora_te1_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_0_mlp_fc1"),
+])
+def test_two_spellings_of_one_module_are_named(tmp_path, tiny_unet, tiny_text_encoder, first, second):
+    path = tmp_path / "twice.safetensors"
+    tensors = {}
+    for name in (first, second):
+        tensors |= {f"{name}.lora_down.weight": torch.zeros(2, 32), f"{name}.lora_up.weight": torch.zeros(32, 2)}
+    save_file(tensors, str(path))
+    with pytest.raises(LoRAFileError) as error:
+        load_network(path, tiny_unet, tiny_text_encoder)
+    message = str(error.value)
+    assert message.count(first) == 1 and message.count(second) == 1 and "same module" in message
+
+
+def test_other_formats_are_named(tmp_path, tiny_unet, tiny_text_encoder):
+    n = TO_Q
+    files = {
+        "an OFT": {f"{n}.oft_blocks": torch.zeros(4, 8, 8), f"{n}.alpha": torch.tensor(1.0)},
+        "a BOFT": {f"{n}.oft_blocks": torch.zeros(2, 4, 8, 8), f"{n}.rescale": torch.ones(32, 1)},
+        "a GLoRA": {f"{n}.{part}.weight": torch.zeros(4, 4) for part in ("a1", "a2", "b1", "b2")},
+        "an IA3": {f"{n}.weight": torch.ones(32), f"{n}.on_input": torch.tensor(False)},
+        "a norm-layer": {"lora_unet_down_blocks_0_resnets_0_norm1.w_norm": torch.ones(32),
+                         "lora_unet_down_blocks_0_resnets_0_norm1.b_norm": torch.zeros(32)},
+    }
+    for kind, tensors in files.items():
+        path = tmp_path / f"{kind.split()[1]}.safetensors"
+        save_file(tensors, str(path))
+        with pytest.raises(LoRAFileError, match=f"{path} is {kind} (\\(LyCORIS.*\\) )?file"):
+            load_network(path, tiny_unet, tiny_text_encoder)
 
 
 def test_save_load_round_trip(tmp_path, tiny_unet, tiny_text_encoder):
