@@ -63,7 +63,8 @@ class LoRALayer(nn.Module):
         self.child_name = None
 
     @property
-    def scale(self) -> float:
+    def scaling(self) -> float:
+        """alpha / rank (peft's name; cloneofsimo's `.scale` is the multiplier, see LoraInjectedLinear)."""
         return self._alpha_value / self.rank
 
     @property
@@ -108,9 +109,9 @@ class LoRALayer(nn.Module):
         return out if self.merged else out + self.lora_delta(x).to(out.dtype)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * up(down(x)), with the training-time dropouts."""
+        """multiplier * scaling * up(down(x)), with the training-time dropouts."""
         h = _in_dtype_of(self.lora_down, x)
-        scale = self.multiplier * self.scale
+        scale = self.multiplier * self.scaling
         if self.training:
             if self.dropout > 0:
                 h = F.dropout(h, p=self.dropout)
@@ -142,7 +143,7 @@ class LoRALayer(nn.Module):
         else:
             # Composing a kxk conv (down) with a 1x1 conv (up) is itself a kxk conv.
             delta = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-        return delta * self.scale
+        return delta * self.scaling
 
     @torch.no_grad()
     def merge(self):

@@ -24,7 +24,7 @@ def test_init_matches_kohya_and_changes_nothing():
     assert torch.count_nonzero(layer.lora_up.weight) == 0
     bound = 1 / math.sqrt(16)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 16
     assert layer.lora_down.weight.abs().max() <= bound and layer.lora_down.weight.std() > bound / 4
-    assert layer.alpha.dim() == 0 and layer.scale == 0.5
+    assert layer.alpha.dim() == 0 and layer.scaling == 0.5
     x = torch.randn(3, 16)
     expected = base(x)
     layer.apply_to()
