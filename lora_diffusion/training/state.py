@@ -130,6 +130,12 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
     bad = non_finite(weights) + [f"optimizer {k}" for k in non_finite(optimizer_tensors)]
     if bad:
         raise StateError(f"not saving {state_dir}: {len(bad)} tensor(s) hold NaN/inf, e.g. {bad[0]}")
+    scaler = getattr(accelerator, "scaler", None)
+    record = dict(format=STATE_FORMAT, step=int(step), epoch=int(epoch), batch_in_epoch=int(batch_in_epoch),
+                  extra=_to_json(extra or {}, "extra"), processes=world, optimizer=optimizer_rest,
+                  lr_scheduler=_to_json(lr_scheduler.state_dict(), "the lr scheduler"),
+                  scaler=None if scaler is None else _to_json(scaler.state_dict(), "the GradScaler"))
+    text = json.dumps(record, indent=1)  # every check above runs on every process, before any of them waits
     if main:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)  # leftover of an interrupted save
@@ -140,17 +146,10 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
     if main:
         _write_tensors(tmp_dir / "network.safetensors", weights)
         _write_tensors(tmp_dir / "optimizer.safetensors", optimizer_tensors)
-        scaler = getattr(accelerator, "scaler", None)
-        record = dict(format=STATE_FORMAT, step=int(step), epoch=int(epoch), batch_in_epoch=int(batch_in_epoch),
-                      extra=_to_json(extra or {}, "extra"), processes=world, optimizer=optimizer_rest,
-                      lr_scheduler=_to_json(lr_scheduler.state_dict(), "the lr scheduler"),
-                      scaler=None if scaler is None else _to_json(scaler.state_dict(), "the GradScaler"))
-        text = json.dumps(record, indent=1)
-        _wait(accelerator)
+    _wait(accelerator)  # every rng file is there before train_state.json marks the folder complete
+    if main:
         atomic_write(tmp_dir / TRAIN_STATE_FILE, lambda f: f.write(text), mode="w")
         _replace_dir(tmp_dir, state_dir)
-    else:
-        _wait(accelerator)
     _wait(accelerator)
     return state_dir
 
@@ -190,6 +189,8 @@ def _read_record(state_dir):
         for key in ("step", "epoch", "batch_in_epoch", "processes"):
             if type(record.get(key)) is not int or record[key] < 0:
                 raise ValueError(f"{key} is {record.get(key)!r}, expected a whole number >= 0")
+        if not 1 <= record["processes"] <= 4096:
+            raise ValueError(f"processes is {record['processes']}, expected 1 to 4096")
         if not isinstance(record.get("extra"), dict) or not isinstance(record.get("optimizer"), dict):
             raise ValueError("extra/optimizer are not JSON objects")
     except (ValueError, UnicodeDecodeError) as e:
@@ -219,6 +220,9 @@ def _check_files(state_dir, processes):
     missing = sorted(expected - present)
     if missing:
         raise StateError(f"--resume {state_dir}: {missing[0]} is missing (an incomplete or damaged state)")
+    odd = sorted(name for name in expected if (state_dir / name).is_symlink() or not (state_dir / name).is_file())
+    if odd:
+        raise StateError(f"--resume {state_dir}: {odd[0]} is not a plain file (a link or a folder)")
 
 
 def _read_tensors(state_dir, name):
