@@ -673,7 +673,8 @@ def test_disk_cache_key_does_not_depend_on_the_hash_seed(tmp_path):
               "from dataset import LoRADataset\n"
               "torch.manual_seed(0)\n"
               f"vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config({str(TINY_VAE)!r}))\n"
-              "LoRADataset(sys.argv[1], resolution=64).cache_latents(vae.eval(), to_disk=True, cache_dir=sys.argv[2])\n")
+              "ds = LoRADataset(sys.argv[1], resolution=64)\n"
+              "ds.cache_latents(vae.eval(), to_disk=True, cache_dir=sys.argv[2])\n")
     root = Path(__file__).resolve().parents[1]
     for seed in ("1", "2", "3"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
