@@ -6,8 +6,9 @@ import logging
 # package that nothing here uses; keep that line out of every command's output (real errors still show).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .inject import (DEFAULT_TARGET_REPLACE, TEXT_ENCODER_DEFAULT_TARGET_REPLACE, inject_trainable_lora,
-                     lora_network, remove_lora)
+from . import cloneofsimo
+from .cloneofsimo import *  # noqa: F401,F403  cloneofsimo/lora's API under its names
+from .inject import lora_network, remove_lora
 from .kohya import LoRAFileError, read_lora_file
 from .layer import LoRALayer
 from .network import LoRANetwork, create_network, load_network
@@ -15,6 +16,6 @@ from .network import LoRANetwork, create_network, load_network
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALayer", "LoRANetwork", "create_network", "load_network", "inject_trainable_lora", "lora_network",
-    "remove_lora", "read_lora_file", "LoRAFileError", "DEFAULT_TARGET_REPLACE", "TEXT_ENCODER_DEFAULT_TARGET_REPLACE",
+    "LoRALayer", "LoRANetwork", "create_network", "load_network", "read_lora_file", "LoRAFileError",
+    *cloneofsimo.__all__,
 ]

@@ -1,15 +1,19 @@
-"""cloneofsimo/lora's research API on top of LoRALayer:
+"""cloneofsimo/lora's injection API on top of LoRALayer:
 
     unet.requires_grad_(False)
     params, names = inject_trainable_lora(unet, r=8)
     optimizer = torch.optim.AdamW(itertools.chain(*params), lr=1e-4)
 
-Modules are matched by their class name (the parents whose Linear children get a LoRA), with the renames that
-diffusers and transformers made over the years treated as the same class.
+Each wrapped module gets a LoraInjectedLinear / LoraInjectedConv2d: a LoRALayer with alpha = rank (so alpha / rank
+is 1) and cloneofsimo's attribute names, `scale` being the multiplier. Like every LoRALayer it is a child of the
+module it wraps, so the model's parameters(), state_dict(), .to() and .eval() include it. Modules are matched by the
+class name of an ancestor, with the renames that diffusers and transformers made over the years treated as the same
+class. cloneofsimo's file formats and monkeypatch_* functions are in cloneofsimo.py.
 """
 
 import re
 
+import torch
 from torch import nn
 
 from .layer import LoRALayer
@@ -18,14 +22,83 @@ from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, canonical_text_encoder_pa
 
 DEFAULT_TARGET_REPLACE = {"CrossAttention", "Attention", "GEGLU"}
 UNET_DEFAULT_TARGET_REPLACE = DEFAULT_TARGET_REPLACE
-TEXT_ENCODER_DEFAULT_TARGET_REPLACE = {"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"}
 UNET_EXTENDED_TARGET_REPLACE = {"ResnetBlock2D", "CrossAttention", "Attention", "GEGLU"}
+# cloneofsimo's sets: attention only (q, k, v, out); add "CLIPMLP" for the MLP too (kohya's text-encoder targets).
+TEXT_ENCODER_DEFAULT_TARGET_REPLACE = {"CLIPAttention"}
+TEXT_ENCODER_EXTENDED_TARGET_REPLACE = {"CLIPAttention"}
 
 # Class names that denote the same module across library versions.
 _ALIASES = [
     re.compile(r"^(Cross)?Attention$"),
     re.compile(r"^CLIP(Sdpa|Flash|FlashAttention2|Flex)?Attention\d?$"),
 ]
+
+
+class _CloneofsimoNames:
+    """cloneofsimo's attribute names on a LoRALayer whose alpha equals its rank."""
+
+    @property
+    def scale(self) -> float:
+        return self.multiplier
+
+    @scale.setter
+    def scale(self, value: float):
+        self.multiplier = float(value)
+
+    @property
+    def r(self) -> int:
+        return self.rank
+
+    def realize_as_lora(self):
+        """(up * scale, down): the weights whose product is this layer's update."""
+        return self.lora_up.weight.data * (self.multiplier * self.scaling), self.lora_down.weight.data
+
+
+class LoraInjectedLinear(_CloneofsimoNames, LoRALayer):
+    """A LoRA on an nn.Linear (`.linear`): base(x) + scale * up(dropout(down(x)))."""
+
+    def __init__(self, base: nn.Linear, r: int = 4, dropout_p: float = 0.0, scale: float = 1.0):
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoraInjectedLinear wraps an nn.Linear, got {type(base).__name__}")
+        _check_rank(r, base.in_features, base.out_features)
+        super().__init__(base, r, r, multiplier=scale, dropout=dropout_p)
+        nn.init.normal_(self.lora_down.weight, std=1 / r)  # cloneofsimo's initialisation
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self.base
+
+
+class LoraInjectedConv2d(_CloneofsimoNames, LoRALayer):
+    """A LoRA on an nn.Conv2d (`.conv`): down has the base's kernel, stride and padding, up is 1x1."""
+
+    def __init__(self, base: nn.Conv2d, r: int = 4, dropout_p: float = 0.0, scale: float = 1.0):
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoraInjectedConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        _check_rank(r, base.in_channels, base.out_channels)
+        super().__init__(base, r, r, multiplier=scale, dropout=dropout_p)
+        nn.init.normal_(self.lora_down.weight, std=1 / r)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self.base
+
+
+INJECTED = (LoraInjectedLinear, LoraInjectedConv2d)
+
+
+def _check_rank(r: int, n_in: int, n_out: int):
+    if r > min(n_in, n_out):
+        raise ValueError(f"LoRA rank {r} must be less or equal than {min(n_in, n_out)} (the module is {n_in} -> "
+                         f"{n_out})")
+
+
+def injected_layer(module: nn.Module, r: int, dropout_p: float = 0.0, scale: float = 1.0) -> LoRALayer:
+    cls = LoraInjectedConv2d if isinstance(module, nn.Conv2d) else LoraInjectedLinear
+    return cls(module, r, dropout_p, scale)
+
+
+# -- finding modules ------------------------------------------------------------------------------------------------
 
 
 def _class_matches(module: nn.Module, names: set[str]) -> bool:
@@ -35,71 +108,137 @@ def _class_matches(module: nn.Module, names: set[str]) -> bool:
     return any(family.match(cls) and any(family.match(n) for n in names) for family in _ALIASES)
 
 
+def _descendants(module: nn.Module, path: str):
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        yield child_path, child
+        if not isinstance(child, LoRALayer):  # a LoRA's own lora_down / lora_up are not layers of the model
+            yield from _descendants(child, child_path)
+
+
+def find_modules(model: nn.Module, target_replace_module, classes) -> list[tuple[str, nn.Module]]:
+    """(path, module) for every instance of `classes` below a module whose class is in `target_replace_module`
+    (None: anywhere in the model), once each, in the model's module order (the order of cloneofsimo's files)."""
+    if target_replace_module is None:
+        ancestors = [("", model)]
+    else:
+        targets = set(target_replace_module)
+        ancestors = [(path, m) for path, m in model.named_modules() if _class_matches(m, targets)]
+    found = {}
+    for path, ancestor in ancestors:
+        for child_path, child in _descendants(ancestor, path):
+            if isinstance(child, classes) and id(child) not in found:
+                found[id(child)] = (child_path, child)
+    return list(found.values())
+
+
 def _is_text_encoder(model: nn.Module) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     return model_type.startswith("clip") or type(model).__name__.startswith("CLIP")
 
 
-def inject_trainable_lora(model: nn.Module, target_replace_module=DEFAULT_TARGET_REPLACE, r: int = 4,
-                          loras: str | None = None, verbose: bool = False, dropout_p: float = 0.0,
-                          scale: float = 1.0):
-    """Wrap every nn.Linear under a module whose class is in `target_replace_module` with a trainable LoRALayer.
+def network_name(model: nn.Module, path: str) -> str:
+    """The kohya name of the module at `path` in `model` (the name the LoRANetwork and kohya files use)."""
+    if _is_text_encoder(model):
+        return kohya_name(TEXT_ENCODER_PREFIX, canonical_text_encoder_path(path))
+    return kohya_name(UNET_PREFIX, path)
 
-    Returns `(params, names)`: `params` a list of lists of Parameters (pass `itertools.chain(*params)` to an
-    optimizer, as often as you like), `names` the wrapped module paths. Afterwards only LoRA parameters require
-    grad. `loras` is a kohya-format .safetensors to start from. The network is kept on the model:
-    `lora_network(model)` returns it (to save, merge, change the multiplier or remove it)."""
-    targets = set(target_replace_module)
-    prefix = TEXT_ENCODER_PREFIX if _is_text_encoder(model) else UNET_PREFIX
-    layers, seen = {}, set()
-    for parent_path, parent in model.named_modules():
-        if not _class_matches(parent, targets):
-            continue
-        for child_path, child in parent.named_modules(prefix=parent_path):
-            if not isinstance(child, nn.Linear) or id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = canonical_text_encoder_path(child_path) if prefix == TEXT_ENCODER_PREFIX else child_path
-            layers[kohya_name(prefix, path)] = (child_path, LoRALayer(child, r, r, multiplier=scale,
-                                                                      dropout=dropout_p))
-            if verbose:
-                print(f"LoRA r={r} on {child_path} ({child.in_features} -> {child.out_features})")
-    if not layers:
-        raise ValueError(f"inject_trainable_lora found no nn.Linear under modules of class {sorted(targets)} in "
-                         f"{type(model).__name__}; classes present include "
+
+# -- injecting ------------------------------------------------------------------------------------------------------
+
+
+def inject_trainable_lora(model: nn.Module, target_replace_module=DEFAULT_TARGET_REPLACE, r: int = 4, loras=None,
+                          verbose: bool = False, dropout_p: float = 0.0, scale: float = 1.0):
+    """Give every nn.Linear under a module whose class is in `target_replace_module` a trainable LoRA.
+
+    Returns `(params, names)`: `params` a list of lists of Parameters, up then down for each module (pass
+    `itertools.chain(*params)` to an optimizer, as often as you like), `names` the wrapped module paths. Afterwards
+    only LoRA parameters require grad. `loras` starts from a file: cloneofsimo's `.pt` or safeloras
+    `.safetensors`, or a kohya-format `.safetensors`. `lora_network(model)` returns the injected network."""
+    return _inject(model, target_replace_module, r, loras, verbose, dropout_p, scale, nn.Linear)
+
+
+def inject_trainable_lora_extended(model: nn.Module, target_replace_module=UNET_EXTENDED_TARGET_REPLACE,
+                                   r: int = 4, loras=None):
+    """inject_trainable_lora on the nn.Linear and nn.Conv2d modules (ResNet blocks included by default)."""
+    return _inject(model, target_replace_module, r, loras, False, 0.0, 1.0, (nn.Linear, nn.Conv2d))
+
+
+def _inject(model, target_replace_module, r, loras, verbose, dropout_p, scale, classes):
+    found = find_modules(model, target_replace_module, classes)
+    if not found:
+        kinds = " or ".join(c.__name__ for c in (classes if isinstance(classes, tuple) else (classes,)))
+        raise ValueError(f"inject_trainable_lora found no nn.{kinds} under modules of class "
+                         f"{sorted(target_replace_module)} in {type(model).__name__}; classes present include "
                          f"{sorted({type(m).__name__ for m in model.modules()})[:20]}")
+    from .cloneofsimo import check_pairs, lora_tensor_list  # the file formats live there
 
-    network = LoRANetwork({name: layer for name, (_, layer) in layers.items()}, rank=r, alpha=r)
-    if loras is not None:
-        network.load_weights(loras, strict=False)
+    tensors = lora_tensor_list(loras, model) if loras is not None else None
+    if tensors is not None:
+        check_pairs(tensors, found, loras)
+    layers, names = {}, []
+    for i, (path, module) in enumerate(found):
+        rank = r if tensors is None else tensors[2 * i + 1].shape[0]
+        layer = injected_layer(module, rank, dropout_p, scale)
+        if tensors is not None:
+            with torch.no_grad():
+                layer.lora_up.weight.copy_(tensors[2 * i])
+                layer.lora_down.weight.copy_(tensors[2 * i + 1])
+        layers[network_name(model, path)] = layer
+        names.append(path)
+        if verbose:
+            print(f"LoRA r={rank} on {path} ({type(module).__name__} {tuple(module.weight.shape)})")
+
+    network = LoRANetwork(layers, rank=r, alpha=r)
+    if loras is not None and tensors is None:
+        network.load_weights(loras, strict=False)  # a kohya-format file
     model.requires_grad_(False)
     network.requires_grad_(True)
     network.apply_to()
-    _networks(model).append(network)
-
+    register_network(model, network)
     params = []
-    for _, layer in layers.values():
-        params.append(list(layer.lora_up.parameters()))
-        params.append(list(layer.lora_down.parameters()))
-    return params, [path for path, _ in layers.values()]
+    for layer in layers.values():
+        params += [[layer.lora_up.weight], [layer.lora_down.weight]]
+    return params, names
+
+
+# -- the networks on a model ----------------------------------------------------------------------------------------
 
 
 def _networks(model: nn.Module) -> list[LoRANetwork]:
     if "_lora_networks" not in model.__dict__:
-        object.__setattr__(model, "_lora_networks", [])
+        object.__setattr__(model, "_lora_networks", [])  # not a submodule: the layers are already in the tree
     return model.__dict__["_lora_networks"]
 
 
-def lora_network(model: nn.Module) -> LoRANetwork:
-    """The network that the last inject_trainable_lora call put on this model."""
+def register_network(model: nn.Module, network: LoRANetwork):
+    """Keep `network` as the model's newest; forget networks whose layers were all removed since."""
     networks = _networks(model)
+    networks[:] = [n for n in networks if any(layer.applied for layer in n.children())] + [network]
+
+
+def lora_network(model: nn.Module) -> LoRANetwork:
+    """The network that the last inject_trainable_lora (or monkeypatch_*) call put on this model: save it as a
+    kohya file, merge it, change its multiplier or remove it."""
+    networks = [n for n in _networks(model) if any(layer.applied for layer in n.children())]
     if not networks:
         raise ValueError(f"no LoRA was injected into this {type(model).__name__}")
     return networks[-1]
 
 
 def remove_lora(model: nn.Module):
-    """Undo every inject_trainable_lora on this model (newest first)."""
+    """Undo every inject_trainable_lora / monkeypatch_* on this model (newest first), unmerging merged ones."""
     networks = _networks(model)
     while networks:
         networks.pop().remove()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """peft's merge_and_unload: bake every LoRA on the model into its weights (at its multiplier) and take the LoRAs
+    off; state_dict() keys are the plain model's again. Final: a later network.remove() does not undo it."""
+    for layer in [m for m in model.modules() if isinstance(m, LoRALayer) and m.applied]:
+        layer.merge()
+        layer.remove()
+        layer.merged_multiplier = None
+    _networks(model).clear()
+    return model
