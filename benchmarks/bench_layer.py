@@ -26,19 +26,19 @@ SHAPES = [("attn to_q 320", 4096, 320, 320), ("ff.net.0.proj 320->2560", 4096, 3
 
 
 def scale_output(layer, x):
-    return layer._base_forward(x) + layer.lora_up(layer.lora_down(x)) * layer.scaling
+    return layer.base.forward(x) + layer.lora_up(layer.lora_down(x)) * layer.scaling
 
 
 def scale_rank(layer, x):
-    return layer._base_forward(x) + layer.lora_up(layer.lora_down(x) * layer.scaling)
+    return layer.base.forward(x) + layer.lora_up(layer.lora_down(x) * layer.scaling)
 
 
 def inplace_add(layer, x):
-    return layer._base_forward(x).add_(layer.lora_up(layer.lora_down(x) * layer.scaling))
+    return layer.base.forward(x).add_(layer.lora_up(layer.lora_down(x) * layer.scaling))
 
 
 def peft_like(layer, x):
-    out = layer._base_forward(x)
+    out = layer.base.forward(x)
     dtype = out.dtype
     return (out + layer.lora_up(layer.lora_down(x.to(torch.float32))) * layer.scaling).to(dtype)
 

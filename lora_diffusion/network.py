@@ -14,8 +14,8 @@ from torch import nn
 
 from . import kohya
 from .layer import LoRALayer
-from .targets import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, all_named_modules, filter_targets,
-                      text_encoder_targets, unet_targets)
+from .targets import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, all_named_modules, canonical_kohya_name,
+                      filter_targets, text_encoder_targets, unet_targets)
 
 
 class LoRANetwork(nn.Module):
@@ -132,6 +132,7 @@ class LoRANetwork(nn.Module):
         """Load a kohya file into this network's existing modules (shapes must match), e.g. to start training from
         it. strict=False loads the modules both have, but at least one must match."""
         modules, _ = kohya.read_lora_file(path)
+        modules = {canonical_kohya_name(name): weights for name, weights in modules.items()}
         own = self.layers()
         missing = sorted(set(own) - set(modules))
         unexpected = sorted(set(modules) - set(own))
@@ -225,13 +226,10 @@ def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | No
                                   f"{_preview(unplaced)}")
     layers = {}
     for name, weights in modules.items():
-        target = available[name]
-        canonical = target.name
-        if canonical in layers:
-            raise kohya.LoRAFileError(f"{path}: {name} addresses the same module as another key ({canonical})")
+        target = available[name]  # read_lora_file has refused two spellings of one module
         layer = LoRALayer(target.module, weights.rank, weights.alpha, multiplier=multiplier)
         _copy_into(layer, weights, name, path)
-        layers[canonical] = layer
+        layers[target.name] = layer
     rank = _metadata_number(metadata, "ss_network_dim", int) or max(w.rank for w in modules.values())
     alpha = _metadata_number(metadata, "ss_network_alpha", float) or _most_common_alpha(modules)
     try:

@@ -61,10 +61,18 @@ def _lora_capable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
+def base_modules(model: nn.Module):
+    """named_modules() without the LoRAs already applied to the model (and their own Linear/Conv2d inside)."""
+    from .layer import LoRALayer
+
+    return model.named_modules(memo={m for layer in model.modules() if isinstance(layer, LoRALayer)
+                                     for m in layer.modules()})
+
+
 def unet_targets(unet: nn.Module, *, conv: bool = False) -> list[Target]:
     """kohya's default U-Net targets; with `conv`, also the LoCon ResNet and sampler modules."""
     targets = []
-    for path, module in unet.named_modules():
+    for path, module in base_modules(unet):
         if not _lora_capable(module):
             continue
         in_transformer = _UNET_TRANSFORMER.match(path) and (
@@ -77,7 +85,7 @@ def unet_targets(unet: nn.Module, *, conv: bool = False) -> list[Target]:
 def text_encoder_targets(text_encoder: nn.Module, *, prefix: str = TEXT_ENCODER_PREFIX) -> list[Target]:
     """The q/k/v/out projections and both MLP layers of every CLIP encoder layer."""
     targets = []
-    for path, module in text_encoder.named_modules():
+    for path, module in base_modules(text_encoder):
         if isinstance(module, nn.Linear) and _TEXT_ENCODER.match(path):
             targets.append(Target(kohya_name(prefix, canonical_text_encoder_path(path)), path, module))
     return targets
@@ -91,12 +99,12 @@ def all_named_modules(unet: nn.Module | None, text_encoder: nn.Module | None) ->
     """
     names = {}
     if unet is not None:
-        for path, module in unet.named_modules():
+        for path, module in base_modules(unet):
             if _lora_capable(module):
                 target = Target(kohya_name(UNET_PREFIX, path), path, module)
                 names[target.name] = target
     if text_encoder is not None:
-        for path, module in text_encoder.named_modules():
+        for path, module in base_modules(text_encoder):
             if _lora_capable(module):
                 canonical = canonical_text_encoder_path(path)
                 target = Target(kohya_name(TEXT_ENCODER_PREFIX, canonical), path, module)

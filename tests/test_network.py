@@ -197,3 +197,20 @@ def test_base_cast_before_injecting_keeps_lora_in_fp32_and_to_moves_it_after(tin
     torch.nn.Module.to(tiny_unet, torch.float16)
     assert all(p.dtype == torch.float16 for p in network.parameters())
     assert all(b.dtype == torch.float16 for b in network.buffers())
+
+
+def test_load_weights_accepts_every_text_encoder_spelling(tmp_path, tiny_unet, tiny_text_encoder):
+    """--network_weights with a file whose text-encoder keys are `lora_te1_...` or transformers-5 short names."""
+    from safetensors.torch import save_file
+
+    network = create_network(tiny_unet, tiny_text_encoder, rank=2)
+    randomize(network)
+    tensors = network.file_tensors()
+    for spelling in ("lora_te1_text_model_", "lora_te_", "lora_te1_"):
+        renamed = {k.replace("lora_te_text_model_", spelling): v for k, v in tensors.items()}
+        save_file(renamed, tmp_path / "f.safetensors")
+        fresh = create_network(tiny_unet, tiny_text_encoder, rank=2)
+        fresh.load_weights(str(tmp_path / "f.safetensors"))
+        for name, value in fresh.state_dict().items():
+            assert torch.equal(value, network.state_dict()[name]), (spelling, name)
+        fresh.remove()
