@@ -55,15 +55,18 @@ def replace_all(text, pairs):
     return text
 
 
+UNET_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+UNET_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
+
+
 def unet_name(key, layers_per_block):
     """One U-Net key (without prefix) in diffusers' naming, or None. Input/output blocks are numbered flat in the
     original: per resolution `layers_per_block` res(+attn) blocks then one down/up-sampler."""
     per_level = layers_per_block + 1
-    fixed = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
     head, _, leaf = key.rpartition(".")
-    if head in fixed:
-        return f"{fixed[head]}.{leaf}"
+    if head in UNET_FIXED:
+        return f"{UNET_FIXED[head]}.{leaf}"
     if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d)\.(.+)", key):
         i, j, rest = int(m[1]) - 1, m[2], m[3]
         level, layer = divmod(i, per_level)
@@ -76,7 +79,7 @@ def unet_name(key, layers_per_block):
         return f"down_blocks.{level}.attentions.{layer}.{rest}" if j == "1" else None
     if m := re.fullmatch(r"middle_block\.(\d)\.(.+)", key):
         j, rest = m[1], m[2]
-        mid = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}.get(j)
+        mid = UNET_MIDDLE.get(j)
         return mid and f"mid_block.{mid}.{replace_all(rest, UNET_RESNET) if j != '1' else rest}"
     if m := re.fullmatch(r"output_blocks\.(\d+)\.(\d)\.(.+)", key):
         level, layer = divmod(int(m[1]), per_level)
@@ -129,6 +132,9 @@ def vae_names(names, num_levels):
 
 OPEN_CLIP_LAYER = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
                    ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]
+OPEN_CLIP_FIXED = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                   "positional_embedding": "embeddings.position_embedding.weight",
+                   "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}  # not part of a CLIPTextModel
 
 
@@ -157,12 +163,137 @@ def clip_names(names, nested, num_layers):
                 else:
                     result[n] = wrap(layer + replace_all(rest, OPEN_CLIP_LAYER))
                 continue
-            fixed = {"token_embedding.weight": "embeddings.token_embedding.weight",
-                     "positional_embedding": "embeddings.position_embedding.weight",
-                     "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
-            result[n] = wrap(fixed.get(key) and level + fixed[key])
+            result[n] = wrap(OPEN_CLIP_FIXED.get(key) and level + OPEN_CLIP_FIXED[key])
     return result
 
 
 def wrap(target):
     return None if target is None else [(target, None)]
+
+
+# Key names: diffusers layout -> original layout, for writing single files. Each inverse is built from the tables
+# above and checked against the forward mapping: original_names() refuses any key the forward map would not send
+# back to where it came from, so the two directions cannot drift apart.
+
+
+def inverse(pairs):
+    return [(new, old) for old, new in pairs]
+
+
+def unet_original_name(key, layers_per_block, up_has_attention):
+    """One diffusers U-Net key -> its original key (without prefix), or None."""
+    per_level = layers_per_block + 1
+    head, _, leaf = key.rpartition(".")
+    fixed = {new: old for old, new in UNET_FIXED.items()}
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    resnet = lambda rest: replace_all(rest, inverse(UNET_RESNET))  # noqa: E731
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, layer = int(m[2]), int(m[4])
+        index = 1 + level * per_level + layer if m[1] == "down" else level * per_level + layer
+        block = "input_blocks" if m[1] == "down" else "output_blocks"
+        return f"{block}.{index}.0.{resnet(m[5])}" if m[3] == "resnets" else f"{block}.{index}.1.{m[5]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * per_level + layers_per_block}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        return f"output_blocks.{level * per_level + layers_per_block}.{2 if up_has_attention[level] else 1}.conv.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.(resnets\.\d|attentions\.0)\.(.+)", key):
+        slot = {new: old for old, new in UNET_MIDDLE.items()}.get(m[1])
+        return slot and f"middle_block.{slot}.{m[2] if slot == '1' else resnet(m[2])}"
+    return None
+
+
+def vae_original_name(key, num_levels):
+    """One diffusers VAE key -> its original key (without prefix), or None."""
+    key = key.replace("conv_shortcut", "nin_shortcut")
+    if m := re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|conv_norm_out)\.(weight|bias)", key):
+        return f"{m[1]}.{'norm_out' if m[2] == 'conv_norm_out' else m[2]}.{m[3]}"
+    if re.fullmatch(r"(post_)?quant_conv\.(weight|bias)", key):
+        return key
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    attention = {new: old for old, new in VAE_ATTENTION.items()}
+    if (m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+(?:\.0)?)\.(weight|bias)", key)) \
+            and m[2] in attention:
+        return f"{m[1]}.mid.attn_1.{attention[m[2]]}.{m[3]}"
+    return None
+
+
+def clip_original_names(keys, open_clip):
+    """{original key: [(diffusers key, chunk)]} for text-encoder keys (with or without `text_model.`). SD2's
+    open_clip fuses q/k/v into one in_proj: its three diffusers keys are its chunks 0, 1, 2."""
+    result = {}
+    for key in keys:
+        short = key.removeprefix("text_model.")
+        if short == "embeddings.position_ids":
+            continue
+        if not open_clip:
+            result[CLIP_PREFIX + "text_model." + short] = [(key, None)]
+            continue
+        fixed = {new: old for old, new in OPEN_CLIP_FIXED.items()}
+        if short in fixed:
+            result[OPEN_CLIP_PREFIX + fixed[short]] = [(key, None)]
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", short):
+            targets = result.setdefault(f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", [])
+            targets.append((key, "qkv".index(m[2])))
+            targets.sort(key=lambda target: target[1])
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", short):
+            result[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}.{replace_all(m[2], inverse(OPEN_CLIP_LAYER))}"] = \
+                [(key, None)]
+        else:
+            result[key] = None
+    return result
+
+
+def original_names(unet_keys, vae_keys, text_encoder_keys, *, layers_per_block, up_has_attention, vae_levels,
+                   open_clip):
+    """{original key: [(part, diffusers key, chunk or None)]} for a whole model, the inverse of unet_names,
+    vae_names and clip_names. Raises ModelLoadError for a diffusers key with no original place."""
+    result, unplaced = {}, []
+    for part, keys, name in (
+            ("unet", unet_keys, lambda k: unet_original_name(k, layers_per_block, up_has_attention)),
+            ("vae", vae_keys, lambda k: vae_original_name(k, vae_levels))):
+        prefix = UNET_PREFIX if part == "unet" else VAE_PREFIX
+        forward = unet_names if part == "unet" else vae_names
+        reverse = {}
+        for key in keys:
+            original = name(key)
+            if original is None:
+                unplaced.append(f"{part}.{key}")
+            else:
+                reverse[prefix + original] = [(key, None)]
+        arg = layers_per_block if part == "unet" else vae_levels
+        for original, targets in forward(list(reverse), arg).items():  # the forward map must send each key back
+            if targets != reverse[original]:
+                unplaced.append(f"{part}.{reverse[original][0][0]}")
+        result.update({o: [(part, k, c) for k, c in targets] for o, targets in reverse.items()})
+    te = clip_original_names(text_encoder_keys, open_clip)
+    nested = any(k.startswith("text_model.") for k in text_encoder_keys)
+    layers = 1 + max([int(m[1]) for k in text_encoder_keys if (m := re.search(r"layers\.(\d+)\.", k))], default=-1)
+    back = clip_names([o for o, t in te.items() if t is not None], nested, layers)
+    for original, targets in te.items():
+        if targets is None or back.get(original) != targets:
+            unplaced.extend(f"text_encoder.{k}" for k, _ in targets or [(original, None)])
+        else:
+            result[original] = [("text_encoder", k, c) for k, c in targets]
+    if unplaced:
+        raise ModelLoadError(f"{len(unplaced)} diffusers key(s) have no place in the original SD layout "
+                             f"(e.g. {', '.join(unplaced[:3])}); is this an SD1.x/2.x model?")
+    return result
+
+
+def original_shape(key, shape):
+    """The original VAE attention is made of 1x1 convolutions where diffusers has linear layers."""
+    if key.startswith(VAE_PREFIX + "encoder.mid.attn_1.") or key.startswith(VAE_PREFIX + "decoder.mid.attn_1."):
+        if key.endswith(".weight") and len(shape) == 2:
+            return tuple(shape) + (1, 1)
+    return tuple(shape)

@@ -1,0 +1,417 @@
+"""Shared pieces of the model tools (convert, merge, resize, extract, inspect): a base model read tensor by tensor,
+written tensor by tensor (as a single file in the original SD layout or as a diffusers folder), and LoRA math on
+file tensors, independent of nn.Modules.
+
+    model = open_model("v1-5-pruned-emaonly.safetensors")      # or a diffusers folder
+    model.entries[("unet", "conv_in.weight")]                   # (shape, dtype), diffusers names
+    model.read("unet", "conv_in.weight")                        # one tensor, as stored
+    write_single_file("out.safetensors", model, get=model.read, dtype=torch.float16)
+
+No whole model is ever held: each output tensor is produced, written and dropped before the next is read.
+"""
+
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import convert
+from ..checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ModelLoadError, release_file_pages
+from ..io import atomic_write
+from ..kohya import LoRAFileError, ModuleWeights
+from ..targets import canonical_kohya_name, canonical_text_encoder_path, kohya_name
+from . import build_folder_atomically, check_output_apart
+
+PARTS = ("unet", "vae", "text_encoder")
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class ModelToolError(ValueError):
+    """Bad input to a model tool; the message names the file or option, what was given and what was expected."""
+
+
+def precision(name):
+    """'fp16' -> torch.float16; None keeps each tensor's stored dtype."""
+    if name is None:
+        return None
+    if name not in PRECISIONS:
+        raise ModelToolError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def check_output(output, inputs, overwrite=False):
+    """The output is never an input (nor inside or around one), and is not replaced unless `overwrite`."""
+    output = Path(output).expanduser()
+    for source in inputs:
+        source = Path(str(source)).expanduser()
+        if source.exists() and output.exists() and os.path.samefile(output, source):
+            raise ModelToolError(f"output '{output}' is the input '{source}'; choose another output (nothing was "
+                                 f"changed)")
+        if source.is_dir() or output.is_dir() or output.suffix == "":
+            check_output_apart(output, [source] if source.exists() else [])
+    if output.exists() and not overwrite:
+        raise ModelToolError(f"output '{output}' exists; choose a new path or pass --overwrite")
+    return output
+
+
+# -- reading a base model -------------------------------------------------------------------------------------
+
+
+class BaseModel:
+    """An SD1.x/2.x model, a single file or a diffusers folder, seen in diffusers' names:
+    `entries` {(part, key): (shape, dtype)}, `read(part, key)`, the parts' configs, and for single files the
+    original keys (`original`: {original key: [(part, key, chunk)]}) and the keys that are no model weight
+    (`extras`: EMA copies, schedule buffers, SD2's unused last text block)."""
+
+    def __init__(self, path, kind, configs, v2):
+        self.path, self.kind, self.configs, self.v2 = Path(path), kind, configs, v2
+        self.entries, self.readers, self.original, self.extras = {}, {}, {}, []
+
+    def read(self, part, key):
+        reader, name, chunk = self.readers[(part, key)]
+        tensor = read_stored(reader, name)
+        if chunk is not None:
+            tensor = tensor.chunk(3)[chunk].clone()
+        return tensor.reshape(self.entries[(part, key)][0])
+
+    def read_original(self, name):
+        return read_stored(self.single, name)
+
+    def describe(self):
+        family = "SD2.x" if self.v2 else "SD1.x"
+        return f"{self.path} ({family} {'single file' if self.kind == 'single' else 'diffusers folder'})"
+
+
+def read_stored(reader, name):
+    """One tensor in its stored dtype (CheckpointReader.get casts; this does not)."""
+    tensor = reader.file[name]
+    if not reader.mapped:
+        return tensor
+    owned = tensor.clone()
+    release_file_pages(tensor)
+    return owned
+
+
+def open_model(path, *, config_dir=None, v2=None):
+    """A base model from a diffusers folder or a single .safetensors/.ckpt file; `config_dir` gives a single
+    file's configs (unet/, vae/, text_encoder/), by default the shipped SD1.x / SD2.x ones."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelToolError(f"model '{path}' not found; expected a diffusers folder or a .safetensors/.ckpt file")
+    return open_folder(path) if path.is_dir() else open_single_file(path, config_dir, v2)
+
+
+def open_folder(path):
+    if not (path / "model_index.json").is_file():
+        raise ModelToolError(f"'{path}' is a folder but not a diffusers model (model_index.json is missing)")
+    configs, model = {}, None
+    for part in PARTS:
+        folder = path / part
+        files = sorted(folder.glob(f"{WEIGHT_FILES[part]}*.safetensors")) + sorted(folder.glob("*.bin"))
+        if not (folder / "config.json").is_file() or not files:
+            raise ModelToolError(f"diffusers folder '{path}' has no {part}/config.json with "
+                                 f"{WEIGHT_FILES[part]}.safetensors")
+        configs[part] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if model is None:
+            model = BaseModel(path, "folder", configs, v2=None)
+        weights = next((f for f in files if f.name == f"{WEIGHT_FILES[part]}.safetensors"), files[0])
+        reader = CheckpointReader(weights, torch.float32)
+        for name in reader.names:
+            if name.endswith("position_ids"):
+                continue
+            key = "text_model." + canonical_text_encoder_path(name).removeprefix("text_model.") \
+                if part == "text_encoder" else name
+            model.entries[(part, key)] = (stored_shape(reader, name), stored_dtype(reader, name))
+            model.readers[(part, key)] = (reader, name, None)
+    model.v2 = configs["unet"].get("cross_attention_dim") == 1024
+    return model
+
+
+def stored_dtype(reader, name):
+    if reader.mapped:
+        return reader.file[name].dtype
+    return SAFETENSORS_DTYPES[reader.file.entries[name]["dtype"]]
+
+
+def stored_shape(reader, name):
+    return tuple(reader.file[name].shape) if reader.mapped else tuple(reader.file.entries[name]["shape"])
+
+
+def open_single_file(path, config_dir, v2):
+    from ..models import ASSETS, empty_modules
+
+    reader = CheckpointReader(path, torch.float32)
+    convert.check_is_sd_checkpoint(path, reader.names)
+    detected = convert.detect_v2(reader)
+    if v2 is not None and bool(v2) != detected:
+        raise ModelToolError(f"{path} holds {'SD2.x' if detected else 'SD1.x'} weights but --v2 was "
+                             f"{'given' if v2 else 'set to false'}")
+    config_dir = Path(config_dir) if config_dir else ASSETS / ("v2" if detected else "v1")
+    configs = {part: json.loads((config_dir / part / "config.json").read_text(encoding="utf-8")) for part in PARTS}
+    text_encoder, vae, unet = empty_modules(config_dir)  # on the meta device: the expected names and shapes
+    model = BaseModel(path, "single", configs, detected)
+    model.single, model.config_dir = reader, config_dir
+    expected = {"unet": unet.state_dict(), "vae": vae.state_dict(),
+                "text_encoder": {"text_model." + canonical_text_encoder_path(k).removeprefix("text_model."): v
+                                 for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}}
+    maps = {"unet": convert.unet_names(reader.names, configs["unet"]["layers_per_block"]),
+            "vae": convert.vae_names(reader.names, len(configs["vae"]["up_block_types"])),
+            "text_encoder": convert.clip_names(reader.names, True, configs["text_encoder"]["num_hidden_layers"])}
+    mapped = set()
+    for part, names in maps.items():
+        for original, targets in names.items():
+            if targets is None or any(t not in expected[part] for t, _ in targets):
+                model.extras.append(original)
+                continue
+            mapped.add(original)
+            model.original[original] = [(part, t, c) for t, c in targets]
+            for target, chunk in targets:
+                shape = tuple(expected[part][target].shape)
+                stored = stored_shape(reader, original)
+                if chunk is not None:
+                    stored = (stored[0] // 3,) + stored[1:]
+                if math.prod(stored) != math.prod(shape):
+                    raise ModelToolError(f"{path}: {original} has shape {stored} but {part} {target} in the configs "
+                                         f"of {config_dir} expects {shape}; pass the right --config (or --v2)")
+                model.entries[(part, target)] = (shape, stored_dtype(reader, original))
+                model.readers[(part, target)] = (reader, original, chunk)
+    model.extras += [n for n in reader.names if n not in mapped and n not in model.extras]
+    missing = [f"{part}.{k}" for part in PARTS for k in expected[part] if (part, k) not in model.entries]
+    if missing:
+        raise ModelToolError(f"{path}: {len(missing)} weight(s) of the configs in {config_dir} are not in the file "
+                             f"(e.g. {', '.join(missing[:3])}); a model of another architecture? pass its --config")
+    return model
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+def write_safetensors(path, plan, metadata=None, desc=None):
+    """Stream tensors into one .safetensors file: `plan` is [(name, shape, dtype, produce)], where produce() returns
+    the tensor (of that shape; cast to dtype here). The header is computed from the plan, then each tensor is
+    produced, written and dropped: memory holds one tensor at a time. Written atomically."""
+    header, offset = {}, 0
+    for name, shape, dtype, _ in plan:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+
+    def fill(f):
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, shape, dtype, produce in tqdm(plan, desc=desc or Path(path).name, unit="tensor", leave=False):
+            tensor = produce().to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: produced shape {tuple(tensor.shape)}, planned {tuple(shape)}")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+            del tensor
+
+    atomic_write(path, fill)
+    return Path(path)
+
+
+def out_dtype(stored, dtype):
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def single_file_plan(model, get, dtype, keep_extras=False):
+    """[(original key, shape, dtype, produce)] of a single file in the original layout, from diffusers names."""
+    keys = {part: [k for p, k in model.entries if p == part] for part in PARTS}
+    unet_config = model.configs["unet"]
+    names = convert.original_names(
+        keys["unet"], keys["vae"], keys["text_encoder"], layers_per_block=unet_config["layers_per_block"],
+        up_has_attention=["Attn" in t for t in unet_config["up_block_types"]],
+        vae_levels=len(model.configs["vae"]["up_block_types"]), open_clip=model.v2)
+    plan = []
+    for original, targets in names.items():
+        shapes = [model.entries[(p, k)][0] for p, k, _ in targets]
+        stored = model.entries[targets[0][:2]][1]
+        if len(targets) == 1:
+            shape = convert.original_shape(original, shapes[0])
+            produce = lambda t=targets[0], s=shape: get(t[0], t[1]).reshape(s)  # noqa: E731
+        else:
+            shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+            produce = lambda ts=targets: torch.cat([get(p, k) for p, k, _ in ts])  # noqa: E731
+        plan.append((original, shape, out_dtype(stored, dtype), produce))
+    if keep_extras and model.kind == "single":
+        for name in model.extras:
+            if not name.startswith("model_ema."):  # EMA copies of the weights would not carry the change
+                plan.append((name, stored_shape(model.single, name), stored_dtype(model.single, name),
+                             lambda n=name: model.read_original(n)))
+    elif not model.v2:
+        plan.append((convert.CLIP_PREFIX + "text_model.embeddings.position_ids", (1, 77), torch.int64,
+                     lambda: torch.arange(77)[None]))
+    else:
+        plan += sd2_placeholders(model, keys["text_encoder"], dtype, get)
+    return plan
+
+
+def sd2_placeholders(model, te_keys, dtype, get):
+    """SD2 uses the penultimate layer of open_clip's text tower, so diffusers folders lack the last one, and the
+    projection. Loaders that build the full tower (A1111, ComfyUI) expect them: as kohya's converter, write the last
+    block as a copy of the one before it, and an identity projection. Neither is ever used by SD2."""
+    layers = 1 + max(int(k.split(".")[3]) for k in te_keys if k.startswith("text_model.encoder.layers."))
+    prefix, plan = convert.OPEN_CLIP_PREFIX, []
+    for original, targets in convert.clip_original_names(
+            [k for k in te_keys if k.startswith(f"text_model.encoder.layers.{layers - 1}.")], True).items():
+        last = original.replace(f"resblocks.{layers - 1}.", f"resblocks.{layers}.")
+        shapes = [model.entries[("text_encoder", k)][0] for k, _ in targets]
+        shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+        stored = model.entries[("text_encoder", targets[0][0])][1]
+        plan.append((last, shape, out_dtype(stored, dtype),
+                     lambda ts=targets: torch.cat([get("text_encoder", k) for k, _ in ts])))
+    width = model.entries[("text_encoder", "text_model.final_layer_norm.weight")][0][0]
+    plan.append((prefix + "text_projection", (width, width), dtype or torch.float32, lambda: torch.eye(width)))
+    plan.append((prefix + "logit_scale", (), dtype or torch.float32, lambda: torch.tensor(math.log(100.0))))
+    return plan
+
+
+def write_single_file(path, model, get, dtype=None, keep_extras=False, metadata=None):
+    if Path(path).suffix != ".safetensors":
+        raise ModelToolError(f"output '{path}': single files are written as .safetensors (never pickled .ckpt)")
+    return write_safetensors(path, single_file_plan(model, get, dtype, keep_extras), metadata or {"format": "pt"},
+                             desc=f"writing {Path(path).name}")
+
+
+def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=False):
+    """A diffusers folder (configs, weights per part, tokenizer, scheduler, model_index.json), staged next to
+    `path` and renamed into place."""
+    from ..models import make_noise_scheduler
+    from ..tokenizer import load_clip_tokenizer
+
+    def fill(folder):
+        for part in PARTS:
+            (folder / part).mkdir()
+            source_config = (model.path if model.kind == "folder" else model.config_dir) / part / "config.json"
+            shutil.copyfile(source_config, folder / part / "config.json")
+            plan = [(key, shape, out_dtype(stored, dtype), lambda p=part, k=key: get(p, k))
+                    for (p, key), (shape, stored) in model.entries.items() if p == part]
+            write_safetensors(folder / part / f"{WEIGHT_FILES[part]}.safetensors", plan, {"format": "pt"},
+                              desc=f"writing {part}")
+        if model.kind == "folder":
+            for extra in ("tokenizer", "scheduler", "model_index.json"):
+                source = model.path / extra
+                if source.is_dir():
+                    shutil.copytree(source, folder / extra)
+                elif source.is_file():
+                    shutil.copyfile(source, folder / extra)
+            return
+        load_clip_tokenizer(v2=model.v2).save_pretrained(folder / "tokenizer")
+        make_noise_scheduler(v_parameterization).save_pretrained(folder / "scheduler")
+        index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    build_folder_atomically(path, fill)
+    return Path(path)
+
+
+def write_model(output, model, get, dtype=None, keep_extras=False, v_parameterization=False):
+    """A .safetensors output path is a single file in the original layout, anything else a diffusers folder."""
+    if Path(output).suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelToolError(f"output '{output}': write .safetensors (pickled checkpoints are not written) or a "
+                             f"folder path for a diffusers folder")
+    if Path(output).suffix == ".safetensors":
+        return write_single_file(output, model, get, dtype, keep_extras)
+    return write_diffusers_folder(output, model, get, dtype, v_parameterization)
+
+
+# -- LoRA math on file tensors ----------------------------------------------------------------------------------
+
+
+def module_key_name(part, key):
+    """The kohya module name of a diffusers weight key (`unet`, `down_blocks.0...proj_in.weight`), or None."""
+    if not key.endswith(".weight") or part == "vae":
+        return None
+    path = key[: -len(".weight")]
+    return kohya_name("lora_unet" if part == "unet" else "lora_te", path)
+
+
+def module_delta(weights: ModuleWeights) -> torch.Tensor:
+    """(alpha / rank) * up @ down as an fp32 matrix [out, in * kh * kw], as LoRALayer.delta_weight (a kxk down
+    followed by a 1x1 up is one kxk conv whose weight is this product). Reshape it to the base weight's shape.
+    Other algorithms (LoHa, LoKr, ...) only have to provide this matrix to work with every tool."""
+    up, down = weights.up.float().flatten(1), weights.down.float().flatten(1)
+    return (up @ down) * (weights.alpha / weights.rank)
+
+
+def fit(delta, shape, name, source):
+    if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
+        raise ModelToolError(f"{source}: module {name} makes a {tuple(delta.shape)} update but the base weight is "
+                             f"{tuple(shape)}; a LoRA for another model family (SD1.x vs SD2.x)?")
+    return delta.reshape(shape)
+
+
+def canonical_modules(modules):
+    return {canonical_kohya_name(name): weights for name, weights in modules.items()}
+
+
+def lowrank_factors(matrix, rank):
+    """The best rank-`rank` approximation of a matrix (Eckart-Young): up = U_r S_r, down = V_r^T, and the singular
+    values. Full SVD in fp32."""
+    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    rank = max(1, min(rank, len(s)))
+    return u[:, :rank] * s[:rank], vh[:rank], s
+
+
+def factored_svd(up, down):
+    """SVD of up @ down ([out, r] @ [r, n]) without forming the product: QR of both factors, then the SVD of an
+    r x r core. Exact (not an approximation), and r x r work instead of out x n."""
+    q1, r1 = torch.linalg.qr(up.float())
+    q2, r2 = torch.linalg.qr(down.float().T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    return q1 @ u, s, (q2 @ vh.T).T
+
+
+def lora_file_tensors(modules, shapes, dtype=torch.float16):
+    """Kohya file tensors from {name: (up [out, r], down [r, n], scale)}, `shapes[name]` the base weight's shape
+    (to shape conv factors). One alpha for the whole file (the most common rank, so most modules have scale 1):
+    each module's own scale is folded into lora_up, which leaves scale * up @ down unchanged."""
+    ranks = [down.shape[0] for _, down, _ in modules.values()]
+    alpha = float(Counter(ranks).most_common(1)[0][0]) if ranks else 1.0
+    tensors = {}
+    for name, (up, down, scale) in sorted(modules.items()):
+        rank, shape = down.shape[0], shapes[name]
+        up = up.float() * (scale * rank / alpha)
+        if len(shape) == 4:
+            down, up = down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1)
+        tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors, alpha
+
+
+def read_loras(specs):
+    """[(path, ratio)] from `path` or `path:ratio` strings, with each file's modules (canonical names)."""
+    from ..kohya import read_lora_file
+
+    loaded = []
+    for spec in specs:
+        path, ratio = spec, 1.0
+        head, sep, tail = str(spec).rpartition(":")
+        if sep and head and not Path(spec).exists():
+            try:
+                path, ratio = head, float(tail)
+            except ValueError:
+                raise ModelToolError(f"--lora {spec!r}: the ratio after ':' must be a number") from None
+        if not math.isfinite(ratio):
+            raise ModelToolError(f"--lora {spec!r}: the ratio must be finite")
+        try:
+            modules, metadata = read_lora_file(path, warn_embeddings=False)
+        except LoRAFileError as e:
+            raise ModelToolError(str(e)) from None
+        loaded.append((path, ratio, canonical_modules(modules), metadata))
+    return loaded
