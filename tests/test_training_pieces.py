@@ -603,6 +603,34 @@ def test_generate_samples(tmp_path, tiny_pipeline_parts):
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(paths[0])))  # seeded
 
 
+def test_generate_samples_gives_each_submodule_its_own_mode_back(tmp_path, tiny_pipeline_parts):
+    # The trainer's base models are in eval mode and the LoRA inside them in train mode (its dropout on):
+    # `unet.train(False)` after sampling would turn the LoRA's dropout off for the rest of the run.
+    from lora_diffusion import create_network
+
+    parts = tiny_pipeline_parts
+    network = create_network(parts["unet"], parts["text_encoder"], rank=2, dropout=0.5)
+    for model in (parts["unet"], parts["text_encoder"], parts["vae"]):
+        model.eval()
+    network.train()
+    seen = []
+    real = type(network.unet_layers[0]).lora_delta
+
+    def spy(layer, x):
+        seen.append(layer.training)
+        return real(layer, x)
+
+    prompt = parse_prompt_line("a dog --d 1 --s 1", width=64, height=64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(network.unet_layers[0]), "lora_delta", spy)
+        training.generate_samples(**parts, prompts=[prompt], out_dir=tmp_path, step=1)
+    assert seen and not any(seen)  # no LoRA dropout in the pictures
+    assert all(layer.training for layer in network.layers().values())
+    lora_modules = {id(m) for layer in network.layers().values() for m in layer.modules()}
+    base = [m for model in (parts["unet"], parts["text_encoder"]) for m in model.modules() if id(m) not in lora_modules]
+    assert not any(m.training for m in base)
+
+
 # ---------------------------------------------------------------- metadata
 
 

@@ -220,21 +220,26 @@ def generate_samples(
     clip_skip=None,
     max_token_length=None,
     seed=None,
+    expand_prompt=None,
 ):
     """Generate one image per prompt dict (from read_prompts) into out_dir; returns the PNG paths.
 
     Pass unwrapped modules (accelerator.unwrap_model). noise_scheduler: the training scheduler or its
     config. A prompt without --d uses seed + index when `seed` is given, else a random seed. `epoch`
     set (sampling at an epoch end) names files e<epoch>, else <step>. dtype: autocast dtype for
-    float16/bfloat16 weights.
+    float16/bfloat16 weights. expand_prompt: applied to the prompts before encoding (a multi-vector token
+    `sks` -> `sks sks_1`, LoRANetwork.expand_prompt); the PNG records the prompt as written.
     """
     from diffusers import StableDiffusionPipeline
 
     device = torch.device(device)
+    expand = expand_prompt or (lambda text: text)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = [text_encoder, vae, unet]
-    was_training = [m.training for m in modules]
+    # Every submodule's own flag, not just the top one: a LoRA inside the model trains while its frozen base is in
+    # eval mode, and `m.train(flag)` would set both alike.
+    was_training = [[(sub, sub.training) for sub in m.modules()] for m in modules]
     devices = [next(m.parameters()).device for m in modules]
     python_state, numpy_state = random.getstate(), np.random.get_state()
     cuda_devices = [device] if device.type == "cuda" else []
@@ -259,7 +264,7 @@ def generate_samples(
                 prompt = dict(prompt, seed=prompt_seed)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
                     embeds = encode_prompts(
-                        tokenizer, text_encoder, [prompt["prompt"], prompt["negative_prompt"]],
+                        tokenizer, text_encoder, [expand(prompt["prompt"]), expand(prompt["negative_prompt"])],
                         clip_skip=clip_skip, max_token_length=max_token_length,
                     ).to(device=device, dtype=unet.dtype)
                     generator = torch.Generator(device="cpu" if device.type == "mps" else device)
@@ -277,8 +282,10 @@ def generate_samples(
                 paths.append(path)
             del pipeline
     finally:
-        for m, training, original_device in zip(modules, was_training, devices):
-            m.to(original_device).train(training)
+        for m, flags, original_device in zip(modules, was_training, devices):
+            m.to(original_device)
+            for sub, training in flags:
+                sub.training = training
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         if device.type == "cuda":
