@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "embeddings": "lr/embeddings"}
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -91,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_weights", help="start from this LoRA file (not a resume: see --resume)")
     g.add_argument("--network_train_unet_only", action="store_true")
     g.add_argument("--network_train_text_encoder_only", action="store_true")
+
+    g = p.add_argument_group("pivotal tuning: a new token's embedding trains with the LoRA (see docs/training.md)")
+    g.add_argument("--token_string", help="the new word, written in the captions and prompts (e.g. sks); saved in the "
+                   "LoRA file as A1111 bundles embeddings, and as <output_name>_emb.safetensors")
+    g.add_argument("--init_word", help="start the vectors from this word's (one token a vector, cycling); default: "
+                   "the vocabulary's mean")
+    g.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors of the new token; with N > 1 the "
+                   "token stands for `tok tok_1 ... tok_<N-1>` in captions and prompts")
+    g.add_argument("--embedding_lr", type=float, help="learning rate of the new vectors (default: --learning_rate)")
+    g.add_argument("--train_text_encoder_ti_frac", type=float, default=1.0,
+                   help="train the vectors during this fraction of the steps only, then keep them (diffusers' "
+                        "advanced scripts; default 1: all steps)")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer_type", default="AdamW",
@@ -199,6 +212,24 @@ def check_args(args):
         bad(f"--sample_sampler {args.sample_sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
     if args.clip_skip is not None and args.clip_skip < 1:
         bad(f"--clip_skip must be >= 1 (2 = the penultimate layer), got {args.clip_skip}")
+    if args.token_string is None:
+        for name, default in (("init_word", None), ("num_vectors_per_token", 1), ("embedding_lr", None),
+                              ("train_text_encoder_ti_frac", 1.0)):
+            if getattr(args, name) != default:
+                bad(f"--{name} needs --token_string (the new word whose embedding trains)")
+    else:
+        from lora_diffusion.network import check_token_name
+
+        try:
+            check_token_name(args.token_string)
+        except ValueError as e:
+            bad(str(e))
+        if not 1 <= args.num_vectors_per_token <= 75:
+            bad(f"--num_vectors_per_token must be 1 to 75, got {args.num_vectors_per_token}")
+        if not 0 < args.train_text_encoder_ti_frac <= 1:
+            bad(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}")
+        if args.embedding_lr is not None and args.embedding_lr < 0:
+            bad(f"--embedding_lr must be >= 0, got {args.embedding_lr}")
     network_options(args)  # a bad --network_args before any work
 
 
@@ -325,7 +356,7 @@ def session_of(path: Path):
 
 def outputs_of_other_runs(output_dir: Path, output_name: str, session_id: str) -> list[Path]:
     """Files and state folders this run would write (final, epoch, step) that another run wrote."""
-    names = re.compile(re.escape(output_name) + r"(-\d{6}|-step\d{8})?(\.safetensors|-state)")
+    names = re.compile(re.escape(output_name) + r"((-\d{6}|-step\d{8})?(\.safetensors|-state)|_emb\.safetensors)")
     return sorted(p for p in output_dir.iterdir() if names.fullmatch(p.name) and session_of(p) != session_id)
 
 
@@ -409,6 +440,8 @@ def train(args):
     prepare_output_dir(output_dir)
     resumed = read_train_state(args.resume)["extra"] if args.resume else {}
     network_shape = dict(network_dim=args.network_dim, **network_options(args))
+    if args.token_string:
+        network_shape.update(token_string=args.token_string, num_vectors_per_token=args.num_vectors_per_token)
     saved_shape = resumed.get("network_shape", network_shape)
     if saved_shape != network_shape:
         raise TrainingError(f"--resume {args.resume}: the state is of a network with {saved_shape}, this run's has "
@@ -465,7 +498,7 @@ def train(args):
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
     train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
     text_cache = None
-    if not train_text_encoder and captions_are_fixed(dataset):
+    if not train_text_encoder and not args.token_string and captions_are_fixed(dataset):
         text_cache = cache_text_encoder_outputs(fixed_captions(dataset), tokenizer, text_encoder, args, device)
     if args.cache_latents:
         vae.to("cpu")  # sampling moves it back for as long as it needs it
@@ -496,6 +529,17 @@ def train(args):
     network = create_network(unet, text_encoder, rank=args.network_dim, alpha=args.network_alpha,
                              dropout=args.network_dropout, train_unet=train_unet,
                              train_text_encoder=train_text_encoder, **network_options(args))
+    embedding, embedding_steps = None, 0
+    if args.token_string:
+        from lora_diffusion.network import TokenEmbeddings
+
+        embedding = network.add_embedding(TokenEmbeddings.create(tokenizer, text_encoder, args.token_string,
+                                                                 args.init_word, args.num_vectors_per_token))
+        embedding_steps = math.ceil(args.train_text_encoder_ti_frac * max_train_steps)
+        word = re.compile(rf"(?<!\w){re.escape(args.token_string)}(?!\w)", re.IGNORECASE)
+        if not any(word.search(caption) for caption in fixed_captions(dataset)):
+            accelerator.print(f"warning: no caption holds --token_string {args.token_string}; its embedding "
+                              f"only learns from captions that name it")
     if args.network_weights:
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
@@ -510,7 +554,7 @@ def train(args):
         text_encoder.train(train_text_encoder)
 
     param_groups = network.param_groups(unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr,
-                                        default_lr=args.learning_rate)
+                                        default_lr=args.learning_rate, embedding_lr=args.embedding_lr)
     optimizer = create_optimizer(args.optimizer_type, param_groups, learning_rate=args.learning_rate,
                                  optimizer_args=args.optimizer_args)
     lr_scheduler = create_lr_scheduler(args.lr_scheduler, optimizer, num_training_steps=max_train_steps,
@@ -542,21 +586,21 @@ def train(args):
 
     last_sampled_step = None
 
+    last_samples = []  # the PNGs of the last sampling
+
     def sample(epoch=None):
-        nonlocal last_sampled_step
+        nonlocal last_sampled_step, last_samples
         last_sampled_step = global_step
         if not prompts or not accelerator.is_main_process:
             return
-        network.eval()  # no LoRA dropout in the pictures
-        generate_samples(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                         noise_scheduler=models.noise_scheduler, prompts=prompts, out_dir=output_dir / "sample",
-                         step=global_step, epoch=epoch, output_name=args.output_name, device=device,
-                         dtype=weight_dtype, sampler=args.sample_sampler,
-                         v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
-                         max_token_length=args.max_token_length, seed=args.seed)
-        network.train()
-        text_encoder.train(train_text_encoder and args.gradient_checkpointing)
-        unet.train(args.gradient_checkpointing)
+        # generate_samples puts every module (the LoRA too: no dropout in the pictures) in eval mode and gives each
+        # submodule its own mode back: the frozen base stays in eval, the LoRA in train mode.
+        last_samples = generate_samples(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+            noise_scheduler=models.noise_scheduler, prompts=prompts, out_dir=output_dir / "sample", step=global_step,
+            epoch=epoch, output_name=args.output_name, device=device, dtype=weight_dtype,
+            sampler=args.sample_sampler, v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
+            max_token_length=args.max_token_length, seed=args.seed, expand_prompt=network.expand_prompt)
 
     last_saved = None  # the last LoRA file this process wrote; every file written was checked finite
 
@@ -603,9 +647,10 @@ def train(args):
         if text_cache is not None:
             context = torch.stack([text_cache[c] for c in batch["captions"]]).to(device)
         else:
-            with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
-                context = encode_prompts(tokenizer, text_encoder, batch["captions"], clip_skip=args.clip_skip,
-                                         max_token_length=args.max_token_length)
+            grad = train_text_encoder or (embedding is not None and embedding.weight.requires_grad)
+            with torch.set_grad_enabled(grad), accelerator.autocast():
+                context = encode_prompts(tokenizer, text_encoder, [network.expand_prompt(c) for c in batch["captions"]],
+                                         clip_skip=args.clip_skip, max_token_length=args.max_token_length)
         noise = make_noise(latents, noise_offset=args.noise_offset,
                            multires_noise_iterations=args.multires_noise_iterations,
                            multires_noise_discount=args.multires_noise_discount)
@@ -641,6 +686,9 @@ def train(args):
             for batch in loader:
                 if micro == 0:  # one optimizer step sums N micro-batches, or what is left of the epoch
                     group = min(args.gradient_accumulation_steps, batches_per_epoch - batch_in_epoch)
+                    if embedding is not None and global_step >= embedding_steps and embedding.weight.requires_grad:
+                        embedding.weight.requires_grad_(False)  # --train_text_encoder_ti_frac: kept from here on
+                        embedding.weight.grad = None  # optimizers skip a parameter without a gradient
                 loss = compute_loss(batch)
                 if not loss_is_finite(loss, accelerator):
                     raise TrainingError(
@@ -663,7 +711,7 @@ def train(args):
                 recent_losses = (recent_losses + [loss.item()])[-100:]
                 logs = {"loss/current": recent_losses[-1], "loss/average": sum(recent_losses) / len(recent_losses)}
                 for group_of_params, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
-                    logs["lr/unet" if group_of_params.get("name") == "unet" else "lr/textencoder"] = lr
+                    logs[LR_LOG_NAMES.get(group_of_params.get("name"), "lr/textencoder")] = lr
                 progress.update(1)
                 if first_step_done is None:
                     first_step_done = (time.time(), global_step)  # later steps are the steady pace
@@ -707,8 +755,17 @@ def train(args):
     check_identical_across_processes(params, accelerator)
     final_path = output_dir / f"{args.output_name}.safetensors"
     checkpoint(args.output_name, epoch, batch_in_epoch, final=True)
+    lines = []
+    if embedding is not None and accelerator.is_main_process:
+        emb_path = output_dir / f"{args.output_name}_emb.safetensors"
+        embedding.save_textual_inversion(emb_path, {"ss_session_id": session_id})
+        lines.append(f"embedding {' '.join(embedding.tokens)}: bundled in the LoRA file (A1111/Forge) and in {emb_path} "
+                     f"(diffusers: load_textual_inversion(path, token={args.token_string!r}), and load_lora_weights "
+                     f"of the LoRA file's tensors without its bundle_emb.* keys)")
     if prompts and last_sampled_step != global_step:
         sample()  # the final LoRA's pictures, unless this step was just sampled
+    if last_samples:
+        lines += summarize_last_samples(last_samples, output_dir / "sample" / f"{args.output_name}_grid.png")
     accelerator.end_training()
     elapsed = time.time() - started
     pace = ""
@@ -718,7 +775,24 @@ def train(args):
     accelerator.print(f"done: {global_step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
                       (f"; samples: {output_dir / 'sample'}" if prompts else "") +
                       (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
+    for line in lines:
+        accelerator.print(line)
     return final_path
+
+
+def summarize_last_samples(paths, grid_path) -> list[str]:
+    """The last sampling's images in one grid, and the shapes world judge's verdict when the prompts are its own."""
+    from PIL import Image
+
+    from lora_diffusion.quality import fmt, summarize_samples
+    from lora_diffusion.world import parse_caption
+
+    grid_path, accuracy = summarize_samples(paths, grid_path)
+    lines = [f"samples of the last sampling in one grid: {grid_path}"]
+    if accuracy:
+        judged = sum(parse_caption(Image.open(p).text.get("prompt", "")) is not None for p in paths)
+        lines.append(f"judged (shapes world): {fmt(accuracy)} of {judged} samples")
+    return lines
 
 
 def loss_is_finite(loss, accelerator) -> bool:
@@ -733,6 +807,7 @@ def average_gradients(params, accelerator):
     """Mean of the LoRA gradients over processes, in one flat all-reduce."""
     if accelerator.num_processes == 1:
         return
+    params = [p for p in params if p.requires_grad]  # a frozen embedding keeps no gradient: the optimizer skips it
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
     for p, piece in zip(params, flat.split([g.numel() for g in grads])):

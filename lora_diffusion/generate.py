@@ -37,7 +37,8 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
              v2: bool | None = None, v_parameterization: bool | None = None, dtype: torch.dtype = torch.float32,
              device: str | None = None, sampler: str = "ddim", clip_skip: int | None = None, seed: int | None = None,
              name: str = "generate") -> list[Path]:
-    """Images for prompt dicts (see lora_diffusion.training.read_prompts) with the LoRAs applied or merged."""
+    """Images for prompt dicts (see lora_diffusion.training.read_prompts) with the LoRAs applied or merged, and the
+    textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer."""
     from .models import load_models
     from .network import load_network
     from .training.sampling import generate_samples
@@ -46,14 +47,24 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
         check_multiplier(multiplier, path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(model, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device)
-    for path, multiplier in loras:
-        network = load_network(path, models.unet, models.text_encoder, multiplier=multiplier).to(device)
+    networks = []
+    for path, multiplier in loras:  # embeddings bundled in a file are added to the tokenizer and text encoder
+        network = load_network(path, models.unet, models.text_encoder, multiplier=multiplier,
+                               tokenizer=models.tokenizer).to(device)
         if merge:
             network.merge()
+        networks.append(network)
+
+    def expand_prompt(text):
+        for network in networks:
+            text = network.expand_prompt(text)
+        return text
+
     return generate_samples(tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae,
                             unet=models.unet, noise_scheduler=models.noise_scheduler, prompts=prompts,
                             out_dir=out_dir, step=0, output_name=name, device=device, dtype=dtype, sampler=sampler,
-                            v_parameterization=models.v_parameterization, clip_skip=clip_skip, seed=seed)
+                            v_parameterization=models.v_parameterization, clip_skip=clip_skip, seed=seed,
+                            expand_prompt=expand_prompt)
 
 
 def add_arguments(parser):

@@ -71,7 +71,7 @@ class ModuleWeights:
 
 class LoRAModules(dict):
     """{kohya module name: ModuleWeights}, plus `embeddings`: the textual-inversion embeddings bundled in the file
-    ({name: {key after the name: tensor}}, A1111's `bundle_emb.<name>.*`), which are not applied."""
+    ({name: {key after the name: tensor}}, A1111's `bundle_emb.<name>.*`), which network.load_network applies."""
 
     def __init__(self, modules=(), embeddings=None):
         super().__init__(modules)
@@ -85,8 +85,10 @@ class LoRAFileWarning(UserWarning):
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
-def read_lora_file(path: str) -> tuple[LoRAModules, dict[str, str]]:
-    """Read a kohya-format LoRA: {kohya module name: ModuleWeights}, metadata. Raises LoRAFileError."""
+def read_lora_file(path: str, *, warn_embeddings: bool = True) -> tuple[LoRAModules, dict[str, str]]:
+    """Read a kohya-format LoRA: {kohya module name: ModuleWeights}, metadata. Raises LoRAFileError. Bundled
+    embeddings are in `modules.embeddings` (a warning says so unless `warn_embeddings=False`, for callers that
+    apply them, such as network.load_network)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise LoRAFileError(f"LoRA file not found: {path}")
@@ -97,10 +99,11 @@ def read_lora_file(path: str) -> tuple[LoRAModules, dict[str, str]]:
     except (SafetensorError, OSError, ValueError) as e:
         raise LoRAFileError(f"{path} is not a readable .safetensors file ({e}); expected a kohya-format LoRA "
                             f"(`lora_unet_*`/`lora_te_*` keys with lora_down/lora_up/alpha)") from None
-    return parse_state_dict(tensors, source=path), metadata
+    return parse_state_dict(tensors, source=path, warn_embeddings=warn_embeddings), metadata
 
 
-def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict") -> LoRAModules:
+def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict", *,
+                     warn_embeddings: bool = True) -> LoRAModules:
     """Group flat kohya keys into modules, validating names, suffixes, shapes and values."""
     if not tensors:
         raise LoRAFileError(f"{source} holds no tensors")
@@ -149,10 +152,10 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
         rank = down.shape[0]
         alpha_value = float(alpha.float().item()) if alpha is not None else 0.0
         modules[name] = ModuleWeights(down, up, alpha_value or float(rank))  # kohya: alpha 0 means alpha = rank
-    if embeddings:
+    if embeddings and warn_embeddings:
         warnings.warn(f"{source}: the bundled embedding(s) {', '.join(repr(n) for n in sorted(embeddings))} were "
-                      f"not loaded (lora_diffusion cannot apply textual-inversion embeddings yet); the LoRA was, and "
-                      f"the embeddings' trigger words are read as plain text", LoRAFileWarning, stacklevel=3)
+                      f"not loaded (read_lora_file only lists them; network.load_network(..., tokenizer=) adds them "
+                      f"to a text encoder)", LoRAFileWarning, stacklevel=3)
     return modules
 
 

@@ -3,11 +3,15 @@
     network = create_network(unet, text_encoder, rank=16, alpha=8)       # new, trainable, applied
     network = load_network("x.safetensors", unet, text_encoder)           # from any kohya-format file
 
-Its state_dict is the kohya file's tensors (module names are the kohya names), so saving is a dtype cast.
+Its state_dict is the kohya file's tensors (module names are the kohya names), so saving is a dtype cast. A network
+can also carry new tokens' embeddings (TokenEmbeddings, pivotal tuning), saved in the file the way AUTOMATIC1111
+reads bundled embeddings: `bundle_emb.<token>.string_to_param.*` [vectors, dim].
 """
 
 import json
 import os
+import re
+import warnings
 
 import torch
 from torch import nn
@@ -23,6 +27,7 @@ class LoRANetwork(nn.Module):
         super().__init__()
         for name, layer in layers.items():
             self.add_module(name, layer)
+        self.embeddings = nn.ModuleDict()  # token -> TokenEmbeddings (empty: no state_dict keys)
         self.rank = rank
         self.alpha = alpha
         self.network_args = dict(network_args or {})
@@ -30,52 +35,66 @@ class LoRANetwork(nn.Module):
     # -- the layers ---------------------------------------------------------------------------------------------
 
     def layers(self) -> dict[str, LoRALayer]:
-        return dict(self.named_children())
+        return {n: m for n, m in self.named_children() if isinstance(m, LoRALayer)}
 
     @property
     def unet_layers(self) -> list[LoRALayer]:
-        return [m for n, m in self.named_children() if n.startswith(UNET_PREFIX + "_")]
+        return [m for n, m in self.layers().items() if n.startswith(UNET_PREFIX + "_")]
 
     @property
     def text_encoder_layers(self) -> list[LoRALayer]:
-        return [m for n, m in self.named_children() if n.startswith(TEXT_ENCODER_PREFIX)]
+        return [m for n, m in self.layers().items() if n.startswith(TEXT_ENCODER_PREFIX)]
 
     def apply_to(self) -> "LoRANetwork":
-        for layer in self.children():
+        for layer in self.layers().values():
             layer.apply_to()
         return self
 
     def remove(self):
-        """Restore every wrapped module exactly as it was (unmerging first if merged)."""
-        for layer in reversed(list(self.children())):
+        """Restore every wrapped module exactly as it was (unmerging first if merged). Added tokens stay in the
+        tokenizer, but their embeddings are no longer read."""
+        for layer in reversed(list(self.layers().values())):
             layer.unmerge()
             layer.remove()
+        for embedding in self.embeddings.values():
+            embedding.remove()
 
     def set_multiplier(self, multiplier: float):
-        for layer in self.children():
+        for layer in self.layers().values():
             if layer.merged:
                 raise RuntimeError("unmerge() before changing the multiplier of a merged network")
             layer.multiplier = multiplier
 
     def merge(self):
         """Bake multiplier * delta into the base weights; the LoRA branch then costs nothing at inference."""
-        for layer in self.children():
+        for layer in self.layers().values():
             layer.merge()
 
     def unmerge(self):
-        for layer in self.children():
+        for layer in self.layers().values():
             layer.unmerge()
+
+    def add_embedding(self, embedding: "TokenEmbeddings") -> "TokenEmbeddings":
+        """Carry (train, save, resume) a new token's embedding with this network."""
+        self.embeddings[embedding.name] = embedding
+        return embedding
+
+    def expand_prompt(self, text: str) -> str:
+        """A prompt with each multi-vector token written out as its tokens (`sks` -> `sks sks_1`)."""
+        for embedding in self.embeddings.values():
+            text = embedding.expand(text)
+        return text
 
     # -- training -----------------------------------------------------------------------------------------------
 
     def param_groups(self, *, unet_lr: float | None = None, text_encoder_lr: float | None = None,
-                     default_lr: float | None = None) -> list[dict]:
-        """Optimizer parameter groups: one for the U-Net LoRA, one for the text encoder's, each with its own lr.
-
-        A part whose lr is 0 is left out (frozen), as in kohya."""
+                     default_lr: float | None = None, embedding_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: one for the U-Net LoRA, one for the text encoder's, one for the new tokens'
+        embeddings, each with its own lr. A part whose lr is 0 is left out (frozen), as in kohya."""
         groups = []
-        for name, layers, lr in (("unet", self.unet_layers, unet_lr), ("text_encoder", self.text_encoder_layers,
-                                                                          text_encoder_lr)):
+        for name, layers, lr in (("unet", self.unet_layers, unet_lr),
+                                 ("text_encoder", self.text_encoder_layers, text_encoder_lr),
+                                 ("embeddings", list(self.embeddings.values()), embedding_lr)):
             lr = default_lr if lr is None else lr
             params = [p for layer in layers for p in layer.parameters()]
             if not params or lr == 0:
@@ -102,7 +121,7 @@ class LoRANetwork(nn.Module):
         into lora_up: up * (alpha_m / alpha), which leaves alpha_m / r_m * up @ down unchanged."""
         tensors = {}
         file_alpha = float(self.alpha)
-        for name, layer in self.named_children():
+        for name, layer in self.layers().items():
             up = layer.lora_up.weight.detach().float()
             layer_alpha = layer.alpha.item()
             if layer_alpha != file_alpha:
@@ -111,6 +130,9 @@ class LoRANetwork(nn.Module):
             tensors[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach().to(save_dtype)
             tensors[f"{name}.lora_up.weight"] = up.to(save_dtype)
             tensors[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=save_dtype)
+        for name, embedding in self.embeddings.items():
+            tensors[f"{kohya.EMBEDDING_PREFIX}{name}.string_to_param.*"] = embedding.weight.detach().to(
+                dtype or embedding.weight.dtype)
         return tensors
 
     def save_weights(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None, *,
@@ -130,8 +152,9 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, path: str, strict: bool = True):
         """Load a kohya file into this network's existing modules (shapes must match), e.g. to start training from
-        it. strict=False loads the modules both have, but at least one must match."""
-        modules, _ = kohya.read_lora_file(path)
+        it. strict=False loads the modules both have, but at least one must match. Bundled embeddings of this
+        network's tokens are loaded too."""
+        modules, _ = kohya.read_lora_file(path, warn_embeddings=False)
         modules = {canonical_kohya_name(name): weights for name, weights in modules.items()}
         own = self.layers()
         missing = sorted(set(own) - set(modules))
@@ -142,6 +165,14 @@ class LoRANetwork(nn.Module):
                 f"{path} does not match this network: missing {_preview(missing)}, unexpected {_preview(unexpected)}")
         for name in shared:
             _copy_into(own[name], modules[name], name, path)
+        for name, embedding in self.embeddings.items():
+            if name in modules.embeddings:
+                vectors = bundled_vectors(modules.embeddings[name], name, path)
+                if vectors.shape != embedding.weight.shape:
+                    raise kohya.LoRAFileError(f"{path}: the embedding {name!r} is {tuple(vectors.shape)}, this run's is "
+                                              f"{tuple(embedding.weight.shape)} (another --num_vectors_per_token?)")
+                with torch.no_grad():
+                    embedding.weight.copy_(vectors)
 
 
 def _preview(names: list[str], n: int = 5) -> str:
@@ -212,10 +243,14 @@ def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank:
 
 
 def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | None,
-                 multiplier: float = 1.0) -> LoRANetwork:
+                 multiplier: float = 1.0, *, tokenizer=None) -> LoRANetwork:
     """Build and apply LoRA modules for exactly the names in a kohya-format file (ours, kohya sd-scripts',
-    LyCORIS plain LoRA/LoCon, OneTrainer, diffusers' kohya export); rank per module from the shapes."""
-    modules, metadata = kohya.read_lora_file(path)
+    LyCORIS plain LoRA/LoCon, OneTrainer, diffusers' kohya export); rank per module from the shapes.
+
+    Embeddings bundled in the file (A1111's `bundle_emb.*`) are added to `tokenizer` and `text_encoder` when both
+    are given (`network.embeddings`; use `network.expand_prompt` for multi-vector tokens), else left out with a
+    warning. `network.bundled_embeddings` holds them as {token: [vectors, dim]} either way."""
+    modules, metadata = kohya.read_lora_file(path, warn_embeddings=False)
     available = all_named_modules(unet, text_encoder)
     unplaced = sorted(name for name in modules if name not in available)
     if unplaced:
@@ -236,7 +271,131 @@ def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | No
         args = json.loads(metadata.get("ss_network_args", "{}")) or {}
     except json.JSONDecodeError:
         args = {}
-    return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
+    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
+    network.bundled_embeddings = {name: bundled_vectors(parts, name, path) for name, parts in modules.embeddings.items()}
+    if network.bundled_embeddings and (tokenizer is None or text_encoder is None):
+        names = ", ".join(repr(n) for n in sorted(network.bundled_embeddings))
+        warnings.warn(f"{path}: the bundled embedding(s) {names} were not loaded (pass tokenizer= and text_encoder= "
+                      f"to load_network to add them); the LoRA was, and the trigger words are read as plain text",
+                      kohya.LoRAFileWarning, stacklevel=2)
+    elif network.bundled_embeddings:
+        for name, vectors in network.bundled_embeddings.items():
+            network.add_embedding(TokenEmbeddings(name, vectors).apply_to(tokenizer, text_encoder))
+    return network
+
+
+def bundled_vectors(parts: dict[str, torch.Tensor], name: str, source) -> torch.Tensor:
+    """The [vectors, dim] tensor of one bundled embedding: A1111's `string_to_param.*`, or its only tensor."""
+    tensor = parts.get("string_to_param.*")
+    if tensor is None and len(parts) == 1:
+        tensor = next(iter(parts.values()))
+    if tensor is None or tensor.dim() not in (1, 2) or not tensor.is_floating_point():
+        raise kohya.LoRAFileError(f"{source}: the bundled embedding {name!r} has keys {sorted(parts)}; expected "
+                                  f"bundle_emb.{name}.string_to_param.* holding [vectors, dim]")
+    if not torch.isfinite(tensor).all():
+        raise kohya.LoRAFileError(f"{source}: the bundled embedding {name!r} holds NaN or infinite values")
+    return tensor.reshape(-1, tensor.shape[-1]).float()
+
+
+# -- new tokens (textual inversion / pivotal tuning) ---------------------------------------------------------------
+
+
+class TokenEmbeddings(nn.Module):
+    """The embedding vectors of one new token: `name` for one vector, `name name_1 ...` for several (the names
+    diffusers' load_textual_inversion gives them). `apply_to` adds the tokens to the tokenizer and a forward hook on
+    the text encoder's token-embedding table that reads the new ids' rows from `weight` (fp32, trainable): the rest of
+    the vocabulary is never written, and no optimizer sees it."""
+
+    def __init__(self, name: str, vectors: torch.Tensor):
+        super().__init__()
+        self.name = name
+        self.weight = nn.Parameter(vectors.detach().float().reshape(-1, vectors.shape[-1]).clone())
+        object.__setattr__(self, "_hook", None)
+        self.first_id = None
+
+    @property
+    def tokens(self) -> list[str]:
+        return [self.name] + [f"{self.name}_{i}" for i in range(1, len(self.weight))]
+
+    @classmethod
+    def create(cls, tokenizer, text_encoder, name: str, init_word: str | None = None,
+               num_vectors: int = 1) -> "TokenEmbeddings":
+        """New vectors started from `init_word`'s token embeddings (one per vector, cycling, as kohya), or from the
+        mean of the vocabulary, and applied."""
+        check_token_name(name)
+        table = text_encoder.get_input_embeddings().weight.detach()
+        if init_word:
+            ids = tokenizer.encode(init_word, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"--init_word {init_word!r} gives no token")
+            vectors = table[[ids[i % len(ids)] for i in range(num_vectors)]]
+        else:
+            vectors = table.float().mean(0, keepdim=True).expand(num_vectors, -1)
+        embedding = cls(name, vectors).apply_to(tokenizer, text_encoder)
+        if tokenizer.tokenize(name) != [name]:
+            raise ValueError(f"--token_string {name!r} is not read back as one token; use a lower-case word of "
+                             f"letters, digits or _ (e.g. sks)")
+        return embedding
+
+    def apply_to(self, tokenizer, text_encoder) -> "TokenEmbeddings":
+        table = text_encoder.get_input_embeddings()
+        if self.weight.shape[1] != table.embedding_dim:
+            raise ValueError(f"the embedding {self.name!r} has {self.weight.shape[1]} dimensions, this text encoder's "
+                             f"tokens have {table.embedding_dim} (an embedding for another base model?)")
+        taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
+        if taken:
+            raise ValueError(f"the token {taken[0]!r} is already in the tokenizer; choose another --token_string")
+        first = len(tokenizer)
+        if tokenizer.add_tokens(self.tokens) != len(self.tokens) or \
+                tokenizer.convert_tokens_to_ids(self.tokens) != list(range(first, first + len(self.tokens))):
+            raise ValueError(f"could not add {self.tokens} to the tokenizer as new tokens")
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        table = text_encoder.get_input_embeddings()
+        self.first_id = first
+        self.sync(table)
+        object.__setattr__(self, "_hook", table.register_forward_hook(self._replace_rows))
+        return self
+
+    def _replace_rows(self, table, args, out):
+        offset = args[0] - self.first_id
+        new = (offset >= 0) & (offset < len(self.weight))
+        rows = self.weight.to(out.dtype)[offset.clamp(0, len(self.weight) - 1)]
+        return torch.where(new.unsqueeze(-1), rows, out)
+
+    @torch.no_grad()
+    def sync(self, table: nn.Embedding):
+        """Write the vectors into the table's rows too, for code that reads the table directly."""
+        table.weight[self.first_id:self.first_id + len(self.weight)] = self.weight.to(table.weight)
+
+    def remove(self):
+        if self._hook is not None:
+            self._hook.remove()
+            object.__setattr__(self, "_hook", None)
+
+    def expand(self, text: str) -> str:
+        if len(self.weight) == 1:
+            return text
+        return re.sub(rf"(?<![\w]){re.escape(self.name)}(?![\w])", " ".join(self.tokens), text, flags=re.IGNORECASE)
+
+    def save_textual_inversion(self, path, metadata: dict[str, str] | None = None):
+        """A textual-inversion .safetensors: `emb_params` [vectors, dim] (kohya's key; A1111, ComfyUI and diffusers'
+        `load_textual_inversion(path, token=name)` read it)."""
+        from safetensors.torch import save as save_safetensors_bytes
+
+        from .io import atomic_write
+
+        data = save_safetensors_bytes({"emb_params": self.weight.detach().float().cpu().contiguous()},
+                                      {"token": self.name, **(metadata or {})})
+        atomic_write(path, lambda f: f.write(data))
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.tokens}"
+
+
+def check_token_name(name: str):
+    if not isinstance(name, str) or not re.fullmatch(r"[^\W_][\w]*", name) or name != name.lower():
+        raise ValueError(f"--token_string {name!r}: expected one lower-case word of letters, digits or _ (e.g. sks), "
+                         f"since CLIP lower-cases prompts")
 
 
 def _metadata_number(metadata: dict, key: str, kind):

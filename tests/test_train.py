@@ -160,6 +160,25 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, data):
         assert torch.equal(uninterrupted[key], continued[key]), key
 
 
+def test_the_lora_trains_with_its_dropout_after_each_sampling(tmp_path, data, monkeypatch):
+    from lora_diffusion.layer import LoRALayer
+
+    modes, real = [], LoRALayer.lora_delta
+
+    def spy(layer, x):
+        if torch.is_grad_enabled():  # a training step (sampling runs under no_grad)
+            modes.append(layer.training)
+        return real(layer, x)
+
+    monkeypatch.setattr(LoRALayer, "lora_delta", spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("toy, square --d 1 --s 1\n")
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=3, network_dropout=0.3,
+                                      sample_prompts=prompts, sample_every_n_steps=1)) == 0
+    assert len(list((tmp_path / "out" / "sample").glob("t_0*.png"))) == 3
+    assert modes and all(modes)
+
+
 def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch, capsys):
     import lora_diffusion.training as training
 
@@ -205,7 +224,7 @@ def test_accumulation_steps_end_with_each_epoch_and_every_epoch_samples(tmp_path
     _, meta = read(tmp_path / "out" / "t.safetensors")
     assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_epoch"]) == ("8", "8", "2")
     samples = sorted(p.name for p in (tmp_path / "out" / "sample").glob("*.png"))
-    assert [name.split("_")[1] for name in samples] == ["e000001", "e000002"]  # the last epoch too, once
+    assert [name.split("_")[1] for name in samples] == ["e000001", "e000002", "grid.png"]  # the last epoch, once
 
 
 def test_bf16_accumulation_and_8bit_adam(tmp_path):
