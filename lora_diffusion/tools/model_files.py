@@ -130,7 +130,8 @@ def open_folder(path):
                 if part == "text_encoder" else name
             model.entries[(part, key)] = (stored_shape(reader, name), stored_dtype(reader, name))
             model.readers[(part, key)] = (reader, name, None)
-    model.v2 = configs["unet"].get("cross_attention_dim") == 1024
+    # SD2's OpenCLIP text tower uses gelu where OpenAI's CLIP (SD1) uses quick_gelu; 1024 is SD2's full width
+    model.v2 = configs["unet"].get("cross_attention_dim") == 1024 or configs["text_encoder"].get("hidden_act") == "gelu"
     return model
 
 

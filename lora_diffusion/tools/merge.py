@@ -1,0 +1,122 @@
+"""Merge LoRA files into a base model, or several LoRA files into one.
+
+    lora-diffusion merge --model sd15.safetensors --lora style.safetensors:0.8 --lora face.safetensors:0.5 \\
+        --output merged.safetensors --precision fp16          # single file, original layout (or a folder path)
+    lora-diffusion merge --lora a.safetensors:1 --lora b.safetensors:0.5 --output ab.safetensors   # one LoRA
+    lora-diffusion merge --lora a.safetensors --lora b.safetensors --rank 16 --output ab16.safetensors
+
+Into a model: W' = W + sum(ratio * alpha/rank * up @ down), computed in fp32 one weight at a time and cast to
+--precision; only one tensor of the model is in memory at once. LoRA + LoRA: the ranks are concatenated (exact:
+the result's update is the sum of the updates), or with --rank the sum is reduced by SVD to its best rank-r
+approximation per module.
+"""
+
+import torch
+from tqdm import tqdm
+
+from ..kohya import network_metadata, write_lora_file
+from .model_files import (ModelToolError, check_output, factored_svd, fit, lora_file_tensors, module_delta,
+                          module_key_name, open_model, precision, read_loras, write_model)
+
+
+def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, v2=None, overwrite=False):
+    """loras: ["file.safetensors:ratio" or "file.safetensors"]. Writes `output` (a .safetensors single file or a
+    diffusers folder); returns {module name: number of LoRAs merged into it}."""
+    check_output(output, [model_path] + [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
+    model = open_model(model_path, config_dir=config_dir, v2=v2)
+    files = read_loras(loras)
+    weights = {module_key_name(part, key): (part, key) for part, key in model.entries}
+    weights.pop(None, None)
+    updates = {}
+    for path, ratio, modules, _ in files:
+        unplaced = sorted(n for n in modules if n not in weights)
+        if unplaced:
+            raise ModelToolError(f"{path}: {len(unplaced)} module(s) match no weight of {model.describe()} "
+                                 f"(e.g. {', '.join(unplaced[:3])}); a LoRA for another model family?")
+        for name, w in modules.items():
+            shape = model.entries[weights[name]][0]
+            if w.down.flatten(1).shape[1] * w.up.shape[0] != torch.Size(shape).numel() or w.up.shape[0] != shape[0]:
+                raise ModelToolError(f"{path}: module {name} is [out {w.up.shape[0]}, in {w.down.flatten(1).shape[1]}]"
+                                     f" but the base weight is {tuple(shape)}; a LoRA for another model family?")
+            updates.setdefault(weights[name], []).append((name, ratio, w, path))
+
+    def get(part, key):
+        tensor = model.read(part, key)
+        if (part, key) not in updates:
+            return tensor
+        merged = tensor.float()
+        for name, ratio, w, path in updates[(part, key)]:
+            merged += ratio * fit(module_delta(w), merged.shape, name, path)
+        return merged
+
+    write_model(output, model, get, dtype, keep_extras=True)
+    return {updates_list[0][0]: len(updates_list) for updates_list in updates.values()}
+
+
+def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16, overwrite=False):
+    """Several LoRA files with ratios into one: concatenated ranks (exact), or with `rank` (and `conv_rank` for kxk
+    convs) the best approximation of the summed update. Returns {module: (rank, retained Frobenius fraction)}."""
+    check_output(output, [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
+    files = read_loras(loras)
+    names = sorted({n for _, _, modules, _ in files for n in modules})
+    result, shapes, report = {}, {}, {}
+    for name in tqdm(names, desc="merging", unit="module", leave=False):
+        parts = [(ratio, modules[name], path) for path, ratio, modules, _ in files if name in modules]
+        first = parts[0][1]
+        shape = tuple(first.up.shape[:1]) + tuple(first.down.shape[1:])
+        for _, w, path in parts:
+            this = tuple(w.up.shape[:1]) + tuple(w.down.shape[1:])
+            if torch.Size(this).numel() != torch.Size(shape).numel() or this[0] != shape[0]:
+                raise ModelToolError(f"{path}: module {name} has shape {this}, {parts[0][2]} has {shape}; LoRAs for "
+                                     f"different base models cannot be merged")
+        up = torch.cat([w.up.float().flatten(1) * (ratio * w.alpha / w.rank) for ratio, w, _ in parts], 1)
+        down = torch.cat([w.down.float().flatten(1) for _, w, _ in parts], 0)
+        target = conv_rank if (conv_rank and len(shape) == 4 and shape[2:] != (1, 1)) else rank
+        if target and target < down.shape[0]:
+            u, s, vh = factored_svd(up, down)
+            up, down = u[:, :target] * s[:target], vh[:target]
+            retained = float(s[:target].square().sum() / s.square().sum().clamp_min(1e-30)) ** 0.5
+        else:
+            retained = 1.0
+        result[name], shapes[name] = (up, down, 1.0), (shape if len(shape) == 4 else shape[:2])
+        report[name] = (down.shape[0], retained)
+    tensors, alpha = lora_file_tensors(result, shapes, dtype)
+    metadata = dict(files[0][3])
+    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    metadata.update(network_metadata(rank=max(r for r, _ in report.values()), alpha=alpha,
+                                     v2=metadata.get("ss_v2") == "True", output_name=str(output)))
+    metadata["ss_training_comment"] = "merged by lora-diffusion from " + ", ".join(
+        f"{path}:{ratio:g}" for path, ratio, _, _ in files)
+    write_lora_file(str(output), tensors, metadata)
+    return report
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default=None,
+                        help="base model (diffusers folder or single file); without it the LoRAs are merged into one")
+    parser.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO]",
+                        help="a LoRA file and its ratio (default 1.0); repeat for several")
+    parser.add_argument("--output", required=True,
+                        help="with --model: a .safetensors single file or a folder path; else a LoRA .safetensors")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="output precision (default: the model's own dtypes; fp16 for a merged LoRA)")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA + LoRA: reduce to this rank by SVD")
+    parser.add_argument("--conv_rank", type=int, default=None, help="LoRA + LoRA: rank for kxk convs (default --rank)")
+    parser.add_argument("--config", default=None, help="configs for a single-file model (see `convert --config`)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def run(args):
+    if args.model:
+        if args.rank or args.conv_rank:
+            raise ModelToolError("--rank applies to LoRA + LoRA merges, not to merging into a --model")
+        merged = merge_into_model(args.model, args.lora, args.output, dtype=precision(args.precision),
+                                  config_dir=args.config, overwrite=args.overwrite)
+        print(f"merged {len(merged)} module(s) from {len(args.lora)} LoRA file(s) into {args.output}")
+        return 0
+    report = merge_loras(args.lora, args.output, rank=args.rank, conv_rank=args.conv_rank or args.rank,
+                         dtype=precision(args.precision) or torch.float16, overwrite=args.overwrite)
+    low = min(report.values(), key=lambda r: r[1])
+    print(f"wrote {args.output}: {len(report)} module(s), ranks {min(r for r, _ in report.values())}-"
+          f"{max(r for r, _ in report.values())}, lowest retained Frobenius norm {low[1]:.1%}")
+    return 0
