@@ -562,8 +562,12 @@ def train(args):
                                        lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
                                        lr_scheduler_power=args.lr_scheduler_power)
     # Only the optimizer goes through accelerate (GradScaler for fp16, skipped steps while accumulating). The
-    # scheduler is stepped by hand once per optimizer step, and the network's gradients are averaged across
-    # processes by hand: its forward runs inside the base models, so DDP's hooks would never fire.
+    # scheduler is stepped by hand once per optimizer step. The gradients are averaged across processes by hand
+    # (average_gradients), not by DDP, although the LoRA is in the models' trees and DDP(unet) works: one flat
+    # all-reduce per optimizer step covers the LoRA of both models and a new token's embedding (which is outside
+    # them), with no no_sync() for accumulation and no wrapping to undo for sampling and saving. Measured on 2 gloo
+    # CPU processes, builtin:tiny, LoRA on U-Net + text encoder, 15 steps x 4 runs each: 227-322 ms/step by hand,
+    # 286-309 ms/step with DDP over the U-Net and the text encoder (the same within noise).
     optimizer_name = describe_optimizer(optimizer, args.optimizer_args)
     optimizer = accelerator.prepare(optimizer)
     pieces = dict(network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator)

@@ -186,3 +186,21 @@ def test_generate_applies_the_bundled_embeddings(tmp_path):
     assert list(loaded.embeddings) == ["sks"] and torch.equal(loaded.bundled_embeddings["sks"], vectors)
     table = fresh.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[-2:], vectors)
+
+
+def test_two_processes_end_with_the_same_embedding(tmp_path, data):
+    import os
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_lora.py"),
+               *pivotal_flags(tmp_path, data, max_train_steps=4, train_text_encoder_ti_frac=0.5)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA weights identical on 2 processes" in result.stdout + result.stderr  # the embedding included
+    tensors, _ = read(tmp_path / "out" / "t.safetensors")
+    assert not torch.equal(tensors[BUNDLE], star_rows())
