@@ -763,7 +763,8 @@ def train(args):
     if embedding is not None and accelerator.is_main_process:
         emb_path = output_dir / f"{args.output_name}_emb.safetensors"
         embedding.save_textual_inversion(emb_path, {"ss_session_id": session_id})
-        lines.append(f"embedding {' '.join(embedding.tokens)}: bundled in the LoRA file (A1111/Forge) and in {emb_path} "
+        lines.append(f"embedding {' '.join(embedding.tokens)}: bundled in the LoRA file (A1111/Forge) and in "
+                     f"{emb_path} "
                      f"(diffusers: load_textual_inversion(path, token={args.token_string!r}), and load_lora_weights "
                      f"of the LoRA file's tensors without its bundle_emb.* keys)")
     if prompts and last_sampled_step != global_step:

@@ -155,6 +155,7 @@ class LoRANetwork(nn.Module):
         it. strict=False loads the modules both have, but at least one must match. Bundled embeddings of this
         network's tokens are loaded too."""
         modules, _ = kohya.read_lora_file(path, warn_embeddings=False)
+        bundled = modules.embeddings
         modules = {canonical_kohya_name(name): weights for name, weights in modules.items()}
         own = self.layers()
         missing = sorted(set(own) - set(modules))
@@ -166,11 +167,11 @@ class LoRANetwork(nn.Module):
         for name in shared:
             _copy_into(own[name], modules[name], name, path)
         for name, embedding in self.embeddings.items():
-            if name in modules.embeddings:
-                vectors = bundled_vectors(modules.embeddings[name], name, path)
+            if name in bundled:
+                vectors = bundled_vectors(bundled[name], name, path)
                 if vectors.shape != embedding.weight.shape:
-                    raise kohya.LoRAFileError(f"{path}: the embedding {name!r} is {tuple(vectors.shape)}, this run's is "
-                                              f"{tuple(embedding.weight.shape)} (another --num_vectors_per_token?)")
+                    raise kohya.LoRAFileError(f"{path}: the embedding {name!r} is {tuple(vectors.shape)}, this run's "
+                                              f"is {tuple(embedding.weight.shape)} (another --num_vectors_per_token?)")
                 with torch.no_grad():
                     embedding.weight.copy_(vectors)
 
@@ -272,7 +273,8 @@ def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | No
     except json.JSONDecodeError:
         args = {}
     network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
-    network.bundled_embeddings = {name: bundled_vectors(parts, name, path) for name, parts in modules.embeddings.items()}
+    network.bundled_embeddings = {name: bundled_vectors(parts, name, path)
+                                  for name, parts in modules.embeddings.items()}
     if network.bundled_embeddings and (tokenizer is None or text_encoder is None):
         names = ", ".join(repr(n) for n in sorted(network.bundled_embeddings))
         warnings.warn(f"{path}: the bundled embedding(s) {names} were not loaded (pass tokenizer= and text_encoder= "
@@ -344,7 +346,8 @@ class TokenEmbeddings(nn.Module):
                              f"tokens have {table.embedding_dim} (an embedding for another base model?)")
         taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
         if taken:
-            raise ValueError(f"the token {taken[0]!r} is already in the tokenizer; choose another --token_string")
+            raise ValueError(f"the token {taken[0]!r} is already in the tokenizer (a word of its vocabulary, or an "
+                             f"embedding added before); choose another --token_string")
         first = len(tokenizer)
         if tokenizer.add_tokens(self.tokens) != len(self.tokens) or \
                 tokenizer.convert_tokens_to_ids(self.tokens) != list(range(first, first + len(self.tokens))):

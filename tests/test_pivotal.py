@@ -204,3 +204,21 @@ def test_two_processes_end_with_the_same_embedding(tmp_path, data):
     assert "LoRA weights identical on 2 processes" in result.stdout + result.stderr  # the embedding included
     tensors, _ = read(tmp_path / "out" / "t.safetensors")
     assert not torch.equal(tensors[BUNDLE], star_rows())
+
+
+def test_network_weights_start_the_token_from_the_files_vectors(tmp_path):
+    from lora_diffusion import create_network
+    from lora_diffusion.network import TokenEmbeddings
+
+    def network_with_token(init_word):
+        models = load_models("builtin:tiny")
+        network = create_network(models.unet, models.text_encoder, rank=2)
+        network.add_embedding(TokenEmbeddings.create(models.tokenizer, models.text_encoder, "sks", init_word, 2))
+        return network
+
+    saved = network_with_token("star")
+    saved.save_weights(tmp_path / "l.safetensors")
+    other = network_with_token("dog")
+    assert not torch.equal(other.embeddings["sks"].weight, saved.embeddings["sks"].weight)
+    other.load_weights(tmp_path / "l.safetensors")
+    assert torch.equal(other.embeddings["sks"].weight, saved.embeddings["sks"].weight)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -177,6 +178,22 @@ def test_the_lora_trains_with_its_dropout_after_each_sampling(tmp_path, data, mo
                                       sample_prompts=prompts, sample_every_n_steps=1)) == 0
     assert len(list((tmp_path / "out" / "sample").glob("t_0*.png"))) == 3
     assert modes and all(modes)
+
+
+def test_the_last_samples_end_in_one_grid_with_the_judges_verdict(tmp_path, data, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star on a blue background --d 1 --s 1\ntoy, square --d 2 --s 1\n")
+    assert train_lora.main(base_flags(tmp_path, data, max_train_steps=2, sample_prompts=prompts,
+                                      sample_every_n_steps=1)) == 0
+    out = capsys.readouterr().out
+    grid = tmp_path / "out" / "sample" / "t_grid.png"
+    assert f"in one grid: {grid}" in out
+    assert Image.open(grid).size == (128, 64)  # the 2 samples of step 2, not the 4 of the run
+    last = sorted((tmp_path / "out" / "sample").glob("t_000002_*.png"))
+    pasted = np.asarray(Image.open(grid).convert("RGB"))
+    assert np.array_equal(pasted[:, :64], np.asarray(Image.open(last[0]).convert("RGB")))
+    [line] = [x for x in out.splitlines() if x.startswith("judged (shapes world): ")]
+    assert line.endswith("of 1 samples") and "shape " in line and "all " in line
 
 
 def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch, capsys):
