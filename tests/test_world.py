@@ -18,6 +18,15 @@ def test_judge_is_right_on_1000_noisy_antialiased_images():
     assert {s.shape for s in scenes} == set(world.SHAPES)
 
 
+def test_judge_holds_on_soft_images_like_a_vae_output():
+    from PIL import ImageFilter
+
+    rng = random.Random(11)
+    scenes = [world.sample_scene(rng, shapes=world.SHAPES) for _ in range(400)]
+    images = [world.render(s).filter(ImageFilter.GaussianBlur(1.5)) for s in scenes]
+    assert world.judge_accuracy(images, scenes)["all"] >= 0.97
+
+
 @pytest.mark.parametrize("size", [48, 128])
 def test_judge_works_at_other_resolutions(size):
     rng = random.Random(size)
