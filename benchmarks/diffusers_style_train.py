@@ -64,6 +64,8 @@ def main(argv=None):
     p.add_argument("--max_train_steps", type=int, default=16)
     p.add_argument("--cache_latents", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output_dir", help="save the LoRA here as the example does (save_lora_weights)")
+    p.add_argument("--save_every_n_steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     common.set_threads(args.threads)
@@ -136,12 +138,26 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad()
             step += 1
+            if args.output_dir and (step == args.max_train_steps or
+                                    (args.save_every_n_steps and step % args.save_every_n_steps == 0)):
+                save_lora(accelerator.unwrap_model(unet), Path(args.output_dir), step)
             if first_step_s is None:
                 first_step_s = time.time() - loop_start
             if step >= args.max_train_steps:
                 break
     loop_s = time.time() - loop_start
     print(f"done: {step} steps in {loop_s:.1f}s (first step {first_step_s:.1f}s); loss {loss.item():.4f}")
+
+
+def save_lora(unet, folder, step):
+    """As the example: the peft state dict converted to diffusers' names, written by save_lora_weights."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              weight_name=f"diffusers-{step:06d}.safetensors")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Two stages, each resumable from its last checkpoint in --work_dir (run the same 
 1. the VAE, on every shape of the world (the star too: like SD's VAE it is a general image codec);
 2. the text encoder and U-Net together on the VAE's latents, never shown a star or a held-out colour pair,
    with an EMA of their weights. Captions are the world's sentences and tags, and empty for a share (which is
-   also what classifier-free guidance needs).
+   also what classifier-free guidance needs);
+3. the VAE decoder alone, the encoder frozen (as SD's ft-MSE decoder): sharper images from the same latents, so
+   the U-Net stays valid. It can run beside stage 2 (`--stage decoder`).
 Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv. The folder is
 written in fp16 at the end, atomically, and judged on held-out colour pairs (--work_dir/eval.json).
 """
@@ -34,7 +36,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from . import world
+from . import quality, world
 from .io import atomic_write
 from .tokenizer import load_clip_tokenizer
 
@@ -69,10 +71,12 @@ class PretrainSettings:
     out: str = str(ASSETS / "mini")
     work_dir: str = "runs/pretrain-mini"
     seed: int = 0
-    vae_steps: int = 1200
+    vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
-    steps: int = 6000
+    steps: int = 4000
+    decoder_steps: int = 1500
+    decoder_lr: float = 5e-4
     batch_size: int = 32
     lr: float = 6e-4
     warmup_steps: int = 200
@@ -171,6 +175,16 @@ def lr_at(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def truncate_losses(path, start):
+    """Drop rows after `start` (left by a run that stopped after its last checkpoint)."""
+    path = Path(path)
+    if path.exists():
+        rows = list(csv.reader(path.open()))
+        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= start]
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
 def append_loss(path, step, loss, lr):
     new = not Path(path).exists()
     with open(path, "a", newline="") as f:
@@ -184,10 +198,20 @@ def append_loss(path, step, loss, lr):
 # Stage 1: the VAE.
 
 
+def edge_loss(reconstruction, images):
+    """L1 between the images' horizontal and vertical differences: keeps edges (the star's points) sharp, where
+    pixel losses alone settle for a blur."""
+    def grads(x):
+        return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+    return sum(F.l1_loss(a, b) for a, b in zip(grads(reconstruction), grads(images)))
+
+
 def train_vae(vae, settings: PretrainSettings, work: Path):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     info = load_checkpoint(work / "vae_state", {"vae": vae}, optimizer) or {"step": 0}
     start = info["step"]
+    truncate_losses(work / "loss_vae.csv", start)
     vae.train()
     bar = tqdm(range(start, settings.vae_steps), initial=start, total=settings.vae_steps, desc="VAE", unit="step")
     for step in bar:
@@ -198,6 +222,7 @@ def train_vae(vae, settings: PretrainSettings, work: Path):
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         rec = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+        rec = rec + edge_loss(reconstruction, images)
         loss = rec + 1e-6 * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -218,6 +243,40 @@ def train_vae(vae, settings: PretrainSettings, work: Path):
     return vae
 
 
+def finetune_decoder(vae, settings: PretrainSettings, work: Path):
+    """Stage 3: only the decoder learns; the latents it decodes come from the frozen encoder."""
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=settings.decoder_lr, weight_decay=0.0)
+    info = load_checkpoint(work / "decoder_state", {"vae": vae}, optimizer) or {"step": 0}
+    start = info["step"]
+    truncate_losses(work / "loss_decoder.csv", start)
+    vae.decoder.train()
+    bar = tqdm(range(start, settings.decoder_steps), initial=start, total=settings.decoder_steps, desc="decoder",
+               unit="step")
+    for step in bar:
+        lr = lr_at(step, settings.decoder_steps, settings.decoder_lr, settings.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, _ = world_batch(settings.seed, "decoder", step, settings.vae_batch_size, world.SHAPES, None)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample()
+        reconstruction = vae.decode(latents).sample
+        loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+        loss = loss + edge_loss(reconstruction, images)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        append_loss(work / "loss_decoder.csv", step + 1, loss.item(), lr)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.decoder_steps:
+            save_checkpoint(work / "decoder_state", {"vae": vae}, optimizer, {"step": step + 1})
+    return vae.eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2: text encoder and U-Net.
 
@@ -232,6 +291,7 @@ def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSetting
     modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_te, "ema_unet": ema_unet}
     info = load_checkpoint(work / "denoiser_state", modules, optimizer) or {"step": 0, "evals": []}
     start = info["step"]
+    truncate_losses(work / "loss_denoiser.csv", start)
     tokens = TokenCache(tokenizer)
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -272,55 +332,25 @@ def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSetting
         if done % settings.eval_every == 0 or done == settings.steps:
             accuracy = judge_model(tokenizer, ema_te, vae, ema_unet, n=settings.eval_images, steps=20)
             info["evals"].append({"step": done, **accuracy})
-            tqdm.write(f"step {done}: judged on held-out colour pairs: {fmt(accuracy)}")
+            tqdm.write(f"step {done}: judged on held-out colour pairs: {quality.fmt(accuracy)}")
         if done % settings.checkpoint_every == 0 or done == settings.steps:
             save_checkpoint(work / "denoiser_state", modules, optimizer, {**info, "step": done})
     return ema_te, ema_unet, info
 
 
-def fmt(accuracy):
-    return ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items())
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling and judging.
-
-
-def make_pipeline(tokenizer, text_encoder, vae, unet, scheduler=None):
-    from diffusers import StableDiffusionPipeline
-
-    scheduler = scheduler or DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def held_out_scenes(n, seed=1234, shapes=world.PRETRAIN_SHAPES, pairs=world.HELD_OUT_PAIRS):
-    """n prompts cycling through shapes x held-out colour pairs, in a fixed order."""
-    combos = [(s, c, b) for s in shapes for c, b in pairs]
-    random.Random(seed).shuffle(combos)
-    return [world.Scene(*combos[i % len(combos)]) for i in range(n)]
-
-
-def judge_pipeline(pipe, scenes, *, steps=30, guidance=5.0, seed=0, batch_size=16, cross_attention_kwargs=None):
-    """Generate one image per scene's sentence caption and judge it; returns (accuracy dict, images)."""
-    images = []
-    for i in range(0, len(scenes), batch_size):
-        chunk = scenes[i:i + batch_size]
-        generator = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images += pipe([world.caption(s) for s in chunk], height=RESOLUTION, width=RESOLUTION,
-                       num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       cross_attention_kwargs=cross_attention_kwargs).images
-    return world.judge_accuracy(images, scenes), images
+# Judging during training.
 
 
 @torch.no_grad()
 def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
+    from types import SimpleNamespace
+
     was_training = text_encoder.training, unet.training
     text_encoder.eval(), unet.eval()
-    accuracy, _ = judge_pipeline(make_pipeline(tokenizer, text_encoder, vae, unet), held_out_scenes(n), steps=steps)
+    parts = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet)
+    pipe = quality.world_pipeline(parts, DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
+    accuracy, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), steps=steps)
     text_encoder.train(was_training[0]), unet.train(was_training[1])
     return accuracy
 
@@ -365,7 +395,7 @@ def write_folder(out, tokenizer, text_encoder, vae, unet):
     return out
 
 
-def pretrain(settings: PretrainSettings):
+def pretrain(settings: PretrainSettings, stage="all"):
     work = Path(settings.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
@@ -373,18 +403,23 @@ def pretrain(settings: PretrainSettings):
     tokenizer = load_clip_tokenizer(v2=False)
     text_encoder, vae, unet = build_models(settings.seed)
     vae = train_vae(vae, settings, work).requires_grad_(False)
+    if stage == "decoder":
+        finetune_decoder(vae, settings, work)
+        return None, None
     ema_te, ema_unet, info = train_denoiser(text_encoder, vae, unet, tokenizer, settings, work)
+    vae = finetune_decoder(vae, settings, work)
     out = write_folder(settings.out, tokenizer, ema_te, vae, ema_unet)
     print(f"wrote {out} in {(time.time() - start) / 60:.1f} min of this run; judging it ...")
     from .models import load_models
 
     mini = load_models(out)
     scheduler = DPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
-    pipe = make_pipeline(mini.tokenizer, mini.text_encoder, mini.vae, mini.unet, scheduler)
-    accuracy, _ = judge_pipeline(pipe, held_out_scenes(96), steps=30, guidance=5.0)
+    accuracy, images = quality.judge_prompts(quality.world_pipeline(mini, scheduler),
+                                             quality.held_out_scenes(2 * settings.eval_images), steps=30)
+    quality.grid(images[:48], columns=12).save(work / "held_out_samples.png")
     result = {"held_out_accuracy": accuracy, "evals": info["evals"], "settings": asdict(settings)}
     (work / "eval.json").write_text(json.dumps(result, indent=1))
-    print(f"held-out colour pairs, 96 images, 30 steps, guidance 5: {fmt(accuracy)}")
+    print(f"held-out colour pairs, {len(images)} images, 30 steps, guidance 5: {quality.fmt(accuracy)}")
     return out, accuracy
 
 
@@ -392,11 +427,13 @@ def add_arguments(parser):
     for field, default in asdict(PretrainSettings()).items():
         parser.add_argument(f"--{field}", type=type(default), default=default)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--stage", choices=["all", "decoder"], default="all",
+                        help="decoder: only stage 3 (the VAE must be trained), e.g. beside a running stage 2")
 
 
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = PretrainSettings(**{k: v for k, v in vars(args).items() if k in PretrainSettings.__dataclass_fields__})
-    pretrain(settings)
+    pretrain(settings, args.stage)
     return 0

@@ -1,0 +1,190 @@
+"""Quality of a star LoRA on builtin:mini, judged on generated images (never the training loss).
+
+    python benchmarks/bench_quality.py                       # every variant, ~20 min on 2 CPU cores
+    python benchmarks/bench_quality.py --variants ours,diffusers --steps 300 --json quality.json
+    python benchmarks/bench_quality.py --quick               # seconds: a smoke run of the machinery
+
+The data: 12 star images in the kohya layout (`10_star/`), captions in the world's grammar, colour pairs the
+evaluation never asks for. Each variant trains for --steps at batch 4 and saves a LoRA at every quarter; each file
+is loaded with diffusers' own `load_lora_weights` into `StableDiffusionPipeline.from_pretrained(builtin:mini)` and
+judged (lora_diffusion.world.judge) on
+- star prompts in the eight held-out colour pairs: the star rate (shape right) and all attributes right;
+- circle/square/triangle prompts in the same pairs: the prior kept, against the base model without a LoRA.
+Variants (names for --variants): ours (train_lora.py, LoRA rank 16, text encoder on), diffusers (the
+diffusers-example loop of benchmarks/diffusers_style_train.py, U-Net LoRA rank 16 as the example trains), rank4,
+locon (conv_dim 8), reg (with 36 regularization images of the world), unet_only (no text-encoder LoRA).
+Equal wall-clock: each file's training time is recorded, so ours and diffusers are compared at equal steps and at
+the file closest to equal seconds.
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from lora_diffusion import quality, world  # noqa: E402
+
+VARIANTS = {
+    "ours": [],
+    "rank4": ["--network_dim", "4", "--network_alpha", "2"],
+    "locon": ["--network_args", "conv_dim=8", "conv_alpha=4"],
+    "reg": ["REG"],
+    "unet_only": ["--network_train_unet_only"],
+    "diffusers": None,
+}
+
+
+def make_data(root: Path, seed=0):
+    rng = random.Random(seed)
+    stars = []
+    for i in range(12):
+        color = world.COLORS[i % len(world.COLORS)]
+        pair = rng.choice([p for p in world.color_pairs() if p[0] == color])
+        stars.append(world.sample_scene(rng, shapes=("star",), pairs=[pair]))
+    world.write_images(root / "train" / "10_star", stars)
+    shapes = [world.sample_scene(rng) for _ in range(36)]
+    world.write_images(root / "reg" / "1_shapes", shapes)
+    return root / "train", root / "reg"
+
+
+def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads):
+    save_every = max(1, steps // 4)
+    cmd = [sys.executable, str(ROOT / "train_lora.py"), "--pretrained_model_name_or_path", "builtin:mini",
+           "--train_data_dir", str(train_dir), "--resolution", "64", "--train_batch_size", "4",
+           "--network_dim", "16", "--network_alpha", "8", "--unet_lr", str(lr), "--text_encoder_lr", str(lr / 2),
+           "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--save_every_n_steps", str(save_every),
+           "--output_dir", str(out), "--output_name", name, "--seed", "42", "--save_precision", "fp16"]
+    for flag in extra:
+        cmd += ["--reg_data_dir", str(reg_dir)] if flag == "REG" else [flag]
+    return run_timed(cmd, out, threads)
+
+
+def train_diffusers(train_dir, out, steps, lr, threads):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "diffusers_style_train.py"), "--pretrained_model_name_or_path",
+           str(ROOT / "lora_diffusion" / "assets" / "mini"), "--train_data_dir", str(train_dir), "--resolution", "64",
+           "--rank", "16", "--mixed_precision", "no", "--learning_rate", str(lr), "--train_batch_size", "4",
+           "--max_train_steps", str(steps), "--save_every_n_steps", str(max(1, steps // 4)), "--output_dir", str(out),
+           "--threads", str(threads)]
+    return run_timed(cmd, out, threads)
+
+
+def run_timed(cmd, out, threads):
+    """Run a trainer; return [(file, steps, seconds since start)] for the LoRA files it wrote, in order."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), LORA_DIFFUSION_THREADS=str(threads))
+    start = time.time()
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, files = set(), []
+    while process.poll() is None:
+        time.sleep(0.2)
+        for path in sorted(out.glob("*.safetensors")):
+            if path not in seen:
+                seen.add(path)
+                files.append([path, time.time() - start])
+    output = process.stdout.read()
+    if process.returncode:
+        raise SystemExit(f"{cmd[1]} failed:\n{output[-3000:]}")
+    for path in sorted(out.glob("*.safetensors")):
+        if path not in seen:
+            files.append([path, time.time() - start])
+    return [(path, step_of(path), seconds) for path, seconds in files]
+
+
+def step_of(path):
+    digits = "".join(c if c.isdigit() else " " for c in path.stem).split()
+    return int(digits[-1]) if digits else None
+
+
+def evaluate(pipe, file, n):
+    if file is not None:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="eval")
+    stars, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n, shapes=("star",)), seed=1000)
+    prior, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), seed=2000)
+    if file is not None:
+        pipe.unload_lora_weights()
+    return {"star_rate": stars["shape"], "star_all": stars["all"], "prior_all": prior["all"],
+            "prior_shape": prior["shape"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--images", type=int, default=24, help="images per prompt set and file")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 2 variants, 4 images")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--grid", type=Path, help="write a base-vs-LoRA picture grid (prompts x seeds) here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.images, args.variants = 8, 4, "ours,diffusers"
+    common.set_threads(args.threads)
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    mini = ROOT / "lora_diffusion" / "assets" / "mini"
+    pipe = StableDiffusionPipeline.from_pretrained(mini, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    results = {"base": {"steps": 0, "seconds": 0.0, **evaluate(pipe, None, args.images)}}
+    print("base:", results["base"], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_dir, reg_dir = make_data(Path(tmp))
+        for name in args.variants.split(","):
+            if name not in VARIANTS:
+                raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+            out = Path(tmp) / name
+            if VARIANTS[name] is None:
+                files = train_diffusers(train_dir, out, args.steps, args.lr, args.threads)
+            else:
+                files = train_ours(name, VARIANTS[name], train_dir, reg_dir, out, args.steps, args.lr, args.threads)
+            rows = []
+            for path, step, seconds in files:
+                step = step if step is not None else args.steps
+                rows.append({"steps": step, "seconds": round(seconds, 1), **evaluate(pipe, path, args.images)})
+                print(f"{name} step {step} ({seconds:.0f}s):", rows[-1], flush=True)
+            results[name] = rows
+            if args.grid and name == "ours":
+                write_grid(pipe, files[-1][0], args.grid)
+    table = [["base", 0, 0, *fmt_row(results["base"])]]
+    for name in args.variants.split(","):
+        table += [[name, r["steps"], r["seconds"], *fmt_row(r)] for r in results[name]]
+    common.print_table("star LoRA on builtin:mini, judged (held-out colour pairs)",
+                       ["variant", "steps", "train s", "star rate", "star all", "prior all", "prior shape"], table)
+    if args.json:
+        common.write_json(args.json, {"results": results, "settings": vars(args) | {"json": str(args.json)}})
+
+
+def fmt_row(r):
+    return [f"{r[k]:.0%}" for k in ("star_rate", "star_all", "prior_all", "prior_shape")]
+
+
+def write_grid(pipe, file, path, seeds=(1, 2, 3, 4)):
+    """Rows: star prompts in held-out colour pairs; columns: the base model's seeds, then the LoRA's."""
+    scenes = quality.held_out_scenes(4, shapes=("star",))
+    rows = {}
+    for lora in (None, file):
+        if lora is not None:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="grid")
+        for scene in scenes:
+            rows.setdefault(scene, [])
+            rows[scene] += [quality.judge_prompts(pipe, [scene], seed=seed)[1][0] for seed in seeds]
+        if lora is not None:
+            pipe.unload_lora_weights()
+    images = [image for scene in scenes for image in rows[scene]]
+    labels = [f"base s{s}" for s in seeds] + [f"LoRA s{s}" for s in seeds]
+    quality.grid(images, columns=2 * len(seeds), labels=labels).save(path)
+
+
+if __name__ == "__main__":
+    main()
