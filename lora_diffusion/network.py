@@ -27,7 +27,6 @@ class LoRANetwork(nn.Module):
         super().__init__()
         for name, layer in layers.items():
             self.add_module(name, layer)
-        self.embeddings = nn.ModuleDict()  # token -> TokenEmbeddings (empty: no state_dict keys)
         self.rank = rank
         self.alpha = alpha
         self.network_args = dict(network_args or {})
@@ -74,9 +73,17 @@ class LoRANetwork(nn.Module):
         for layer in self.layers().values():
             layer.unmerge()
 
+    @property
+    def embeddings(self) -> dict[str, "TokenEmbeddings"]:
+        """token -> the new tokens' embeddings this network carries (pivotal tuning); state_dict keys
+        `bundle_emb.<token>.weight`."""
+        return self._modules.get("bundle_emb", {})
+
     def add_embedding(self, embedding: "TokenEmbeddings") -> "TokenEmbeddings":
         """Carry (train, save, resume) a new token's embedding with this network."""
-        self.embeddings[embedding.name] = embedding
+        if "bundle_emb" not in self._modules:  # only then: code that reads children() as LoRALayers keeps working
+            self.add_module("bundle_emb", nn.ModuleDict())
+        self._modules["bundle_emb"][embedding.name] = embedding
         return embedding
 
     def expand_prompt(self, text: str) -> str:
