@@ -5,6 +5,10 @@ import logging
 # diffusers imports bitsandbytes when it is installed, and on CPUs bitsandbytes warns at import about a 4-bit kernel
 # package that nothing here uses; keep that line out of every command's output (real errors still show).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers 5 warns, when diffusers' pipelines import CLIP's image processor, that torchvision is missing and it
+# falls back to PIL: we never use an image processor, so the line is not the user's to act on.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
 
 from . import cloneofsimo
 from .cloneofsimo import *  # noqa: F401,F403  cloneofsimo/lora's API under its names

@@ -220,7 +220,7 @@ def monkeypatch_remove_lora(model):
         layer.remove()
         layer.merged_multiplier = None  # collapsed weights are the model's now: a later unmerge must not undo them
     networks = _networks(model)
-    networks[:] = [n for n in networks if any(layer.applied for layer in n.children())]
+    networks[:] = [n for n in networks if any(layer.applied for layer in n.layers().values())]
 
 
 def monkeypatch_add_lora(model, loras, target_replace_module=DEFAULT_TARGET_REPLACE, alpha: float = 1.0,

@@ -214,13 +214,13 @@ def _networks(model: nn.Module) -> list[LoRANetwork]:
 def register_network(model: nn.Module, network: LoRANetwork):
     """Keep `network` as the model's newest; forget networks whose layers were all removed since."""
     networks = _networks(model)
-    networks[:] = [n for n in networks if any(layer.applied for layer in n.children())] + [network]
+    networks[:] = [n for n in networks if any(layer.applied for layer in n.layers().values())] + [network]
 
 
 def lora_network(model: nn.Module) -> LoRANetwork:
     """The network that the last inject_trainable_lora (or monkeypatch_*) call put on this model: save it as a
     kohya file, merge it, change its multiplier or remove it."""
-    networks = [n for n in _networks(model) if any(layer.applied for layer in n.children())]
+    networks = [n for n in _networks(model) if any(layer.applied for layer in n.layers().values())]
     if not networks:
         raise ValueError(f"no LoRA was injected into this {type(model).__name__}")
     return networks[-1]
