@@ -11,7 +11,8 @@ Two stages, each resumable from its last checkpoint in --work_dir (run the same 
    also what classifier-free guidance needs);
 3. the VAE decoder alone, the encoder frozen (as SD's ft-MSE decoder): sharper images from the same latents, so
    the U-Net stays valid. It can run beside stage 2 (`--stage decoder`).
-Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv. The folder is
+Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv. `--init_from
+lora_diffusion/assets/mini --work_dir runs/more` continues training the shipped model (a new session, a GPU). The folder is
 written in fp16 at the end, atomically, and judged on held-out colour pairs (--work_dir/eval.json).
 """
 
@@ -70,6 +71,7 @@ SCHEDULER_CONFIG = dict(  # SD's training schedule; DPM-Solver++ samples well in
 class PretrainSettings:
     out: str = str(ASSETS / "mini")
     work_dir: str = "runs/pretrain-mini"
+    init_from: str = ""  # a builtin:mini folder to continue from (its latent space kept): the VAE stage is skipped
     seed: int = 0
     vae_steps: int = 2000
     vae_batch_size: int = 32
@@ -395,6 +397,21 @@ def write_folder(out, tokenizer, text_encoder, vae, unet):
     return out
 
 
+def warm_start(folder, text_encoder, vae, unet, settings, work):
+    """Continue from a written folder (a later session, another machine) rather than from scratch: its weights
+    start every stage that has no checkpoint yet, and its VAE counts as trained, so the latents stay the same."""
+    from .models import load_models
+
+    shipped = load_models(folder)
+    text_encoder.load_state_dict(shipped.text_encoder.state_dict())
+    unet.load_state_dict(shipped.unet.state_dict())
+    vae.load_state_dict(shipped.vae.state_dict())
+    if not (work / "vae_state" / "state.json").is_file():
+        info = {"step": settings.vae_steps, "scaling_factor": shipped.vae.config.scaling_factor,
+                "init_from": str(folder)}
+        save_checkpoint(work / "vae_state", {"vae": vae}, torch.optim.AdamW(vae.parameters()), info)
+
+
 def pretrain(settings: PretrainSettings, stage="all"):
     work = Path(settings.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -402,6 +419,8 @@ def pretrain(settings: PretrainSettings, stage="all"):
     start = time.time()
     tokenizer = load_clip_tokenizer(v2=False)
     text_encoder, vae, unet = build_models(settings.seed)
+    if settings.init_from:
+        warm_start(Path(settings.init_from), text_encoder, vae, unet, settings, work)
     vae = train_vae(vae, settings, work).requires_grad_(False)
     if stage == "decoder":
         finetune_decoder(vae, settings, work)
