@@ -12,7 +12,8 @@ judged (lora_diffusion.world.judge) on
 - circle/square/triangle prompts in the same pairs: the prior kept, against the base model without a LoRA.
 Variants (names for --variants): ours (train_lora.py, LoRA rank 16, text encoder on), diffusers (the
 diffusers-example loop of benchmarks/diffusers_style_train.py, U-Net LoRA rank 16 as the example trains), rank4,
-locon (conv_dim 8), reg (with 36 regularization images of the world), unet_only (no text-encoder LoRA).
+locon (conv_dim 8), reg (with 36 regularization images of the world), unet_only (no text-encoder LoRA), pivotal
+(captions say `sks` for the star: a new token whose 2 vectors train with the LoRA, textual inversion + LoRA).
 Equal wall-clock: each file's training time is recorded, so ours and diffusers are compared at equal steps and at
 the file closest to equal seconds.
 """
@@ -33,12 +34,15 @@ import common  # noqa: E402
 
 from lora_diffusion import quality, world  # noqa: E402
 
+TOKEN = "sks"  # pivotal tuning: a new token in the captions, in place of the word "star"
 VARIANTS = {
     "ours": [],
     "rank4": ["--network_dim", "4", "--network_alpha", "2"],
     "locon": ["--network_args", "conv_dim=8", "conv_alpha=4"],
     "reg": ["REG"],
     "unet_only": ["--network_train_unet_only"],
+    "pivotal": ["PIVOTAL", "--token_string", TOKEN, "--init_word", "star", "--num_vectors_per_token", "2",
+                "--embedding_lr", "5e-3"],
     "diffusers": None,
 }
 
@@ -51,6 +55,9 @@ def make_data(root: Path, seed=0):
         pair = rng.choice([p for p in world.color_pairs() if p[0] == color])
         stars.append(world.sample_scene(rng, shapes=("star",), pairs=[pair]))
     world.write_images(root / "train" / "10_star", stars)
+    world.write_images(root / "pivotal" / "10_star", stars)
+    for caption in (root / "pivotal" / "10_star").glob("*.txt"):
+        caption.write_text(caption.read_text().replace(" star ", f" {TOKEN} "))
     shapes = [world.sample_scene(rng) for _ in range(36)]
     world.write_images(root / "reg" / "1_shapes", shapes)
     return root / "train", root / "reg"
@@ -64,7 +71,10 @@ def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads):
            "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--save_every_n_steps", str(save_every),
            "--output_dir", str(out), "--output_name", name, "--seed", "42", "--save_precision", "fp16"]
     for flag in extra:
-        cmd += ["--reg_data_dir", str(reg_dir)] if flag == "REG" else [flag]
+        if flag == "PIVOTAL":
+            cmd[cmd.index("--train_data_dir") + 1] = str(train_dir.parent / "pivotal")
+        else:
+            cmd += ["--reg_data_dir", str(reg_dir)] if flag == "REG" else [flag]
     return run_timed(cmd, out, threads)
 
 
@@ -83,10 +93,12 @@ def run_timed(cmd, out, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), LORA_DIFFUSION_THREADS=str(threads))
     start = time.time()
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, files = set(), []
+    seen, files = {p for p in out.glob("*_emb.safetensors")}, []
     while process.poll() is None:
         time.sleep(0.2)
         for path in sorted(out.glob("*.safetensors")):
+            if path.name.endswith("_emb.safetensors"):
+                continue
             if path not in seen:
                 seen.add(path)
                 files.append([path, time.time() - start])
@@ -94,7 +106,7 @@ def run_timed(cmd, out, threads):
     if process.returncode:
         raise SystemExit(f"{cmd[1]} failed:\n{output[-3000:]}")
     for path in sorted(out.glob("*.safetensors")):
-        if path not in seen:
+        if path not in seen and not path.name.endswith("_emb.safetensors"):
             files.append([path, time.time() - start])
     return [(path, step_of(path), seconds) for path, seconds in files]
 
@@ -105,12 +117,25 @@ def step_of(path):
 
 
 def evaluate(pipe, file, n):
+    """Judge star prompts and prior prompts with a LoRA file loaded by diffusers (its bundled embedding, if any,
+    through load_textual_inversion: diffusers' LoRA loader takes only the LoRA keys)."""
+    prompt = world.caption
     if file is not None:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="eval")
-    stars, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n, shapes=("star",)), seed=1000)
+        from safetensors.torch import load_file
+
+        tensors = load_file(file)
+        bundled = [v for k, v in tensors.items() if k.startswith("bundle_emb.")]
+        if bundled:
+            pipe.load_textual_inversion({"emb_params": bundled[0]}, token=TOKEN)
+            prompt = lambda scene: world.caption(scene).replace(" star ", f" {TOKEN} ")  # noqa: E731
+        pipe.load_lora_weights({k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")},
+                               adapter_name="eval")
+    stars, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n, shapes=("star",)), seed=1000, prompt=prompt)
     prior, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), seed=2000)
     if file is not None:
         pipe.unload_lora_weights()
+        if prompt is not world.caption:
+            pipe.unload_textual_inversion()
     return {"star_rate": stars["shape"], "star_all": stars["all"], "prior_all": prior["all"],
             "prior_shape": prior["shape"]}
 

@@ -39,13 +39,14 @@ def held_out_scenes(n, shapes=world.PRETRAIN_SHAPES, pairs=world.HELD_OUT_PAIRS,
 
 @torch.no_grad()
 def judge_prompts(pipe, scenes, *, steps=30, guidance=5.0, seed=0, batch_size=16, size=SIZE,
-                  cross_attention_kwargs=None):
-    """One image per scene, from its sentence caption with seed `seed + index`, judged; (accuracy, images)."""
+                  cross_attention_kwargs=None, prompt=world.caption):
+    """One image per scene, from `prompt(scene)` (its sentence caption) with seed `seed + index`, judged;
+    (accuracy, images)."""
     images = []
     for i in range(0, len(scenes), batch_size):
         chunk = scenes[i:i + batch_size]
         generator = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images += pipe([world.caption(s) for s in chunk], height=size, width=size, num_inference_steps=steps,
+        images += pipe([prompt(s) for s in chunk], height=size, width=size, num_inference_steps=steps,
                        guidance_scale=guidance, generator=generator,
                        cross_attention_kwargs=cross_attention_kwargs).images
     return world.judge_accuracy(images, scenes), images
