@@ -175,20 +175,25 @@ def save_tiny_diffusers_folder(path, seed=0):
     models.text_encoder.save_pretrained(staging / "text_encoder")
     models.tokenizer.save_pretrained(staging / "tokenizer")
     models.noise_scheduler.save_pretrained(staging / "scheduler")
+    write_model_index(staging, "DDPMScheduler")
+    os.replace(staging, path)
+    return path
+
+
+def write_model_index(folder, scheduler_class):
+    """The model_index.json of an SD1.x StableDiffusionPipeline folder without safety checker."""
     index = {
         "_class_name": "StableDiffusionPipeline",
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(staging, path)
-    return path
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

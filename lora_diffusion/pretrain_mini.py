@@ -371,18 +371,9 @@ def write_folder(out, tokenizer, text_encoder, vae, unet):
         half.save_pretrained(staging / name, safe_serialization=True)
     tokenizer.save_pretrained(staging / "tokenizer")
     DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    from .models import write_model_index
+
+    write_model_index(staging, "DPMSolverMultistepScheduler")
     for root, dirs, files in os.walk(staging):
         for name in dirs + files:
             os.chmod(Path(root) / name, 0o755 if name in dirs else 0o644)
