@@ -86,7 +86,7 @@ def main(argv=None):
         def bare():
             def once():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = layer._base_forward(x * 1)
+                    out = layer.base.forward(x * 1)
                 out.float().sum().backward()
                 x.grad = None
             return common.timed(lambda: [once() for _ in range(5)]) / 5
