@@ -129,7 +129,7 @@ def evaluate(pipe, file, n):
             pipe.load_textual_inversion({"emb_params": bundled[0]}, token=TOKEN)
             prompt = lambda scene: world.caption(scene).replace(" star ", f" {TOKEN} ")  # noqa: E731
         pipe.load_lora_weights({k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")},
-                               adapter_name="eval")
+                               adapter_name="judged")
     stars, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n, shapes=("star",)), seed=1000, prompt=prompt)
     prior, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), seed=2000)
     if file is not None:
@@ -200,7 +200,7 @@ def write_grid(pipe, file, path, seeds=(1, 2, 3, 4)):
     rows = {}
     for lora in (None, file):
         if lora is not None:
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="grid")
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="pictured")
         for scene in scenes:
             rows.setdefault(scene, [])
             rows[scene] += [quality.judge_prompts(pipe, [scene], seed=seed)[1][0] for seed in seeds]
