@@ -92,7 +92,8 @@ def run_timed(cmd, out, threads):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), LORA_DIFFUSION_THREADS=str(threads))
     start = time.time()
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(out / "train.log", "w+")  # a file, not a pipe: an unread pipe fills up and stalls the trainer
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     seen, files = {p for p in out.glob("*_emb.safetensors")}, []
     while process.poll() is None:
         time.sleep(0.2)
@@ -102,7 +103,9 @@ def run_timed(cmd, out, threads):
             if path not in seen:
                 seen.add(path)
                 files.append([path, time.time() - start])
-    output = process.stdout.read()
+    log.seek(0)
+    output = log.read()
+    log.close()
     if process.returncode:
         raise SystemExit(f"{cmd[1]} failed:\n{output[-3000:]}")
     for path in sorted(out.glob("*.safetensors")):
