@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -141,15 +142,9 @@ def save_checkpoint(path, modules, optimizer, info):
             tensors[f"optimizer.{index}.{key}"] = value.detach().reshape(value.shape).contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "state.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
+    atomic_write(path / "state.safetensors", lambda f: f.write(safetensors_bytes(tensors)))
     info = {**info, "param_groups": opt["param_groups"]}
     atomic_write(path / "state.json", lambda f: f.write(json.dumps(info, indent=1)), mode="w")
-
-
-def _safetensors_bytes(tensors):
-    from safetensors.torch import save
-
-    return save(tensors)
 
 
 def load_checkpoint(path, modules, optimizer):
@@ -209,6 +204,15 @@ def edge_loss(reconstruction, images):
     return sum(F.l1_loss(a, b) for a, b in zip(grads(reconstruction), grads(images)))
 
 
+def reconstruction_loss(reconstruction, images):
+    return F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + edge_loss(reconstruction, images)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_vae(vae, settings: PretrainSettings, work: Path):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     info = load_checkpoint(work / "vae_state", {"vae": vae}, optimizer) or {"step": 0}
@@ -218,13 +222,11 @@ def train_vae(vae, settings: PretrainSettings, work: Path):
     bar = tqdm(range(start, settings.vae_steps), initial=start, total=settings.vae_steps, desc="VAE", unit="step")
     for step in bar:
         lr = lr_at(step, settings.vae_steps, settings.vae_lr, settings.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         images, _ = world_batch(settings.seed, "vae", step, settings.vae_batch_size, world.SHAPES, None)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        rec = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
-        rec = rec + edge_loss(reconstruction, images)
+        rec = reconstruction_loss(reconstruction, images)
         loss = rec + 1e-6 * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -260,14 +262,12 @@ def finetune_decoder(vae, settings: PretrainSettings, work: Path):
                unit="step")
     for step in bar:
         lr = lr_at(step, settings.decoder_steps, settings.decoder_lr, settings.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         images, _ = world_batch(settings.seed, "decoder", step, settings.vae_batch_size, world.SHAPES, None)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample()
         reconstruction = vae.decode(latents).sample
-        loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
-        loss = loss + edge_loss(reconstruction, images)
+        loss = reconstruction_loss(reconstruction, images)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -304,8 +304,7 @@ def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSetting
                unit="step")
     for step in bar:
         lr = lr_at(step, settings.steps, settings.lr, settings.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         images, captions = world_batch(settings.seed, "denoiser", step, settings.batch_size, world.PRETRAIN_SHAPES,
                                        pairs, settings.empty_caption_share)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
