@@ -150,8 +150,7 @@ _PALETTE_ARRAY = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
 def judge(image):
     """(shape, colour, background) of an image, by measurement: background = the palette colour that holds the
     border, colour = the most common other palette colour inside, shape from the mask of pixels nearer the shape
-    colour than the background: solidity (area over convex hull area) below 0.86 is a star, else the area over the
-    circle through the farthest hull point tells circle (~0.9), square (~0.64) and triangle (~0.45).
+    colour than the background, classified by its points (classify_mask).
     Returns None for the shape when there is no shape to measure."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     labels = np.argmin(((pixels[:, :, None, :] - _PALETTE_ARRAY) ** 2).sum(-1), axis=-1)
@@ -183,56 +182,48 @@ def shape_mask(pixels, color, background):
     return votes >= 5
 
 
+PROFILE_BINS = 90  # angle bins of the radial profile, 4 degrees each
+FLAT = 0.17  # a profile that varies less than this share of its largest radius is a circle
+
+
 def classify_mask(mask):
-    area = int(mask.sum())
-    if area < 8:
+    """The shape by its points, as a person counts them: the mask's radial profile (farthest mask point from the
+    centroid per angle) rises once per corner: 3 for a triangle, 4 for a square, 5 for the star; a profile flatter
+    than FLAT is a circle. Unlike convexity, this holds for the bowed sides and rounded corners of generated shapes.
+    None when the mask is too small or its point count fits no shape."""
+    if mask.sum() < 8:
         return None
-    hull = convex_hull(mask_corners(mask))
-    hull_area = polygon_area(hull)
-    # Thresholds halfway between the classes as rendered and as blurred like a VAE's output (Gaussian radius 1.5):
-    # solidity star 0.61-0.80, the others 0.87-1.0; fill circle 0.88-0.95, square 0.62-0.72, triangle 0.43-0.56.
-    if area / hull_area < 0.86:
-        return "star"
-    ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
-    radius = max(math.hypot(x - cx, y - cy) for x, y in hull)
-    fill = area / (math.pi * radius * radius)
-    if fill > 0.80:
+    profile = radial_profile(mask)
+    top, low = profile.max(), profile.min()
+    if (top - low) / top < FLAT:
         return "circle"
-    return "square" if fill > 0.575 else "triangle"
+    points = count_rises(profile, middle=(top + low) / 2, margin=0.1 * (top - low))
+    return {3: "triangle", 4: "square"}.get(points, "star" if points >= 5 else None)
 
 
-def mask_corners(mask):
-    """The outer pixel corners of each row's leftmost and rightmost mask pixel: enough points for the hull."""
-    points = []
-    for y in np.nonzero(mask.any(axis=1))[0]:
-        row = np.nonzero(mask[y])[0]
-        for x in (row[0], row[-1] + 1):
-            points += [(float(x), float(y)), (float(x), float(y + 1))]
-    return points
+def radial_profile(mask, upsample=4):
+    """Per angle bin, the largest distance from the centroid of any mask point (each pixel split into
+    upsample x upsample points so that no bin near the centre stays empty), smoothed over three bins."""
+    ys, xs = np.nonzero(np.kron(mask.astype(np.uint8), np.ones((upsample, upsample), np.uint8)))
+    ys, xs = (ys + 0.5) / upsample, (xs + 0.5) / upsample
+    dy, dx = ys - ys.mean(), xs - xs.mean()
+    bins = ((np.arctan2(dy, dx) + math.pi) / (2 * math.pi) * PROFILE_BINS).astype(int) % PROFILE_BINS
+    profile = np.zeros(PROFILE_BINS)
+    np.maximum.at(profile, bins, np.hypot(dy, dx))
+    empty = profile == 0
+    profile[empty] = ((np.roll(profile, 1) + np.roll(profile, -1)) / 2)[empty]
+    return (np.roll(profile, 1) + 2 * profile + np.roll(profile, -1)) / 4
 
 
-def convex_hull(points):
-    """Andrew's monotone chain; counter-clockwise, no repeated end point."""
-    points = sorted(set(points))
-    if len(points) < 3:
-        return points
-
-    def half(seq):
-        chain = []
-        for p in seq:
-            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
-                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
-                chain.pop()
-            chain.append(p)
-        return chain
-
-    lower, upper = half(points), half(reversed(points))
-    return lower[:-1] + upper[:-1]
-
-
-def polygon_area(points):
-    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1])))
+def count_rises(profile, middle, margin):
+    """How often the circular profile climbs above middle + margin after being below middle - margin."""
+    rises, above = 0, False
+    for value in np.roll(profile, -int(profile.argmin())):  # start low, so no rise is split at the wrap
+        if not above and value > middle + margin:
+            rises, above = rises + 1, True
+        elif above and value < middle - margin:
+            above = False
+    return rises
 
 
 def judge_accuracy(images, scenes):

@@ -27,6 +27,39 @@ def test_judge_holds_on_soft_images_like_a_vae_output():
     assert world.judge_accuracy(images, scenes)["all"] >= 0.97
 
 
+def bowed(scene, factor, size=64, supersample=4):
+    """A triangle or square whose sides bend in (factor < 1) or out (> 1) at their midpoints, as generated shapes
+    often do."""
+    from PIL import Image, ImageDraw
+
+    big = size * supersample
+    corners = world.outline(scene, big)
+    cx, cy = scene.cx * big, scene.cy * big
+    points = []
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1]):
+        points += [(x0, y0), (cx + ((x0 + x1) / 2 - cx) * factor, cy + ((y0 + y1) / 2 - cy) * factor)]
+    image = Image.new("RGB", (big, big), world.PALETTE[scene.background])
+    ImageDraw.Draw(image).polygon(points, fill=world.PALETTE[scene.color])
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+@pytest.mark.parametrize("factor", [0.7, 0.85, 1.1])
+def test_judge_counts_corners_of_bowed_polygons(factor):
+    # A convexity test calls a triangle with bowed-in sides a star; a person counts three corners.
+    rng = random.Random(5)
+    scenes = [world.sample_scene(rng, shapes=("triangle", "square")) for _ in range(100)]
+    assert world.judge_accuracy([bowed(s, factor) for s in scenes], scenes)["shape"] >= 0.98
+
+
+def test_judge_still_sees_the_star_and_circle_under_a_strong_blur():
+    from PIL import ImageFilter
+
+    rng = random.Random(13)
+    scenes = [world.sample_scene(rng, shapes=("star", "circle", "square")) for _ in range(150)]
+    images = [world.render(s).filter(ImageFilter.GaussianBlur(2.5)) for s in scenes]
+    assert world.judge_accuracy(images, scenes)["shape"] >= 0.97
+
+
 @pytest.mark.parametrize("size", [48, 128])
 def test_judge_works_at_other_resolutions(size):
     rng = random.Random(size)
