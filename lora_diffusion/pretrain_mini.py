@@ -44,6 +44,8 @@ from .tokenizer import load_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 RESOLUTION = 64
+# The VAE sees every shape and colour pair, as SD's VAE saw every kind of image; only the denoiser has a held-out set.
+ALL_PAIRS = world.color_pairs() + world.color_pairs(held_out=True)
 
 TEXT_ENCODER_CONFIG = dict(
     hidden_size=64, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4, max_position_embeddings=77,
@@ -223,7 +225,7 @@ def train_vae(vae, settings: PretrainSettings, work: Path):
     for step in bar:
         lr = lr_at(step, settings.vae_steps, settings.vae_lr, settings.warmup_steps)
         set_lr(optimizer, lr)
-        images, _ = world_batch(settings.seed, "vae", step, settings.vae_batch_size, world.SHAPES, None)
+        images, _ = world_batch(settings.seed, "vae", step, settings.vae_batch_size, world.SHAPES, ALL_PAIRS)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         rec = reconstruction_loss(reconstruction, images)
@@ -239,7 +241,7 @@ def train_vae(vae, settings: PretrainSettings, work: Path):
     vae.eval()
     if "scaling_factor" not in info:
         with torch.no_grad():
-            images, _ = world_batch(settings.seed, "vae-scale", 0, 256, world.SHAPES, None)
+            images, _ = world_batch(settings.seed, "vae-scale", 0, 256, world.SHAPES, ALL_PAIRS)
             latents = vae.encode(images).latent_dist.sample()
         info["scaling_factor"] = round(1.0 / latents.std().item(), 5)
         save_checkpoint(work / "vae_state", {"vae": vae}, optimizer, {**info, "step": settings.vae_steps})
@@ -263,7 +265,7 @@ def finetune_decoder(vae, settings: PretrainSettings, work: Path):
     for step in bar:
         lr = lr_at(step, settings.decoder_steps, settings.decoder_lr, settings.warmup_steps)
         set_lr(optimizer, lr)
-        images, _ = world_batch(settings.seed, "decoder", step, settings.vae_batch_size, world.SHAPES, None)
+        images, _ = world_batch(settings.seed, "decoder", step, settings.vae_batch_size, world.SHAPES, ALL_PAIRS)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample()
         reconstruction = vae.decode(latents).sample
