@@ -63,9 +63,9 @@ def _lora_capable(module: nn.Module) -> bool:
 
 def base_modules(model: nn.Module):
     """named_modules() without the LoRAs already applied to the model (and their own Linear/Conv2d inside)."""
-    from .layer import LoRALayer
+    from .layer import AdapterLayer
 
-    return model.named_modules(memo={m for layer in model.modules() if isinstance(layer, LoRALayer)
+    return model.named_modules(memo={m for layer in model.modules() if isinstance(layer, AdapterLayer)
                                      for m in layer.modules()})
 
 
