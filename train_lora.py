@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_data_loader_n_workers", type=int, help="default: 0 with cached latents, else up to 4")
 
     g = p.add_argument_group("network")
-    g.add_argument("--network_module", default="networks.lora", help="networks.lora (kohya's LoRA/LoCon)")
+    g.add_argument("--network_module", default="networks.lora", help="networks.lora (kohya's LoRA/LoCon) or "
+                   "lycoris.kohya (LyCORIS: --network_args algo=lora|locon|loha|lokr, dora_wd=True, use_tucker=True, "
+                   "factor=8, decompose_both=True)")
     g.add_argument("--network_dim", type=int, default=4, help="rank")
     g.add_argument("--network_alpha", type=float, default=1.0)
     g.add_argument("--network_dropout", type=float, default=0.0)
@@ -180,8 +182,9 @@ def check_args(args):
         bad("--pretrained_model_name_or_path is required (a diffusers folder, an SD checkpoint, or builtin:tiny)")
     if not args.output_config and not (args.train_data_dir or args.dataset_config):
         bad("--train_data_dir (the parent of <repeats>_<name> folders) or --dataset_config is required")
-    if args.network_module not in ("networks.lora", "lora_diffusion"):
-        bad(f"--network_module {args.network_module}: only networks.lora (LoRA / LoCon) is supported")
+    if args.network_module not in ("networks.lora", "lora_diffusion", "lycoris.kohya"):
+        bad(f"--network_module {args.network_module}: use networks.lora (LoRA / LoCon) or lycoris.kohya (LoRA, "
+            f"LoCon, LoHa, LoKr, DoRA)")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         bad("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.cache_latents_to_disk:
@@ -233,22 +236,51 @@ def check_args(args):
     network_options(args)  # a bad --network_args before any work
 
 
+_KOHYA_ARGS = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
+               "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float)}
+# LyCORIS' own keys (lycoris.kohya.create_network), with --network_module lycoris.kohya only
+_LYCORIS_ARGS = {"algo": ("algo", str), "dora_wd": ("dora_wd", bool), "use_tucker": ("use_tucker", bool),
+                 "use_cp": ("use_tucker", bool), "factor": ("factor", int), "decompose_both": ("decompose_both", bool),
+                 "full_matrix": ("full_matrix", bool), "preset": ("preset", str)}
+
+
 def network_options(args) -> dict:
-    """--network_args k=v pairs as create_network keywords."""
-    known = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float), "rank_dropout": ("rank_dropout", float),
-             "module_dropout": ("module_dropout", float)}
-    options = {}
+    """--network_args k=v pairs as create_network keywords (LyCORIS' keys with --network_module lycoris.kohya)."""
+    lycoris = args.network_module == "lycoris.kohya"
+    known = {**_KOHYA_ARGS, **(_LYCORIS_ARGS if lycoris else {})}
+    options = {"algo": "lora"} if lycoris else {}
     for item in args.network_args:
         key, sep, value = item.partition("=")
-        if not sep or key.strip() not in known:
-            raise TrainingError(f"--network_args {item!r}: expected key=value with key in {sorted(known)}")
-        name, kind = known[key.strip()]
+        key, value = key.strip(), value.strip()
+        if not sep or key not in known:
+            hint = " (LyCORIS' algo, dora_wd, ... need --network_module lycoris.kohya)" \
+                if key in _LYCORIS_ARGS and not lycoris else ""
+            raise TrainingError(f"--network_args {item!r}: expected key=value with key in {sorted(known)}{hint}")
+        name, kind = known[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise TrainingError(f"--network_args {item!r}: expected True or False")
+            options[name] = value.lower() in ("true", "1", "yes")
+            continue
+        if kind is str:
+            options[name] = value.lower()
+            continue
         try:
-            options[name] = kind(value.strip())
+            options[name] = kind(value)
         except ValueError:
             raise TrainingError(f"--network_args {item!r}: {value!r} is not a {kind.__name__}") from None
+        if key == "factor" and options[name] == -1:
+            continue  # LyCORIS' "no limit"
         if not math.isfinite(options[name]) or options[name] < 0:
             raise TrainingError(f"--network_args {item!r}: expected a finite number >= 0")
+    if lycoris:
+        from lora_diffusion.network import ALGOS
+
+        if options["algo"] not in ALGOS:
+            raise TrainingError(f"--network_args algo={options['algo']}: supported are {', '.join(ALGOS)} (LyCORIS' "
+                                f"ia3, dylora, glora, full, diag-oft, boft are not)")
+        if options.pop("preset", "full") != "full":
+            raise TrainingError("--network_args preset=...: only LyCORIS' default preset (full) is supported")
     return options
 
 

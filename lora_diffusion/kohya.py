@@ -2,7 +2,8 @@
 
 Defined once here, used for writing and reading. See docs/format.md for the contract.
 Per module `<name>`: `<name>.lora_down.weight` [r, in(, kh, kw)], `<name>.lora_up.weight` [out, r(, 1, 1)],
-`<name>.alpha` (0-dim). Every metadata value is a string.
+`<name>.alpha` (0-dim); or LyCORIS' LoHa (`hada_*`) / LoKr (`lokr_*`) tensors; `dora_scale` for DoRA. Every
+metadata value is a string.
 """
 
 import datetime
@@ -12,7 +13,7 @@ import os
 import struct
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +23,10 @@ from .io import atomic_write
 from .targets import KNOWN_PREFIXES, canonical_kohya_name
 
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+_ALL_SUFFIXES = _SUFFIXES + LOHA_KEYS + LOKR_KEYS + ("dora_scale",)
 EMBEDDING_PREFIX = "bundle_emb."  # A1111's textual-inversion embeddings bundled in a LoRA file
 
 
@@ -37,8 +42,6 @@ def _format_of(key: str, tensor: torch.Tensor) -> str | None:
         return "a LoKr (LyCORIS)"
     if "lora_mid" in parts:
         return "a LoCon with Tucker decomposition (lora_mid)"
-    if "dora_scale" in parts:
-        return "a DoRA"
     if last in ("diff", "diff_b"):
         return "a full-weight difference (LyCORIS 'full')"
     if any(p.startswith("boft_") for p in parts) or (last == "oft_blocks" and tensor.dim() == 4):
@@ -60,13 +63,40 @@ class LoRAFileError(ValueError):
 
 @dataclass
 class ModuleWeights:
-    down: torch.Tensor
-    up: torch.Tensor
+    """One module of a file. algo "lora": down/up; "loha"/"lokr": `tensors` holds LyCORIS' tensors by key
+    (hada_w1_a, ..., lokr_w1, ...) and down/up are None. `dora_scale` [out, 1(, 1, 1)] makes any of them DoRA."""
+    down: torch.Tensor | None
+    up: torch.Tensor | None
     alpha: float  # kohya convention: a missing .alpha, or 0, means alpha = rank
+    algo: str = "lora"
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    dora_scale: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
-        return self.down.shape[0]
+        """The rank (r of alpha / r); 1 for a LoKr whose factors are both full (its scale is 1)."""
+        if self.algo == "lora":
+            return self.down.shape[0]
+        if self.algo == "loha":
+            return self.tensors["hada_w1_b"].shape[0]
+        from .lycoris_layers import lokr_rank
+        return lokr_rank(self.tensors) or 1
+
+    @property
+    def scale(self) -> float:
+        from .lycoris_layers import lokr_rank
+        if self.algo == "lokr" and lokr_rank(self.tensors) is None:
+            return 1.0  # LyCORIS: both factors full, no scale
+        return self.alpha / self.rank
+
+    @property
+    def kind(self) -> str:
+        """LoRA, LoCon (a kxk conv), LoHa, LoKr; "DoRA " before it for DoRA."""
+        if self.algo == "lora":
+            name = "LoCon" if self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1) else "LoRA"
+        else:
+            name = ALGO_NAMES[self.algo]
+        return ("DoRA " if self.dora_scale is not None else "") + name
 
 
 class LoRAModules(dict):
@@ -116,7 +146,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
             embeddings.setdefault(name, {})[rest] = tensor
             continue
         name, _, suffix = key.partition(".")
-        if suffix not in _SUFFIXES or not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
+        if suffix not in _ALL_SUFFIXES or not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
             unknown[key] = tensor
             continue
         grouped.setdefault(name, {})[suffix] = tensor
@@ -133,25 +163,34 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
                                 f"hold each module once")
     modules = LoRAModules(embeddings=embeddings)
     for name, parts in sorted(grouped.items()):
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            missing = [s for s in _SUFFIXES[:2] if s not in parts]
-            raise LoRAFileError(f"{source}: module {name} lacks {', '.join(name + '.' + m for m in missing)}")
         for suffix, tensor in parts.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise LoRAFileError(f"{source}: {name}.{suffix} holds NaN or infinite values; the file is damaged "
                                     f"(saved from a diverged run?) and would turn every image black")
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
-            raise LoRAFileError(f"{source}: module {name} has inconsistent shapes lora_down {tuple(down.shape)}, "
-                                f"lora_up {tuple(up.shape)}; expected [r, in(, kh, kw)] and [out, r(, 1, 1)]")
-        if up.dim() == 4 and up.shape[2:] != (1, 1):
-            raise LoRAFileError(f"{source}: {name}.lora_up.weight must be 1x1, got {tuple(up.shape)}")
         alpha = parts.get("alpha")
         if alpha is not None and alpha.numel() != 1:
             raise LoRAFileError(f"{source}: {name}.alpha must be a scalar, got shape {tuple(alpha.shape)}")
-        rank = down.shape[0]
         alpha_value = float(alpha.float().item()) if alpha is not None else 0.0
-        modules[name] = ModuleWeights(down, up, alpha_value or float(rank))  # kohya: alpha 0 means alpha = rank
+        dora = parts.get("dora_scale")
+        algos = {a for a, keys in (("lora", _SUFFIXES[:2]), ("loha", LOHA_KEYS), ("lokr", LOKR_KEYS))
+                 if any(k in parts for k in keys)}
+        if len(algos) != 1:
+            raise LoRAFileError(f"{source}: module {name} has keys {sorted(parts)}; expected those of one algorithm: "
+                                f"lora_down/lora_up (LoRA), hada_* (LoHa) or lokr_* (LoKr)")
+        algo = algos.pop()
+        if algo == "lora":
+            weights = _lora_module(name, parts, source)
+        else:
+            tensors = {k: v for k, v in parts.items() if k in LOHA_KEYS + LOKR_KEYS}
+            _check_lycoris_keys(name, algo, tensors, source)
+            weights = ModuleWeights(None, None, 0.0, algo, tensors)
+        if dora is not None:
+            if dora.dim() not in (2, 4) or dora.shape[1:].numel() != 1:
+                raise LoRAFileError(f"{source}: {name}.dora_scale is {tuple(dora.shape)}; expected [out, 1(, 1, 1)] "
+                                    f"(LyCORIS' default wd_on_out=True)")
+            weights.dora_scale = dora
+        weights.alpha = alpha_value or float(weights.rank)  # kohya: alpha 0 means alpha = rank
+        modules[name] = weights
     if embeddings and warn_embeddings:
         warnings.warn(f"{source}: the bundled embedding(s) {', '.join(repr(n) for n in sorted(embeddings))} were "
                       f"not loaded (read_lora_file only lists them; network.load_network(..., tokenizer=) adds them "
@@ -159,15 +198,52 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
     return modules
 
 
+def _lora_module(name: str, parts: dict[str, torch.Tensor], source: str) -> ModuleWeights:
+    if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+        missing = [s for s in _SUFFIXES[:2] if s not in parts]
+        raise LoRAFileError(f"{source}: module {name} lacks {', '.join(name + '.' + m for m in missing)}")
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
+        raise LoRAFileError(f"{source}: module {name} has inconsistent shapes lora_down {tuple(down.shape)}, "
+                            f"lora_up {tuple(up.shape)}; expected [r, in(, kh, kw)] and [out, r(, 1, 1)]")
+    if up.dim() == 4 and up.shape[2:] != (1, 1):
+        raise LoRAFileError(f"{source}: {name}.lora_up.weight must be 1x1, got {tuple(up.shape)}")
+    return ModuleWeights(down, up, 0.0)
+
+
+def _check_lycoris_keys(name: str, algo: str, t: dict[str, torch.Tensor], source: str):
+    """The key sets LyCORIS writes, and shapes whose products are defined."""
+    if algo == "loha":
+        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + (["hada_t1", "hada_t2"] if
+                                                                       "hada_t1" in t or "hada_t2" in t else [])
+        expected = "hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (+ hada_t1, hada_t2 for Tucker)"
+    else:
+        need = ["lokr_w1"] if "lokr_w1" in t else ["lokr_w1_a", "lokr_w1_b"]
+        need += ["lokr_w2"] if "lokr_w2" in t else ["lokr_w2_a", "lokr_w2_b"] + (["lokr_t2"] if "lokr_t2" in t else [])
+        expected = "lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b (+ lokr_t2)"
+    if sorted(need) != sorted(t):
+        raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(t))}; a {ALGO_NAMES[algo]} module has "
+                            f"{expected}")
+    from .lycoris_layers import kron_product, loha_product
+    try:
+        with torch.device("meta"):  # shapes only, no arithmetic
+            (loha_product if algo == "loha" else kron_product)({k: v.to("meta") for k, v in t.items()})
+    except RuntimeError as e:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()))
+        raise LoRAFileError(f"{source}: module {name} has {ALGO_NAMES[algo]} tensors whose shapes do not fit together "
+                            f"({shapes}): {e}") from None
+
+
 def _unknown_keys_message(keys: dict[str, torch.Tensor], source: str) -> str:
     formats = {key: _format_of(key, tensor) for key, tensor in sorted(keys.items())}
     for kind, _ in Counter(f for f in formats.values() if f).most_common(1):  # the format of most keys
         examples = [k for k, f in formats.items() if f == kind][:3]
-        return (f"{source} is {kind} file, which is not a plain LoRA/LoCon; keys such as "
+        return (f"{source} is {kind} file, which is not supported (LoRA/LoCon, LoHa, LoKr and DoRA are); keys such as "
                 f"{', '.join(examples)} cannot be loaded")
     shown = ", ".join(sorted(keys)[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
     return (f"{source} has keys that are not kohya LoRA keys: {shown}. Expected "
-            f"`<lora_unet|lora_te|lora_te1|lora_te2>_<module>.{{lora_down.weight,lora_up.weight,alpha}}`")
+            f"`<lora_unet|lora_te|lora_te1|lora_te2>_<module>.{{lora_down.weight,lora_up.weight,alpha}}` (or LyCORIS' "
+            f"hada_*/lokr_*/dora_scale)")
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -204,13 +280,14 @@ BASE_MODEL_VERSIONS = {  # (v2, v_parameterization) -> ss_base_model_version, mo
 
 
 def network_metadata(*, rank: int, alpha: float, network_args: dict | None = None, v2: bool = False,
+                     network_module: str = "networks.lora",
                      v_parameterization: bool = False, output_name: str = "lora", resolution=(512, 512),
                      title: str | None = None) -> dict[str, str]:
     """The keys every tool reads (ss_network_*, ss_base_model_version) and the ModelSpec block."""
     base_version, architecture = BASE_MODEL_VERSIONS[(bool(v2), bool(v_parameterization and v2))]
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
         "ss_network_args": json.dumps({k: str(v) for k, v in (network_args or {}).items()}),

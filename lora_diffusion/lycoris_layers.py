@@ -128,14 +128,16 @@ class LoKrLayer(_LycorisLayer):
             tensors = self._init(rank, in_dim, out_dim, kernel, int(factor), decompose_both,
                                  use_tucker and math.prod(kernel) > 1, full_matrix)
         self._set_params(tensors)
-        if lokr_rank(tensors) is None:
-            alpha = rank  # both factors full: LyCORIS uses scale 1 whatever the file's alpha
-        else:
-            rank = lokr_rank(tensors)
+        rank = lokr_rank(tensors) or rank
         alpha = float(rank if alpha is None or alpha == 0 else alpha)
         self._finish_init(base, rank, alpha, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
                           module_dropout=module_dropout, dora_wd=dora_wd)
         self._check_shape(source)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, or 1 when w1 and w2 are both full matrices (LyCORIS ignores alpha then)."""
+        return 1.0 if self.lokr_w1 is not None and self.lokr_w2 is not None else self._alpha_value / self.rank
 
     @staticmethod
     def _init(rank, in_dim, out_dim, kernel, factor, decompose_both, use_tucker, full_matrix):

@@ -17,31 +17,36 @@ import torch
 from torch import nn
 
 from . import kohya
-from .layer import LoRALayer
+from .layer import AdapterLayer, LoRALayer
+from .lycoris_layers import LoHaLayer, LoKrLayer
 from .targets import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, all_named_modules, canonical_kohya_name,
                       filter_targets, text_encoder_targets, unet_targets)
 
 
 class LoRANetwork(nn.Module):
-    def __init__(self, layers: dict[str, LoRALayer], *, rank: int, alpha: float, network_args: dict | None = None):
+    """`network_module` is what the file's ss_network_module says: networks.lora (kohya) or lycoris.kohya."""
+
+    def __init__(self, layers: dict[str, AdapterLayer], *, rank: int, alpha: float, network_args: dict | None = None,
+                 network_module: str = "networks.lora"):
         super().__init__()
         for name, layer in layers.items():
             self.add_module(name, layer)
         self.rank = rank
         self.alpha = alpha
         self.network_args = dict(network_args or {})
+        self.network_module = network_module
 
     # -- the layers ---------------------------------------------------------------------------------------------
 
-    def layers(self) -> dict[str, LoRALayer]:
-        return {n: m for n, m in self.named_children() if isinstance(m, LoRALayer)}
+    def layers(self) -> dict[str, AdapterLayer]:
+        return {n: m for n, m in self.named_children() if isinstance(m, AdapterLayer)}
 
     @property
-    def unet_layers(self) -> list[LoRALayer]:
+    def unet_layers(self) -> list[AdapterLayer]:
         return [m for n, m in self.layers().items() if n.startswith(UNET_PREFIX + "_")]
 
     @property
-    def text_encoder_layers(self) -> list[LoRALayer]:
+    def text_encoder_layers(self) -> list[AdapterLayer]:
         return [m for n, m in self.layers().items() if n.startswith(TEXT_ENCODER_PREFIX)]
 
     def apply_to(self) -> "LoRANetwork":
@@ -121,22 +126,29 @@ class LoRANetwork(nn.Module):
     # -- files --------------------------------------------------------------------------------------------------
 
     def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of the kohya file, with ONE alpha for the whole file.
+        """The tensors of the kohya file, with ONE alpha for all plain LoRA modules.
 
-        diffusers applies the file's most common alpha to every module, so a module whose alpha differs from the
-        network's (LoCon convs with their own conv_alpha, or a loaded file with mixed alphas) has its scale folded
-        into lora_up: up * (alpha_m / alpha), which leaves alpha_m / r_m * up @ down unchanged."""
+        diffusers applies the file's most common alpha to every module, so a LoRA module whose alpha differs from
+        the network's (LoCon convs with their own conv_alpha, or a loaded file with mixed alphas) has its scale
+        folded into lora_up: up * (alpha_m / alpha), which leaves alpha_m / r_m * up @ down unchanged. LoHa, LoKr
+        and DoRA modules keep their own alpha, as LyCORIS writes them."""
         tensors = {}
         file_alpha = float(self.alpha)
         for name, layer in self.layers().items():
-            up = layer.lora_up.weight.detach().float()
-            layer_alpha = layer.alpha.item()
-            if layer_alpha != file_alpha:
-                up = up * (layer_alpha / file_alpha)
-            save_dtype = dtype or layer.lora_down.weight.dtype
-            tensors[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach().to(save_dtype)
-            tensors[f"{name}.lora_up.weight"] = up.to(save_dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(file_alpha, dtype=save_dtype)
+            save_dtype = dtype or next(layer.parameters()).dtype
+            alpha = layer.alpha.item()
+            if isinstance(layer, LoRALayer):
+                up = layer.lora_up.weight.detach().float()
+                if not layer.is_dora and alpha != file_alpha:
+                    up, alpha = up * (alpha / file_alpha), file_alpha
+                tensors[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach().to(save_dtype)
+                tensors[f"{name}.lora_up.weight"] = up.to(save_dtype)
+            else:
+                for key, tensor in layer._tensors().items():
+                    tensors[f"{name}.{key}"] = tensor.detach().to(save_dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
+            if layer.is_dora:
+                tensors[f"{name}.dora_scale"] = layer.dora_scale.detach().to(save_dtype)
         for name, embedding in self.embeddings.items():
             tensors[f"{kohya.EMBEDDING_PREFIX}{name}.string_to_param.*"] = embedding.weight.detach().to(
                 dtype or embedding.weight.dtype)
@@ -152,6 +164,7 @@ class LoRANetwork(nn.Module):
         if not path.endswith(".safetensors"):
             raise ValueError(f"save_weights writes .safetensors files, got {path}")
         full = kohya.network_metadata(rank=self.rank, alpha=self.alpha, network_args=self.network_args,
+                                      network_module=self.network_module,
                                       output_name=output_name or os.path.splitext(os.path.basename(path))[0],
                                       **base_model)
         full.update(metadata or {})
@@ -189,18 +202,62 @@ def _preview(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def _copy_into(layer: LoRALayer, weights: kohya.ModuleWeights, name: str, source: str):
-    """Copy file tensors into a layer, folding the file's alpha into lora_up when the layer's alpha differs."""
-    down = _fit(weights.down, layer.lora_down.weight.shape)
-    up = _fit(weights.up, layer.lora_up.weight.shape)
-    if down is None or up is None:
-        raise kohya.LoRAFileError(
-            f"{source}: {name} has lora_down {tuple(weights.down.shape)} / lora_up {tuple(weights.up.shape)}, "
-            f"expected {tuple(layer.lora_down.weight.shape)} / {tuple(layer.lora_up.weight.shape)} for this model "
-            f"(a LoRA made for another base model?)")
-    with torch.no_grad():
-        layer.lora_down.weight.copy_(down)
-        layer.lora_up.weight.copy_(up.float() * (weights.alpha / layer.alpha.item()))
+def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, source: str):
+    """Copy file tensors into a layer of the same algorithm, folding the file's alpha into lora_up (LoRA) when the
+    layer's alpha differs."""
+    if layer.kind != weights.algo or layer.is_dora != (weights.dora_scale is not None):
+        raise kohya.LoRAFileError(f"{source}: {name} is a {weights.kind} module in the file, a "
+                                  f"{'DoRA ' if layer.is_dora else ''}{kohya.ALGO_NAMES[layer.kind]} one in this "
+                                  f"network (other --network_args?)")
+    if weights.algo != "lora":
+        own = layer._tensors()
+        if sorted(own) != sorted(weights.tensors) or any(own[k].shape != weights.tensors[k].shape for k in own):
+            raise kohya.LoRAFileError(
+                f"{source}: {name} has {_shapes(weights.tensors)}, this network's module has {_shapes(own)}")
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(weights.tensors[key])
+            layer.alpha.fill_(weights.alpha)
+            layer._alpha_value = weights.alpha
+    else:
+        down = _fit(weights.down, layer.lora_down.weight.shape)
+        up = _fit(weights.up, layer.lora_up.weight.shape)
+        if down is None or up is None:
+            raise kohya.LoRAFileError(
+                f"{source}: {name} has lora_down {tuple(weights.down.shape)} / lora_up {tuple(weights.up.shape)}, "
+                f"expected {tuple(layer.lora_down.weight.shape)} / {tuple(layer.lora_up.weight.shape)} for this "
+                f"model (a LoRA made for another base model?)")
+        with torch.no_grad():
+            layer.lora_down.weight.copy_(down)
+            layer.lora_up.weight.copy_(up.float() * (weights.alpha / layer.alpha.item()))
+    if weights.dora_scale is not None:
+        scale = _fit(weights.dora_scale, layer.dora_scale.shape)
+        if scale is None:
+            raise kohya.LoRAFileError(f"{source}: {name}.dora_scale is {tuple(weights.dora_scale.shape)}, expected "
+                                      f"{tuple(layer.dora_scale.shape)}")
+        with torch.no_grad():
+            layer.dora_scale.copy_(scale)
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()))
+
+
+def layer_from_file(module: nn.Module, weights: kohya.ModuleWeights, name: str, source,
+                    multiplier: float = 1.0) -> AdapterLayer:
+    """A layer of the file module's algorithm (LoRA, LoHa, LoKr; DoRA or not) around `module`, holding its tensors."""
+    dora = weights.dora_scale is not None
+    try:
+        if weights.algo == "lora":
+            layer = LoRALayer(module, weights.rank, weights.alpha, multiplier=multiplier, dora_wd=dora)
+        else:
+            cls = LoHaLayer if weights.algo == "loha" else LoKrLayer
+            layer = cls(module, weights.rank, weights.alpha, multiplier=multiplier, dora_wd=dora,
+                        tensors=weights.tensors, source=f"{source}: {name}")
+    except (ValueError, TypeError) as e:
+        raise kohya.LoRAFileError(f"{source}: {name} cannot be placed on {type(module).__name__}: {e}") from None
+    _copy_into(layer, weights, name, source)
+    return layer
 
 
 def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
@@ -213,21 +270,42 @@ def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 # -- making networks ----------------------------------------------------------------------------------------------
 
 
+ALGOS = ("lora", "locon", "loha", "lokr")
+
+
 def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank: int = 4, alpha: float = 1.0,
                    conv_rank: int | None = None, conv_alpha: float | None = None, *, multiplier: float = 1.0,
                    dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                    include: list[str] | None = None, exclude: list[str] | None = None,
-                   train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+                   train_unet: bool = True, train_text_encoder: bool = True, algo: str | None = None,
+                   dora_wd: bool = False, use_tucker: bool = False, factor: int = -1,
+                   decompose_both: bool = False, full_matrix: bool = False) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules).
 
     `conv_rank` adds LoCon on the ResNet and sampler convs (3x3 convs at conv_rank/conv_alpha; the other modules of
     those blocks at rank/alpha, as kohya). `include`/`exclude` are regexes over module paths or kohya names;
-    `train_unet=False` / `train_text_encoder=False` make a U-Net-only or text-encoder-only network."""
+    `train_unet=False` / `train_text_encoder=False` make a U-Net-only or text-encoder-only network.
+
+    `algo` ("lora"/"locon", "loha", "lokr") makes a LyCORIS network (ss_network_module lycoris.kohya) as
+    `lycoris.kohya.create_network` does: its targets (kohya's with the convs, plus conv_in, conv_out and the time
+    embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its options: `dora_wd` (DoRA),
+    `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`, `full_matrix` (LoKr). `dropout`
+    applies to LoRA only (LyCORIS has none for LoHa/LoKr)."""
     if unet is None and text_encoder is None:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
+    lycoris = algo is not None
+    if lycoris:
+        algo = algo.lower()
+        if algo not in ALGOS:
+            raise ValueError(f"algo={algo!r} is not supported; use one of {', '.join(ALGOS)}")
+        conv_rank = conv_rank or rank
+        conv_alpha = conv_alpha or alpha
+    elif dora_wd or use_tucker or factor != -1 or decompose_both or full_matrix:
+        raise ValueError("dora_wd, use_tucker, factor, decompose_both and full_matrix are LyCORIS options: pass "
+                         "algo= (network_module lycoris.kohya)")
     targets: list[Target] = []
     if unet is not None and train_unet:
-        targets += unet_targets(unet, conv=bool(conv_rank))
+        targets += unet_targets(unet, conv=bool(conv_rank), lycoris=lycoris)
     if text_encoder is not None and train_text_encoder:
         targets += text_encoder_targets(text_encoder)
     targets = filter_targets(targets, include, exclude)
@@ -236,18 +314,28 @@ def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank:
 
     alpha = alpha or rank  # kohya: an alpha of 0 (or none) means alpha = rank, i.e. scale 1
     conv_alpha = conv_alpha or conv_rank
+    common = dict(multiplier=multiplier, rank_dropout=rank_dropout, module_dropout=module_dropout, dora_wd=dora_wd)
     layers = {}
     for target in targets:
         r, a = (conv_rank, conv_alpha) if target.is_conv_kxk else (rank, alpha)
-        layers[target.name] = LoRALayer(target.module, r, a, multiplier=multiplier, dropout=dropout,
-                                        rank_dropout=rank_dropout, module_dropout=module_dropout)
-    args = {}
+        if algo == "loha":
+            layer = LoHaLayer(target.module, r, a, use_tucker=use_tucker, **common)
+        elif algo == "lokr":
+            layer = LoKrLayer(target.module, r, a, factor=factor, decompose_both=decompose_both,
+                              use_tucker=use_tucker, full_matrix=full_matrix, **common)
+        else:
+            layer = LoRALayer(target.module, r, a, dropout=dropout, **common)
+        layers[target.name] = layer
+    args = {"algo": algo} if lycoris else {}
     if conv_rank:
         args.update(conv_dim=conv_rank, conv_alpha=conv_alpha)
-    for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+    for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout), ("dora_wd", dora_wd),
+                       ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
+                       ("decompose_both", decompose_both), ("full_matrix", full_matrix)):
         if value:
             args[key] = value
-    return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
+    return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args,
+                       network_module="lycoris.kohya" if lycoris else "networks.lora").apply_to()
 
 
 def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | None,
@@ -270,16 +358,16 @@ def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | No
     layers = {}
     for name, weights in modules.items():
         target = available[name]  # read_lora_file has refused two spellings of one module
-        layer = LoRALayer(target.module, weights.rank, weights.alpha, multiplier=multiplier)
-        _copy_into(layer, weights, name, path)
-        layers[target.name] = layer
+        layers[target.name] = layer_from_file(target.module, weights, name, path, multiplier)
     rank = _metadata_number(metadata, "ss_network_dim", int) or max(w.rank for w in modules.values())
     alpha = _metadata_number(metadata, "ss_network_alpha", float) or _most_common_alpha(modules)
     try:
         args = json.loads(metadata.get("ss_network_args", "{}")) or {}
     except json.JSONDecodeError:
         args = {}
-    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args).apply_to()
+    module = metadata.get("ss_network_module") or (
+        "networks.lora" if all(w.kind in ("LoRA", "LoCon") for w in modules.values()) else "lycoris.kohya")
+    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args, network_module=module).apply_to()
     network.bundled_embeddings = {name: bundled_vectors(parts, name, path)
                                   for name, parts in modules.embeddings.items()}
     if network.bundled_embeddings and (tokenizer is None or text_encoder is None):

@@ -21,6 +21,8 @@ KNOWN_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
 _UNET_TRANSFORMER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.")
 # kohya "C3Lier" adds the ResNet blocks and the up/down-sampler convs.
 _UNET_CONV_PARENT = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|downsamplers|upsamplers)\.\d+\.")
+# LyCORIS' default ("full" preset) also targets these U-Net modules by name.
+_LYCORIS_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 _TEXT_ENCODER = re.compile(r"^(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 
 
@@ -69,15 +71,16 @@ def base_modules(model: nn.Module):
                                      for m in layer.modules()})
 
 
-def unet_targets(unet: nn.Module, *, conv: bool = False) -> list[Target]:
-    """kohya's default U-Net targets; with `conv`, also the LoCon ResNet and sampler modules."""
+def unet_targets(unet: nn.Module, *, conv: bool = False, lycoris: bool = False) -> list[Target]:
+    """kohya's default U-Net targets; with `conv`, also the LoCon ResNet and sampler modules; with `lycoris`, also
+    LyCORIS' extra names (conv_in, conv_out, the time embedding's two Linears)."""
     targets = []
     for path, module in base_modules(unet):
         if not _lora_capable(module):
             continue
         in_transformer = _UNET_TRANSFORMER.match(path) and (
             isinstance(module, nn.Linear) or module.kernel_size == (1, 1))
-        if in_transformer or (conv and _UNET_CONV_PARENT.match(path)):
+        if in_transformer or (conv and _UNET_CONV_PARENT.match(path)) or (lycoris and path in _LYCORIS_NAMES):
             targets.append(Target(kohya_name(UNET_PREFIX, path), path, module))
     return targets
 

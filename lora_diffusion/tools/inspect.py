@@ -12,7 +12,9 @@ import re
 from collections import Counter
 
 
-from .model_files import factored_svd, read_loras
+from dataclasses import replace
+
+from .model_files import factored_svd, module_delta, read_loras
 
 TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_v2", "ss_network_module",
                  "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution", "ss_num_train_images",
@@ -34,8 +36,7 @@ def block_of(name):
 
 
 def algorithm_of(weights):
-    down = weights.down
-    return "LoCon" if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1) else "LoRA"
+    return weights.kind
 
 
 def loaders(modules, metadata, embeddings):
@@ -68,10 +69,14 @@ def inspect_lora(path):
     (path, _, modules, metadata), = read_loras([path])
     rows, blocks = {}, {}
     for name, w in sorted(modules.items()):
-        _, s, _ = factored_svd(w.up.flatten(1), w.down.flatten(1))
-        norm = float(s.square().sum().sqrt()) * w.alpha / w.rank
-        rows[name] = {"rank": w.rank, "alpha": w.alpha, "algorithm": algorithm_of(w), "norm": norm,
-                      "shape": [w.up.shape[0], *w.down.shape[1:]]}
+        if w.algo == "lora":
+            _, s, _ = factored_svd(w.up.flatten(1), w.down.flatten(1))
+            norm = float(s.square().sum().sqrt()) * w.alpha / w.rank
+            shape = [w.up.shape[0], *w.down.shape[1:]]
+        else:  # LoHa/LoKr: the norm of the full update (DoRA: of its direction update, without the base weight)
+            delta = module_delta(replace(w, dora_scale=None))
+            norm, shape = float(delta.norm()), list(delta.shape)
+        rows[name] = {"rank": w.rank, "alpha": w.alpha, "algorithm": algorithm_of(w), "norm": norm, "shape": shape}
         blocks[block_of(name)] = blocks.get(block_of(name), 0.0) + norm ** 2
     try:
         tags = json.loads(metadata.get("ss_tag_frequency", "{}"))

@@ -5,11 +5,14 @@
     lora-diffusion merge --lora a.safetensors:1 --lora b.safetensors:0.5 --output ab.safetensors   # one LoRA
     lora-diffusion merge --lora a.safetensors --lora b.safetensors --rank 16 --output ab16.safetensors
 
-Into a model: W' = W + sum(ratio * alpha/rank * up @ down), computed in fp32 one weight at a time and cast to
+Into a model: W' = W + sum(ratio * alpha/rank * up @ down) (LoHa/LoKr: their products; DoRA: LyCORIS' formula on
+the weight merged so far, with the ratio as its multiplier), computed in fp32 one weight at a time and cast to
 --precision; only one tensor of the model is in memory at once. LoRA + LoRA: the ranks are concatenated (exact:
 the result's update is the sum of the updates), or with --rank the sum is reduced by SVD to its best rank-r
 approximation per module.
 """
+
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -35,9 +38,10 @@ def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, 
                                  f"(e.g. {', '.join(unplaced[:3])}); a LoRA for another model family?")
         for name, w in modules.items():
             shape = model.entries[weights[name]][0]
-            if w.down.flatten(1).shape[1] * w.up.shape[0] != torch.Size(shape).numel() or w.up.shape[0] != shape[0]:
-                raise ModelToolError(f"{path}: module {name} is [out {w.up.shape[0]}, in {w.down.flatten(1).shape[1]}]"
-                                     f" but the base weight is {tuple(shape)}; a LoRA for another model family?")
+            out, flat_in = update_shape(w)
+            if flat_in * out != torch.Size(shape).numel() or out != shape[0]:
+                raise ModelToolError(f"{path}: module {name} is [out {out}, in {flat_in}] but the base weight is "
+                                     f"{tuple(shape)}; a LoRA for another model family?")
             updates.setdefault(weights[name], []).append((name, ratio, w, path))
 
     def get(part, key):
@@ -46,11 +50,28 @@ def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, 
             return tensor
         merged = tensor.float()
         for name, ratio, w, path in updates[(part, key)]:
-            merged += ratio * fit(module_delta(w), merged.shape, name, path)
+            merged += fit(module_delta(w, base=merged, multiplier=ratio), merged.shape, name, path)
         return merged
 
     write_model(output, model, get, dtype, keep_extras=True)
     return {updates_list[0][0]: len(updates_list) for updates_list in updates.values()}
+
+
+def update_shape(w):
+    """(out, in * kh * kw) of a file module's update, from its tensors' shapes (LoHa/LoKr: a meta-device product)."""
+    if w.algo == "lora":
+        return w.up.shape[0], w.down.flatten(1).shape[1]
+    meta = replace(w, tensors={k: v.to("meta") for k, v in w.tensors.items()}, dora_scale=None)
+    delta = module_delta(meta)
+    return delta.shape[0], delta.shape[1]
+
+
+def only_plain_lora(files, what):
+    for path, _, modules, _ in files:
+        other = sorted({w.kind for w in modules.values()} - {"LoRA", "LoCon"})
+        if other:
+            raise ModelToolError(f"{path} holds {', '.join(other)} modules; {what} works on plain LoRA/LoCon files "
+                                 f"only (merge them into a model with --model instead)")
 
 
 def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16, overwrite=False):
@@ -58,6 +79,7 @@ def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16
     convs) the best approximation of the summed update. Returns {module: (rank, retained Frobenius fraction)}."""
     check_output(output, [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
     files = read_loras(loras)
+    only_plain_lora(files, "merging LoRA files into one")
     names = sorted({n for _, _, modules, _ in files for n in modules})
     result, shapes, report = {}, {}, {}
     for name in tqdm(names, desc="merging", unit="module", leave=False):

@@ -341,12 +341,29 @@ def module_key_name(part, key):
     return kohya_name("lora_unet" if part == "unet" else "lora_te", path)
 
 
-def module_delta(weights: ModuleWeights) -> torch.Tensor:
-    """(alpha / rank) * up @ down as an fp32 matrix [out, in * kh * kw], as LoRALayer.delta_weight (a kxk down
-    followed by a 1x1 up is one kxk conv whose weight is this product). Reshape it to the base weight's shape.
-    Other algorithms (LoHa, LoKr, ...) only have to provide this matrix to work with every tool."""
-    up, down = weights.up.float().flatten(1), weights.down.float().flatten(1)
-    return (up @ down) * (weights.alpha / weights.rank)
+def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
+    """The update of one file module as an fp32 matrix [out, in * kh * kw] (reshape it to the base weight's shape),
+    times `multiplier`: (alpha / rank) * up @ down for LoRA (a kxk down followed by a 1x1 up is one kxk conv whose
+    weight is this product), LyCORIS' Hadamard / Kronecker products for LoHa / LoKr, as the layers compute them.
+    DoRA's update depends on the base weight (and not linearly on the multiplier): pass `base`."""
+    if weights.algo == "lora":
+        delta = weights.up.float().flatten(1) @ weights.down.float().flatten(1)
+    else:
+        from ..lycoris_layers import kron_product, loha_product
+        delta = (loha_product if weights.algo == "loha" else kron_product)(weights.tensors)
+    delta = delta.reshape(delta.shape[0], -1) * weights.scale
+    if weights.dora_scale is None:
+        return delta * multiplier
+    if base is None:
+        raise ModelToolError("a DoRA module's update depends on the base weight; module_delta needs `base`")
+    # LyCORIS' formula, as AdapterLayer.dora_weight
+    weight = base.float().reshape(base.shape[0], -1)
+    merged = weight + delta
+    scale = weights.dora_scale.float().reshape(-1, 1) / (merged.norm(dim=1, keepdim=True)
+                                                         + torch.finfo(torch.float32).eps)
+    if multiplier != 1:
+        scale = multiplier * (scale - 1) + 1
+    return merged * scale - weight
 
 
 def fit(delta, shape, name, source):

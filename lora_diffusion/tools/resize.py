@@ -43,6 +43,8 @@ def resize_lora(source, output, *, rank, conv_rank=None, dynamic=None, dynamic_p
         raise ModelToolError(f"--dynamic {dynamic} needs a positive --dynamic_param, got {dynamic_param}")
     check_output(output, [source], overwrite)
     (path, _, modules, metadata), = read_loras([source])
+    from .merge import only_plain_lora
+    only_plain_lora([(path, 1.0, modules, metadata)], "resize")
     result, shapes, report = {}, {}, {}
     for name, w in tqdm(sorted(modules.items()), desc="resizing", unit="module", leave=False):
         shape = tuple(w.up.shape[:1]) + tuple(w.down.shape[1:])

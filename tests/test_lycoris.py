@@ -1,0 +1,203 @@
+"""LoHa, LoKr and DoRA against the LyCORIS package itself (lycoris-lora): its modules' files load in ours with the
+same outputs, ours load in LyCORIS with the same outputs, trainer files load in both, the target names are
+LyCORIS', and `merge` adds LyCORIS' update."""
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from conftest import build_tiny_text_encoder, build_tiny_unet, unet_inputs
+
+lycoris = pytest.importorskip("lycoris")
+from lycoris.config import PRESET  # noqa: E402
+from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights  # noqa: E402
+from lycoris.modules import LoConModule, LohaModule, LokrModule, get_module, make_module  # noqa: E402
+
+from lora_diffusion import create_network, load_network  # noqa: E402
+from lora_diffusion.kohya import LoRAFileError, parse_state_dict  # noqa: E402
+from lora_diffusion.network import LoRANetwork, layer_from_file  # noqa: E402
+from lora_diffusion.targets import text_encoder_targets, unet_targets  # noqa: E402
+
+logging.getLogger("lycoris").setLevel(logging.ERROR)
+NAME = "lora_unet_x"
+
+BASES = {
+    "linear": (lambda: nn.Linear(64, 96), (3, 5, 64)),
+    "conv3x3": (lambda: nn.Conv2d(32, 48, 3, padding=1), (2, 32, 6, 6)),
+    "conv1x1": (lambda: nn.Conv2d(32, 48, 1), (2, 32, 6, 6)),
+}
+# name: (LyCORIS class, its arguments, which bases)
+CASES = {
+    "loha": (LohaModule, dict(lora_dim=4, alpha=2), ("linear", "conv3x3", "conv1x1")),
+    "loha-tucker": (LohaModule, dict(lora_dim=4, alpha=2, use_tucker=True), ("conv3x3",)),
+    "lokr-full": (LokrModule, dict(lora_dim=64, alpha=2, factor=8), ("linear", "conv3x3", "conv1x1")),
+    "lokr-decomposed": (LokrModule, dict(lora_dim=2, alpha=1, decompose_both=True), ("linear", "conv3x3", "conv1x1")),
+    "dora-lora": (LoConModule, dict(lora_dim=4, alpha=2, weight_decompose=True), ("linear", "conv1x1")),
+    "dora-locon": (LoConModule, dict(lora_dim=4, alpha=2, weight_decompose=True), ("conv3x3",)),
+    "dora-loha": (LohaModule, dict(lora_dim=4, alpha=2, weight_decompose=True), ("linear", "conv3x3")),
+}
+PARAMS = [(c, b, d) for c, (_, _, bases) in CASES.items() for b in bases for d in ("fp32", "fp16")]
+
+
+def lycoris_output(module, base, x, multiplier):
+    module.multiplier = multiplier
+    module.apply_to()
+    with torch.no_grad():
+        y = base(x)
+    module.restore()
+    return y
+
+
+def our_output(layer, base, x, multiplier):
+    layer.multiplier = multiplier
+    layer.apply_to()
+    with torch.no_grad():
+        y = base(x)
+    layer.remove()
+    return y
+
+
+def assert_same_outputs(theirs, ours, plain):
+    """Equal up to fp32 rounding, relative to the size of the update."""
+    effect = (theirs - plain).abs().max()
+    assert effect > 1e-2, "the module does nothing: the comparison would prove nothing"
+    assert (theirs - ours).abs().max() <= 1e-5 * effect + 1e-6
+
+
+@pytest.mark.parametrize("case,base_kind,dtype", PARAMS, ids=[f"{c}-{b}-{d}" for c, b, d in PARAMS])
+def test_lycoris_files_load_in_ours_and_ours_in_lycoris(case, base_kind, dtype):
+    cls, kwargs, _ = CASES[case]
+    make_base, x_shape = BASES[base_kind]
+    torch.manual_seed(0)
+    base, x = make_base(), torch.randn(*x_shape)
+    storage = torch.float16 if dtype == "fp16" else torch.float32
+    theirs = cls(NAME, base, 1.0, **kwargs)
+    random = {k: (v if k == "alpha" else torch.randn_like(v) * 0.3 + (1.0 if k == "dora_scale" else 0.0))
+              for k, v in theirs.state_dict().items()}
+    random = {k: v.to(storage).float() for k, v in random.items()}  # values the file can hold exactly
+    theirs.load_state_dict(random)
+    with torch.no_grad():
+        plain = base(x)
+
+    # (a) LyCORIS' module, saved with LyCORIS' key names, read by our file reader and loaded as our layer
+    file = {f"{NAME}.{k}": v.to(storage) for k, v in random.items()}
+    weights = parse_state_dict(file)[NAME]
+    ours = layer_from_file(base, weights, NAME, "test")
+    for multiplier in (1.0, 0.6):
+        assert_same_outputs(lycoris_output(theirs, base, x, multiplier), our_output(ours, base, x, multiplier),
+                            plain)
+    # delta_weight (multiplier 1) is what LyCORIS' forward adds: dW for LoRA/LoHa/LoKr, W_dora - W for DoRA.
+    # (lycoris-lora 4.1.3's LoHa/LoKr get_diff_weight applies alpha/r twice, its forward and ComfyUI once.)
+    diff = theirs.get_diff_weight()[0] if cls is LoConModule else theirs.get_weight(theirs.shape)
+    expected = diff if weights.dora_scale is None else \
+        theirs.apply_weight_decompose(base.weight + diff.reshape(base.weight.shape), 1.0) - base.weight
+    delta = ours.dora_weight(1.0) - base.weight if ours.is_dora else ours.delta_weight()
+    torch.testing.assert_close(delta, expected.reshape(delta.shape).detach(), rtol=1e-5, atol=1e-6)
+
+    # (b) our layer with other random weights, written by our writer, loaded by LyCORIS' own loader
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_((torch.randn_like(p) * 0.3 + (1.0 if p is ours.dora_scale else 0.0)).to(storage).float())
+    network = LoRANetwork({NAME: ours}, rank=ours.rank, alpha=ours.alpha.item(), network_module="lycoris.kohya")
+    tensors = network.file_tensors(dtype=storage)
+    assert all(t.dtype == storage for t in tensors.values())
+    assert set(tensors) == {f"{NAME}.{k}" for k in theirs.state_dict()}  # LyCORIS' exact key set
+    kind, params = get_module(tensors, NAME)
+    if case != "lokr-full":  # make_module reads a LoKr whose factors are both full as lora_dim 1: equal outputs
+        assert kind is cls
+    loaded = make_module(kind, params, NAME, base)
+    loaded.float()
+    assert_same_outputs(lycoris_output(loaded, base, x, 1.0), our_output(ours, base, x, 1.0), plain)
+
+
+@contextlib.contextmanager
+def sd_preset():
+    """LyCORIS' default preset ("full"), usable on a diffusers SD U-Net. lycoris-lora 4.1.3 lists both
+    `time_embedding.linear_1/2` by name and `TimestepEmbedding` by class, which creates those modules twice and fails
+    its own duplicate check; without the class entry the targets are the same modules, once."""
+    preset = dict(PRESET["full"])
+    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
+    LycorisNetworkKohya.apply_preset(preset)
+    try:
+        yield
+    finally:
+        LycorisNetworkKohya.apply_preset(PRESET["full"])
+
+
+def lycoris_network(unet, text_encoder, algo, **kwargs):
+    with sd_preset():
+        return LycorisNetworkKohya(text_encoder, unet, lora_dim=4, conv_lora_dim=4, alpha=4, conv_alpha=2,
+                                   network_module=algo, **kwargs)
+
+
+def lycoris_from_weights(tensors, unet, text_encoder=None):
+    with sd_preset():
+        network, _ = create_network_from_weights(1.0, None, None, text_encoder, unet, weights_sd=for_lycoris(tensors))
+    network.apply_to(text_encoder, unet, apply_text_encoder=text_encoder is not None, apply_unet=True)
+    return network
+
+
+def test_targets_are_lycoris_defaults():
+    unet, text_encoder = build_tiny_unet(), build_tiny_text_encoder()
+    theirs = lycoris_network(unet, text_encoder, "loha")
+    ours = {t.name for t in unet_targets(unet, conv=True, lycoris=True)}
+    assert ours == {m.lora_name for m in theirs.unet_loras}
+    # LyCORIS names the text encoder by the installed transformers' paths (5: no `text_model.`); we always write
+    # the transformers-4 spelling, which every loader (and LyCORIS under transformers 4) uses
+    te = {t.name.replace("lora_te_text_model_", "lora_te_") for t in text_encoder_targets(text_encoder)}
+    assert te == {m.lora_name.replace("lora_te_text_model_", "lora_te_") for m in theirs.text_encoder_loras}
+    network = create_network(unet, text_encoder, rank=4, alpha=4, conv_alpha=2, algo="loha")
+    assert len(network.layers()) == len(ours) + len(te)
+    assert all(type(layer).__name__ == "LoHaLayer" for layer in network.layers().values())
+
+
+def for_lycoris(tensors):
+    """Our file's text-encoder names in the spelling LyCORIS finds on a transformers-5 CLIPTextModel."""
+    return {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in tensors.items()}
+
+
+def test_mixed_file_loads_like_lycoris(tmp_path):
+    """LoRA on the attention modules + LoHa on the ResNet convs + DoRA LoKr on the time embedding, in one file."""
+    unet = build_tiny_unet()
+    parts = [create_network(unet, None, rank=4, alpha=2, algo="lora", include=[r"attentions"]),
+             create_network(unet, None, rank=4, alpha=2, algo="loha", include=[r"resnets"]),
+             create_network(unet, None, rank=2, alpha=1, algo="lokr", dora_wd=True, include=[r"^time_embedding"])]
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for network in parts:
+        for name, p in network.named_parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.05 + (p.data if "dora_scale" in name else 0)
+        tensors.update(network.file_tensors())
+        network.remove()
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    ours = load_network(str(path), unet, None)
+    kinds = {type(layer).__name__ for layer in ours.layers().values()}
+    assert kinds == {"LoRALayer", "LoHaLayer", "LoKrLayer"} and ours.network_module == "lycoris.kohya"
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        y_ours = unet(x, t, context).sample
+        ours.remove()
+        plain = unet(x, t, context).sample
+    theirs = lycoris_from_weights(tensors, unet)
+    assert len(theirs.unet_loras) == len(ours.layers())
+    with torch.no_grad():
+        y_theirs = unet(x, t, context).sample
+    assert_same_outputs(y_theirs, y_ours, plain)
+
+
+def test_unsupported_lycoris_formats_are_refused(tmp_path):
+    for keys, kind in (({"oft_blocks": torch.zeros(4, 8, 8)}, "OFT"), ({"diff": torch.zeros(32, 32)}, "full"),
+                       ({"lora_mid.weight": torch.zeros(4, 4, 3, 3), "lora_down.weight": torch.zeros(4, 32, 1, 1),
+                         "lora_up.weight": torch.zeros(32, 4, 1, 1)}, "Tucker")):
+        with pytest.raises(LoRAFileError, match=kind):
+            parse_state_dict({f"{NAME}.{k}": v for k, v in keys.items()})
+    with pytest.raises(LoRAFileError, match="LoHa.*hada_w2_a"):  # an incomplete LoHa names what it lacks
+        parse_state_dict({f"{NAME}.hada_w1_a": torch.zeros(8, 2), f"{NAME}.hada_w1_b": torch.zeros(2, 8)})
+    with pytest.raises(LoRAFileError, match="do not fit"):
+        parse_state_dict({f"{NAME}.lokr_w1": torch.zeros(2, 2), f"{NAME}.lokr_w2_a": torch.zeros(4, 2),
+                          f"{NAME}.lokr_w2_b": torch.zeros(3, 4)})
