@@ -201,3 +201,103 @@ def test_unsupported_lycoris_formats_are_refused(tmp_path):
     with pytest.raises(LoRAFileError, match="do not fit"):
         parse_state_dict({f"{NAME}.lokr_w1": torch.zeros(2, 2), f"{NAME}.lokr_w2_a": torch.zeros(4, 2),
                           f"{NAME}.lokr_w2_b": torch.zeros(3, 4)})
+
+
+def test_trainer_lycoris_loha_file_loads_in_ours_and_lycoris(tmp_path):
+    import train_lora
+    from test_train import base_flags, make_dataset, read
+
+    data = make_dataset(tmp_path, n=2)
+    argv = base_flags(tmp_path, data, max_train_steps=2, learning_rate=1e-2, network_module="lycoris.kohya",
+                      network_args=["algo=loha", "conv_dim=4", "conv_alpha=2"], save_precision="fp16")
+    assert train_lora.main(argv) == 0
+    path = tmp_path / "out" / "t.safetensors"
+    tensors, metadata = read(path)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert '"algo": "loha"' in metadata["ss_network_args"]
+    assert any(k.endswith("hada_w1_a") for k in tensors) and not any("lora_down" in k for k in tensors)
+    unet, text_encoder = build_tiny_unet(), build_tiny_text_encoder()
+    ours = load_network(str(path), unet, text_encoder)
+    assert {type(layer).__name__ for layer in ours.layers().values()} == {"LoHaLayer"}
+    trained = [n for n, v in tensors.items() if n.endswith("hada_w2_a") and v.abs().max() > 0]
+    assert trained  # w2_a starts at 0: two steps moved it
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        y_ours = unet(x, t, context).sample
+    ours.remove()
+    with torch.no_grad():
+        plain = unet(x, t, context).sample
+    theirs = lycoris_from_weights({k: v.float() for k, v in tensors.items()}, unet, text_encoder)
+    assert len(theirs.unet_loras) + len(theirs.text_encoder_loras) == len(ours.layers())
+    with torch.no_grad():
+        y_theirs = unet(x, t, context).sample
+    assert (y_theirs - y_ours).abs().max() <= 1e-5 * (y_theirs - plain).abs().max() + 1e-6
+
+
+def test_merge_loha_and_dora_files_into_a_model(tmp_path):
+    from lora_diffusion.models import load_models, save_tiny_diffusers_folder
+    from lora_diffusion.tools.merge import merge_into_model
+
+    tiny = save_tiny_diffusers_folder(tmp_path / "tiny")
+    base = load_models(tiny)
+    g = torch.Generator().manual_seed(7)
+    files = {}
+    for algo, kwargs in (("loha", {}), ("lora", {"dora_wd": True})):
+        network = create_network(base.unet, None, rank=4, alpha=2, algo=algo, **kwargs)
+        for name, p in network.named_parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.1 + (p.data if "dora_scale" in name else 0)
+        files[algo] = tmp_path / f"{algo}.safetensors"
+        network.save_weights(files[algo], dtype=torch.float32)
+        network.remove()
+    for algo, path in files.items():
+        out = tmp_path / f"merged_{algo}.safetensors"
+        merge_into_model(tiny, [f"{path}:0.7"], out)
+        merged = load_models(out, config_dir=tiny).unet.state_dict()
+        before = base.unet.state_dict()
+        from safetensors.torch import load_file
+        theirs = lycoris_from_weights(load_file(str(path)), base.unet)
+        checked = 0
+        for module in theirs.unet_loras:
+            key = module.lora_name.removeprefix("lora_unet_")
+            key = next(k for k in before if k.replace(".", "_") == key + "_weight")
+            weight = before[key]
+            # LyCORIS' forward: W + m * dW (LoHa: get_weight, alpha/r once) or its DoRA weight at multiplier m
+            if module.wd:
+                expected = module.get_merged_weight(0.7)[0]
+            else:
+                expected = weight + 0.7 * module.get_weight(module.shape).reshape(weight.shape)
+            torch.testing.assert_close(merged[key], expected.detach(), rtol=0, atol=3e-6, msg=key)
+            checked += 1
+        theirs.restore()
+        assert checked > 50
+
+
+@pytest.mark.parametrize("algo", ["lora", "dora", "loha", "lokr"])
+def test_what_diffusers_load_lora_weights_does_with_lycoris_files(tmp_path, algo):
+    """Measured: LyCORIS-target LoRA loads exactly; DoRA loads but gives other outputs; LoHa and LoKr are refused."""
+    from test_diffusers_interop import diffusers_pipeline
+
+    unet = build_tiny_unet()
+    kwargs = {"dora": dict(algo="lora", dora_wd=True)}.get(algo, dict(algo=algo))
+    network = create_network(unet, None, rank=4, alpha=2, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    for name, p in network.named_parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.05 + (p.data if "dora_scale" in name else 0)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        ours = unet(x, t, context).sample
+    network.save_weights(tmp_path / "l.safetensors")
+    pipe = diffusers_pipeline()
+    if algo in ("loha", "lokr"):
+        with pytest.raises(ValueError, match="not been correctly renamed"):
+            pipe.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
+        return
+    pipe.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
+    pipe.fuse_lora()
+    with torch.no_grad():
+        theirs = pipe.unet(x, t, context).sample
+    error = float((theirs - ours).abs().max())
+    if algo == "lora":
+        assert error < 1e-4
+    else:
+        assert error > 1e-3  # diffusers/peft's DoRA is not LyCORIS' (see docs/format.md)

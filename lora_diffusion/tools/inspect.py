@@ -40,8 +40,19 @@ def algorithm_of(weights):
 
 
 def loaders(modules, metadata, embeddings):
-    """Which clients load this file, by what is in it (plain LoRA and LoCon only reach this point: read_lora_file
-    refuses LoHa/LoKr/... with a message naming the format)."""
+    """Which clients load this file, by what is in it (read_lora_file has refused formats nobody here reads)."""
+    lycoris = sorted({w.kind for w in modules.values()} - {"LoRA", "LoCon"})
+    if lycoris:
+        kinds = ", ".join(lycoris)
+        dora_only = all(k.startswith("DoRA Lo") and k[5:] in ("RA", "Con") for k in lycoris)
+        return {
+            "kohya sd-scripts": f"with the lycoris-lora package (--network_module lycoris.kohya): {kinds}",
+            "ComfyUI": f"yes: LoraLoader reads LyCORIS keys ({kinds})",
+            "AUTOMATIC1111 / Forge": f"yes: the built-in Lora extension reads LyCORIS keys ({kinds})",
+            "diffusers": ("loads, but its DoRA (peft's) gives other outputs than LyCORIS'" if dora_only else
+                          "no: load_lora_weights (0.42) refuses hada_*/lokr_* keys"),
+            "lora_diffusion": "yes: load_network / generate --lora / merge --model",
+        }
     has_conv = any(algorithm_of(w) == "LoCon" for w in modules.values())
     has_te = any(n.startswith("lora_te") for n in modules)
     what = "LoCon (3x3 convs)" if has_conv else "plain LoRA"
