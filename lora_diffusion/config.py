@@ -9,11 +9,10 @@ import argparse
 import json
 import math
 import shlex
-import tomllib
 import warnings
 from pathlib import Path
 
-from .io import atomic_write
+from .io import TOMLDecodeError, atomic_write, loads_toml
 
 
 class ConfigFileError(ValueError):
@@ -48,9 +47,8 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     try:
         if path.suffix.lower() == ".json":
             return _from_gui_json(json.loads(path.read_text(encoding="utf-8-sig")), path, parser)
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        document = loads_toml(path.read_text(encoding="utf-8"))
+    except (TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"--config_file {path} is not valid TOML/JSON: {e}") from None
     flat = {}
     for key, value in document.items():  # kohya groups flags in any sections; one level deep

@@ -1,8 +1,21 @@
-"""Writing files all-or-nothing: a crash mid-write leaves the previous file (or none), never half of one."""
+"""Files: written all-or-nothing (a crash mid-write leaves the previous file or folder, never half of one), and
+TOML read the same way on every supported Python."""
 
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
+    import tomli as tomllib
+
+TOMLDecodeError = tomllib.TOMLDecodeError  # a ValueError
+
+
+def loads_toml(text: str) -> dict:
+    """A TOML document as a dict (the one TOML loader of the package)."""
+    return tomllib.loads(text)
 
 
 def current_umask() -> int:

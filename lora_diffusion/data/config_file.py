@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from lora_diffusion.data.errors import DatasetError, warn
+from lora_diffusion.io import loads_toml
 from lora_diffusion.data.subset import (DATASET_KEYS, FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset,
                                         parse_resolution)
 
@@ -67,11 +68,7 @@ def _load_config_file(path: Path) -> dict:
     try:
         if path.suffix.lower() == ".json":
             return json.loads(path.read_text(encoding="utf-8-sig"))
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        return loads_toml(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise DatasetError(f"dataset config '{path}' cannot be parsed: {e}") from None
 

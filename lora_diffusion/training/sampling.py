@@ -147,11 +147,9 @@ def read_prompts(path, *, width=512, height=512, scale=7.5, steps=30, seed=None,
             if path.suffix.lower() == ".json":
                 entries = json.loads(path.read_text(encoding="utf-8"))
             else:
-                try:
-                    import tomllib
-                except ImportError:  # python 3.10
-                    import tomli as tomllib
-                table = tomllib.loads(path.read_text(encoding="utf-8")).get("prompt", {})
+                from ..io import loads_toml
+
+                table = loads_toml(path.read_text(encoding="utf-8")).get("prompt", {})
                 entries = table.pop("subset", [])
                 defaults = _apply_keys(table, defaults)  # [prompt] holds file-wide defaults
             if not isinstance(entries, list):
