@@ -1,7 +1,9 @@
 """The `lora-diffusion` command: one subcommand per tool.
 
 To add one, append (name, module, help) to SUBCOMMANDS, where the module defines
-`add_arguments(parser)` and `run(args) -> int`; or call register() with the two functions.
+`add_arguments(parser)` and `run(args) -> int`; or call register() with the two functions. A module with a parser
+of its own (the trainer: a --config_file fills its flags' defaults) defines `command(argv, prog) -> int` instead,
+and gets the rest of the command line as written.
 """
 
 import argparse
@@ -9,6 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = [
+    ("train", "lora_diffusion.train", "train a LoRA: the flags of `python train_lora.py` (kohya sd-scripts' names)"),
     ("excise", "lora_diffusion.tools.excise", "remove words or phrases from every caption (writes a copy)"),
     ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
     ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
@@ -28,12 +31,15 @@ def register(name, add_arguments, run, help=""):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion: tools "
-                                     "(training is `python train_lora.py`)")
+    parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion: training and "
+                                     "tools")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, target, help in SUBCOMMANDS:
         if isinstance(target, str):
             module = importlib.import_module(target)
+            if hasattr(module, "command"):  # parses its own flags: listed here, run by main() before parsing
+                subparsers.add_parser(name, help=help, add_help=False)
+                continue
             add_arguments, run, description = module.add_arguments, module.run, module.__doc__
         else:
             (add_arguments, run), description = target, help
@@ -45,6 +51,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for name, target, _ in SUBCOMMANDS:
+        if argv[:1] == [name] and isinstance(target, str):
+            module = importlib.import_module(target)
+            if hasattr(module, "command"):
+                return int(module.command(argv[1:], prog=f"lora-diffusion {name}") or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
