@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
     ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
     ("generate", "lora_diffusion.generate", "images from a base model plus LoRA files with multipliers"),
+    ("evaluate", "lora_diffusion.evaluate", "score LoRA files (every epoch, multipliers): judge, FID/KID, CLIP, grid"),
     ("pretrain-mini", "lora_diffusion.pretrain_mini", "pretrain builtin:mini from scratch on the shapes world"),
     ("convert", "lora_diffusion.tools.model_convert", "single-file SD1.x/2.x checkpoint <-> diffusers folder"),
     ("merge", "lora_diffusion.tools.merge", "LoRA files into a base model, or several LoRA files into one"),

@@ -66,20 +66,23 @@ def fmt(accuracy):
     return ", ".join(f"{key} {value:.0%}" for key, value in accuracy.items())
 
 
-def grid(images, columns, labels=None):
-    """Images pasted in rows of `columns`, optionally with a caption strip above each column."""
+def grid(images, columns, labels=None, row_labels=None):
+    """Images pasted in rows of `columns`, optionally with a caption strip above each column and a label strip
+    left of each row (an X/Y plot)."""
     from PIL import Image, ImageDraw
 
     width, height = images[0].size
     strip = 12 if labels else 0
+    margin = 6 * max(len(label) for label in row_labels) + 4 if row_labels else 0
     rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * width, strip + rows * height), "white")
+    sheet = Image.new("RGB", (margin + columns * width, strip + rows * height), "white")
     for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * width, strip + (i // columns) * height))
-    if labels:
-        draw = ImageDraw.Draw(sheet)
-        for column, label in enumerate(labels[:columns]):
-            draw.text((column * width + 2, 0), label, fill="black")
+        sheet.paste(image, (margin + (i % columns) * width, strip + (i // columns) * height))
+    draw = ImageDraw.Draw(sheet)
+    for column, label in enumerate((labels or [])[:columns]):
+        draw.text((margin + column * width + 2, 0), label, fill="black")
+    for row, label in enumerate((row_labels or [])[:rows]):
+        draw.text((2, strip + row * height + height // 2 - 5), label, fill="black")
     return sheet
 
 
