@@ -46,18 +46,13 @@ IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
 # The dataset
 
 class LoRADataset(torch.utils.data.Dataset):
-    def __init__(self, train_data_dir, reg_data_dir=None, *, caption_extension=".txt", resolution=512,
-                 enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024, bucket_reso_steps=64,
-                 bucket_no_upscale=False, random_crop=False, flip_aug=False, shuffle_caption=False, keep_tokens=0,
-                 caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0, caption_prefix=None, caption_suffix=None,
-                 caption_separator=",", seed=0):
-        options = dict(caption_extension=caption_extension, resolution=resolution, enable_bucket=enable_bucket,
-                       min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso,
-                       bucket_reso_steps=bucket_reso_steps, bucket_no_upscale=bucket_no_upscale,
-                       random_crop=random_crop, flip_aug=flip_aug, shuffle_caption=shuffle_caption,
-                       keep_tokens=keep_tokens, caption_dropout_rate=caption_dropout_rate,
-                       caption_tag_dropout_rate=caption_tag_dropout_rate, caption_prefix=caption_prefix,
-                       caption_suffix=caption_suffix, caption_separator=caption_separator)
+    def __init__(self, train_data_dir, reg_data_dir=None, *, seed=0, **options):
+        """`options`: the dataset options by their flag names (caption_extension, resolution, enable_bucket, ...:
+        FLAG_DEFAULTS, declared once as the fields of lora_diffusion.data.subset.Subset); unset ones default."""
+        unknown = sorted(set(options) - set(FLAG_DEFAULTS))
+        if unknown:
+            raise TypeError(f"LoRADataset() got an unexpected keyword argument {unknown[0]!r}")
+        options = {**FLAG_DEFAULTS, **options}
         check_subset(Subset(Path("."), **options), "dataset options")  # bad flags fail before any scanning
         subsets = concept_subsets(train_data_dir, "train_data_dir", False, options)
         if reg_data_dir is not None:
@@ -154,6 +149,21 @@ class LoRADataset(torch.utils.data.Dataset):
     @property
     def image_paths(self):
         return [e.path for e in self.entries]
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """(width, height) the dataset trains at: the resolution option, or what a dataset config set."""
+        width, height = self.subsets[0].resolution
+        return int(width), int(height)
+
+    def captions_are_fixed(self) -> bool:
+        """No caption option draws at random, in any folder (a dataset config sets them per subset)."""
+        return not any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate
+                       for s in self.subsets)
+
+    def fixed_captions(self) -> set[str]:
+        """Every caption the dataset can give when no caption option is random."""
+        return {process_caption(e.caption, self.subsets[e.subset], random.Random(0)) for e in self.entries}
 
     def __len__(self):
         return len(self.sample_entry)

@@ -8,29 +8,21 @@ wires them. `python train_lora.py` (the repository root) and `lora-diffusion tra
 """
 
 import argparse
-import json
 import logging
 import math
 import os
-import random
 import re
-import shutil
 import signal
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "embeddings": "lr/embeddings"}
-SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from lora_diffusion.training.errors import TrainingError
+from lora_diffusion.training.outputs import (check_free_space, outputs_of_other_runs, prepare_output_dir)
 
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says why and what to change."""
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,190 +278,39 @@ def network_options(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pieces of the run that the loop calls
+# Setting up the run, in the order train() calls these
 
 
 def build_dataset(args):
+    from lora_diffusion.data.subset import FLAG_DEFAULTS
     from lora_diffusion.dataset import LoRADataset
 
-    options = dict(caption_extension=args.caption_extension, resolution=args.resolution,
-                   enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso,
-                   max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
-                   bucket_no_upscale=args.bucket_no_upscale, random_crop=args.random_crop, flip_aug=args.flip_aug,
-                   shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
-                   caption_dropout_rate=args.caption_dropout_rate,
-                   caption_tag_dropout_rate=args.caption_tag_dropout_rate, caption_prefix=args.caption_prefix,
-                   caption_suffix=args.caption_suffix, caption_separator=args.caption_separator, seed=args.seed)
+    options = {name: getattr(args, name) for name in FLAG_DEFAULTS}  # the dataset options are flags of one name
     if args.dataset_config:
-        return LoRADataset.from_config(args.dataset_config, **options)
-    return LoRADataset(args.train_data_dir, args.reg_data_dir, **options)
+        return LoRADataset.from_config(args.dataset_config, **options, seed=args.seed)
+    return LoRADataset(args.train_data_dir, args.reg_data_dir, **options, seed=args.seed)
 
 
-class ShardedBatches(torch.utils.data.Sampler):
-    """This process's share of the bucket batches (every world-th batch); equal counts on every process."""
-
-    def __init__(self, batch_sampler, rank: int, world: int):
-        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
-
-    def __iter__(self):
-        batches = list(self.batch_sampler)
-        usable = len(batches) - len(batches) % self.world
-        return iter(batches[self.rank:usable:self.world])
-
-    def __len__(self):
-        return len(self.batch_sampler) // self.world
-
-
-def captions_are_fixed(dataset) -> bool:
-    """No caption option draws at random, in any folder (a dataset config sets them per subset)."""
-    return not any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate for s in dataset.subsets)
-
-
-def fixed_captions(dataset) -> set[str]:
-    """Every caption the dataset can give when no caption option is random."""
-    from lora_diffusion.dataset import process_caption
-
-    return {process_caption(e.caption, dataset.subsets[e.subset], random.Random(0)) for e in dataset.entries}
-
-
-def cache_text_encoder_outputs(captions, tokenizer, text_encoder, args, device) -> dict:
-    """caption -> encoder hidden states, for a frozen text encoder and captions that never change."""
-    from lora_diffusion.training import encode_prompts
-
-    captions, cache = sorted(captions), {}
-    text_encoder.to(device)
-    with torch.no_grad():
-        for start in range(0, len(captions), 16):
-            chunk = captions[start:start + 16]
-            states = encode_prompts(tokenizer, text_encoder, chunk, clip_skip=args.clip_skip,
-                                    max_token_length=args.max_token_length)
-            cache.update(zip(chunk, states))
-    return cache
-
-
-def save_lora(network, path, args, run, accelerator, *, epoch, step, final=False):
-    """One LoRA file with the whole run's settings in its metadata, written by the main process only."""
-    from lora_diffusion.training import training_metadata
-
-    if not accelerator.is_main_process:
-        return
-    metadata = training_metadata(**run["metadata"], ss_epoch=epoch, ss_steps=step,
-                                 ss_training_finished_at=time.time() if final else None)
-    models = run["models"]
-    network.save_weights(path, dtype=SAVE_DTYPES[args.save_precision], metadata=metadata,
-                         output_name=args.output_name, v2=models.v2, v_parameterization=models.v_parameterization,
-                         resolution=run["resolution"])
-    accelerator.print(f"saved {path}")
-
-
-def prepare_output_dir(output_dir: Path):
-    """Create --output_dir and make sure a file can be written there, before any work."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrainingError(f"--output_dir {output_dir} is a file; expected a folder (or a path to create one at)")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise TrainingError(f"--output_dir {output_dir} is not writable ({e.strerror or e})") from None
-
-
-def session_of(path: Path):
-    """The ss_session_id of a LoRA file, or the session_id a state folder records (None when unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        if path.is_dir():
-            return json.loads((path / "train_state.json").read_text(encoding="utf-8"))["extra"]["session_id"]
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("ss_session_id")
-    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
-        return None
-
-
-def outputs_of_other_runs(output_dir: Path, output_name: str, session_id: str) -> list[Path]:
-    """Files and state folders this run would write (final, epoch, step) that another run wrote."""
-    names = re.compile(re.escape(output_name) + r"((-\d{6}|-step\d{8})?(\.safetensors|-state)|_emb\.safetensors)")
-    return sorted(p for p in output_dir.iterdir() if names.fullmatch(p.name) and session_of(p) != session_id)
-
-
-def check_free_space(output_dir: Path, network, args):
-    """Roughly: two copies of the largest save (an atomic write keeps the old file until the new one is whole)."""
-    n = sum(p.numel() for p in network.parameters())
-    size = n * (SAVE_DTYPES[args.save_precision] or torch.float32).itemsize + (n * 4 * 4 if args.save_state else 0)
-    free = shutil.disk_usage(output_dir).free
-    if free < 2 * size:
-        raise TrainingError(f"--output_dir {output_dir}: only {free / 2**20:.1f} MiB free, each save needs about "
-                            f"{size / 2**20:.1f} MiB (twice that while it replaces an older file)")
-
-
-class DeferredStop:
-    """Ctrl-C / SIGTERM during the loop only ask the loop to stop at the next step boundary (so the saved LoRA and
-    state are those of a whole step and a resumed run ends exactly as an uninterrupted one); a second one aborts."""
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving the LoRA and the state "
-                    f"(again to stop at once, without saving)\n".encode())
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def stop_requested(stop: DeferredStop, accelerator) -> bool:
-    """Did any process get a signal? (All processes must stop at the same step.)"""
-    flag = stop.signum is not None
-    if accelerator.num_processes > 1:
-        total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
-        flag = total.item() > 0
-    return flag
-
-
-class _StopAtBoundary(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run
-
-
-def train(args):
+def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
-
-    from lora_diffusion.dataset import BucketBatchSampler, collate_fn
-    from lora_diffusion import create_network
-    from lora_diffusion.models import load_models
-    from lora_diffusion.training import (StateError, create_lr_scheduler, create_optimizer, describe_optimizer,
-                                         diffusion_loss, encode_prompts, generate_samples, load_state, make_noise,
-                                         non_finite, read_prompts, read_train_state, rotate, sample_timesteps,
-                                         save_state, training_target)
 
     # accelerate keeps its settings in process-wide singletons; a second train() in one process (a notebook, the
     # tests) with another --mixed_precision would be refused without this reset.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    log_with = "tensorboard" if args.logging_dir else None
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with="tensorboard" if args.logging_dir else None,
                               project_dir=args.logging_dir, cpu=not torch.cuda.is_available())
     set_seed(args.seed)
-    device, weight_dtype = accelerator.device, DTYPES[args.mixed_precision]
-    output_dir = Path(args.output_dir)
+    return accelerator
 
-    # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
+
+def check_outputs_and_resume(args, output_dir: Path, accelerator):
+    """The output folder, the state to resume and other runs' files, before any work. Returns (the resumed
+    state's extra record or {}, the network's shape, the run's session id)."""
+    from lora_diffusion.training import read_train_state
+
     prepare_output_dir(output_dir)
     resumed = read_train_state(args.resume)["extra"] if args.resume else {}
     network_shape = dict(network_dim=args.network_dim, **network_options(args))
@@ -491,25 +332,29 @@ def train(args):
         accelerator.print(f"--overwrite: this run replaces {names} of an earlier run in {output_dir}")
     elif (output_dir / f"{args.output_name}.safetensors").exists():
         accelerator.print(f"{output_dir / args.output_name}.safetensors is this run's (resumed); it will be replaced")
+    return resumed, network_shape, session_id
+
+
+def check_optimizer_settings(args):
+    """A bad --optimizer_type/--optimizer_args fails now, not after minutes of model loading."""
+    from lora_diffusion.training import create_optimizer
+
     quiet = logging.getLogger("lora_diffusion.training.optim")
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # its advice is given once, for the real optimizer
-    try:  # a bad --optimizer_type/--optimizer_args fails now, not after minutes of model loading
+    try:
         create_optimizer(args.optimizer_type, [{"params": [torch.nn.Parameter(torch.zeros(1))]}],
                          learning_rate=args.learning_rate, optimizer_args=args.optimizer_args)
     finally:
         quiet.setLevel(level)
 
-    # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
-    dataset = build_dataset(args)
-    accelerator.print(dataset.summary())
-    resolution = dataset_resolution(dataset)
-    prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
-        if args.sample_prompts else None
 
-    # --- models: the frozen base, loaded straight into the compute dtype ---------------------------------------
+def load_base_models(args, weight_dtype, device):
+    """The frozen base, loaded straight into the compute dtype."""
+    from lora_diffusion.models import load_models
+
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
-    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
     layers = text_encoder.config.num_hidden_layers
     if args.clip_skip is not None and args.clip_skip > layers:
         raise TrainingError(f"--clip_skip {args.clip_skip}: this text encoder has {layers} layers (2 = penultimate)")
@@ -523,21 +368,38 @@ def train(args):
         except Exception as e:  # noqa: BLE001 - xformers raises several kinds when missing or unusable
             raise TrainingError(f"--xformers: xformers is not usable here ({e}); install it with "
                                 f"`pip install \"lora-diffusion[xformers]\"` or drop the flag (SDPA is the default)")
+    return models
 
+
+def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
+    """Latents (--cache_latents) and, for a frozen text encoder and fixed captions, the text encoder's outputs;
+    then the models that are no longer needed leave the device. Returns the text cache or None."""
+    from lora_diffusion.training import cache_text_encoder_outputs
+
+    device = accelerator.device
     if args.cache_latents:
         with accelerator.main_process_first():
-            dataset.cache_latents(vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                                  device=device, dtype=vae.dtype)
-    train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
-    train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
+            dataset.cache_latents(models.vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                                  device=device, dtype=models.vae.dtype)
     text_cache = None
-    if not train_text_encoder and not args.token_string and captions_are_fixed(dataset):
-        text_cache = cache_text_encoder_outputs(fixed_captions(dataset), tokenizer, text_encoder, args, device)
+    if not train_text_encoder and not args.token_string and dataset.captions_are_fixed():
+        text_cache = cache_text_encoder_outputs(dataset.fixed_captions(), models.tokenizer, models.text_encoder,
+                                                device=device, clip_skip=args.clip_skip,
+                                                max_token_length=args.max_token_length)
     if args.cache_latents:
-        vae.to("cpu")  # sampling moves it back for as long as it needs it
+        models.vae.to("cpu")  # sampling moves it back for as long as it needs it
     if text_cache is not None:
-        text_encoder.to("cpu")
+        models.text_encoder.to("cpu")
+    return text_cache
 
+
+def build_loader(args, dataset, accelerator):
+    """The bucket batches of this process and the run's length: (loader, batch_sampler, batch_size,
+    batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs)."""
+    from lora_diffusion.dataset import BucketBatchSampler, collate_fn
+    from lora_diffusion.training.loop import ShardedBatches
+
+    device = accelerator.device
     batch_size = getattr(dataset, "batch_size", None) or args.train_batch_size  # a dataset config's batch_size wins
     batch_sampler = BucketBatchSampler(dataset, batch_size, seed=args.seed)
     loader_sampler = ShardedBatches(batch_sampler, accelerator.process_index, accelerator.num_processes)
@@ -557,8 +419,17 @@ def train(args):
     if args.max_train_epochs:
         max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    return loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs
 
-    # --- network ----------------------------------------------------------------------------------------------
+
+def build_network(args, models, dataset, max_train_steps, accelerator, train_unet, train_text_encoder):
+    """The LoRA on the base models (and --token_string's embedding): (network, embedding or None, the steps the
+    embedding trains)."""
+    from accelerate.utils import set_seed
+
+    from lora_diffusion import create_network
+
+    unet, text_encoder = models.unet, models.text_encoder
     network = create_network(unet, text_encoder, rank=args.network_dim, alpha=args.network_alpha,
                              dropout=args.network_dropout, train_unet=train_unet,
                              train_text_encoder=train_text_encoder, **network_options(args))
@@ -566,18 +437,18 @@ def train(args):
     if args.token_string:
         from lora_diffusion.network import TokenEmbeddings
 
-        embedding = network.add_embedding(TokenEmbeddings.create(tokenizer, text_encoder, args.token_string,
+        embedding = network.add_embedding(TokenEmbeddings.create(models.tokenizer, text_encoder, args.token_string,
                                                                  args.init_word, args.num_vectors_per_token))
         embedding_steps = math.ceil(args.train_text_encoder_ti_frac * max_train_steps)
         word = re.compile(rf"(?<!\w){re.escape(args.token_string)}(?!\w)", re.IGNORECASE)
-        if not any(word.search(caption) for caption in fixed_captions(dataset)):
+        if not any(word.search(caption) for caption in dataset.fixed_captions()):
             accelerator.print(f"warning: no caption holds --token_string {args.token_string}; its embedding "
                               f"only learns from captions that name it")
     if args.network_weights:
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
-    network.to(device).train()
-    check_free_space(output_dir, network, args)
+    network.to(accelerator.device).train()
+    check_free_space(Path(args.output_dir), network, args)
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -585,6 +456,12 @@ def train(args):
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         unet.train()  # diffusers and transformers only checkpoint in training mode; dropout is 0 in SD
         text_encoder.train(train_text_encoder)
+    return network, embedding, embedding_steps
+
+
+def build_optimizer(args, network, max_train_steps, accelerator):
+    """(optimizer prepared by accelerate, lr scheduler, the optimizer's name for ss_optimizer, the parameters)."""
+    from lora_diffusion.training import create_lr_scheduler, create_optimizer, describe_optimizer
 
     param_groups = network.param_groups(unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr,
                                         default_lr=args.learning_rate, embedding_lr=args.embedding_lr)
@@ -602,303 +479,85 @@ def train(args):
     # CPU processes, builtin:tiny, LoRA on U-Net + text encoder, 15 steps x 4 runs each: 227-322 ms/step by hand,
     # 286-309 ms/step with DDP over the U-Net and the text encoder (the same within noise).
     optimizer_name = describe_optimizer(optimizer, args.optimizer_args)
-    optimizer = accelerator.prepare(optimizer)
-    pieces = dict(network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator)
+    params = [p for group in param_groups for p in group["params"]]
+    return accelerator.prepare(optimizer), lr_scheduler, optimizer_name, params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(args):
+    from lora_diffusion.training import load_state, read_prompts, run_metadata
+    from lora_diffusion.training.loop import Run, RunState, save_final_files, train_epochs
+
+    # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
+    accelerator = make_accelerator(args)
+    device, weight_dtype = accelerator.device, MIXED_PRECISION_DTYPES[args.mixed_precision]
+    output_dir = Path(args.output_dir)
+    resumed, network_shape, session_id = check_outputs_and_resume(args, output_dir, accelerator)
+    check_optimizer_settings(args)
+
+    # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
+    dataset = build_dataset(args)
+    accelerator.print(dataset.summary())
+    resolution = dataset.resolution
+    prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
+        if args.sample_prompts else None
+
+    # --- models, caches, batches, network, optimizer -----------------------------------------------------------
+    models = load_base_models(args, weight_dtype, device)
+    train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
+    train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
+    text_cache = cache_inputs(args, dataset, models, accelerator, train_text_encoder)
+    loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs = \
+        build_loader(args, dataset, accelerator)
+    network, embedding, embedding_steps = build_network(args, models, dataset, max_train_steps, accelerator,
+                                                        train_unet, train_text_encoder)
+    optimizer, lr_scheduler, optimizer_name, params = build_optimizer(args, network, max_train_steps, accelerator)
+    run = Run(args=args, accelerator=accelerator, models=models, network=network, optimizer=optimizer,
+              lr_scheduler=lr_scheduler, loader=loader, batch_sampler=batch_sampler,
+              batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps,
+              num_epochs=num_epochs, output_dir=output_dir, session_id=session_id, network_shape=network_shape,
+              metadata={}, resolution=resolution, weight_dtype=weight_dtype, params=params, prompts=prompts,
+              text_cache=text_cache, embedding=embedding, embedding_steps=embedding_steps,
+              train_text_encoder=train_text_encoder, log_with="tensorboard" if args.logging_dir else None)
 
     # --- where we start ---------------------------------------------------------------------------------------
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    epoch_files = list(resumed.get("epoch_files", []))  # stems of the epoch files this run wrote, oldest first
+    state = RunState(epoch_files=list(resumed.get("epoch_files", [])))
+    skip_batches = 0
     if args.resume:
-        state = load_state(args.resume, **pieces)
-        global_step, first_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
-        accelerator.print(f"resumed from {args.resume} at step {global_step} (epoch {first_epoch + 1}, "
+        saved = load_state(args.resume, **run.pieces)
+        state.step, state.epoch, skip_batches = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        state.batch_in_epoch = skip_batches
+        accelerator.print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1}, "
                           f"batch {skip_batches})")
-
-    run = {"models": models, "resolution": resolution,
-           "metadata": run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch,
-                                   max_train_steps, num_epochs, optimizer_name, session_id)}
-    if log_with:
+    run.metadata = run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch, max_train_steps,
+                                num_epochs, optimizer_name, session_id)
+    if run.log_with:
         accelerator.init_trackers("lora_diffusion", config={k: v for k, v in vars(args).items()
                                                             if isinstance(v, (int, float, str, bool))})
 
-    last_sampled_step = None
-
-    last_samples = []  # the PNGs of the last sampling
-
-    def sample(epoch=None):
-        nonlocal last_sampled_step, last_samples
-        last_sampled_step = global_step
-        if not prompts or not accelerator.is_main_process:
-            return
-        # generate_samples puts every module (the LoRA too: no dropout in the pictures) in eval mode and gives each
-        # submodule its own mode back: the frozen base stays in eval, the LoRA in train mode.
-        last_samples = generate_samples(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-            noise_scheduler=models.noise_scheduler, prompts=prompts, out_dir=output_dir / "sample", step=global_step,
-            epoch=epoch, output_name=args.output_name, device=device, dtype=weight_dtype,
-            sampler=args.sample_sampler, v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
-            max_token_length=args.max_token_length, seed=args.seed, expand_prompt=network.expand_prompt)
-
-    last_saved = None  # the last LoRA file this process wrote; every file written was checked finite
-
-    def intact():
-        return (f"The last file written, {last_saved}, holds finite weights." if last_saved else
-                "No LoRA file was written by this run.")
-
-    def checkpoint(stem, epoch, batch_in_epoch, *, with_state=args.save_state, final=False):
-        """The LoRA (and the state to resume at `batch_in_epoch` of 0-based `epoch`) as `<stem>...`, never with
-        NaN/inf (checked after the cast to --save_precision); a write error names the path."""
-        nonlocal last_saved
-        path, state_dir = output_dir / f"{stem}.safetensors", output_dir / f"{stem}-state"
-        bad = non_finite(network.file_tensors(SAVE_DTYPES[args.save_precision]))
-        if bad:
-            cause = "are NaN/inf" if non_finite(network.state_dict()) else \
-                f"overflow --save_precision {args.save_precision} (fp16 ends at 65504)"
-            raise TrainingError(f"at step {global_step} the LoRA weights {cause} ({len(bad)} tensors, e.g. {bad[0]}); "
-                                f"{path.name} was not written. {intact()} Try a lower --learning_rate or "
-                                f"--unet_lr/--text_encoder_lr, --max_grad_norm 1.0, or --save_precision bf16/float")
-        extra = dict(session_id=session_id, network_shape=network_shape, epoch_files=epoch_files)
-        target = path
-        try:
-            save_lora(network, path, args, run, accelerator,
-                      epoch=epoch + (batch_in_epoch > 0), step=global_step, final=final)  # ss_epoch counts from 1
-            last_saved, target = path, state_dir
-            if with_state:
-                save_state(state_dir, step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, extra=extra,
-                           **pieces)
-        except OSError as e:
-            raise TrainingError(f"could not write {target} at step {global_step}: {e.strerror or e}. Files already "
-                                f"there are left as they were (writes are atomic). {intact()}") from None
-        except StateError as e:
-            raise TrainingError(f"at step {global_step}: {e}. {intact()}") from None
-
-    # --- one step: noise, predict, loss -----------------------------------------------------------------------
-    def compute_loss(batch):
-        if "latents" in batch:
-            latents = batch["latents"].to(device)
-        else:
-            with torch.no_grad():
-                images = batch["images"].to(device, vae.dtype)
-                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-        latents = latents.to(weight_dtype)
-        if text_cache is not None:
-            context = torch.stack([text_cache[c] for c in batch["captions"]]).to(device)
-        else:
-            grad = train_text_encoder or (embedding is not None and embedding.weight.requires_grad)
-            with torch.set_grad_enabled(grad), accelerator.autocast():
-                context = encode_prompts(tokenizer, text_encoder, [network.expand_prompt(c) for c in batch["captions"]],
-                                         clip_skip=args.clip_skip, max_token_length=args.max_token_length)
-        noise = make_noise(latents, noise_offset=args.noise_offset,
-                           multires_noise_iterations=args.multires_noise_iterations,
-                           multires_noise_discount=args.multires_noise_discount)
-        timesteps = sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
-                                     max_timestep=args.max_timestep, device=device)
-        noisy, target = training_target(models.noise_scheduler, latents, noise, timesteps, models.v_parameterization)
-        with accelerator.autocast():
-            pred = unet(noisy, timesteps, context.to(weight_dtype)).sample
-        return diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
-                              min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
-                              is_reg=batch["is_reg"].to(device), prior_loss_weight=args.prior_loss_weight)
-
-    # --- the loop ---------------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    params = [p for group in param_groups for p in group["params"]]
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-                    desc="steps")
-    recent_losses, epoch, batch_in_epoch = [], first_epoch, skip_batches
-    started, first_step_done = time.time(), None
-    accelerator.print(f"training {sum(p.numel() for p in params):,} LoRA parameters for {max_train_steps} steps "
+    # --- the loop, then the final files -------------------------------------------------------------------------
+    started = time.time()
+    accelerator.print(f"training {sum(p.numel() for p in run.params):,} LoRA parameters for {max_train_steps} steps "
                       f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, "
                       f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
-    stop = DeferredStop().__enter__()
-    try:
-        for epoch in range(first_epoch, num_epochs):
-            if global_step >= max_train_steps:
-                break
-            batch_sampler.set_epoch(epoch)
-            batch_in_epoch = skip_batches if epoch == first_epoch else 0
-            batch_sampler.skip_batches = batch_in_epoch * accelerator.num_processes
-            micro = 0
-            for batch in loader:
-                if micro == 0:  # one optimizer step sums N micro-batches, or what is left of the epoch
-                    group = min(args.gradient_accumulation_steps, batches_per_epoch - batch_in_epoch)
-                    if embedding is not None and global_step >= embedding_steps and embedding.weight.requires_grad:
-                        embedding.weight.requires_grad_(False)  # --train_text_encoder_ti_frac: kept from here on
-                        embedding.weight.grad = None  # optimizers skip a parameter without a gradient
-                loss = compute_loss(batch)
-                if not loss_is_finite(loss, accelerator):
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {global_step + 1} (epoch {epoch + 1}); stopping "
-                        f"before a broken file is written. {intact()} Try a lower --learning_rate, "
-                        f"--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
-                accelerator.backward(loss / group)
-                micro, batch_in_epoch = micro + 1, batch_in_epoch + 1
-                if micro < group:
-                    continue
-                micro = 0
-                average_gradients(params, accelerator)
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                lr_scheduler.step()
-                global_step += 1
-
-                recent_losses = (recent_losses + [loss.item()])[-100:]
-                logs = {"loss/current": recent_losses[-1], "loss/average": sum(recent_losses) / len(recent_losses)}
-                for group_of_params, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
-                    logs[LR_LOG_NAMES.get(group_of_params.get("name"), "lr/textencoder")] = lr
-                progress.update(1)
-                if first_step_done is None:
-                    first_step_done = (time.time(), global_step)  # later steps are the steady pace
-                progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
-                if log_with:
-                    accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=global_step)
-                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
-                    checkpoint(f"{args.output_name}-step{global_step:08d}", epoch, batch_in_epoch)
-                if args.sample_every_n_steps and global_step % args.sample_every_n_steps == 0:
-                    sample()
-                if global_step >= max_train_steps:
-                    break
-                if stop_requested(stop, accelerator):  # a whole step is done: its LoRA and state resume exactly
-                    raise _StopAtBoundary
-            if batch_in_epoch < batches_per_epoch:
-                continue  # stopped inside the epoch
-            done = epoch + 1
-            if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < num_epochs:
-                stem = f"{args.output_name}-{done:06d}"
-                epoch_files = [s for s in epoch_files if s != stem] + [stem]
-                checkpoint(stem, done, 0)
-                if args.save_last_n_epochs and accelerator.is_main_process:  # only files of this run, checked
-                    for suffix in (".safetensors", "-state"):
-                        rotate([output_dir / f"{s}{suffix}" for s in epoch_files], args.save_last_n_epochs,
-                               owned=lambda path: session_of(Path(path)) == session_id)
-            if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
-                sample(epoch=done)
-    except _StopAtBoundary:
-        why = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-        accelerator.print(f"\n{why} at step {global_step}: saving the LoRA and the training state")
-        stem = f"{args.output_name}-step{global_step:08d}"
-        checkpoint(stem, epoch, batch_in_epoch, with_state=True)  # a second signal here aborts the save
-        accelerator.print(f"resume with: --resume {output_dir / (stem + '-state')}")
-        raise KeyboardInterrupt from None
-    finally:
-        stop.__exit__()
-        progress.close()  # an error message then starts on a line of its own
+    train_epochs(run, state, skip_batches)
     loop_ended = time.time()
-
-    # --- the final file ---------------------------------------------------------------------------------------
-    check_identical_across_processes(params, accelerator)
-    final_path = output_dir / f"{args.output_name}.safetensors"
-    checkpoint(args.output_name, epoch, batch_in_epoch, final=True)
-    lines = []
-    if embedding is not None and accelerator.is_main_process:
-        emb_path = output_dir / f"{args.output_name}_emb.safetensors"
-        embedding.save_textual_inversion(emb_path, {"ss_session_id": session_id})
-        lines.append(f"embedding {' '.join(embedding.tokens)}: bundled in the LoRA file (A1111/Forge) and in "
-                     f"{emb_path} "
-                     f"(diffusers: load_textual_inversion(path, token={args.token_string!r}), and load_lora_weights "
-                     f"of the LoRA file's tensors without its bundle_emb.* keys)")
-    if prompts and last_sampled_step != global_step:
-        sample()  # the final LoRA's pictures, unless this step was just sampled
-    if last_samples:
-        lines += summarize_last_samples(last_samples, output_dir / "sample" / f"{args.output_name}_grid.png")
+    final_path, lines = save_final_files(run, state)
     accelerator.end_training()
     elapsed = time.time() - started
     pace = ""
-    if first_step_done and global_step > first_step_done[1]:
-        per_step = (loop_ended - first_step_done[0]) / (global_step - first_step_done[1])
+    if state.first_step_done and state.step > state.first_step_done[1]:
+        per_step = (loop_ended - state.first_step_done[0]) / (state.step - state.first_step_done[1])
         pace = f" ({per_step:.3f} s/step after the first)"
-    accelerator.print(f"done: {global_step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
+    accelerator.print(f"done: {state.step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
                       (f"; samples: {output_dir / 'sample'}" if prompts else "") +
                       (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
     for line in lines:
         accelerator.print(line)
     return final_path
-
-
-def summarize_last_samples(paths, grid_path) -> list[str]:
-    """The last sampling's images in one grid, and the shapes world judge's verdict when the prompts are its own."""
-    from PIL import Image
-
-    from lora_diffusion.quality import fmt, summarize_samples
-    from lora_diffusion.world import parse_caption
-
-    grid_path, accuracy = summarize_samples(paths, grid_path)
-    lines = [f"samples of the last sampling in one grid: {grid_path}"]
-    if accuracy:
-        judged = sum(parse_caption(Image.open(p).text.get("prompt", "")) is not None for p in paths)
-        lines.append(f"judged (shapes world): {fmt(accuracy)} of {judged} samples")
-    return lines
-
-
-def loss_is_finite(loss, accelerator) -> bool:
-    """The same answer on every process (so that all stop together): is the loss finite everywhere?"""
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    return finite.item() == 1.0
-
-
-def average_gradients(params, accelerator):
-    """Mean of the LoRA gradients over processes, in one flat all-reduce."""
-    if accelerator.num_processes == 1:
-        return
-    params = [p for p in params if p.requires_grad]  # a frozen embedding keeps no gradient: the optimizer skips it
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = piece.view_as(p)
-
-
-def check_identical_across_processes(params, accelerator):
-    """Every process must end with the same LoRA: compare a fingerprint of the weights before one process writes."""
-    if accelerator.num_processes == 1:
-        return
-    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973)
-    fingerprint = torch.stack([flat.double().sum(), (flat.double() * weights).sum()])
-    everyone = accelerator.gather(fingerprint[None]).reshape(-1, 2)
-    if not torch.equal(everyone.min(0).values, everyone.max(0).values):
-        raise TrainingError(f"LoRA weights differ between processes: {everyone.tolist()}")
-    accelerator.print(f"LoRA weights identical on {accelerator.num_processes} processes")
-
-
-def dataset_resolution(dataset) -> tuple[int, int]:
-    """(width, height) the dataset trains at: --resolution, or what a dataset config set."""
-    width, height = dataset.subsets[0].resolution
-    return int(width), int(height)
-
-
-def run_metadata(args, models, dataset, resolution, batch_size, num_batches, max_train_steps, num_epochs,
-                 optimizer_name, session_id) -> dict:
-    """The training record (kohya's ss_* keys) of this run, as plain values."""
-    return dict(
-        ss_learning_rate=args.learning_rate, ss_unet_lr=args.unet_lr, ss_text_encoder_lr=args.text_encoder_lr,
-        ss_num_train_images=dataset.num_train_images, ss_num_reg_images=dataset.num_reg_images,
-        ss_num_batches_per_epoch=num_batches, ss_num_epochs=num_epochs, ss_max_train_steps=max_train_steps,
-        ss_lr_warmup_steps=args.lr_warmup_steps, ss_lr_scheduler=args.lr_scheduler,
-        ss_optimizer=optimizer_name,
-        ss_mixed_precision=args.mixed_precision, ss_full_fp16=False, ss_seed=args.seed,
-        ss_resolution=f"({resolution[0]}, {resolution[1]})",
-        ss_clip_skip=args.clip_skip, ss_max_token_length=args.max_token_length, ss_noise_offset=args.noise_offset,
-        ss_multires_noise_iterations=args.multires_noise_iterations,
-        ss_multires_noise_discount=args.multires_noise_discount, ss_min_snr_gamma=args.min_snr_gamma,
-        ss_caption_dropout_rate=args.caption_dropout_rate, ss_caption_tag_dropout_rate=args.caption_tag_dropout_rate,
-        ss_keep_tokens=args.keep_tokens, ss_shuffle_caption=args.shuffle_caption, ss_flip_aug=args.flip_aug,
-        ss_enable_bucket=args.enable_bucket, ss_bucket_no_upscale=args.bucket_no_upscale,
-        ss_min_bucket_reso=args.min_bucket_reso, ss_max_bucket_reso=args.max_bucket_reso,
-        ss_cache_latents=args.cache_latents,
-        ss_gradient_checkpointing=args.gradient_checkpointing,
-        ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
-        ss_batch_size_per_device=batch_size, ss_max_grad_norm=args.max_grad_norm,
-        ss_prior_loss_weight=args.prior_loss_weight, ss_network_dropout=args.network_dropout,
-        ss_dataset_dirs=dataset.dataset_dirs, ss_tag_frequency=dataset.tag_frequency,
-        ss_sd_model_name=os.path.basename(str(args.pretrained_model_name_or_path)),
-        ss_training_started_at=time.time(), ss_v_parameterization=models.v_parameterization,
-        ss_training_comment=args.training_comment, ss_session_id=session_id,
-    )
 
 
 def main(argv=None, prog=None) -> int:

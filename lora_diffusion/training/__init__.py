@@ -1,6 +1,7 @@
 """The pieces a training loop calls, each taking plain arguments (see docs/training.md)."""
 
-from .metadata import TRAINING_KEYS, training_metadata
+from .errors import TrainingError
+from .metadata import TRAINING_KEYS, run_metadata, training_metadata
 from .noise import diffusion_loss, make_noise, min_snr_weights, pyramid_noise, sample_timesteps, snr, training_target
 from .optim import (
     Lion,
@@ -14,15 +15,15 @@ from .optim import (
 from .sampling import PromptFileError, generate_samples, make_sample_scheduler, parse_prompt_line, read_prompts
 from .state import (StateError, StateNotFoundError, atomic_write, load_state, non_finite, read_train_state, rotate,
                     save_state)
-from .text import encode_prompts, encode_token_ids, tokenize_captions
+from .text import cache_text_encoder_outputs, encode_prompts, encode_token_ids, tokenize_captions
 
 __all__ = [
-    "TRAINING_KEYS", "training_metadata",
+    "TrainingError", "TRAINING_KEYS", "run_metadata", "training_metadata",
     "diffusion_loss", "make_noise", "min_snr_weights", "pyramid_noise", "sample_timesteps", "snr", "training_target",
     "Lion", "MissingPackageError", "create_lr_scheduler", "create_optimizer", "describe_optimizer",
     "parse_optimizer_args", "warmup_steps",
     "PromptFileError", "generate_samples", "make_sample_scheduler", "parse_prompt_line", "read_prompts",
     "StateError", "StateNotFoundError", "atomic_write", "load_state", "non_finite", "read_train_state", "rotate",
     "save_state",
-    "encode_prompts", "encode_token_ids", "tokenize_captions",
+    "cache_text_encoder_outputs", "encode_prompts", "encode_token_ids", "tokenize_captions",
 ]

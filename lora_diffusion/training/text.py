@@ -74,3 +74,18 @@ def encode_prompts(tokenizer, text_encoder, captions, *, clip_skip=None, max_tok
     """
     input_ids = tokenize_captions(tokenizer, captions, max_token_length=max_token_length)
     return encode_token_ids(text_encoder, input_ids, clip_skip=clip_skip)
+
+
+def cache_text_encoder_outputs(captions, tokenizer, text_encoder, *, device, clip_skip=None, max_token_length=None):
+    """caption -> encoder hidden states, for a frozen text encoder and captions that never change."""
+    from lora_diffusion import training  # looked up when called: a patched encode_prompts is the one used
+
+    captions, cache = sorted(captions), {}
+    text_encoder.to(device)
+    with torch.no_grad():
+        for start in range(0, len(captions), 16):
+            chunk = captions[start:start + 16]
+            states = training.encode_prompts(tokenizer, text_encoder, chunk, clip_skip=clip_skip,
+                                             max_token_length=max_token_length)
+            cache.update(zip(chunk, states))
+    return cache

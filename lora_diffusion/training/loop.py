@@ -1,0 +1,379 @@
+"""The training loop: one optimizer step, the saving and sampling at the end of a step or an epoch, the stop at a
+step boundary, and what processes must agree on. `Run` holds what a run is built from (fixed once it starts),
+`RunState` where it is (step, epoch, batch_in_epoch, epoch files, the last file and samples); every function takes
+them as arguments. The functions of lora_diffusion.training are looked up when called, so a patched one is used.
+"""
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TrainingError
+from .outputs import SAVE_DTYPES, save_lora, session_of, summarize_last_samples
+
+LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "embeddings": "lr/embeddings"}
+
+
+@dataclass
+class Run:
+    """What a run is built from: the flags, the models, the network and its optimizer, the data, where files go."""
+
+    args: Any
+    accelerator: Any
+    models: Any
+    network: Any
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    batch_sampler: Any
+    batches_per_epoch: int
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    output_dir: Path
+    session_id: str
+    network_shape: dict
+    metadata: dict  # the ss_* keys of every LoRA file of the run
+    resolution: tuple
+    weight_dtype: torch.dtype
+    params: list  # the parameters that train (the LoRA's, a new token's embedding)
+    prompts: list | None = None  # --sample_prompts, read
+    text_cache: dict | None = None  # caption -> encoder states, for a frozen text encoder and fixed captions
+    embedding: Any = None  # --token_string's new vectors
+    embedding_steps: int = 0  # they train during the first embedding_steps steps
+    train_text_encoder: bool = True
+    log_with: str | None = None
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def pieces(self) -> dict:
+        """What --save_state saves and --resume loads."""
+        return dict(network=self.network, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                    accelerator=self.accelerator)
+
+
+@dataclass
+class RunState:
+    """Where the run is: optimizer steps done, the 0-based epoch and the batches of it done, and its files."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_files: list = field(default_factory=list)  # stems of the epoch files this run wrote, oldest first
+    last_saved: Path | None = None  # the last LoRA file this process wrote; every file written was checked finite
+    last_sampled_step: int | None = None
+    last_samples: list = field(default_factory=list)  # the PNGs of the last sampling
+    recent_losses: list = field(default_factory=list)
+    first_step_done: tuple | None = None  # (time, step) after the first step: later steps are the steady pace
+
+
+def intact(state: RunState) -> str:
+    return (f"The last file written, {state.last_saved}, holds finite weights." if state.last_saved else
+            "No LoRA file was written by this run.")
+
+
+def save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, with_state=None, final=False):
+    """The LoRA (and, with --save_state, the state to resume at `batch_in_epoch` of 0-based `epoch`) as
+    `<stem>...`, never with NaN/inf (checked after the cast to --save_precision); a write error names the path."""
+    from lora_diffusion import training
+
+    args, step = run.args, state.step
+    with_state = args.save_state if with_state is None else with_state
+    path, state_dir = run.output_dir / f"{stem}.safetensors", run.output_dir / f"{stem}-state"
+    bad = training.non_finite(run.network.file_tensors(SAVE_DTYPES[args.save_precision]))
+    if bad:
+        cause = "are NaN/inf" if training.non_finite(run.network.state_dict()) else \
+            f"overflow --save_precision {args.save_precision} (fp16 ends at 65504)"
+        raise TrainingError(f"at step {step} the LoRA weights {cause} ({len(bad)} tensors, e.g. {bad[0]}); "
+                            f"{path.name} was not written. {intact(state)} Try a lower --learning_rate or "
+                            f"--unet_lr/--text_encoder_lr, --max_grad_norm 1.0, or --save_precision bf16/float")
+    extra = dict(session_id=run.session_id, network_shape=run.network_shape, epoch_files=state.epoch_files)
+    target = path
+    try:
+        save_lora(run, path, epoch=epoch + (batch_in_epoch > 0), step=step, final=final)  # ss_epoch counts from 1
+        state.last_saved, target = path, state_dir
+        if with_state:
+            training.save_state(state_dir, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, extra=extra,
+                                **run.pieces)
+    except OSError as e:
+        raise TrainingError(f"could not write {target} at step {step}: {e.strerror or e}. Files already "
+                            f"there are left as they were (writes are atomic). {intact(state)}") from None
+    except training.StateError as e:
+        raise TrainingError(f"at step {step}: {e}. {intact(state)}") from None
+
+
+def sample(run: Run, state: RunState, epoch=None):
+    """Pictures of --sample_prompts with the LoRA as it is now (main process)."""
+    from lora_diffusion import training
+
+    state.last_sampled_step = state.step
+    if not run.prompts or not run.accelerator.is_main_process:
+        return
+    # generate_samples puts every module (the LoRA too: no dropout in the pictures) in eval mode and gives each
+    # submodule its own mode back: the frozen base stays in eval, the LoRA in train mode.
+    args, models = run.args, run.models
+    state.last_samples = training.generate_samples(
+        tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae, unet=models.unet,
+        noise_scheduler=models.noise_scheduler, prompts=run.prompts, out_dir=run.output_dir / "sample",
+        step=state.step, epoch=epoch, output_name=args.output_name, device=run.device, dtype=run.weight_dtype,
+        sampler=args.sample_sampler, v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
+        max_token_length=args.max_token_length, seed=args.seed, expand_prompt=run.network.expand_prompt)
+
+
+def compute_loss(run: Run, batch):
+    """One micro-batch: latents, text states, noise, the U-Net's prediction, the loss."""
+    from lora_diffusion import training
+
+    args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
+    vae, embedding = models.vae, run.embedding
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad():
+            images = batch["images"].to(device, vae.dtype)
+            latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+    latents = latents.to(run.weight_dtype)
+    if run.text_cache is not None:
+        context = torch.stack([run.text_cache[c] for c in batch["captions"]]).to(device)
+    else:
+        grad = run.train_text_encoder or (embedding is not None and embedding.weight.requires_grad)
+        with torch.set_grad_enabled(grad), accelerator.autocast():
+            context = training.encode_prompts(models.tokenizer, models.text_encoder,
+                                              [run.network.expand_prompt(c) for c in batch["captions"]],
+                                              clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+    noise = training.make_noise(latents, noise_offset=args.noise_offset,
+                                multires_noise_iterations=args.multires_noise_iterations,
+                                multires_noise_discount=args.multires_noise_discount)
+    timesteps = training.sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
+                                          max_timestep=args.max_timestep, device=device)
+    noisy, target = training.training_target(models.noise_scheduler, latents, noise, timesteps,
+                                             models.v_parameterization)
+    with accelerator.autocast():
+        pred = models.unet(noisy, timesteps, context.to(run.weight_dtype)).sample
+    return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
+                                   min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
+                                   is_reg=batch["is_reg"].to(device), prior_loss_weight=args.prior_loss_weight)
+
+
+def optimizer_step(run: Run, state: RunState, params):
+    """After the micro-batches of one step: average, clip, step, count."""
+    average_gradients(params, run.accelerator)
+    if run.args.max_grad_norm:
+        run.accelerator.clip_grad_norm_(params, run.args.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_scheduler.step()
+    state.step += 1
+
+
+def after_step(run: Run, state: RunState, loss, progress):
+    """Log the step, then the --save_every_n_steps file and the --sample_every_n_steps pictures."""
+    args = run.args
+    state.recent_losses = (state.recent_losses + [loss.item()])[-100:]
+    losses = state.recent_losses
+    logs = {"loss/current": losses[-1], "loss/average": sum(losses) / len(losses)}
+    for group_of_params, lr in zip(run.optimizer.param_groups, run.lr_scheduler.get_last_lr()):
+        logs[LR_LOG_NAMES.get(group_of_params.get("name"), "lr/textencoder")] = lr
+    progress.update(1)
+    if state.first_step_done is None:
+        state.first_step_done = (time.time(), state.step)  # later steps are the steady pace
+    progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
+    if run.log_with:
+        run.accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=state.step)
+    if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
+        save_checkpoint(run, state, f"{args.output_name}-step{state.step:08d}", state.epoch, state.batch_in_epoch)
+    if args.sample_every_n_steps and state.step % args.sample_every_n_steps == 0:
+        sample(run, state)
+
+
+def after_epoch(run: Run, state: RunState):
+    """The --save_every_n_epochs file (keeping --save_last_n_epochs of them) and --sample_every_n_epochs pictures."""
+    from lora_diffusion import training
+
+    args, done = run.args, state.epoch + 1
+    if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < run.num_epochs:
+        stem = f"{args.output_name}-{done:06d}"
+        state.epoch_files = [s for s in state.epoch_files if s != stem] + [stem]
+        save_checkpoint(run, state, stem, done, 0)
+        if args.save_last_n_epochs and run.accelerator.is_main_process:  # only files of this run, checked
+            for suffix in (".safetensors", "-state"):
+                training.rotate([run.output_dir / f"{s}{suffix}" for s in state.epoch_files],
+                                args.save_last_n_epochs, owned=lambda path: session_of(Path(path)) == run.session_id)
+    if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
+        sample(run, state, epoch=done)
+
+
+def train_epochs(run: Run, state: RunState, skip_batches: int):
+    """The loop, from `state` (a resumed run: `skip_batches` of its epoch done) to --max_train_steps. Ctrl-C or
+    SIGTERM stop it at the next step boundary with the LoRA and the state saved (then KeyboardInterrupt)."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, embedding = run.args, run.accelerator, run.embedding
+    first_epoch, params = state.epoch, run.params
+    progress = tqdm(total=run.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc="steps")
+    stop = DeferredStop().__enter__()
+    try:
+        for epoch in range(first_epoch, run.num_epochs):
+            state.epoch = epoch
+            if state.step >= run.max_train_steps:
+                break
+            run.batch_sampler.set_epoch(epoch)
+            state.batch_in_epoch = skip_batches if epoch == first_epoch else 0
+            run.batch_sampler.skip_batches = state.batch_in_epoch * accelerator.num_processes
+            micro = 0
+            for batch in run.loader:
+                if micro == 0:  # one optimizer step sums N micro-batches, or what is left of the epoch
+                    group = min(args.gradient_accumulation_steps, run.batches_per_epoch - state.batch_in_epoch)
+                    if embedding is not None and state.step >= run.embedding_steps and embedding.weight.requires_grad:
+                        embedding.weight.requires_grad_(False)  # --train_text_encoder_ti_frac: kept from here on
+                        embedding.weight.grad = None  # optimizers skip a parameter without a gradient
+                loss = compute_loss(run, batch)
+                if not loss_is_finite(loss, accelerator):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); stopping "
+                        f"before a broken file is written. {intact(state)} Try a lower --learning_rate, "
+                        f"--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
+                accelerator.backward(loss / group)
+                micro, state.batch_in_epoch = micro + 1, state.batch_in_epoch + 1
+                if micro < group:
+                    continue
+                micro = 0
+                optimizer_step(run, state, params)
+                after_step(run, state, loss, progress)
+                if state.step >= run.max_train_steps:
+                    break
+                if stop_requested(stop, accelerator):  # a whole step is done: its LoRA and state resume exactly
+                    raise StopAtBoundary
+            if state.batch_in_epoch < run.batches_per_epoch:
+                continue  # stopped inside the epoch
+            after_epoch(run, state)
+    except StopAtBoundary:
+        why = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+        accelerator.print(f"\n{why} at step {state.step}: saving the LoRA and the training state")
+        stem = f"{args.output_name}-step{state.step:08d}"
+        save_checkpoint(run, state, stem, state.epoch, state.batch_in_epoch, with_state=True)  # a 2nd signal aborts
+        accelerator.print(f"resume with: --resume {run.output_dir / (stem + '-state')}")
+        raise KeyboardInterrupt from None
+    finally:
+        stop.__exit__()
+        progress.close()  # an error message then starts on a line of its own
+
+
+def save_final_files(run: Run, state: RunState) -> tuple[Path, list[str]]:
+    """The final LoRA (and embedding) file and the final samples; returns the LoRA's path and lines to print."""
+    args, accelerator, embedding = run.args, run.accelerator, run.embedding
+    check_identical_across_processes(run.params, accelerator)
+    final_path = run.output_dir / f"{args.output_name}.safetensors"
+    save_checkpoint(run, state, args.output_name, state.epoch, state.batch_in_epoch, final=True)
+    lines = []
+    if embedding is not None and accelerator.is_main_process:
+        emb_path = run.output_dir / f"{args.output_name}_emb.safetensors"
+        embedding.save_textual_inversion(emb_path, {"ss_session_id": run.session_id})
+        lines.append(f"embedding {' '.join(embedding.tokens)}: bundled in the LoRA file (A1111/Forge) and in "
+                     f"{emb_path} "
+                     f"(diffusers: load_textual_inversion(path, token={args.token_string!r}), and load_lora_weights "
+                     f"of the LoRA file's tensors without its bundle_emb.* keys)")
+    if run.prompts and state.last_sampled_step != state.step:
+        sample(run, state)  # the final LoRA's pictures, unless this step was just sampled
+    if state.last_samples:
+        lines += summarize_last_samples(state.last_samples, run.output_dir / "sample" / f"{args.output_name}_grid.png")
+    return final_path, lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the processes must agree on, and stopping at a step boundary
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """This process's share of the bucket batches (every world-th batch); equal counts on every process."""
+
+    def __init__(self, batch_sampler, rank: int, world: int):
+        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)
+        usable = len(batches) - len(batches) % self.world
+        return iter(batches[self.rank:usable:self.world])
+
+    def __len__(self):
+        return len(self.batch_sampler) // self.world
+
+
+def loss_is_finite(loss, accelerator) -> bool:
+    """The same answer on every process (so that all stop together): is the loss finite everywhere?"""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return finite.item() == 1.0
+
+
+def average_gradients(params, accelerator):
+    """Mean of the LoRA gradients over processes, in one flat all-reduce."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in params if p.requires_grad]  # a frozen embedding keeps no gradient: the optimizer skips it
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = piece.view_as(p)
+
+
+def check_identical_across_processes(params, accelerator):
+    """Every process must end with the same LoRA: compare a fingerprint of the weights before one process writes."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973)
+    fingerprint = torch.stack([flat.double().sum(), (flat.double() * weights).sum()])
+    everyone = accelerator.gather(fingerprint[None]).reshape(-1, 2)
+    if not torch.equal(everyone.min(0).values, everyone.max(0).values):
+        raise TrainingError(f"LoRA weights differ between processes: {everyone.tolist()}")
+    accelerator.print(f"LoRA weights identical on {accelerator.num_processes} processes")
+
+
+class DeferredStop:
+    """Ctrl-C / SIGTERM during the loop only ask the loop to stop at the next step boundary (so the saved LoRA and
+    state are those of a whole step and a resumed run ends exactly as an uninterrupted one); a second one aborts."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving the LoRA and the state "
+                    f"(again to stop at once, without saving)\n".encode())
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(stop: DeferredStop, accelerator) -> bool:
+    """Did any process get a signal? (All processes must stop at the same step.)"""
+    flag = stop.signum is not None
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+        flag = total.item() > 0
+    return flag
+
+
+class StopAtBoundary(Exception):
+    """Raised inside the loop after a whole step when a signal asked to stop."""
