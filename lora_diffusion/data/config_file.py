@@ -6,22 +6,15 @@ from pathlib import Path
 
 from lora_diffusion.data.errors import DatasetError, warn
 from lora_diffusion.io import loads_toml
-from lora_diffusion.data.subset import (DATASET_KEYS, FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset,
-                                        parse_resolution)
+from lora_diffusion.data.subset import (DATASET_KEYS, FLAG_DEFAULTS, FOLDER_KEYS, KEY_TYPES, SUBSET_KEYS, Subset,
+                                        check_subset, parse_resolution)
 
 
-_KEY_TYPES = {
-    "num_repeats": int, "caption_extension": str, "shuffle_caption": bool, "keep_tokens": int,
-    "caption_dropout_rate": float, "caption_tag_dropout_rate": float, "caption_prefix": str,
-    "caption_suffix": str, "caption_separator": str, "flip_aug": bool, "random_crop": bool,
-    "resolution": "resolution", "enable_bucket": bool, "min_bucket_reso": int, "max_bucket_reso": int,
-    "bucket_reso_steps": int, "bucket_no_upscale": bool, "batch_size": int,
-    "image_dir": str, "is_reg": bool, "class_tokens": str, "subsets": list,
-}
+_KEY_TYPES = {**KEY_TYPES, "batch_size": int, "subsets": list}
 _LEVEL_KEYS = {
     "[general]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size",)),
     "[[datasets]]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size", "subsets")),
-    "[[datasets.subsets]]": set(SUBSET_KEYS + ("image_dir", "is_reg", "class_tokens")),
+    "[[datasets.subsets]]": set(SUBSET_KEYS + FOLDER_KEYS),
 }
 # kohya options this library does not implement: accepted only when switched off
 _UNSUPPORTED_KOHYA_KEYS = {

@@ -1,43 +1,53 @@
 """Settings of one image folder (a kohya "subset"), the flag names they come from, and their validation."""
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lora_diffusion.data.errors import DatasetError
 from lora_diffusion.data.files import MAX_REPEATS
 
 
+def _option(default, kind, level):
+    """A dataset option: its default, its type in a dataset config file, and where it may be set ("folder": a
+    [[datasets.subsets]] table only; "subset": also a flag and any table; "dataset": a flag, [general] or
+    [[datasets]], shared by the subsets of one dataset)."""
+    return field(default=default, metadata={"kind": kind, "level": level})
+
+
 @dataclass(frozen=True)
 class Subset:
-    image_dir: Path
-    num_repeats: int = 1
-    is_reg: bool = False
-    class_tokens: str | None = None
-    caption_extension: str = ".txt"
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
-    caption_tag_dropout_rate: float = 0.0
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_separator: str = ","
-    flip_aug: bool = False
-    random_crop: bool = False
+    """One image folder's settings: the one declaration of the dataset options (the flags of the same names,
+    LoRADataset's keywords and the dataset config's keys are derived from these fields)."""
+
+    image_dir: Path = field(metadata={"kind": str, "level": "folder"})
+    num_repeats: int = _option(1, int, "subset")  # from a folder's name, or a config; not a flag
+    is_reg: bool = _option(False, bool, "folder")
+    class_tokens: str | None = _option(None, str, "folder")
+    caption_extension: str = _option(".txt", str, "subset")
+    shuffle_caption: bool = _option(False, bool, "subset")
+    keep_tokens: int = _option(0, int, "subset")
+    caption_dropout_rate: float = _option(0.0, float, "subset")
+    caption_tag_dropout_rate: float = _option(0.0, float, "subset")
+    caption_prefix: str | None = _option(None, str, "subset")
+    caption_suffix: str | None = _option(None, str, "subset")
+    caption_separator: str = _option(",", str, "subset")
+    flip_aug: bool = _option(False, bool, "subset")
+    random_crop: bool = _option(False, bool, "subset")
     # shared by all subsets of one [[datasets]] table in kohya's config
-    resolution: tuple = (512, 512)
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
+    resolution: tuple = _option((512, 512), "resolution", "dataset")
+    enable_bucket: bool = _option(False, bool, "dataset")
+    min_bucket_reso: int = _option(256, int, "dataset")
+    max_bucket_reso: int = _option(1024, int, "dataset")
+    bucket_reso_steps: int = _option(64, int, "dataset")
+    bucket_no_upscale: bool = _option(False, bool, "dataset")
 
 
-SUBSET_KEYS = ("num_repeats", "caption_extension", "shuffle_caption", "keep_tokens", "caption_dropout_rate",
-               "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "caption_separator",
-               "flip_aug", "random_crop")
-DATASET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                "bucket_no_upscale")
+FOLDER_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "folder")
+SUBSET_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "subset")
+DATASET_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "dataset")
+KEY_TYPES = {f.name: f.metadata["kind"] for f in fields(Subset)}  # the type of each key in a dataset config
+# the options that are also flags (and LoRADataset keywords), with their defaults
 FLAG_DEFAULTS = {f.name: f.default for f in fields(Subset) if f.name in SUBSET_KEYS + DATASET_KEYS}
 FLAG_DEFAULTS.pop("num_repeats")
 
