@@ -18,6 +18,7 @@ import glob
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def fid_kid(features, reference, images, metrics=("fid", "kid")):
         if isinstance(features, tuple):
             kwargs = {"feature": 2048}
         size = min(len(real), len(fake), 50)
-        kid = KernelInceptionDistance(**kwargs, subset_size=size, subsets=20)
+        with warnings.catch_warnings():  # "will save all extracted features in buffer": a few hundred images here
+            warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+            kid = KernelInceptionDistance(**kwargs, subset_size=size, subsets=20)
         kid.update(real, real=True)
         kid.update(fake, real=False)
         mean, std = kid.compute()
