@@ -300,8 +300,9 @@ def make_accelerator(args):
     # tests) with another --mixed_precision would be refused without this reset.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with="tensorboard" if args.logging_dir else None,
-                              project_dir=args.logging_dir, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              log_with="tensorboard" if args.logging_dir else None, project_dir=args.logging_dir,
+                              cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     return accelerator
 
