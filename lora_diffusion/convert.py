@@ -56,7 +56,8 @@ def replace_all(text, pairs):
 
 
 UNET_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+              "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # SDXL's
 UNET_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
 
 
@@ -138,19 +139,25 @@ OPEN_CLIP_FIXED = {"token_embedding.weight": "embeddings.token_embedding.weight"
 OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}  # not part of a CLIPTextModel
 
 
-def clip_names(names, nested, num_layers):
+def clip_names(names, nested, num_layers, *, clip_prefix=CLIP_PREFIX, open_clip_prefix=OPEN_CLIP_PREFIX,
+               projection=False):
     """Text-encoder keys. SD1.x stores transformers' CLIPTextModel (with or without the `text_model.` level);
     SD2.x stores open_clip's text tower, whose fused q/k/v is split in three, and whose last block SD2 skips
-    (it uses the penultimate layer), so diffusers' config has one layer fewer."""
+    (it uses the penultimate layer), so diffusers' config has one layer fewer. SDXL stores both, under other
+    prefixes (sdxl.py passes them; None skips a kind); with `projection`, open_clip's `text_projection` [width,
+    proj] goes to CLIPTextModelWithProjection's `text_projection.weight` (the caller transposes it)."""
     level = "text_model." if nested else ""
     result = {}
     for n in names:
-        if n.startswith(CLIP_PREFIX):
-            key = n[len(CLIP_PREFIX):].removeprefix("text_model.")
+        if clip_prefix and n.startswith(clip_prefix):
+            key = n[len(clip_prefix):].removeprefix("text_model.")
             if key != "embeddings.position_ids":  # a buffer, rebuilt by the model
                 result[n] = wrap(level + key)
-        elif n.startswith(OPEN_CLIP_PREFIX):
-            key = n[len(OPEN_CLIP_PREFIX):]
+        elif open_clip_prefix and n.startswith(open_clip_prefix):
+            key = n[len(open_clip_prefix):]
+            if projection and key == "text_projection":
+                result[n] = wrap("text_projection.weight")
+                continue
             if key in OPEN_CLIP_UNUSED or key.startswith("visual."):
                 continue
             if m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key):

@@ -49,7 +49,7 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
     models = load_models(model, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device)
     networks = []
     for path, multiplier in loras:  # embeddings bundled in a file are added to the tokenizer and text encoder
-        network = load_network(path, models.unet, models.text_encoder, multiplier=multiplier,
+        network = load_network(path, models.unet, models.text_encoders, multiplier=multiplier,
                                tokenizer=models.tokenizer).to(device)
         if merge:
             network.merge()
@@ -60,6 +60,12 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
             text = network.expand_prompt(text)
         return text
 
+    if models.sdxl:
+        from .sdxl import generate_sdxl_samples
+
+        return generate_sdxl_samples(models, prompts=prompts, out_dir=out_dir, output_name=name, device=device,
+                                     dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed,
+                                     expand_prompt=expand_prompt)
     return generate_samples(tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae,
                             unet=models.unet, noise_scheduler=models.noise_scheduler, prompts=prompts,
                             out_dir=out_dir, step=0, output_name=name, device=device, dtype=dtype, sampler=sampler,
@@ -68,7 +74,8 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="diffusers folder, SD1.x/2.x checkpoint, or builtin:tiny")
+    parser.add_argument("--model", required=True, help="diffusers folder, SD1.x/2.x/SDXL checkpoint, builtin:tiny, "
+                        "builtin:tiny-xl or builtin:mini")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:MULTIPLIER]",
                         help="a kohya-format LoRA; repeat for several")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt, with kohya's inline options "

@@ -279,12 +279,20 @@ BASE_MODEL_VERSIONS = {  # (v2, v_parameterization) -> ss_base_model_version, mo
 }
 
 
+SDXL_BASE_MODEL_VERSION = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")  # kohya's and ModelSpec's names
+
+
 def network_metadata(*, rank: int, alpha: float, network_args: dict | None = None, v2: bool = False,
                      network_module: str = "networks.lora",
-                     v_parameterization: bool = False, output_name: str = "lora", resolution=(512, 512),
-                     title: str | None = None) -> dict[str, str]:
-    """The keys every tool reads (ss_network_*, ss_base_model_version) and the ModelSpec block."""
-    base_version, architecture = BASE_MODEL_VERSIONS[(bool(v2), bool(v_parameterization and v2))]
+                     v_parameterization: bool = False, output_name: str = "lora", resolution=None,
+                     title: str | None = None, sdxl: bool = False) -> dict[str, str]:
+    """The keys every tool reads (ss_network_*, ss_base_model_version) and the ModelSpec block. `resolution`
+    defaults to 512 px (SD1.x/2.x) or 1024 px (`sdxl`)."""
+    if sdxl and v2:
+        raise ValueError("a LoRA's base model is SDXL or SD2.x (v2), not both")
+    base_version, architecture = SDXL_BASE_MODEL_VERSION if sdxl else \
+        BASE_MODEL_VERSIONS[(bool(v2), bool(v_parameterization and v2))]
+    resolution = resolution or ((1024, 1024) if sdxl else (512, 512))
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     return {
         "ss_network_module": network_module,

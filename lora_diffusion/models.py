@@ -33,6 +33,7 @@ from .tokenizer import load_clip_tokenizer
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_MINI = "builtin:mini"
+BUILTIN_TINY_XL = "builtin:tiny-xl"  # SDXL topology, lora_diffusion/sdxl.py
 MINI_FOLDER = ASSETS / "mini"  # written by `lora-diffusion pretrain-mini`
 DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -47,6 +48,14 @@ class SDModels:
     v2: bool
     v_parameterization: bool
     name: str
+    text_encoder_2: CLIPTextModel | None = None  # SDXL's second text encoder (CLIPTextModelWithProjection); sdxl.py
+    tokenizer_2: CLIPTokenizer | None = None
+    sdxl: bool = False
+
+    @property
+    def text_encoders(self):
+        """What create_network/load_network take: the text encoder, or SDXL's (text_encoder, text_encoder_2)."""
+        return (self.text_encoder, self.text_encoder_2) if self.sdxl else self.text_encoder
 
 
 def make_noise_scheduler(v_parameterization=False):
@@ -72,6 +81,15 @@ def load_models(name_or_path, *, v2=None, v_parameterization=None, dtype=torch.f
         tokenizer/) to convert with instead of the shipped assets/v1, assets/v2 or assets/v2-v.
     """
     name = str(name_or_path)
+    if name == BUILTIN_TINY_XL:
+        from .sdxl import build_tiny_xl_models
+
+        if v2:
+            raise ModelLoadError(f"{BUILTIN_TINY_XL} is an SDXL model; --v2 does not apply to it")
+        models = build_tiny_xl_models(seed=0, dtype=dtype, device=device)
+        models.v_parameterization = bool(v_parameterization)
+        models.noise_scheduler = make_noise_scheduler(models.v_parameterization)
+        return models
     if name == BUILTIN_TINY:
         if v2:
             raise ModelLoadError(f"{BUILTIN_TINY} is an SD1.x-style model; --v2 does not apply to it")
@@ -95,7 +113,7 @@ def load_models(name_or_path, *, v2=None, v_parameterization=None, dtype=torch.f
         hint = " (nothing is downloaded: fetch the model first and pass its local path)" if looks_like_hub_id else ""
         raise ModelLoadError(
             f"--pretrained_model_name_or_path {name} not found; expected a diffusers folder with model_index.json, "
-            f"a .safetensors/.ckpt SD1.x/2.x checkpoint, {BUILTIN_MINI} or {BUILTIN_TINY}{hint}"
+            f"a .safetensors/.ckpt SD1.x/2.x/SDXL checkpoint, {BUILTIN_MINI}, {BUILTIN_TINY} or {BUILTIN_TINY_XL}{hint}"
         )
     if path.is_dir():
         return load_diffusers_folder(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype, device=device)
@@ -207,6 +225,12 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
             f"--pretrained_model_name_or_path {folder} is a folder but not a diffusers model folder: model_index.json "
             "is missing (expected model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders)"
         )
+    if (folder / "text_encoder_2").is_dir():  # SDXL
+        from .sdxl import load_sdxl_folder
+
+        if v2:
+            raise ModelLoadError(f"{folder} is an SDXL model (it has text_encoder_2/); --v2 does not apply to it")
+        return load_sdxl_folder(folder, v_parameterization=v_parameterization, dtype=dtype, device=device)
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part).is_dir():
             raise ModelLoadError(f"diffusers folder {folder} has no {part}/ subfolder")
@@ -285,6 +309,14 @@ def weights_variant(subfolder):
 
 def load_single_file(path, *, v2=None, v_parameterization=None, dtype=torch.float32, device="cpu", config_dir=None):
     reader = CheckpointReader(path, dtype)
+    from .sdxl import is_sdxl_checkpoint, load_sdxl_single_file
+
+    if is_sdxl_checkpoint(reader.names):
+        if v2:
+            raise ModelLoadError(f"{path} holds SDXL weights (conditioner.embedders.* keys) but --v2 was given; "
+                                 "drop the flag")
+        return load_sdxl_single_file(path, reader, v_parameterization=v_parameterization, dtype=dtype,
+                                     device=device, config_dir=config_dir)
     check_is_sd_checkpoint(path, reader.names)
     detected_v2 = detect_v2(reader)
     if v2 is not None and bool(v2) != detected_v2:

@@ -20,15 +20,16 @@ from . import kohya
 from .layer import AdapterLayer, LoRALayer
 from .lycoris_layers import LoHaLayer, LoKrLayer
 from .targets import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, all_named_modules, canonical_kohya_name,
-                      filter_targets, text_encoder_targets, unet_targets)
+                      filter_targets, is_sdxl_unet, text_encoder_list, text_encoder_targets, unet_targets)
 
 
 class LoRANetwork(nn.Module):
     """`network_module` is what the file's ss_network_module says: networks.lora (kohya) or lycoris.kohya."""
 
     def __init__(self, layers: dict[str, AdapterLayer], *, rank: int, alpha: float, network_args: dict | None = None,
-                 network_module: str = "networks.lora"):
+                 network_module: str = "networks.lora", sdxl: bool = False):
         super().__init__()
+        self.sdxl = sdxl  # describes the base model in the saved file's metadata
         for name, layer in layers.items():
             self.add_module(name, layer)
         self.rank = rank
@@ -158,11 +159,13 @@ class LoRANetwork(nn.Module):
                      output_name: str | None = None, **base_model):
         """Write a kohya-format .safetensors (atomically) that diffusers, ComfyUI, A1111 and kohya load unchanged.
 
-        `base_model` describes what it was trained on (`v2`, `v_parameterization`, `resolution`; SD1.x 512 px by
-        default), `output_name` defaults to the file's stem; `metadata` adds to / overrides the network keys."""
+        `base_model` describes what it was trained on (`v2`, `v_parameterization`, `sdxl`, `resolution`; SD1.x
+        512 px by default, SDXL 1024 px for a network on SDXL models), `output_name` defaults to the file's stem;
+        `metadata` adds to / overrides the network keys."""
         path = os.fspath(path)
         if not path.endswith(".safetensors"):
             raise ValueError(f"save_weights writes .safetensors files, got {path}")
+        base_model.setdefault("sdxl", self.sdxl)
         full = kohya.network_metadata(rank=self.rank, alpha=self.alpha, network_args=self.network_args,
                                       network_module=self.network_module,
                                       output_name=output_name or os.path.splitext(os.path.basename(path))[0],
@@ -273,14 +276,15 @@ def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 ALGOS = ("lora", "locon", "loha", "lokr")
 
 
-def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank: int = 4, alpha: float = 1.0,
+def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: float = 1.0,
                    conv_rank: int | None = None, conv_alpha: float | None = None, *, multiplier: float = 1.0,
                    dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                    include: list[str] | None = None, exclude: list[str] | None = None,
                    train_unet: bool = True, train_text_encoder: bool = True, algo: str | None = None,
                    dora_wd: bool = False, use_tucker: bool = False, factor: int = -1,
                    decompose_both: bool = False, full_matrix: bool = False) -> LoRANetwork:
-    """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules).
+    """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
+    `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules).
 
     `conv_rank` adds LoCon on the ResNet and sampler convs (3x3 convs at conv_rank/conv_alpha; the other modules of
     those blocks at rank/alpha, as kohya). `include`/`exclude` are regexes over module paths or kohya names;
@@ -291,7 +295,8 @@ def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank:
     embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its options: `dora_wd` (DoRA),
     `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`, `full_matrix` (LoKr). `dropout`
     applies to LoRA only (LyCORIS has none for LoHa/LoKr)."""
-    if unet is None and text_encoder is None:
+    encoders = text_encoder_list(text_encoder)
+    if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
     lycoris = algo is not None
     if lycoris:
@@ -306,8 +311,9 @@ def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank:
     targets: list[Target] = []
     if unet is not None and train_unet:
         targets += unet_targets(unet, conv=bool(conv_rank), lycoris=lycoris)
-    if text_encoder is not None and train_text_encoder:
-        targets += text_encoder_targets(text_encoder)
+    if train_text_encoder:
+        for prefix, encoder in encoders:
+            targets += text_encoder_targets(encoder, prefix=prefix)
     targets = filter_targets(targets, include, exclude)
     if not targets:
         raise ValueError("create_network matched no module: check the models and the include/exclude patterns")
@@ -335,29 +341,42 @@ def create_network(unet: nn.Module | None, text_encoder: nn.Module | None, rank:
         if value:
             args[key] = value
     return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args,
-                       network_module="lycoris.kohya" if lycoris else "networks.lora").apply_to()
+                       network_module="lycoris.kohya" if lycoris else "networks.lora",
+                       sdxl=is_sdxl(unet, encoders)).apply_to()
 
 
-def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | None,
+def is_sdxl(unet: nn.Module | None, encoders: list[tuple[str, nn.Module]]) -> bool:
+    return is_sdxl_unet(unet) or any(prefix == "lora_te2" for prefix, _ in encoders) or \
+        [p for p, _ in encoders] == ["lora_te1"]
+
+
+def load_network(path: str, unet: nn.Module | None, text_encoder,
                  multiplier: float = 1.0, *, tokenizer=None) -> LoRANetwork:
     """Build and apply LoRA modules for exactly the names in a kohya-format file (ours, kohya sd-scripts',
     LyCORIS plain LoRA/LoCon, OneTrainer, diffusers' kohya export); rank per module from the shapes.
 
     Embeddings bundled in the file (A1111's `bundle_emb.*`) are added to `tokenizer` and `text_encoder` when both
     are given (`network.embeddings`; use `network.expand_prompt` for multi-vector tokens), else left out with a
-    warning. `network.bundled_embeddings` holds them as {token: [vectors, dim]} either way."""
+    warning. `network.bundled_embeddings` holds them as {token: [vectors, dim]} either way. For SDXL pass
+    `text_encoder=(text_encoder, text_encoder_2)`; bundled embeddings are then added to the first."""
     modules, metadata = kohya.read_lora_file(path, warn_embeddings=False)
+    encoders = text_encoder_list(text_encoder)
     available = all_named_modules(unet, text_encoder)
     unplaced = sorted(name for name in modules if name not in available)
     if unplaced:
         hint = ""
         if unet is None or text_encoder is None:
             hint = " (a model was passed as None)"
+        elif any(n.startswith("lora_te2_") for n in unplaced) and len(encoders) < 2:
+            hint = " (an SDXL file: pass text_encoder=(text_encoder, text_encoder_2) and an SDXL U-Net)"
         raise kohya.LoRAFileError(f"{path}: {len(unplaced)} module(s) match nothing in the given models{hint}: "
                                   f"{_preview(unplaced)}")
     layers = {}
     for name, weights in modules.items():
-        target = available[name]  # read_lora_file has refused two spellings of one module
+        target = available[name]
+        if target.name in layers:  # read_lora_file refuses two text-encoder spellings; SGM and diffusers U-Net too
+            raise kohya.LoRAFileError(f"{path}: {name} and another key name the same module {target.path} "
+                                      f"({target.name}); a file may hold each module once")
         layers[target.name] = layer_from_file(target.module, weights, name, path, multiplier)
     rank = _metadata_number(metadata, "ss_network_dim", int) or max(w.rank for w in modules.values())
     alpha = _metadata_number(metadata, "ss_network_alpha", float) or _most_common_alpha(modules)
@@ -367,17 +386,19 @@ def load_network(path: str, unet: nn.Module | None, text_encoder: nn.Module | No
         args = {}
     module = metadata.get("ss_network_module") or (
         "networks.lora" if all(w.kind in ("LoRA", "LoCon") for w in modules.values()) else "lycoris.kohya")
-    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args, network_module=module).apply_to()
+    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args, network_module=module,
+                          sdxl=is_sdxl(unet, encoders)).apply_to()
     network.bundled_embeddings = {name: bundled_vectors(parts, name, path)
                                   for name, parts in modules.embeddings.items()}
-    if network.bundled_embeddings and (tokenizer is None or text_encoder is None):
+    first_encoder = encoders[0][1] if encoders else None
+    if network.bundled_embeddings and (tokenizer is None or first_encoder is None):
         names = ", ".join(repr(n) for n in sorted(network.bundled_embeddings))
         warnings.warn(f"{path}: the bundled embedding(s) {names} were not loaded (pass tokenizer= and text_encoder= "
                       f"to load_network to add them); the LoRA was, and the trigger words are read as plain text",
                       kohya.LoRAFileWarning, stacklevel=2)
     elif network.bundled_embeddings:
         for name, vectors in network.bundled_embeddings.items():
-            network.add_embedding(TokenEmbeddings(name, vectors).apply_to(tokenizer, text_encoder))
+            network.add_embedding(TokenEmbeddings(name, vectors).apply_to(tokenizer, first_encoder))
     return network
 
 

@@ -6,6 +6,11 @@ silent "0 modules injected" is the classic failure.
 
 kohya name = `<prefix>_<module path with "." replaced by "_">`. Text-encoder names are always written in the
 transformers-4 layout (`lora_te_text_model_encoder_layers_0_...`); transformers 5 drops the `text_model.` level.
+
+SDXL (a U-Net with `addition_embed_type="text_time"`, two text encoders) is named as kohya's SDXL networks are:
+the U-Net by its original (SGM) module paths, which kohya's SDXL U-Net has (`lora_unet_input_blocks_4_1_...` for
+diffusers' `down_blocks.1.attentions.0...`), the text encoders `lora_te1_*` and `lora_te2_*`. Files that name the
+SDXL U-Net by diffusers paths (`lora_unet_down_blocks_1_...`) are read too.
 """
 
 import re
@@ -15,6 +20,7 @@ from torch import nn
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
 KNOWN_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
 
 # kohya "LierLa": every Linear / 1x1 conv inside a Transformer2DModel.
@@ -51,12 +57,49 @@ def canonical_text_encoder_path(path: str) -> str:
 def canonical_kohya_name(name: str) -> str:
     """The one spelling of a module name. Text-encoder names come as `lora_te_text_model_encoder_...`, as
     `lora_te_encoder_...` (transformers 5 paths) and as `lora_te1_...` (SDXL's first encoder, which ComfyUI and
-    A1111 also accept for SD1's only one); all become `lora_te_text_model_encoder_...`."""
-    for prefix in ("lora_te1_", "lora_te_"):
+    A1111 also accept for SD1's only one); all become `lora_te_text_model_encoder_...`. SDXL's second encoder's
+    `lora_te2_encoder_...` becomes `lora_te2_text_model_encoder_...`."""
+    for prefix, canonical in (("lora_te1_", TEXT_ENCODER_PREFIX), ("lora_te_", TEXT_ENCODER_PREFIX),
+                              ("lora_te2_", "lora_te2")):
         if name.startswith(prefix):
             rest = name[len(prefix):]
-            return f"{TEXT_ENCODER_PREFIX}_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+            return f"{canonical}_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
     return name
+
+
+def is_sdxl_unet(unet: nn.Module | None) -> bool:
+    """An SDXL U-Net: diffusers' UNet2DConditionModel with the added time/text embeddings."""
+    config = getattr(unet, "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def text_encoder_list(text_encoder) -> list[tuple[str, nn.Module]]:
+    """[(kohya prefix, module)] of what create_network/load_network were given: one text encoder (`lora_te`), or a
+    (text_encoder, text_encoder_2) pair for SDXL (`lora_te1`, `lora_te2`); None (or a None in the pair) is left out."""
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, nn.Module):
+        return [(TEXT_ENCODER_PREFIX, text_encoder)]
+    encoders = list(text_encoder)
+    if len(encoders) == 1:
+        return text_encoder_list(encoders[0])
+    if len(encoders) != 2 or not all(e is None or isinstance(e, nn.Module) for e in encoders):
+        raise TypeError(f"text_encoder must be a module, None, or a (text_encoder, text_encoder_2) pair for SDXL; "
+                        f"got {len(encoders)} items of types {[type(e).__name__ for e in encoders]}")
+    return [(prefix, e) for prefix, e in zip(SDXL_TEXT_ENCODER_PREFIXES, encoders) if e is not None]
+
+
+def unet_module_name(unet: nn.Module, path: str) -> str:
+    """The kohya name of a U-Net module: its diffusers path, or for SDXL its original (SGM) path, as kohya's SDXL
+    U-Net names its modules (modules with no original place keep the diffusers path)."""
+    if not is_sdxl_unet(unet):
+        return kohya_name(UNET_PREFIX, path)
+    from .convert import unet_original_name
+
+    config = unet.config
+    original = unet_original_name(path + ".weight", config.layers_per_block,
+                                  ["Attn" in t for t in config.up_block_types])
+    return kohya_name(UNET_PREFIX, original.removesuffix(".weight") if original else path)
 
 
 def _lora_capable(module: nn.Module) -> bool:
@@ -81,7 +124,7 @@ def unet_targets(unet: nn.Module, *, conv: bool = False, lycoris: bool = False) 
         in_transformer = _UNET_TRANSFORMER.match(path) and (
             isinstance(module, nn.Linear) or module.kernel_size == (1, 1))
         if in_transformer or (conv and _UNET_CONV_PARENT.match(path)) or (lycoris and path in _LYCORIS_NAMES):
-            targets.append(Target(kohya_name(UNET_PREFIX, path), path, module))
+            targets.append(Target(unet_module_name(unet, path), path, module))
     return targets
 
 
@@ -94,27 +137,33 @@ def text_encoder_targets(text_encoder: nn.Module, *, prefix: str = TEXT_ENCODER_
     return targets
 
 
-def all_named_modules(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, Target]:
-    """Every Linear/Conv2d of both models by kohya name: what a foreign file may address.
+def all_named_modules(unet: nn.Module | None, text_encoder) -> dict[str, Target]:
+    """Every Linear/Conv2d of the models by kohya name: what a foreign file may address. `text_encoder` is one
+    module or SDXL's (text_encoder, text_encoder_2) pair (see text_encoder_list).
 
     Text-encoder modules are reachable under every spelling canonical_kohya_name accepts: `lora_te_text_model_...`,
-    `lora_te_...`, `lora_te1_text_model_...` and `lora_te1_...`.
+    `lora_te_...`, `lora_te1_text_model_...` and `lora_te1_...` (SDXL's second encoder: `lora_te2_text_model_...`,
+    `lora_te2_...`). An SDXL U-Net's modules are reachable by their original (SGM) and their diffusers paths; the
+    Target's name is the one written (kohya's: SGM for SDXL, `lora_te1`/`lora_te2` for the pair).
     """
     names = {}
     if unet is not None:
         for path, module in base_modules(unet):
             if _lora_capable(module):
-                target = Target(kohya_name(UNET_PREFIX, path), path, module)
+                target = Target(unet_module_name(unet, path), path, module)
                 names[target.name] = target
-    if text_encoder is not None:
-        for path, module in base_modules(text_encoder):
+                names.setdefault(kohya_name(UNET_PREFIX, path), target)
+    for prefix, encoder in text_encoder_list(text_encoder):
+        for path, module in base_modules(encoder):
             if _lora_capable(module):
                 canonical = canonical_text_encoder_path(path)
-                target = Target(kohya_name(TEXT_ENCODER_PREFIX, canonical), path, module)
+                target = Target(kohya_name(prefix, canonical), path, module)
                 names[target.name] = target
                 short = canonical.removeprefix("text_model.")
-                for prefix, rest in (("lora_te", short), ("lora_te1", canonical), ("lora_te1", short)):
-                    names.setdefault(kohya_name(prefix, rest), target)
+                aliases = ((prefix, short),) if prefix == "lora_te2" else (
+                    ("lora_te", canonical), ("lora_te", short), ("lora_te1", canonical), ("lora_te1", short))
+                for alias_prefix, rest in aliases:
+                    names.setdefault(kohya_name(alias_prefix, rest), target)
     return names
 
 
