@@ -98,6 +98,11 @@ class LoRADataset(torch.utils.data.Dataset):
             raise DatasetError(f"no training images found in {' and '.join(sources)}: looked for files ending in "
                                f"{', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp', '.bmp'}))} (or any other "
                                f"format Pillow reads) directly inside {folders or 'no folder'}")
+        self.validation_entries = []
+        self._index()
+
+    def _index(self):
+        """What follows from the entries: repeats, the sample list, buckets, counts, tag frequencies."""
         assign_repeats(self.entries, self.subsets)
         self.sample_entry = np.repeat(np.arange(len(self.entries)), [e.repeats for e in self.entries])
         self.sample_buckets = [self.entries[i].bucket for i in self.sample_entry]
@@ -120,6 +125,25 @@ class LoRADataset(torch.utils.data.Dataset):
                     frequency[tag] = frequency.get(tag, 0) + 1
         self.bucket_counts = dict(sorted(Counter(self.sample_buckets).items()))
         self.buckets = list(self.bucket_counts)
+
+    def split_validation(self, share: float, seed: int | None = None) -> list:
+        """Hold out `share` of the training images (not regularization images), chosen by `seed`, for a validation
+        loss: they leave the training samples. Returns the held-out entries (at least one, and at least one image
+        stays for training)."""
+        if not 0 < share < 1:
+            raise DatasetError(f"--validation_split {share}: expected a share between 0 and 1, e.g. 0.1")
+        if self._latents is not None:
+            raise DatasetError("split_validation must come before cache_latents")
+        candidates = [i for i, e in enumerate(self.entries) if not self.subsets[e.subset].is_reg]
+        count = max(1, round(share * len(candidates)))
+        if count >= len(candidates):
+            raise DatasetError(f"--validation_split {share} would hold out all {len(candidates)} training images; "
+                               f"use a smaller share or --validation_data_dir")
+        chosen = set(random.Random(f"{self.seed if seed is None else seed}/validation").sample(candidates, count))
+        self.validation_entries += [self.entries[i] for i in sorted(chosen)]
+        self.entries = [e for i, e in enumerate(self.entries) if i not in chosen]
+        self._index()
+        return self.validation_entries
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -257,19 +257,25 @@ def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, gui
     for variant in variants:
         images = generate_variant(models, pipe, variant, prompts, seeds, steps=steps, guidance=guidance, size=size)
         row = {"label": variant.label, "file": variant.path or "", "multiplier": variant.multiplier}
-        asked = [p for p in prompts for _ in seeds]
-        if "judge" in metrics:
-            accuracy = quality.judge_samples(asked, images)
-            for key, value in (accuracy or {}).items():
-                row[f"judge_{key}"] = value
-        if feature_net is not None and reference_set:
-            row.update(fid_kid(feature_net, reference_set, images, [m for m in ("fid", "kid") if m in metrics]))
-        if scorer is not None:
-            scorer.reset()
-            row["clip"] = float(scorer(to_uint8(images), asked))
+        row.update(score_images([p for p in prompts for _ in seeds], images, metrics, feature_net, reference_set,
+                                scorer))
         rows.append(row)
         all_images.append(images)
     return rows, all_images
+
+
+def score_images(asked, images, metrics, feature_net=None, reference_set=None, scorer=None) -> dict:
+    """The metrics of images generated for the prompts `asked` (one per image)."""
+    scores = {}
+    if "judge" in metrics:
+        for key, value in (quality.judge_samples(asked, images) or {}).items():
+            scores[f"judge_{key}"] = value
+    if feature_net is not None and reference_set:
+        scores.update(fid_kid(feature_net, reference_set, images, [m for m in ("fid", "kid") if m in metrics]))
+    if scorer is not None:
+        scorer.reset()
+        scores["clip"] = float(scorer(to_uint8(images), asked))
+    return scores
 
 
 def best_row(rows):

@@ -149,6 +149,17 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     g.add_argument("--sample_every_n_steps", type=int)
     g.add_argument("--sample_sampler", default="ddim")
     g.add_argument("--training_comment")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_split", type=float, help="hold out this share of the training images (e.g. 0.1) "
+                   "for a validation loss at fixed timesteps and noise")
+    g.add_argument("--validation_data_dir", help="validation images instead, in the train_data_dir layout")
+    g.add_argument("--validation_every_n_epochs", type=int, default=1)
+    g.add_argument("--validation_seed", type=int, help="the fixed noise's seed (default: --seed)")
+    g.add_argument("--validation_prompts", help="also score generated images: world:star, world:held-out, "
+                   "world:seen, or a prompts file (as lora-diffusion evaluate)")
+    g.add_argument("--validation_metrics", default="judge", help="of the generated images: judge,fid,kid")
+    g.add_argument("--validation_seeds", type=int, default=2, help="images per validation prompt")
     return p
 
 
@@ -192,7 +203,8 @@ def check_args(args):
         args.optimizer_type = "AdamW8bit"
     for name in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                 "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size"):
+                 "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size", "validation_every_n_epochs",
+                 "validation_seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:
@@ -226,6 +238,13 @@ def check_args(args):
             bad(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}")
         if args.embedding_lr is not None and args.embedding_lr < 0:
             bad(f"--embedding_lr must be >= 0, got {args.embedding_lr}")
+    if args.validation_split is not None and args.validation_data_dir:
+        bad("--validation_split and --validation_data_dir exclude each other")
+    if args.validation_split is not None and not 0 < args.validation_split < 1:
+        bad(f"--validation_split must be a share between 0 and 1 (e.g. 0.1), got {args.validation_split}")
+    unknown = set(args.validation_metrics.split(",")) - {"judge", "fid", "kid"}
+    if unknown:
+        bad(f"--validation_metrics: unknown {', '.join(sorted(unknown))}; expected judge, fid, kid")
     network_options(args)  # a bad --network_args before any work
 
 
@@ -289,6 +308,33 @@ def build_dataset(args):
     if args.dataset_config:
         return LoRADataset.from_config(args.dataset_config, **options, seed=args.seed)
     return LoRADataset(args.train_data_dir, args.reg_data_dir, **options, seed=args.seed)
+
+
+def held_out_entries(args, dataset) -> list:
+    """The images of the validation loss: --validation_split of the training images (taken out of training), or
+    those of --validation_data_dir (same layout and options as --train_data_dir)."""
+    if args.validation_split is not None:
+        return dataset.split_validation(args.validation_split, args.validation_seed)
+    if args.validation_data_dir:
+        from lora_diffusion.data.subset import FLAG_DEFAULTS
+        from lora_diffusion.dataset import LoRADataset
+
+        options = {name: getattr(args, name) for name in FLAG_DEFAULTS}
+        return LoRADataset(args.validation_data_dir, **options, seed=args.seed).entries
+    return []
+
+
+def build_validation(args, held_out, models, device, weight_dtype, resolution):
+    """The encoded validation images and, for --validation_prompts, what scoring generated images needs."""
+    from lora_diffusion.training.validation import Validation, build_validation_set
+
+    if not held_out and not args.validation_prompts:
+        return None
+    seed = args.seed if args.validation_seed is None else args.validation_seed
+    images = build_validation_set(held_out, models.vae, seed=seed, device=device, dtype=weight_dtype) \
+        if held_out else None
+    return Validation.create(images, args.validation_prompts, args.validation_metrics.split(","),
+                             seeds=args.validation_seeds, size=resolution[0])
 
 
 def make_accelerator(args):
@@ -501,6 +547,7 @@ def train(args):
 
     # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
     dataset = build_dataset(args)
+    held_out = held_out_entries(args, dataset)
     accelerator.print(dataset.summary())
     resolution = dataset.resolution
     prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
@@ -510,6 +557,7 @@ def train(args):
     models = load_base_models(args, weight_dtype, device)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
     train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
+    validation = build_validation(args, held_out, models, device, weight_dtype, resolution)
     text_cache = cache_inputs(args, dataset, models, accelerator, train_text_encoder)
     loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs = \
         build_loader(args, dataset, accelerator)
@@ -522,7 +570,8 @@ def train(args):
               num_epochs=num_epochs, output_dir=output_dir, session_id=session_id, network_shape=network_shape,
               metadata={}, resolution=resolution, weight_dtype=weight_dtype, params=params, prompts=prompts,
               text_cache=text_cache, embedding=embedding, embedding_steps=embedding_steps,
-              train_text_encoder=train_text_encoder, log_with="tensorboard" if args.logging_dir else None)
+              train_text_encoder=train_text_encoder, log_with="tensorboard" if args.logging_dir else None,
+              validation=validation)
 
     # --- where we start ---------------------------------------------------------------------------------------
     state = RunState(epoch_files=list(resumed.get("epoch_files", [])))
@@ -556,8 +605,11 @@ def train(args):
     accelerator.print(f"done: {state.step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
                       (f"; samples: {output_dir / 'sample'}" if prompts else "") +
                       (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
-    for line in lines:
-        accelerator.print(line)
+    from lora_diffusion.training.validation import best_epoch
+
+    for line in lines + [best_epoch(state.validations) or ""]:
+        if line:
+            accelerator.print(line)
     return final_path
 
 

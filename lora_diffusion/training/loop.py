@@ -49,6 +49,7 @@ class Run:
     embedding_steps: int = 0  # they train during the first embedding_steps steps
     train_text_encoder: bool = True
     log_with: str | None = None
+    validation: Any = None  # training.validation.Validation: held-out images and/or prompts to score
 
     @property
     def device(self):
@@ -74,6 +75,7 @@ class RunState:
     last_samples: list = field(default_factory=list)  # the PNGs of the last sampling
     recent_losses: list = field(default_factory=list)
     first_step_done: tuple | None = None  # (time, step) after the first step: later steps are the steady pace
+    validations: list = field(default_factory=list)  # {"epoch", "step", "validation_loss", metrics...} per check
 
 
 def intact(state: RunState) -> str:
@@ -210,6 +212,10 @@ def after_epoch(run: Run, state: RunState):
                                 args.save_last_n_epochs, owned=lambda path: session_of(Path(path)) == run.session_id)
     if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
         sample(run, state, epoch=done)
+    if run.validation is not None and done % args.validation_every_n_epochs == 0:
+        from .validation import validate
+
+        validate(run, state, done)
 
 
 def train_epochs(run: Run, state: RunState, skip_batches: int):

@@ -1,0 +1,181 @@
+"""Validation during training: a loss on held-out images that compares across epochs and runs, and optionally
+metrics on generated images (the engine of `lora-diffusion evaluate`).
+
+The validation loss is the plain MSE of the U-Net's prediction (no min-SNR weights, no noise offset) on the
+held-out images at fixed timesteps (100, 300, 500, 700, 900 of 1,000) with fixed noise per image and timestep: the
+same numbers go in at every epoch, so only the LoRA changes the result. Images are encoded with the VAE's mean
+(no sampling) and their captions used as written.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TIMESTEP_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass
+class ValidationSet:
+    latents: list  # one [1, c, h, w] tensor per image
+    captions: list
+    seed: int
+
+
+@torch.no_grad()
+def build_validation_set(entries, vae, *, seed, device, dtype) -> ValidationSet:
+    """Encode held-out dataset entries (LoRADataset.split_validation or a validation dataset's entries) once."""
+    from lora_diffusion.data.images import load_image
+
+    latents = []
+    for entry in entries:
+        image = load_image(entry.path, entry.bucket)[None].to(device, vae.dtype)
+        latents.append((vae.encode(image).latent_dist.mean * vae.config.scaling_factor).to("cpu", dtype))
+    return ValidationSet(latents, [e.caption for e in entries], seed)
+
+
+@torch.no_grad()
+def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler, v_parameterization, device,
+                    dtype) -> float:
+    """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states."""
+    from lora_diffusion import training
+
+    total, count = 0.0, 0
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = [int(share * steps) for share in TIMESTEP_SHARES]
+    for index, (latents, caption) in enumerate(zip(validation.latents, validation.captions)):
+        context = encode([caption]).to(device, dtype)
+        latents = latents.to(device, dtype)
+        for t in timesteps:
+            generator = torch.Generator().manual_seed(validation.seed * 1_000_003 + index * 1009 + t)
+            noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+            timestep = torch.tensor([t], device=device)
+            noisy, target = training.training_target(noise_scheduler, latents, noise, timestep, v_parameterization)
+            prediction = unet(noisy, timestep, context).sample
+            total += torch.nn.functional.mse_loss(prediction.float(), target.float()).item()
+            count += 1
+    return total / max(1, count)
+
+
+@dataclass
+class Validation:
+    """What a run validates: encoded held-out images (the loss) and/or prompts whose images are scored."""
+
+    images: ValidationSet | None
+    prompts: list | None = None
+    metrics: tuple = ("judge",)
+    seeds: int = 2
+    size: int = 512
+    feature_net: Any = None
+    reference: list | None = None
+
+    @classmethod
+    def create(cls, images, prompts_spec, metrics, *, seeds, size):
+        from lora_diffusion import evaluate
+
+        from .errors import TrainingError
+
+        prompts = feature_net = reference = None
+        if prompts_spec:
+            try:
+                prompts, scenes = evaluate.read_prompts(prompts_spec, [])
+            except ValueError as e:
+                raise TrainingError(str(e).replace("--prompts", "--validation_prompts")) from None
+            if {"fid", "kid"} & set(metrics):
+                if not scenes:
+                    raise TrainingError("--validation_metrics fid/kid compare with renders of the shapes world: they "
+                                        "need world prompts (--validation_prompts world:star); use `lora-diffusion "
+                                        "evaluate --reference` for other images")
+                feature_net = evaluate.feature_network("world")
+                reference = evaluate.reference_images(None, scenes, len(prompts) * seeds, size)
+        return cls(images, prompts, tuple(metrics), seeds, size, feature_net, reference)
+
+
+@contextmanager
+def eval_mode(*models):
+    """Every submodule in eval mode (no LoRA dropout), then each given its own mode back (the frozen base stays in
+    eval, the LoRA in train)."""
+    modes = [(sub, sub.training) for model in models for sub in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
+@torch.no_grad()
+def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
+    """Images of the model as it is now (LoRA applied), one per prompt and seed, prompt-major."""
+    from lora_diffusion import quality
+
+    models = run.models
+    pipe = quality.world_pipeline(models)
+    devices = [(m, next(m.parameters()).device) for m in (models.vae, models.text_encoder)]
+    for model, _ in devices:
+        model.to(run.device)  # either may wait on the CPU while latents or text states are cached
+    try:
+        texts = [run.network.expand_prompt(p) for p in prompts]
+        images = []
+        for seed in range(seeds):
+            generators = [torch.Generator().manual_seed(seed) for _ in texts]
+            images += pipe(texts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=generators).images
+    finally:
+        for model, device in devices:
+            model.to(device)
+    return [images[s * len(prompts) + p] for p in range(len(prompts)) for s in range(seeds)]
+
+
+def validate(run, state, epoch):
+    """The validation loss and metrics after `epoch`: printed, logged (TensorBoard `loss/validation`,
+    `validation/<metric>`) and kept in state.validations."""
+    from lora_diffusion import training
+    from lora_diffusion.evaluate import score_images
+
+    args, models, validation = run.args, run.models, run.validation
+    result = {"epoch": epoch, "step": state.step}
+    with eval_mode(models.unet, models.text_encoder):
+        if validation.images is not None:
+            text_device = next(models.text_encoder.parameters()).device
+
+            def encode(captions):
+                captions = [run.network.expand_prompt(c) for c in captions]
+                return training.encode_prompts(models.tokenizer, models.text_encoder, captions,
+                                               clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+
+            with torch.no_grad():
+                models.text_encoder.to(run.device)
+                result["validation_loss"] = validation_loss(
+                    validation.images, unet=models.unet, encode=encode, noise_scheduler=models.noise_scheduler,
+                    v_parameterization=models.v_parameterization, device=run.device, dtype=run.weight_dtype)
+                models.text_encoder.to(text_device)
+        if validation.prompts:
+            images = generate_for_prompts(run, validation.prompts, validation.seeds, validation.size)
+            asked = [p for p in validation.prompts for _ in range(validation.seeds)]
+            result.update(score_images(asked, images, validation.metrics, validation.feature_net,
+                                       validation.reference))
+    state.validations.append(result)
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                      if k not in ("epoch", "step"))
+    run.accelerator.print(f"epoch {epoch} (step {state.step}): {shown}")
+    if run.log_with:
+        logs = {("loss/validation" if k == "validation_loss" else f"validation/{k}"): v
+                for k, v in result.items() if k not in ("epoch", "step")}
+        run.accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=state.step)
+
+
+def best_epoch(validations) -> str | None:
+    """A line naming the epoch with the lowest validation loss and, when judged, the most shapes right."""
+    parts = []
+    with_loss = [v for v in validations if "validation_loss" in v]
+    if with_loss:
+        best = min(with_loss, key=lambda v: v["validation_loss"])
+        parts.append(f"lowest validation loss {best['validation_loss']:.5f} at epoch {best['epoch']}")
+    judged = [v for v in validations if "judge_shape" in v]
+    if judged:
+        best = max(judged, key=lambda v: (v["judge_shape"], v.get("judge_all", 0)))
+        parts.append(f"most shapes right ({best['judge_shape']:.0%}) at epoch {best['epoch']}")
+    return "validation: " + "; ".join(parts) if parts else None

@@ -1,0 +1,98 @@
+"""Validation during training: held-out images, a loss at fixed timesteps and noise, scores of generated images."""
+
+import pytest
+
+import train_lora
+from lora_diffusion.dataset import LoRADataset
+from lora_diffusion.training.validation import best_epoch
+from test_train import base_flags, make_dataset
+
+
+def test_split_holds_out_a_seeded_share_of_the_training_images(tmp_path):
+    data = make_dataset(tmp_path, n=8)
+    first, second = LoRADataset(data, resolution=64, seed=3), LoRADataset(data, resolution=64, seed=3)
+    held = first.split_validation(0.25)
+    assert [e.path for e in held] == [e.path for e in second.split_validation(0.25)]  # the seed decides
+    assert len(held) == 2 and len(first.entries) == 6
+    assert not {e.path for e in held} & {e.path for e in first.entries}
+    assert first.num_train_images == 6 * 5 and len(first) == 6 * 5  # the held-out images leave the epochs
+    other = LoRADataset(data, resolution=64, seed=3).split_validation(0.25, seed=11)
+    assert [e.path for e in other] != [e.path for e in held] or len(held) == 8
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, 0.99])
+def test_split_refuses_shares_that_leave_nothing(tmp_path, share):
+    from lora_diffusion.data.errors import DatasetError
+
+    data = make_dataset(tmp_path, n=4)
+    with pytest.raises(DatasetError, match="validation_split"):
+        LoRADataset(data, resolution=64).split_validation(share)
+
+
+def losses_printed(output):
+    return [float(line.split("validation_loss ")[1].split(",")[0]) for line in output.splitlines()
+            if "validation_loss " in line]
+
+
+def test_validation_loss_is_printed_per_epoch_and_repeats_under_the_seed(tmp_path, capsys):
+    data = make_dataset(tmp_path, n=8)
+    runs = []
+    for name, seed in (("a", None), ("b", None), ("c", 7)):
+        argv = base_flags(tmp_path / name, data, max_train_steps=None, max_train_epochs=2, train_batch_size=4,
+                          validation_split=0.25, validation_seed=seed, learning_rate=1e-2)
+        assert train_lora.main(argv) == 0
+        out = capsys.readouterr().out
+        runs.append(losses_printed(out))
+        assert "lowest validation loss" in out
+    assert len(runs[0]) == 2  # one per epoch
+    assert runs[0] == runs[1]  # same seed, same numbers
+    assert runs[0] != runs[2]  # other held-out images and noise
+    assert runs[0][0] != runs[0][1]  # the LoRA changed between the epochs, the inputs did not
+
+
+def test_validation_data_dir_and_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, held = make_dataset(tmp_path, n=4), make_dataset(tmp_path, n=2, name="held")
+    argv = base_flags(tmp_path, data, max_train_steps=None, max_train_epochs=1, validation_data_dir=held,
+                      logging_dir=tmp_path / "logs")
+    assert train_lora.main(argv) == 0
+    assert len(losses_printed(capsys.readouterr().out)) == 1
+    events = [p for p in (tmp_path / "logs").rglob("events.out.tfevents.*")]
+    accumulator = EventAccumulator(str(events[0].parent)).Reload()
+    assert "loss/validation" in accumulator.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(validation_split=0.2, validation_data_dir="x"), "exclude each other"),
+    (dict(validation_split=1.5), "between 0 and 1"),
+    (dict(validation_prompts="world:star", validation_metrics="judge,bleu"), "bleu"),
+    (dict(validation_prompts="missing-prompts.txt"), "--validation_prompts missing-prompts.txt"),
+])
+def test_bad_validation_flags_name_the_flag(tmp_path, capsys, flags, message):
+    data = make_dataset(tmp_path)
+    assert train_lora.main(base_flags(tmp_path, data, **flags)) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_best_epoch_names_the_lowest_loss_and_the_most_shapes_right():
+    line = best_epoch([{"epoch": 1, "validation_loss": 0.3, "judge_shape": 0.2},
+                       {"epoch": 2, "validation_loss": 0.1, "judge_shape": 0.5},
+                       {"epoch": 3, "validation_loss": 0.2, "judge_shape": 0.7}])
+    assert "0.10000 at epoch 2" in line and "(70%) at epoch 3" in line
+    assert best_epoch([]) is None
+
+
+def test_generated_images_are_scored_each_validation(tmp_path, capsys):
+    from lora_diffusion import world
+
+    data = tmp_path / "stars"
+    world.write_images(data / "5_star", [world.Scene("star", c, b) for c, b in world.color_pairs()[:4]])
+    argv = base_flags(tmp_path, data, pretrained_model_name_or_path="builtin:mini", max_train_steps=None,
+                      max_train_epochs=1, train_batch_size=4, validation_prompts="world:star", validation_seeds=1,
+                      validation_metrics="judge,fid")
+    assert train_lora.main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("epoch 1"))
+    assert "judge_shape" in line and "fid" in line and "validation_loss" not in line
+    assert "most shapes right" in out
