@@ -365,10 +365,10 @@ def load_network(path: str, unet: nn.Module | None, text_encoder,
     unplaced = sorted(name for name in modules if name not in available)
     if unplaced:
         hint = ""
-        if unet is None or text_encoder is None:
-            hint = " (a model was passed as None)"
-        elif any(n.startswith("lora_te2_") for n in unplaced) and len(encoders) < 2:
+        if any(n.startswith("lora_te2_") for n in unplaced) and len(encoders) < 2:
             hint = " (an SDXL file: pass text_encoder=(text_encoder, text_encoder_2) and an SDXL U-Net)"
+        elif unet is None or text_encoder is None:
+            hint = " (a model was passed as None)"
         raise kohya.LoRAFileError(f"{path}: {len(unplaced)} module(s) match nothing in the given models{hint}: "
                                   f"{_preview(unplaced)}")
     layers = {}
