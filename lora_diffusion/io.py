@@ -1,7 +1,14 @@
 """Files: written all-or-nothing (a crash mid-write leaves the previous file or folder, never half of one), and
-TOML read the same way on every supported Python."""
+TOML read the same way on every supported Python.
+
+    atomic_write(path, write_fn)              one file: a temp file beside it, fsynced, renamed over it
+    build_folder_atomically(folder, fill)     one folder: fill(staging) beside it, then replace_folder
+    replace_folder(staging, folder)           the one folder replacer (what every folder save goes through)
+"""
 
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,3 +62,102 @@ def atomic_write(path, write_fn, *, mode="wb"):
             os.unlink(tmp)
         raise
     return path
+
+
+# -- folders ------------------------------------------------------------------------------------------------------
+
+
+def _fsync_path(path, folder=False):
+    """Flush one file's or folder's entry to disk. Folders cannot be opened for fsync everywhere (Windows)."""
+    try:
+        fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if folder else os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder):
+    """Every file under `folder` on disk, then the folders that name them, so a rename of `folder` that
+    survives a crash never points at files whose data was lost (symlinks are left as they are)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync_path(os.path.join(root, name))
+        _fsync_path(root, folder=True)
+
+
+def new_staging_folder(target, *, fixed_name=False) -> Path:
+    """An empty folder beside `target` (same file system, so the final rename is atomic) to fill and hand to
+    replace_folder, with the mode of an ordinary new folder (mkdtemp's would be 0o700, hiding a dataset or a
+    model from other users). fixed_name: at `<target>.tmp`, a name other processes can find without being told
+    (a leftover of an interrupted save there is deleted first); else a fresh unique `.<name>.tmp-XXXX`."""
+    target = Path(target).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fixed_name:
+        staging = target.with_name(target.name + ".tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    else:
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    os.chmod(staging, ordinary_mode(folder=True))
+    return staging
+
+
+def old_folder_names(target) -> list:
+    """Previous versions of `target` that replace_folder moved aside and could not delete (an interrupted save
+    between its two renames leaves the previous version here, under `.<name>.old-XXXX`)."""
+    target = Path(target)
+    return sorted(target.parent.glob(f".{target.name}.old-*")) if target.parent.is_dir() else []
+
+
+def replace_folder(staging, target, *, sync=True) -> Path:
+    """Move the filled folder `staging` (beside `target`, see new_staging_folder) to `target`.
+
+    An existing `target` is first renamed aside to a fresh `.<name>.old-XXXX` and deleted only after the new
+    folder is in place, so at every moment one complete version exists: a crash leaves either the old `target`,
+    or the new one, or (between the two renames) the old one under its .old- name. Nothing else is deleted.
+    sync: the staging folder's files and folders are fsynced before the rename, the parent folder after it."""
+    staging, target = Path(staging), Path(target).expanduser()
+    if sync:
+        _fsync_tree(staging)
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)  # the previous version back under its name
+        raise
+    if sync:
+        _fsync_path(target.parent, folder=True)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    return target
+
+
+def build_folder_atomically(target, fill, *, sync=True):
+    """Call fill(staging) on a fresh folder next to `target`, then replace_folder it into place, so an interrupted
+    run never leaves a half-written folder under the final name (the staging folder is removed on failure).
+    Returns what fill returned."""
+    staging = new_staging_folder(target)
+    try:
+        result = fill(staging)
+        replace_folder(staging, target, sync=sync)
+        return result
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -14,9 +14,7 @@ tensor is read, cast to `dtype` and renamed one at a time, then assigned; no ful
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
 from .convert import check_is_sd_checkpoint, clip_names, detect_v2, unet_names, vae_names
+from .io import build_folder_atomically
 from .tokenizer import load_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
@@ -187,14 +186,16 @@ def save_tiny_diffusers_folder(path, seed=0):
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new folder for the tiny diffusers model")
     models = build_tiny_models(seed=seed)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    models.unet.save_pretrained(staging / "unet")
-    models.vae.save_pretrained(staging / "vae")
-    models.text_encoder.save_pretrained(staging / "text_encoder")
-    models.tokenizer.save_pretrained(staging / "tokenizer")
-    models.noise_scheduler.save_pretrained(staging / "scheduler")
-    write_model_index(staging, "DDPMScheduler")
-    os.replace(staging, path)
+
+    def fill(staging):
+        models.unet.save_pretrained(staging / "unet")
+        models.vae.save_pretrained(staging / "vae")
+        models.text_encoder.save_pretrained(staging / "text_encoder")
+        models.tokenizer.save_pretrained(staging / "tokenizer")
+        models.noise_scheduler.save_pretrained(staging / "scheduler")
+        write_model_index(staging, "DDPMScheduler")
+
+    build_folder_atomically(path, fill)
     return path
 
 

@@ -5,12 +5,10 @@ that `lora_diffusion.cli` registers as a subcommand.
 """
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS
-from ..io import ordinary_mode
+from ..io import build_folder_atomically  # the tools write their output folders through it (io.replace_folder)
 
 __all__ = ["ToolError", "list_images", "split_concept_name", "check_output_apart", "build_folder_atomically"]
 
@@ -73,24 +71,3 @@ def check_output_folder(output, overwrite=False, inputs=()):
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ToolError(f"output folder '{output}' exists and is not empty; choose a new folder or pass overwrite")
     return output
-
-
-def build_folder_atomically(output, fill):
-    """Call fill(temp_folder) on a fresh folder next to `output`, then move it into place, so an
-    interrupted run never leaves a half-written dataset under the final name."""
-    output = Path(output).expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        os.chmod(temp, ordinary_mode(folder=True))  # mkdtemp's 0o700 would hide the dataset from other users
-        result = fill(temp)
-        old = output.with_name(f".{output.name}.old")
-        if output.exists():  # moved aside, not deleted, until the new folder is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
-        os.replace(temp, output)
-        shutil.rmtree(old, ignore_errors=True)
-        return result
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise

@@ -8,7 +8,7 @@ A state folder holds exactly:
     rng-<i>.safetensors   process i's torch CPU/CUDA generator states; python and numpy states in its header
 Nothing in it is ever unpickled, so a state folder from anywhere cannot run code: a folder holding any other file
 (a .pkl, accelerate's optimizer.bin ...) is refused, and so is one with a missing or garbled file. It is written
-to `<dir>.tmp` and renamed into place, so a crash mid-save leaves the previous state as it was.
+to `<dir>.tmp` and renamed into place (io.replace_folder), so a crash mid-save leaves the previous state as it was.
 """
 
 import json
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..io import atomic_write
+from ..io import atomic_write, new_staging_folder, old_folder_names, replace_folder
 
 TRAIN_STATE_FILE = "train_state.json"
 STATE_FORMAT = 2
@@ -77,18 +77,6 @@ def _from_json(value, tensors=None):
 # -- saving -------------------------------------------------------------------------------------------------------
 
 
-def _replace_dir(new_dir, final_dir):
-    """Move new_dir to final_dir; an existing final_dir is moved aside first and deleted only afterwards."""
-    old_dir = final_dir.with_name(final_dir.name + ".old")
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-    if final_dir.exists():
-        os.replace(final_dir, old_dir)
-    os.replace(new_dir, final_dir)
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-
-
 def _write_tensors(path, tensors, metadata=None):
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # clone: no shared storage
     data = save_safetensors_bytes(tensors, metadata)
@@ -122,7 +110,7 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
     batches of that epoch already consumed; extra: any JSON-able dict. Refuses (StateError) to write NaN/inf.
     """
     state_dir = Path(state_dir)
-    tmp_dir = state_dir.with_name(state_dir.name + ".tmp")
+    tmp_dir = state_dir.with_name(state_dir.name + ".tmp")  # what new_staging_folder(fixed_name=True) makes
     main = accelerator is None or accelerator.is_main_process
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     weights = network.state_dict()
@@ -137,9 +125,7 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
                   scaler=None if scaler is None else _to_json(scaler.state_dict(), "the GradScaler"))
     text = json.dumps(record, indent=1)  # every check above runs on every process, before any of them waits
     if main:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)  # leftover of an interrupted save
-        tmp_dir.mkdir(parents=True)
+        new_staging_folder(state_dir, fixed_name=True)  # a leftover of an interrupted save there is deleted
     _wait(accelerator)
     rng_tensors, rng_header = _rng_state()
     _write_tensors(tmp_dir / f"rng-{rank}.safetensors", rng_tensors, rng_header)
@@ -149,7 +135,7 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
     _wait(accelerator)  # every rng file is there before train_state.json marks the folder complete
     if main:
         atomic_write(tmp_dir / TRAIN_STATE_FILE, lambda f: f.write(text), mode="w")
-        _replace_dir(tmp_dir, state_dir)
+        replace_folder(tmp_dir, state_dir)
     _wait(accelerator)
     return state_dir
 
@@ -168,9 +154,9 @@ EXPECTED = "a folder written by --save_state (train_state.json, network.safetens
 def _read_record(state_dir):
     state_dir = Path(state_dir)
     if not state_dir.is_dir():
-        hint = ""
-        if state_dir.with_name(state_dir.name + ".old").is_dir():
-            hint = f" ({state_dir.name}.old exists: a save was interrupted between two renames; rename it back)"
+        hint, old = "", old_folder_names(state_dir)
+        if old:
+            hint = f" ({old[-1].name} exists: a save was interrupted between two renames; rename it back)"
         raise StateNotFoundError(f"--resume {state_dir}: no such folder; expected {EXPECTED}{hint}")
     path = state_dir / TRAIN_STATE_FILE
     if not path.is_file():
