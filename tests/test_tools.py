@@ -66,6 +66,22 @@ def test_excise_case_sensitive_and_substrings(captioned, tmp_path):
     assert (tmp_path / "sub" / "10_people" / "a.txt").read_text() == "A wo, woly smile, Wo in red, outdoors"
 
 
+def test_tools_read_captions_verbatim_with_the_datasets_reader(captioned, tmp_path):
+    from lora_diffusion.data.captions import read_caption
+
+    two_lines = captioned / "10_people" / "c.txt"
+    two_lines.write_text("\ufeff  landscape, woman\nsky \n", encoding="utf-8")
+    assert read_caption(two_lines, verbatim=True) == "  landscape, woman\nsky \n"  # excise rewrites the whole file
+    with pytest.warns(UserWarning, match="2 lines"):
+        assert read_caption(two_lines) == "landscape, woman"  # the trainer's caption: the first line
+    excise_captions(captioned, tmp_path / "out", ["woman"], caption_extension="txt")  # the dot is added
+    out = tmp_path / "out" / "10_people" / "c.txt"
+    assert out.read_text(encoding="utf-8") == "landscape\nsky\n"  # both lines kept
+    (captioned / "10_people" / "a.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ToolError, match="a.txt' is not UTF-8"):
+        excise_captions(captioned, tmp_path / "bad", ["woman"])
+
+
 def test_excise_refuses_bad_outputs(captioned, tmp_path):
     with pytest.raises(ToolError, match="inside the input"):
         excise_captions(captioned, captioned / "out", ["x"])

@@ -7,13 +7,21 @@ from lora_diffusion.data.errors import DatasetError, warn
 from lora_diffusion.data.subset import Subset
 
 
-def read_caption(path: Path) -> str:
-    """The first non-empty line of a UTF-8 caption file (a BOM is fine); '' for an empty file."""
+def read_caption(path, *, verbatim=False, error=DatasetError) -> str:
+    """A UTF-8 caption file (a BOM is fine); the one caption reader of the dataset and the tools.
+
+    verbatim=False: the caption the trainer uses, the first non-empty line stripped ('' for an empty file; a
+    warning when there are more lines). verbatim=True: the file's whole text as written (the BOM dropped), for a
+    tool that rewrites or copies the file. A file that is not UTF-8 raises `error` (DatasetError; the tools pass
+    their ToolError) naming it."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"caption file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                           f"re-save it as UTF-8") from None
+        raise error(f"caption file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
+                    f"re-save it as UTF-8") from None
+    if verbatim:
+        return text
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1:
         warn(f"caption file {path} has {len(lines)} lines; only the first is used")

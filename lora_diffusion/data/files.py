@@ -19,3 +19,9 @@ MAX_REPEATS = 10_000
 
 def is_image_file(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def dotted_extension(extension: str) -> str:
+    """A caption extension as written in a file name: 'txt' -> '.txt' ('.txt' stays); the one normalisation of
+    caption_extension (dataset options, excise, caption-sets)."""
+    return extension if extension.startswith(".") else "." + extension

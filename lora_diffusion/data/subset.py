@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lora_diffusion.data.errors import DatasetError
-from lora_diffusion.data.files import MAX_REPEATS
+from lora_diffusion.data.files import MAX_REPEATS, dotted_extension
 
 
 def _option(default, kind, level):
@@ -79,8 +79,7 @@ def check_subset(s: Subset, where: str) -> Subset:
     ext = s.caption_extension
     if not isinstance(ext, str) or not ext.strip(". "):
         bad("caption_extension", "a file extension such as '.txt'")
-    if not ext.startswith("."):
-        s = replace(s, caption_extension="." + ext)
+    s = replace(s, caption_extension=dotted_extension(ext))
     s = replace(s, resolution=parse_resolution(s.resolution, f"{where}: resolution"))
     if not isinstance(s.num_repeats, int) or isinstance(s.num_repeats, bool) or not 1 <= s.num_repeats <= MAX_REPEATS:
         bad("num_repeats", f"an integer from 1 to {MAX_REPEATS} (use more epochs for more steps)")

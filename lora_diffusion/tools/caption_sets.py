@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.captions import read_caption
+from ..data.files import dotted_extension
 from . import ToolError, build_folder_atomically, check_output_folder, list_images, require_folder
 
 
@@ -73,7 +75,7 @@ def build_caption_sets(image_dir, output_dir, sets: dict, *, repeats=10, caption
         raise ToolError(f"repeats must be an integer >= 1, got {repeats!r}")
     if missing not in ("error", "empty", "skip"):
         raise ToolError(f"missing must be 'error', 'empty' or 'skip', got {missing!r}")
-    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+    extension = dotted_extension(caption_extension)
     for name in sets:
         if not name or name != Path(name).name or name.startswith("."):
             raise ToolError(f"caption set name {name!r} must be a plain folder name such as 'wd'")
@@ -113,18 +115,13 @@ def build_caption_sets(image_dir, output_dir, sets: dict, *, repeats=10, caption
             (temp / folder).mkdir()
             for image, caption_file in rows:
                 _place(image, temp / folder / image.name, link)
-                text = "" if caption_file is None else _read_caption(caption_file)
+                text = ""  # the source's whole text, stripped: a caption file like its source, not one line of it
+                if caption_file is not None:
+                    text = read_caption(caption_file, verbatim=True, error=ToolError).strip()
                 (temp / folder / (image.stem + extension)).write_text(text, encoding="utf-8")
 
     build_folder_atomically(output_dir, fill)
     return report
-
-
-def _read_caption(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise ToolError(f"caption file '{path}' is not UTF-8 text; re-save it as UTF-8") from None
 
 
 def _place(source: Path, target: Path, link: bool):

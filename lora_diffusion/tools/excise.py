@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.captions import read_caption
+from ..data.files import dotted_extension
 from . import ToolError, build_folder_atomically, check_output_folder, require_folder
 
 
@@ -73,7 +75,7 @@ def excise_captions(input_dir, output_dir, phrases, *, caption_extension=".txt",
     """Copy `input_dir` (recursively) to `output_dir`, removing `phrases` from every caption file."""
     input_dir = require_folder(input_dir, "input folder")
     output_dir = check_output_folder(output_dir, overwrite, inputs=[input_dir])
-    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+    extension = dotted_extension(caption_extension)
     pattern = phrase_pattern(phrases, case_sensitive=case_sensitive, whole_words=whole_words)
     report = ExcisionReport(output_dir)
 
@@ -88,10 +90,7 @@ def excise_captions(input_dir, output_dir, phrases, *, caption_extension=".txt",
                     shutil.copy2(source, target)
                     report.files_copied += 1
                     continue
-                try:
-                    before = source.read_text(encoding="utf-8-sig")
-                except UnicodeDecodeError:
-                    raise ToolError(f"caption file '{source}' is not UTF-8 text; re-save it as UTF-8") from None
+                before = read_caption(source, verbatim=True, error=ToolError)  # rewritten as it was, less the phrases
                 after, removed = excise_text(before, pattern)
                 target.write_text(after, encoding="utf-8")
                 shutil.copystat(source, target)
