@@ -7,7 +7,9 @@
         1_dog/ ...
 
 LoRADataset(train_data_dir, reg_data_dir, **kohya_flag_names) or LoRADataset.from_config("dataset.toml").
-ds[i] -> {"image" (3,H,W) in [-1,1] | "latents" (4,h,w), "caption", "is_reg", "bucket" (w,h), "path"}.
+ds[i] -> {"image" (3,H,W) in [-1,1] | "latents" (4,h,w), "caption", "is_reg", "bucket" (w,h), "path",
+"original_size" (w,h) of the image as displayed, "crop" (left, top) of the bucket's window in the resized (and
+flipped) image}: the last two are SDXL's size and crop conditioning.
 BucketBatchSampler draws every batch from one bucket; collate_fn stacks a batch.
 Every random choice (caption shuffle/dropout, flip, crop) is a function of (seed, epoch, sample index).
 
@@ -29,7 +31,7 @@ from lora_diffusion.data.captions import process_caption
 from lora_diffusion.data.config_file import read_dataset_config
 from lora_diffusion.data import files as image_files
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
-from lora_diffusion.data.images import load_image
+from lora_diffusion.data.images import center_crop, load_image
 from lora_diffusion.data.latents import (encode_latents, latent_cache_key, latent_file_path, latent_shape,
                                          read_latent_file, vae_fingerprint, write_latent_file)
 from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
@@ -189,6 +191,10 @@ class LoRADataset(torch.utils.data.Dataset):
         """Every caption the dataset can give when no caption option is random."""
         return {process_caption(e.caption, self.subsets[e.subset], random.Random(0)) for e in self.entries}
 
+    def fixed_caption_of(self, entry) -> str:
+        """The caption an entry always gives when no caption option is random."""
+        return process_caption(entry.caption, self.subsets[entry.subset], random.Random(0))
+
     def __len__(self):
         return len(self.sample_entry)
 
@@ -207,21 +213,26 @@ class LoRADataset(torch.utils.data.Dataset):
             entry_index = self._replacement.get(entry_index, entry_index)  # an image that failed to decode
             plain, flipped = self._latents[entry_index]
             latents = flipped if flip and flipped is not None else plain
+            # cached latents are center crops: the crop follows from the size and bucket (both in the cache key)
+            entry = self.entries[entry_index]
+            crop = center_crop(entry.size, entry.bucket, flip=latents is flipped)
         else:
             crop_rng = self._rng(index, "crop") if subset.random_crop else None
-            image, entry_index = self._load_with_fallback(entry_index, crop_rng, flip)
+            (image, crop), entry_index = self._load_with_fallback(entry_index, crop_rng, flip)
         entry = self.entries[entry_index]
         subset = self.subsets[entry.subset]
         return {"image": image, "latents": latents,
                 "caption": process_caption(entry.caption, subset, self._rng(index, "caption")),
-                "is_reg": subset.is_reg, "bucket": entry.bucket, "path": str(entry.path)}
+                "is_reg": subset.is_reg, "bucket": entry.bucket, "path": str(entry.path),
+                "original_size": tuple(entry.size), "crop": tuple(crop)}
 
     def _load_with_fallback(self, entry_index, crop_rng, flip):
         """A file that fails to decode mid-training is replaced by the next image of the same bucket
         (with its own caption), with a warning naming it, instead of killing a long run."""
         bucket = self.entries[entry_index].bucket
         try:
-            return load_image(self.entries[entry_index].path, bucket, crop_rng=crop_rng, flip=flip), entry_index
+            return load_image(self.entries[entry_index].path, bucket, crop_rng=crop_rng, flip=flip,
+                              return_crop=True), entry_index
         except Exception as e:
             failures = [f"{self.entries[entry_index].path}: {type(e).__name__}: {e}"]
             warn(f"could not decode image '{self.entries[entry_index].path}' ({type(e).__name__}: {e}); "
@@ -230,7 +241,8 @@ class LoRADataset(torch.utils.data.Dataset):
         start = same_bucket.index(entry_index)
         for candidate in same_bucket[start + 1:] + same_bucket[:start]:
             try:
-                return load_image(self.entries[candidate].path, bucket, crop_rng=crop_rng, flip=flip), candidate
+                return load_image(self.entries[candidate].path, bucket, crop_rng=crop_rng, flip=flip,
+                                  return_crop=True), candidate
             except Exception as e:
                 failures.append(f"{self.entries[candidate].path}: {type(e).__name__}: {e}")
                 warn(f"could not decode image '{self.entries[candidate].path}' ({type(e).__name__}: {e}); "
@@ -423,11 +435,15 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def collate_fn(items):
-    """A list of dataset items -> {"images" or "latents": stacked, "captions", "is_reg", "paths", "buckets"}."""
+    """A list of dataset items -> {"images" or "latents": stacked, "captions", "is_reg", "paths", "buckets",
+    "original_sizes" (w, h) and "crops" (left, top) per item (SDXL's size and crop conditioning)}."""
     batch = {"captions": [item["caption"] for item in items],
              "is_reg": torch.tensor([item["is_reg"] for item in items], dtype=torch.bool),
              "paths": [item["path"] for item in items],
              "buckets": [item["bucket"] for item in items]}
+    if all("original_size" in item and "crop" in item for item in items):  # items of other datasets may lack them
+        batch["original_sizes"] = [tuple(item["original_size"]) for item in items]
+        batch["crops"] = [tuple(item["crop"]) for item in items]
     if len(set(batch["buckets"])) > 1:
         raise DatasetError(f"a batch mixes buckets {sorted(set(batch['buckets']))}: use BucketBatchSampler "
                            f"(or enable_bucket=False) so that all images in a batch have one size")

@@ -49,9 +49,19 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=False) -> torch.Tensor:
+def center_crop(image_size, bucket, *, flip=False):
+    """(left, top) of the bucket's window in the image resized to cover it (`image_size` (w, h) as displayed), as
+    load_image crops without `crop_rng`; with `flip`, the window's left in the mirrored image. The SDXL trainer
+    passes these as the U-Net's crop coordinates."""
+    resized_w, resized_h = cover_size(image_size, bucket)
+    left, top = (resized_w - bucket[0]) // 2, (resized_h - bucket[1]) // 2
+    return (resized_w - bucket[0] - left if flip else left), top
+
+
+def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=False, return_crop=False):
     """Decode `path`, resize it to cover `bucket` (w, h) and crop (center, or random with `crop_rng`).
-    Returns a float32 tensor (3, h, w) in [-1, 1]."""
+    Returns a float32 tensor (3, h, w) in [-1, 1]; with `return_crop`, (tensor, (left, top)): the crop's offset in
+    the resized image (flipped: in the mirrored one), what SDXL's crop conditioning takes."""
     bucket_w, bucket_h = bucket
     with Image.open(path) as img:
         orientation = _orientation(img)
@@ -71,6 +81,10 @@ def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=Fals
             left, top = crop_rng.randint(0, resized_w - bucket_w), crop_rng.randint(0, resized_h - bucket_h)
         else:
             left, top = (resized_w - bucket_w) // 2, (resized_h - bucket_h) // 2
+        if crop_rng is None:  # the displayed size's, also for a JPEG decoded at a reduced size (as the latent cache)
+            crop = center_crop((shown_w, shown_h), bucket, flip=flip)
+        else:
+            crop = (max(0, resized_w - bucket_w - left) if flip else left, top)
         # resize only the cropped region: one resampling pass, same pixels as resize-then-crop
         sx, sy = img.width / resized_w, img.height / resized_h
         box = (left * sx, top * sy, (left + bucket_w) * sx, (top + bucket_h) * sy)
@@ -83,4 +97,4 @@ def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=Fals
     out_np = out.numpy()
     np.divide(pixels.transpose(2, 0, 1), np.float32(127.5), out=out_np, dtype=np.float32, casting="unsafe")
     out_np -= 1.0
-    return out
+    return (out, crop) if return_crop else out
