@@ -22,8 +22,8 @@ package = types.ModuleType("lora_diffusion")
 package.__path__ = [str(ROOT / "lora_diffusion")]
 sys.modules["lora_diffusion"] = package
 
-from lora_diffusion.config import ConfigFileError, read_config_file  # noqa: E402
-from lora_diffusion.data.config_file import read_dataset_config  # noqa: E402
+from lora_diffusion.data.dataset_config import read_dataset_config  # noqa: E402
+from lora_diffusion.flag_file import ConfigFileError, read_config_file  # noqa: E402
 from lora_diffusion.data.errors import DatasetError  # noqa: E402
 from lora_diffusion.data.subset import FLAG_DEFAULTS  # noqa: E402
 

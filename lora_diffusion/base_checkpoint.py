@@ -1,4 +1,4 @@
-"""Reading one checkpoint file (.safetensors, or .ckpt/.pt through torch.load) a tensor at a time.
+"""Reading one base-model checkpoint file (.safetensors, or .ckpt/.pt through torch.load) a tensor at a time.
 
     reader = CheckpointReader("v1-5-pruned-emaonly.safetensors", torch.float16)
     reader.names                                  # every key in the file

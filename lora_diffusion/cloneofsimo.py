@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .checkpoint import _pickle_detail
+from .base_checkpoint import _pickle_detail
 from .inject import (DEFAULT_TARGET_REPLACE, INJECTED, TEXT_ENCODER_DEFAULT_TARGET_REPLACE,
                      TEXT_ENCODER_EXTENDED_TARGET_REPLACE, UNET_DEFAULT_TARGET_REPLACE, UNET_EXTENDED_TARGET_REPLACE,
                      LoraInjectedConv2d, LoraInjectedLinear, _is_text_encoder, _networks, find_modules,

@@ -6,7 +6,7 @@ diffusers' names.
 
 import re
 
-from .checkpoint import ModelLoadError
+from .base_checkpoint import ModelLoadError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

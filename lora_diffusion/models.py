@@ -9,7 +9,7 @@
 Single files are converted with the configs shipped in assets/ (v1, v2, v2-v) and the shipped CLIP tokenizer,
 so nothing ever touches the network. Loading is lean on memory: modules are built on the meta device and each
 tensor is read, cast to `dtype` and renamed one at a time, then assigned; no full fp32 copy is ever held when
-`dtype` is half. Reading a file lives in checkpoint.py, renaming its keys to diffusers' names in convert.py.
+`dtype` is half. Reading a file lives in base_checkpoint.py, renaming its keys to diffusers' names in convert.py.
 """
 
 import json
@@ -24,7 +24,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
+from .base_checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
 from .convert import check_is_sd_checkpoint, clip_names, detect_v2, unet_names, vae_names
 from .io import build_folder_atomically
 from .tokenizer import load_clip_tokenizer

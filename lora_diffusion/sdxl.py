@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from . import convert
-from .checkpoint import ModelLoadError
+from .base_checkpoint import ModelLoadError
 from .tokenizer import load_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"

@@ -164,7 +164,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
-    from lora_diffusion.config import read_config_file
+    from lora_diffusion.flag_file import read_config_file
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)

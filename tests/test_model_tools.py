@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_diffusion import create_network, load_network
-from lora_diffusion.checkpoint import SafetensorsFile
+from lora_diffusion.base_checkpoint import SafetensorsFile
 from lora_diffusion.cli import main
 from lora_diffusion.convert import original_names
 from lora_diffusion.models import ASSETS, build_tiny_models, empty_modules, load_models, save_tiny_diffusers_folder

@@ -403,7 +403,7 @@ def test_single_file_sd2(tmp_path, no_network):
 def test_safetensors_reader_matches_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from lora_diffusion.checkpoint import SafetensorsFile
+    from lora_diffusion.base_checkpoint import SafetensorsFile
 
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
                "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4),

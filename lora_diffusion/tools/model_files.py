@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .. import convert
-from ..checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ModelLoadError, release_file_pages
+from ..base_checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ModelLoadError, release_file_pages
 from ..io import atomic_write
 from ..kohya import LoRAFileError, ModuleWeights
 from ..targets import canonical_kohya_name, canonical_text_encoder_path, kohya_name
