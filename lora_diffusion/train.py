@@ -37,11 +37,12 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                    "and exit")
 
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="diffusers folder, SD1.x/2.x .safetensors/.ckpt, or "
-                   "builtin:tiny")
+    g.add_argument("--pretrained_model_name_or_path", help="diffusers folder, SD1.x/2.x/SDXL .safetensors/.ckpt, "
+                   "builtin:tiny or builtin:tiny-xl (SDXL is detected: see docs/guide.md)")
     g.add_argument("--v2", action="store_true", help="the model is SD2.x (detected from single files)")
     g.add_argument("--v_parameterization", action="store_true", help="v-prediction (SD2.x 768-v)")
-    g.add_argument("--clip_skip", type=int, help="use the output of the k-th last text-encoder layer (2: penultimate)")
+    g.add_argument("--clip_skip", type=int, help="use the output of the k-th last text-encoder layer (2: penultimate); "
+                   "ignored for SDXL, which always uses the penultimate layers")
     g.add_argument("--max_token_length", type=int, choices=[75, 150, 225])
 
     g = p.add_argument_group("data (see docs/dataset.md)")
@@ -49,10 +50,10 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     g.add_argument("--reg_data_dir", help="the parent of <repeats>_<class> regularization folders")
     g.add_argument("--dataset_config", help="kohya dataset config TOML ([general], [[datasets]], [[datasets.subsets]])")
     g.add_argument("--caption_extension", default=".txt")
-    g.add_argument("--resolution", default="512", help="W or W,H")
+    g.add_argument("--resolution", help="W or W,H (default: 512, or 1024 for SDXL)")
     g.add_argument("--enable_bucket", action="store_true")
-    g.add_argument("--min_bucket_reso", type=int, default=256)
-    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--min_bucket_reso", type=int, help="default: 256, or 512 for SDXL without --resolution")
+    g.add_argument("--max_bucket_reso", type=int, help="default: 1024, or 2048 for SDXL without --resolution")
     g.add_argument("--bucket_reso_steps", type=int, default=64)
     g.add_argument("--bucket_no_upscale", action="store_true")
     g.add_argument("--random_crop", action="store_true")
@@ -72,6 +73,13 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                    help="run the VAE on every step instead (kohya's default; draws a fresh latent sample each time)")
     g.add_argument("--cache_latents_to_disk", action="store_true")
     g.add_argument("--vae_batch_size", type=int, default=1)
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 also under bf16 (under fp16 it "
+                   "always is: SD's VAEs overflow in fp16)")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode each caption once before training (needs frozen text encoders: "
+                        "--network_train_unet_only, and fixed captions); done anyway when both hold")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="and keep them next to the images (<stem>_te_<key>.safetensors) for later runs")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--max_data_loader_n_workers", type=int, help="default: 0 with cached latents, else up to 4")
 
@@ -191,6 +199,21 @@ def check_args(args):
             f"LoCon, LoHa, LoKr, DoRA)")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         bad("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.cache_text_encoder_outputs_to_disk:
+        args.cache_text_encoder_outputs = True
+    if args.cache_text_encoder_outputs:
+        if not args.network_train_unet_only and args.text_encoder_lr != 0:
+            bad("--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only (kohya's "
+                "recommendation for SDXL)")
+        if args.token_string:
+            bad("--cache_text_encoder_outputs and --token_string exclude each other (the new token's embedding "
+                "trains inside the text encoder)")
+        random_captions = [f"--{name}" for name in ("shuffle_caption", "caption_dropout_rate",
+                                                     "caption_tag_dropout_rate") if getattr(args, name)]
+        if random_captions:
+            bad(f"--cache_text_encoder_outputs needs captions that never change; drop {', '.join(random_captions)}")
+    if not args.output_config:
+        resolve_model_defaults(args)
     if args.cache_latents_to_disk:
         if args.cache_latents is False:
             bad("--cache_latents_to_disk and --no_cache_latents exclude each other")
@@ -246,6 +269,41 @@ def check_args(args):
     if unknown:
         bad(f"--validation_metrics: unknown {', '.join(sorted(unknown))}; expected judge, fid, kid")
     network_options(args)  # a bad --network_args before any work
+
+
+def looks_like_sdxl(name) -> bool:
+    """Is the model SDXL? From its name, folder or safetensors header only (no weights read); a .ckpt says False
+    (then the SD defaults apply and load_base_models warns)."""
+    from lora_diffusion.models import BUILTIN_TINY_XL
+
+    if name == BUILTIN_TINY_XL:
+        return True
+    path = Path(str(name)).expanduser()
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir()
+    if path.is_file() and path.suffix == ".safetensors":
+        from lora_diffusion.checkpoint import SafetensorsFile
+        from lora_diffusion.sdxl import is_sdxl_checkpoint
+
+        try:
+            return is_sdxl_checkpoint(SafetensorsFile(path).entries)
+        except (OSError, ValueError):
+            return False  # the loader names the problem
+    return False
+
+
+def resolve_model_defaults(args):
+    """The flags whose defaults depend on the model: --resolution 512 (SDXL: 1024, with buckets from 512 to 2048
+    px unless --min/--max_bucket_reso are given; kohya's SDXL recommendation), buckets from 256 to 1024 px."""
+    sdxl = args.resolution is None and args.pretrained_model_name_or_path and \
+        looks_like_sdxl(args.pretrained_model_name_or_path)
+    args.resolution_defaulted = args.resolution is None
+    if args.resolution is None:
+        args.resolution = "1024" if sdxl else "512"
+    if args.min_bucket_reso is None:
+        args.min_bucket_reso = 512 if sdxl else 256
+    if args.max_bucket_reso is None:
+        args.max_bucket_reso = 2048 if sdxl else 1024
 
 
 _KOHYA_ARGS = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
@@ -402,13 +460,18 @@ def load_base_models(args, weight_dtype, device):
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    if models.sdxl:
+        check_sdxl_args(args, models)
     layers = text_encoder.config.num_hidden_layers
     if args.clip_skip is not None and args.clip_skip > layers:
         raise TrainingError(f"--clip_skip {args.clip_skip}: this text encoder has {layers} layers (2 = penultimate)")
-    for model in (unet, text_encoder, vae):
-        model.requires_grad_(False).eval()
-    if vae.dtype == torch.float16:
-        vae.to(torch.float32)  # SD1.x's VAE overflows into NaN latents in fp16 (not in bf16, which is kept: 2x faster)
+    for model in (unet, text_encoder, vae, models.text_encoder_2):
+        if model is not None:
+            model.requires_grad_(False).eval()
+    if vae.dtype == torch.float16 or (args.no_half_vae and vae.dtype != torch.float32):
+        # SD1.x's and SDXL's VAEs overflow into NaN latents in fp16 (diffusers' force_upcast); bf16 is kept (2x
+        # faster) unless --no_half_vae
+        vae.to(torch.float32)
     if args.xformers:
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -418,10 +481,30 @@ def load_base_models(args, weight_dtype, device):
     return models
 
 
+def check_sdxl_args(args, models):
+    """What does not apply to SDXL, named before any work on it."""
+    if args.clip_skip is not None:  # as kohya's sdxl_train_network: a warning, and the penultimate layers
+        print(f"warning: --clip_skip {args.clip_skip} is ignored for SDXL, which always uses the penultimate layer "
+              f"of both text encoders", file=sys.stderr)
+        args.clip_skip = None
+    if args.v2:
+        raise TrainingError(f"{models.name} is an SDXL model; --v2 does not apply to it")
+    if args.token_string:
+        raise TrainingError("--token_string (pivotal tuning) is SD1.x/2.x only for now: SDXL would need the new "
+                            "token in both text encoders")
+    if args.validation_split is not None or args.validation_data_dir or args.validation_prompts:
+        raise TrainingError("--validation_split/--validation_data_dir/--validation_prompts are SD1.x/2.x only for "
+                            "now; on SDXL use --sample_prompts to watch the LoRA")
+    if getattr(args, "resolution_defaulted", False) and args.resolution == "512":
+        print(f"warning: {models.name} is SDXL but --resolution defaulted to 512 (SDXL was not detected from the "
+              f"file name); SDXL trains at --resolution 1024", file=sys.stderr)
+
+
 def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
-    """Latents (--cache_latents) and, for a frozen text encoder and fixed captions, the text encoder's outputs;
-    then the models that are no longer needed leave the device. Returns the text cache or None."""
-    from lora_diffusion.training import cache_text_encoder_outputs
+    """Latents (--cache_latents) and, for frozen text encoders and fixed captions, the text encoders' outputs
+    (--cache_text_encoder_outputs asks for them and fails when they cannot be cached; _to_disk keeps them next to
+    the images); then the models that are no longer needed leave the device. Returns the text cache or None."""
+    from lora_diffusion import training
 
     device = accelerator.device
     if args.cache_latents:
@@ -429,14 +512,38 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
             dataset.cache_latents(models.vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
                                   device=device, dtype=models.vae.dtype)
     text_cache = None
-    if not train_text_encoder and not args.token_string and dataset.captions_are_fixed():
-        text_cache = cache_text_encoder_outputs(dataset.fixed_captions(), models.tokenizer, models.text_encoder,
-                                                device=device, clip_skip=args.clip_skip,
-                                                max_token_length=args.max_token_length)
+    cacheable = not train_text_encoder and not args.token_string and dataset.captions_are_fixed()
+    if args.cache_text_encoder_outputs and not cacheable:
+        raise TrainingError("--cache_text_encoder_outputs: the captions of the dataset config change from epoch to "
+                            "epoch (shuffle_caption or caption dropout in a subset); drop those or the flag")
+    encoders = [e for e in (models.text_encoder, models.text_encoder_2) if e is not None]
+    if cacheable:
+        if models.sdxl:
+            def encode(captions):
+                return training.cache_text_encoder_outputs_sdxl(
+                    captions, (models.tokenizer, models.tokenizer_2), encoders, device=device,
+                    max_token_length=args.max_token_length)
+        else:
+            def encode(captions):
+                return training.cache_text_encoder_outputs(captions, models.tokenizer, models.text_encoder,
+                                                           device=device, clip_skip=args.clip_skip,
+                                                           max_token_length=args.max_token_length)
+        if args.cache_text_encoder_outputs_to_disk:
+            from lora_diffusion.training.text_cache import cache_text_outputs_on_disk, encoders_fingerprint
+
+            fields = dict(encoders=encoders_fingerprint(encoders), sdxl=bool(models.sdxl),
+                          max_token_length=args.max_token_length, clip_skip=args.clip_skip,
+                          dtype=str(encoders[0].dtype))
+            with accelerator.main_process_first():
+                text_cache, read, written = cache_text_outputs_on_disk(dataset, encode, fields)
+            accelerator.print(f"text-encoder outputs: {read} cache files read, {written} written")
+        else:
+            text_cache = encode(dataset.fixed_captions())
     if args.cache_latents:
         models.vae.to("cpu")  # sampling moves it back for as long as it needs it
     if text_cache is not None:
-        models.text_encoder.to("cpu")
+        for encoder in encoders:
+            encoder.to("cpu")
     return text_cache
 
 
@@ -477,7 +584,7 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     from lora_diffusion import create_network
 
     unet, text_encoder = models.unet, models.text_encoder
-    network = create_network(unet, text_encoder, rank=args.network_dim, alpha=args.network_alpha,
+    network = create_network(unet, models.text_encoders, rank=args.network_dim, alpha=args.network_alpha,
                              dropout=args.network_dropout, train_unet=train_unet,
                              train_text_encoder=train_text_encoder, **network_options(args))
     embedding, embedding_steps = None, 0
@@ -499,10 +606,12 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoders = [e for e in (text_encoder, models.text_encoder_2) if e is not None]
+        for encoder in encoders:
+            if train_text_encoder:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            encoder.train(train_text_encoder)
         unet.train()  # diffusers and transformers only checkpoint in training mode; dropout is 0 in SD
-        text_encoder.train(train_text_encoder)
     return network, embedding, embedding_steps
 
 

@@ -44,7 +44,7 @@ class Run:
     weight_dtype: torch.dtype
     params: list  # the parameters that train (the LoRA's, a new token's embedding)
     prompts: list | None = None  # --sample_prompts, read
-    text_cache: dict | None = None  # caption -> encoder states, for a frozen text encoder and fixed captions
+    text_cache: dict | None = None  # caption -> encoder states (SDXL: (context, pooled)), frozen encoders only
     embedding: Any = None  # --token_string's new vectors
     embedding_steps: int = 0  # they train during the first embedding_steps steps
     train_text_encoder: bool = True
@@ -123,6 +123,14 @@ def sample(run: Run, state: RunState, epoch=None):
     # generate_samples puts every module (the LoRA too: no dropout in the pictures) in eval mode and gives each
     # submodule its own mode back: the frozen base stays in eval, the LoRA in train mode.
     args, models = run.args, run.models
+    if getattr(models, "sdxl", False):
+        from lora_diffusion.sdxl import generate_sdxl_samples
+
+        state.last_samples = generate_sdxl_samples(
+            models, prompts=run.prompts, out_dir=run.output_dir / "sample", step=state.step, epoch=epoch,
+            output_name=args.output_name, device=run.device, dtype=run.weight_dtype, sampler=args.sample_sampler,
+            seed=args.seed, expand_prompt=run.network.expand_prompt)
+        return
     state.last_samples = training.generate_samples(
         tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae, unet=models.unet,
         noise_scheduler=models.noise_scheduler, prompts=run.prompts, out_dir=run.output_dir / "sample",
@@ -144,7 +152,20 @@ def compute_loss(run: Run, batch):
             images = batch["images"].to(device, vae.dtype)
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
     latents = latents.to(run.weight_dtype)
-    if run.text_cache is not None:
+    added = {}
+    if getattr(models, "sdxl", False):  # both encoders' states, the pooled embedding, size and crop per sample
+        if run.text_cache is not None:
+            context = torch.stack([run.text_cache[c][0] for c in batch["captions"]]).to(device)
+            pooled = torch.stack([run.text_cache[c][1] for c in batch["captions"]]).to(device)
+        else:
+            with torch.set_grad_enabled(run.train_text_encoder), accelerator.autocast():
+                context, pooled = training.encode_prompts_sdxl(
+                    (models.tokenizer, models.tokenizer_2), (models.text_encoder, models.text_encoder_2),
+                    [run.network.expand_prompt(c) for c in batch["captions"]], max_token_length=args.max_token_length)
+        added = {"added_cond_kwargs": {"text_embeds": pooled.to(device, run.weight_dtype),
+                                       "time_ids": training.sdxl_time_ids(batch, device=device,
+                                                                          dtype=run.weight_dtype)}}
+    elif run.text_cache is not None:
         context = torch.stack([run.text_cache[c] for c in batch["captions"]]).to(device)
     else:
         grad = run.train_text_encoder or (embedding is not None and embedding.weight.requires_grad)
@@ -160,7 +181,7 @@ def compute_loss(run: Run, batch):
     noisy, target = training.training_target(models.noise_scheduler, latents, noise, timesteps,
                                              models.v_parameterization)
     with accelerator.autocast():
-        pred = models.unet(noisy, timesteps, context.to(run.weight_dtype)).sample
+        pred = models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
     return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
                                    min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
                                    is_reg=batch["is_reg"].to(device), prior_loss_weight=args.prior_loss_weight)
