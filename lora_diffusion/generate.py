@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .base_checkpoint import PRECISION_DTYPES  # --dtype's names
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
@@ -92,7 +92,7 @@ def add_arguments(parser):
     parser.add_argument("--v2", action="store_true")
     parser.add_argument("--v_parameterization", action="store_true")
     parser.add_argument("--clip_skip", type=int)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(PRECISION_DTYPES), default="fp32")
     parser.add_argument("--out", default="output/generate")
 
 
@@ -108,7 +108,8 @@ def run(args) -> int:
         raise ValueError("give at least one --prompt or a --prompts file")
     paths = generate(args.model, [parse_lora_spec(s) for s in args.lora], prompts, args.out, merge=args.merge,
                      v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
-                     dtype=DTYPES[args.dtype], sampler=args.sampler, clip_skip=args.clip_skip, seed=args.seed)
+                     dtype=PRECISION_DTYPES[args.dtype], sampler=args.sampler, clip_skip=args.clip_skip,
+                     seed=args.seed)
     for path in paths:
         print(path)
     return 0

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .. import convert
-from ..base_checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ModelLoadError, release_file_pages
+from ..base_checkpoint import PRECISION_DTYPES, SAFETENSORS_DTYPES, CheckpointReader, release_file_pages
 from ..io import atomic_write
 from ..kohya import LoRAFileError, ModuleWeights
 from ..targets import canonical_kohya_name, canonical_text_encoder_path, kohya_name
@@ -29,7 +29,6 @@ from . import build_folder_atomically, check_output_apart
 
 PARTS = ("unet", "vae", "text_encoder")
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -41,9 +40,9 @@ def precision(name):
     """'fp16' -> torch.float16; None keeps each tensor's stored dtype."""
     if name is None:
         return None
-    if name not in PRECISIONS:
-        raise ModelToolError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[name]
+    if name not in PRECISION_DTYPES:
+        raise ModelToolError(f"precision {name!r} is not one of {', '.join(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[name]
 
 
 def check_output(output, inputs, overwrite=False):

@@ -12,7 +12,9 @@ import torch
 
 from .errors import TrainingError
 
-SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --save_precision (kohya's names: float, fp16, bf16; None keeps the training dtype)
+SAVE_PRECISION_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = SAVE_PRECISION_DTYPES  # the old name, still imported by training/loop.py
 
 
 def prepare_output_dir(output_dir: Path):
@@ -49,7 +51,8 @@ def outputs_of_other_runs(output_dir: Path, output_name: str, session_id: str) -
 def check_free_space(output_dir: Path, network, args):
     """Roughly: two copies of the largest save (an atomic write keeps the old file until the new one is whole)."""
     n = sum(p.numel() for p in network.parameters())
-    size = n * (SAVE_DTYPES[args.save_precision] or torch.float32).itemsize + (n * 4 * 4 if args.save_state else 0)
+    bytes_per_value = (SAVE_PRECISION_DTYPES[args.save_precision] or torch.float32).itemsize
+    size = n * bytes_per_value + (n * 4 * 4 if args.save_state else 0)
     free = shutil.disk_usage(output_dir).free
     if free < 2 * size:
         raise TrainingError(f"--output_dir {output_dir}: only {free / 2**20:.1f} MiB free, each save needs about "
@@ -65,7 +68,7 @@ def save_lora(run, path, *, epoch, step, final=False):
     metadata = training_metadata(**run.metadata, ss_epoch=epoch, ss_steps=step,
                                  ss_training_finished_at=time.time() if final else None)
     args, models = run.args, run.models
-    run.network.save_weights(path, dtype=SAVE_DTYPES[args.save_precision], metadata=metadata,
+    run.network.save_weights(path, dtype=SAVE_PRECISION_DTYPES[args.save_precision], metadata=metadata,
                              output_name=args.output_name, v2=models.v2,
                              v_parameterization=models.v_parameterization, resolution=run.resolution)
     run.accelerator.print(f"saved {path}")
