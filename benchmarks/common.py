@@ -199,6 +199,7 @@ def unet_inputs(unet, resolution: int, batch_size: int = 1, dtype=torch.float32,
 def sd15_diffusers_folder(quick: bool = False) -> Path:
     """A diffusers folder of an SD1.5-architecture pipeline with random weights, saved in fp32 safetensors (about
     4 GB), written once under CACHE_DIR and reused. quick: the tiny pipeline."""
+    from lora_diffusion.io import build_folder_atomically
     from lora_diffusion.models import empty_modules, deterministic_state_dict, load_clip_tokenizer, \
         make_noise_scheduler, save_tiny_diffusers_folder
 
@@ -208,21 +209,23 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
         return path
     if quick:
         return save_tiny_diffusers_folder(path)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=CACHE_DIR))
-    text_encoder, vae, unet = empty_modules(ASSETS / "v1")
-    for offset, (name, module) in enumerate((("text_encoder", text_encoder), ("vae", vae), ("unet", unet))):
-        module.load_state_dict(deterministic_state_dict(module, offset), assign=True)
-        module.save_pretrained(staging / name, safe_serialization=True)
-        del module
-    del text_encoder, vae, unet
-    load_clip_tokenizer().save_pretrained(staging / "tokenizer")
-    make_noise_scheduler(False).save_pretrained(staging / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(staging, path)
+
+    def fill(staging):
+        text_encoder, vae, unet = empty_modules(ASSETS / "v1")
+        for offset, (name, module) in enumerate((("text_encoder", text_encoder), ("vae", vae), ("unet", unet))):
+            module.load_state_dict(deterministic_state_dict(module, offset), assign=True)
+            module.save_pretrained(staging / name, safe_serialization=True)
+            del module
+        del text_encoder, vae, unet
+        load_clip_tokenizer().save_pretrained(staging / "tokenizer")
+        make_noise_scheduler(False).save_pretrained(staging / "scheduler")
+        index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    build_folder_atomically(path, fill)  # lora_diffusion.io: the folder replacer of the library
     return path
 
 
