@@ -23,9 +23,9 @@ package.__path__ = [str(ROOT / "lora_diffusion")]
 sys.modules["lora_diffusion"] = package
 
 from lora_diffusion.data.dataset_config import read_dataset_config  # noqa: E402
-from lora_diffusion.flag_file import ConfigFileError, read_config_file  # noqa: E402
 from lora_diffusion.data.errors import DatasetError  # noqa: E402
 from lora_diffusion.data.subset import FLAG_DEFAULTS  # noqa: E402
+from lora_diffusion.flag_file import ConfigFileError, read_config_file  # noqa: E402
 
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)

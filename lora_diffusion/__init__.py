@@ -11,8 +11,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed)" not in record.getMessage())
 
 from . import cloneofsimo
-from .cloneofsimo import *  # noqa: F401,F403  cloneofsimo/lora's API under its names
-from .inject import lora_network, remove_lora
+from .cloneofsimo import *  # noqa: F401,F403  cloneofsimo/lora's API under its names (lora_network, ...)
 from .kohya import LoRAFileError, read_lora_file
 from .layer import LoRALayer
 from .network import LoRANetwork, create_network, load_network

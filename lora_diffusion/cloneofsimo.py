@@ -25,11 +25,27 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .base_checkpoint import _pickle_detail
-from .inject import (DEFAULT_TARGET_REPLACE, INJECTED, TEXT_ENCODER_DEFAULT_TARGET_REPLACE,
-                     TEXT_ENCODER_EXTENDED_TARGET_REPLACE, UNET_DEFAULT_TARGET_REPLACE, UNET_EXTENDED_TARGET_REPLACE,
-                     LoraInjectedConv2d, LoraInjectedLinear, _is_text_encoder, _networks, find_modules,
-                     inject_trainable_lora, inject_trainable_lora_extended, injected_layer, lora_network,
-                     merge_and_unload, network_name, register_network, remove_lora)
+from .inject import (
+    DEFAULT_TARGET_REPLACE,
+    INJECTED,
+    TEXT_ENCODER_DEFAULT_TARGET_REPLACE,
+    TEXT_ENCODER_EXTENDED_TARGET_REPLACE,
+    UNET_DEFAULT_TARGET_REPLACE,
+    UNET_EXTENDED_TARGET_REPLACE,
+    LoraInjectedConv2d,
+    LoraInjectedLinear,
+    _is_text_encoder,
+    _networks,
+    find_modules,
+    inject_trainable_lora,
+    inject_trainable_lora_extended,
+    injected_layer,
+    lora_network,
+    merge_and_unload,
+    network_name,
+    register_network,
+    remove_lora,
+)
 from .io import atomic_write
 from .kohya import LoRAFileError
 from .layer import LoRALayer

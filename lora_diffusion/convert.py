@@ -17,7 +17,8 @@ SD2_CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.a
 
 def check_is_sd_checkpoint(path, names):
     has = lambda prefix: any(n.startswith(prefix) for n in names)  # noqa: E731
-    parts = {"U-Net": has(UNET_PREFIX), "VAE": has(VAE_PREFIX), "text encoder": has(CLIP_PREFIX) or has(OPEN_CLIP_PREFIX)}
+    parts = {"U-Net": has(UNET_PREFIX), "VAE": has(VAE_PREFIX),
+             "text encoder": has(CLIP_PREFIX) or has(OPEN_CLIP_PREFIX)}
     if all(parts.values()):
         return
     if any(n.startswith(("lora_unet_", "lora_te_")) for n in names):
@@ -29,8 +30,8 @@ def check_is_sd_checkpoint(path, names):
     else:
         found = "found keys such as " + ", ".join(sorted(names)[:3]) if names else "it holds no tensors"
     raise ModelLoadError(
-        f"{path} is not a recognised SD1.x/2.x checkpoint ({found}); expected keys starting with {UNET_PREFIX} (U-Net), "
-        f"{VAE_PREFIX} (VAE) and {CLIP_PREFIX} (SD1.x CLIP) or {OPEN_CLIP_PREFIX} (SD2.x OpenCLIP)"
+        f"{path} is not a recognised SD1.x/2.x checkpoint ({found}); expected keys starting with {UNET_PREFIX} "
+        f"(U-Net), {VAE_PREFIX} (VAE) and {CLIP_PREFIX} (SD1.x CLIP) or {OPEN_CLIP_PREFIX} (SD2.x OpenCLIP)"
     )
 
 
@@ -74,7 +75,9 @@ def unet_name(key, layers_per_block):
         if i < 0:
             return None
         if layer == layers_per_block:
-            return f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}" if j == "0" and rest.startswith("op.") else None
+            if j == "0" and rest.startswith("op."):
+                return f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}"
+            return None
         if j == "0":
             return f"down_blocks.{level}.resnets.{layer}.{replace_all(rest, UNET_RESNET)}"
         return f"down_blocks.{level}.attentions.{layer}.{rest}" if j == "1" else None

@@ -254,8 +254,9 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
             tokenizer = load_clip_tokenizer(v2=v2)
         if v_parameterization is None:
             scheduler_dir = folder / "scheduler"
-            has_config = (scheduler_dir / "scheduler_config.json").is_file()
-            prediction = read_config(scheduler_dir, "scheduler_config.json").get("prediction_type") if has_config else None
+            prediction = None
+            if (scheduler_dir / "scheduler_config.json").is_file():
+                prediction = read_config(scheduler_dir, "scheduler_config.json").get("prediction_type")
             v_parameterization = prediction == "v_prediction"
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {error}") from error
@@ -321,7 +322,8 @@ def load_single_file(path, *, v2=None, v_parameterization=None, dtype=torch.floa
     check_is_sd_checkpoint(path, reader.names)
     detected_v2 = detect_v2(reader)
     if v2 is not None and bool(v2) != detected_v2:
-        found = "SD2.x (OpenCLIP text encoder, 1024-wide cross-attention)" if detected_v2 else "SD1.x (CLIP text encoder)"
+        found = ("SD2.x (OpenCLIP text encoder, 1024-wide cross-attention)" if detected_v2
+                 else "SD1.x (CLIP text encoder)")
         flag = "given" if v2 else "set to false"
         raise ModelLoadError(f"{path} holds {found} weights but --v2 was {flag}; drop the flag to let it be detected")
     v2 = detected_v2
@@ -333,7 +335,8 @@ def load_single_file(path, *, v2=None, v_parameterization=None, dtype=torch.floa
     text_encoder, vae, unet = empty_modules(config_dir)
     unet_config = read_config(config_dir / "unet")
     convert_into(unet, reader, unet_names(reader.names, unet_config["layers_per_block"]), path, "U-Net")
-    convert_into(vae, reader, vae_names(reader.names, len(read_config(config_dir / "vae")["up_block_types"])), path, "VAE")
+    vae_levels = len(read_config(config_dir / "vae")["up_block_types"])
+    convert_into(vae, reader, vae_names(reader.names, vae_levels), path, "VAE")
     text_names = clip_names(reader.names, hasattr(text_encoder, "text_model"), text_encoder.config.num_hidden_layers)
     convert_into(text_encoder, reader, text_names, path, "text encoder")
 

@@ -61,7 +61,8 @@ def source_modules(config_dir, seed=0):
     te_config = CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder"))
     text_encoder = randomize(CLIPTextModel(te_config), seed)
     vae = randomize(AutoencoderKL.from_config(json.loads((config_dir / "vae" / "config.json").read_text())), seed + 1)
-    unet = randomize(UNet2DConditionModel.from_config(json.loads((config_dir / "unet" / "config.json").read_text())), seed + 2)
+    unet_config = json.loads((config_dir / "unet" / "config.json").read_text())
+    unet = randomize(UNet2DConditionModel.from_config(unet_config), seed + 2)
     return text_encoder, vae, unet
 
 
@@ -108,11 +109,13 @@ def vae_to_original(key, num_levels=4):
     key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
     key = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", key)
     attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    key = re.sub(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)", lambda m: "mid.attn_1." + attention[m[1]], key)
+    key = re.sub(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)",
+                 lambda m: "mid.attn_1." + attention[m[1]], key)
     key = re.sub(r"encoder\.down_blocks\.(\d)\.resnets", r"encoder.down.\1.block", key)
     key = re.sub(r"encoder\.down_blocks\.(\d)\.downsamplers\.0", r"encoder.down.\1.downsample", key)
     key = re.sub(r"decoder\.up_blocks\.(\d)\.resnets", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block", key)
-    return re.sub(r"decoder\.up_blocks\.(\d)\.upsamplers\.0", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample", key)
+    return re.sub(r"decoder\.up_blocks\.(\d)\.upsamplers\.0",
+                  lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample", key)
 
 
 def original_checkpoint(text_encoder, vae, unet, open_clip=False):
@@ -196,7 +199,8 @@ def assert_same_outputs(models, text_encoder, vae, unet):
         torch.testing.assert_close(models.vae.encode(image).latent_dist.mean, latents, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(models.vae.decode(latents).sample, vae.decode(latents).sample, rtol=1e-4, atol=1e-5)
         t = torch.tensor([500])
-        torch.testing.assert_close(models.unet(latents, t, hidden).sample, unet(latents, t, hidden).sample, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(models.unet(latents, t, hidden).sample, unet(latents, t, hidden).sample,
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +424,8 @@ def test_safetensors_reader_matches_the_library(tmp_path):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"--pretrained_model_name_or_path .*nope.* not found; expected a diffusers folder"):
+    with pytest.raises(ModelLoadError,
+                       match=r"--pretrained_model_name_or_path .*nope.* not found; expected a diffusers folder"):
         load_models(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="builtin:tiny"):
         load_models("runwayml/stable-diffusion-v1-5")
@@ -444,17 +449,20 @@ def test_not_a_checkpoint(tmp_path):
     text_file.write_text("hello")
     with pytest.raises(ModelLoadError, match="notes.txt.*safetensors"):
         load_models(text_file)
-    lora = write_checkpoint({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, tmp_path / "lora.safetensors")
+    lora = write_checkpoint({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+                            tmp_path / "lora.safetensors")
     with pytest.raises(ModelLoadError, match=r"LoRA file.*model\.diffusion_model\."):
         load_models(lora)
-    sdxl = write_checkpoint({"conditioner.embedders.0.transformer.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, tmp_path / "xl.safetensors")
+    sdxl = write_checkpoint({"conditioner.embedders.0.transformer.x": torch.zeros(1),
+                             "model.diffusion_model.x": torch.zeros(1)}, tmp_path / "xl.safetensors")
     with pytest.raises(ModelLoadError, match="SDXL"):
         load_models(sdxl)
     unet_only = write_checkpoint({"model.diffusion_model.out.2.weight": torch.zeros(1)}, tmp_path / "unet.safetensors")
     with pytest.raises(ModelLoadError, match="missing: VAE, text encoder"):
         load_models(unet_only)
     other = write_checkpoint({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
-    with pytest.raises(ModelLoadError, match=r"not a recognised SD1.x/2.x checkpoint.*encoder.weight.*first_stage_model\."):
+    with pytest.raises(ModelLoadError,
+                       match=r"not a recognised SD1.x/2.x checkpoint.*encoder.weight.*first_stage_model\."):
         load_models(other)
 
 
@@ -495,7 +503,8 @@ def test_missing_and_unexpected_keys(sd1, tmp_path):
     del ckpt["model.diffusion_model.out.2.weight"]
     ckpt["model.diffusion_model.input_blocks.1.7.bogus.weight"] = torch.zeros(1)
     path = write_checkpoint(ckpt, tmp_path / "broken.safetensors")
-    with pytest.raises(ModelLoadError, match=r"U-Net.*1 missing \(e\.g\. conv_out\.weight\).*1 unexpected \(e\.g\. model\.diffusion_model\.input_blocks\.1\.7\.bogus\.weight\)"):
+    with pytest.raises(ModelLoadError, match=r"U-Net.*1 missing \(e\.g\. conv_out\.weight\).*1 unexpected "
+                                             r"\(e\.g\. model\.diffusion_model\.input_blocks\.1\.7\.bogus\.weight\)"):
         load_models(path, config_dir=TINY)
 
 

@@ -4,7 +4,6 @@ import os
 import stat
 
 import pytest
-import torch
 
 from lora_diffusion.io import atomic_write
 
@@ -22,9 +21,9 @@ def mode(path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_written_files_and_folders_honour_the_umask(tmp_path, umask_022):
+    from conftest import build_tiny_unet
     from lora_diffusion import create_network
     from lora_diffusion.tools.excise import excise_captions
-    from conftest import build_tiny_unet
 
     assert mode(atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))) == 0o644
     assert mode(atomic_write(tmp_path / "a.txt", lambda f: f.write("x"), mode="w")) == 0o644

@@ -5,10 +5,17 @@ import json
 from pathlib import Path
 
 from lora_diffusion.data.errors import DatasetError, warn
+from lora_diffusion.data.subset import (
+    DATASET_KEYS,
+    FLAG_DEFAULTS,
+    FOLDER_KEYS,
+    KEY_TYPES,
+    SUBSET_KEYS,
+    Subset,
+    check_subset,
+    parse_resolution,
+)
 from lora_diffusion.io import loads_toml
-from lora_diffusion.data.subset import (DATASET_KEYS, FLAG_DEFAULTS, FOLDER_KEYS, KEY_TYPES, SUBSET_KEYS, Subset,
-                                        check_subset, parse_resolution)
-
 
 _KEY_TYPES = {**KEY_TYPES, "batch_size": int, "subsets": list}
 _LEVEL_KEYS = {

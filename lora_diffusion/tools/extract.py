@@ -15,8 +15,15 @@ from tqdm import tqdm
 
 from ..kohya import network_metadata, write_lora_file
 from ..targets import _TEXT_ENCODER, _UNET_CONV_PARENT, _UNET_TRANSFORMER
-from .model_files import (ModelToolError, check_output, lora_file_tensors, lowrank_factors, module_key_name,
-                          open_model, precision)
+from .model_files import (
+    ModelToolError,
+    check_output,
+    lora_file_tensors,
+    lowrank_factors,
+    module_key_name,
+    open_model,
+    precision,
+)
 from .resize import dynamic_rank
 
 

@@ -10,8 +10,6 @@ without forming full matrices), summed in quadrature over the modules of the blo
 import json
 import re
 from collections import Counter
-
-
 from dataclasses import replace
 
 from .model_files import factored_svd, module_delta, read_loras

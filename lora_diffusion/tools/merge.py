@@ -18,8 +18,19 @@ import torch
 from tqdm import tqdm
 
 from ..kohya import network_metadata, write_lora_file
-from .model_files import (ModelToolError, check_output, factored_svd, fit, lora_file_tensors, module_delta,
-                          module_key_name, open_model, precision, read_loras, write_model)
+from .model_files import (
+    ModelToolError,
+    check_output,
+    factored_svd,
+    fit,
+    lora_file_tensors,
+    module_delta,
+    module_key_name,
+    open_model,
+    precision,
+    read_loras,
+    write_model,
+)
 
 
 def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, v2=None, overwrite=False):
