@@ -7,7 +7,6 @@ the tiny one so the whole file runs in seconds (a smoke test, not a measurement)
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -200,8 +199,13 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
     """A diffusers folder of an SD1.5-architecture pipeline with random weights, saved in fp32 safetensors (about
     4 GB), written once under CACHE_DIR and reused. quick: the tiny pipeline."""
     from lora_diffusion.io import build_folder_atomically
-    from lora_diffusion.models import empty_modules, deterministic_state_dict, load_clip_tokenizer, \
-        make_noise_scheduler, save_tiny_diffusers_folder
+    from lora_diffusion.models import (
+        deterministic_state_dict,
+        empty_modules,
+        load_clip_tokenizer,
+        make_noise_scheduler,
+        save_tiny_diffusers_folder,
+    )
 
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     path = CACHE_DIR / ("tiny-diffusers" if quick else "sd15-diffusers-fp32")
