@@ -282,7 +282,7 @@ def looks_like_sdxl(name) -> bool:
     if path.is_dir():
         return (path / "text_encoder_2").is_dir()
     if path.is_file() and path.suffix == ".safetensors":
-        from lora_diffusion.checkpoint import SafetensorsFile
+        from lora_diffusion.base_checkpoint import SafetensorsFile
         from lora_diffusion.sdxl import is_sdxl_checkpoint
 
         try:

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_sdxl import assert_outputs_close, outputs
-from test_train import base_flags, make_dataset, read
 
 import train_lora
 from lora_diffusion import load_network
 from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
+from test_sdxl import assert_outputs_close, outputs
+from test_train import base_flags, make_dataset, read
+
+TOLERANCE = dict(rtol=1e-3, atol=1e-4)  # Adam (lr 1e-3) magnifies float noise in tiny gradients
 
 XL = "builtin:tiny-xl"
 
@@ -173,7 +175,7 @@ def test_cached_text_outputs_train_as_uncached_and_the_disk_cache_is_reused(tmp_
     uncached, _ = read(tmp_path / "uncached" / "out" / "t.safetensors")
     assert cached and all(k.startswith("lora_unet_") for k in cached)  # --network_train_unet_only: no lora_te*
     for key in cached:
-        torch.testing.assert_close(cached[key], uncached[key], rtol=1e-3, atol=1e-4)  # Adam (lr 1e-3) magnifies float noise in tiny grads
+        torch.testing.assert_close(cached[key], uncached[key], **TOLERANCE)
 
     disk = dict(flags, cache_text_encoder_outputs_to_disk=True)
     assert train_lora.main(xl_flags(tmp_path / "disk", data, **disk)) == 0
@@ -186,7 +188,7 @@ def test_cached_text_outputs_train_as_uncached_and_the_disk_cache_is_reused(tmp_
     for name in ("disk", "again"):
         tensors, _ = read(tmp_path / name / "out" / "t.safetensors")
         for key in cached:
-            torch.testing.assert_close(tensors[key], cached[key], rtol=1e-3, atol=1e-4)  # Adam (lr 1e-3) magnifies float noise in tiny grads
+            torch.testing.assert_close(tensors[key], cached[key], **TOLERANCE)
 
 
 def test_cache_text_encoder_outputs_needs_frozen_encoders_and_fixed_captions(tmp_path, data, capsys):
