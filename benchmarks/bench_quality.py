@@ -19,7 +19,6 @@ the file closest to equal seconds.
 """
 
 import argparse
-import json
 import os
 import random
 import subprocess

@@ -21,7 +21,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -255,7 +254,8 @@ def main(argv=None):
                     mfu_counted=step_flops / median_s / peak, mfu_3x_forward=3 * forward_flops / median_s / peak,
                     mfu_counted_best=step_flops / best_s / peak)
         print(f"\nU-Net forward {forward_flops / 1e9:.0f} GFLOP; the step as counted (forward + backward, "
-              f"no frozen-weight grads) {step_flops / 1e9:.0f} GFLOP; the usual 3x forward {3 * forward_flops / 1e9:.0f}"
+              f"no frozen-weight grads) {step_flops / 1e9:.0f} GFLOP; "
+              f"the usual 3x forward {3 * forward_flops / 1e9:.0f}"
               f" GFLOP.\n{args.dtype} matmul (2048^2) peak {peak / 1e9:.0f} GFLOP/s. {base} at the median "
               f"{median_s:.3g} s: {step_flops / median_s / 1e9:.0f} GFLOP/s counted = MFU "
               f"{100 * info['mfu_counted']:.0f} % ({100 * info['mfu_3x_forward']:.0f} % by 3x forward); at the best "

@@ -26,14 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora_diffusion.data import files as image_files
 from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
 from lora_diffusion.data.captions import process_caption
 from lora_diffusion.data.config_file import read_dataset_config
-from lora_diffusion.data import files as image_files
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
 from lora_diffusion.data.images import center_crop, load_image
-from lora_diffusion.data.latents import (encode_latents, latent_cache_key, latent_file_path, latent_shape,
-                                         read_latent_file, vae_fingerprint, write_latent_file)
+from lora_diffusion.data.latents import (
+    encode_latents,
+    latent_cache_key,
+    latent_file_path,
+    latent_shape,
+    read_latent_file,
+    vae_fingerprint,
+    write_latent_file,
+)
 from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
 from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset, check_subset
 

@@ -19,8 +19,18 @@ from torch import nn
 from . import kohya
 from .layer import AdapterLayer, LoRALayer
 from .lycoris_layers import LoHaLayer, LoKrLayer
-from .targets import (TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, all_named_modules, canonical_kohya_name,
-                      filter_targets, is_sdxl_unet, text_encoder_list, text_encoder_targets, unet_targets)
+from .targets import (
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    Target,
+    all_named_modules,
+    canonical_kohya_name,
+    filter_targets,
+    is_sdxl_unet,
+    text_encoder_list,
+    text_encoder_targets,
+    unet_targets,
+)
 
 
 class LoRANetwork(nn.Module):

@@ -11,12 +11,12 @@ Two stages, each resumable from its last checkpoint in --work_dir (run the same 
    also what classifier-free guidance needs);
 3. the VAE decoder alone, the encoder frozen (as SD's ft-MSE decoder): sharper images from the same latents, so
    the U-Net stays valid. It can run beside stage 2 (`--stage decoder`).
-Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv. `--init_from
-lora_diffusion/assets/mini --work_dir runs/more` continues training the shipped model (a new session, a GPU). The folder is
-written in fp16 at the end, atomically, and judged on held-out colour pairs (--work_dir/eval.json).
+Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv.
+`--init_from lora_diffusion/assets/mini --work_dir runs/more` continues training the shipped model (a new session,
+a GPU). The folder is written in fp16 at the end, atomically, and judged on held-out colour pairs
+(--work_dir/eval.json).
 """
 
-import argparse
 import copy
 import csv
 import json

@@ -177,7 +177,9 @@ class TransposingReader:
 
 
 def check_sdxl_parts(path, names):
-    has = lambda prefix: any(n.startswith(prefix) for n in names)
+    def has(prefix):
+        return any(n.startswith(prefix) for n in names)
+
     parts = {"U-Net (model.diffusion_model.)": has(convert.UNET_PREFIX), "VAE (first_stage_model.)":
              has(convert.VAE_PREFIX), f"CLIP ViT-L ({CLIP_L_PREFIX})": has(CLIP_L_PREFIX),
              f"OpenCLIP bigG ({OPEN_CLIP_G_PREFIX})": has(OPEN_CLIP_G_PREFIX)}

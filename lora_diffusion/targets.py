@@ -26,7 +26,8 @@ KNOWN_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
 # kohya "LierLa": every Linear / 1x1 conv inside a Transformer2DModel.
 _UNET_TRANSFORMER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.")
 # kohya "C3Lier" adds the ResNet blocks and the up/down-sampler convs.
-_UNET_CONV_PARENT = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|downsamplers|upsamplers)\.\d+\.")
+_UNET_CONV_PARENT = re.compile(
+    r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|downsamplers|upsamplers)\.\d+\.")
 # LyCORIS' default ("full" preset) also targets these U-Net modules by name.
 _LYCORIS_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 _TEXT_ENCODER = re.compile(r"^(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")

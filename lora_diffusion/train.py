@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_diffusion.training.errors import TrainingError
-from lora_diffusion.training.outputs import (check_free_space, outputs_of_other_runs, prepare_output_dir)
+from lora_diffusion.training.outputs import check_free_space, outputs_of_other_runs, prepare_output_dir
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
 

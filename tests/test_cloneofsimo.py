@@ -19,11 +19,26 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import text_ids, unet_inputs
-from lora_diffusion import (LoRAFileError, LoraInjectedConv2d, LoraInjectedLinear, apply_learned_embed_in_clip,
-                            collapse_lora, extract_lora_ups_down, inject_trainable_lora, inject_trainable_lora_extended,
-                            load_network, lora_network,
-                            monkeypatch_add_lora, monkeypatch_lora, monkeypatch_or_replace_lora,
-                            monkeypatch_remove_lora, patch_pipe, save_lora_weight, save_safeloras, tune_lora_scale)
+from lora_diffusion import (
+    LoRAFileError,
+    LoraInjectedConv2d,
+    LoraInjectedLinear,
+    apply_learned_embed_in_clip,
+    collapse_lora,
+    extract_lora_ups_down,
+    inject_trainable_lora,
+    inject_trainable_lora_extended,
+    load_network,
+    lora_network,
+    monkeypatch_add_lora,
+    monkeypatch_lora,
+    monkeypatch_or_replace_lora,
+    monkeypatch_remove_lora,
+    patch_pipe,
+    save_lora_weight,
+    save_safeloras,
+    tune_lora_scale,
+)
 from lora_diffusion.models import load_models
 
 UNET_TARGETS = ["Attention", "GEGLU"]  # the classes of cloneofsimo's default set that today's diffusers has

@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dataset import (BucketBatchSampler, DatasetError, DatasetWarning, LoRADataset, bucket_resolutions,
-                     collate_fn)
+from dataset import BucketBatchSampler, DatasetError, DatasetWarning, LoRADataset, bucket_resolutions, collate_fn
 
 TINY_VAE = Path(__file__).resolve().parents[1] / "lora_diffusion" / "assets" / "tiny-sd" / "vae"
 

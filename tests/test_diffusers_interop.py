@@ -1,4 +1,5 @@
-"""A file we save, loaded by a real client (diffusers' load_lora_weights) and fused, gives the outputs of our network."""
+"""A file we save, loaded by a real client (diffusers' load_lora_weights) and fused, gives the outputs of our
+network."""
 
 import pytest
 import torch

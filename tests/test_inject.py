@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from conftest import unet_inputs
-from lora_diffusion import (TEXT_ENCODER_DEFAULT_TARGET_REPLACE, create_network, inject_trainable_lora,
-                            lora_network, remove_lora)
+from lora_diffusion import (
+    TEXT_ENCODER_DEFAULT_TARGET_REPLACE,
+    create_network,
+    inject_trainable_lora,
+    lora_network,
+    remove_lora,
+)
 
 
 def test_unet_default_targets(tiny_unet):

@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
-from lora_diffusion import LoRAFileError, create_network, load_network
-from lora_diffusion import kohya
+from lora_diffusion import LoRAFileError, create_network, kohya, load_network
 
 
 def randomize(network, seed=0, std=0.05):

@@ -9,7 +9,6 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
-from test_models import assert_same_weights, flat_clip_key, randomize, unet_to_original, vae_to_original
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_diffusion import create_network, load_network
@@ -17,6 +16,7 @@ from lora_diffusion.cli import main
 from lora_diffusion.kohya import LoRAFileError, read_lora_file
 from lora_diffusion.models import ASSETS, load_models
 from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
+from test_models import assert_same_weights, flat_clip_key, randomize, unet_to_original, vae_to_original
 
 TINY_XL = ASSETS / "tiny-xl"
 

@@ -105,7 +105,8 @@ def test_loss_goes_down_on_a_small_overfit_set(tmp_path, data):
 def test_every_lora_parameter_of_both_models_trains(tmp_path, checkpointing):
     # 128 px: at 64 px the mid block sees a single token, where attention has no gradient for q and k
     data = make_dataset(tmp_path, size=128)
-    argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, save_every_n_steps=1, optimizer_args=["weight_decay=0"],
+    argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, save_every_n_steps=1,
+                      optimizer_args=["weight_decay=0"],
                       gradient_checkpointing=checkpointing, network_args=["conv_dim=2"])
     assert train_lora.main(argv) == 0
     step1, _ = read(tmp_path / "out" / "t-step00000001.safetensors")
@@ -246,7 +247,8 @@ def test_accumulation_steps_end_with_each_epoch_and_every_epoch_samples(tmp_path
 
 def test_bf16_accumulation_and_8bit_adam(tmp_path):
     data = make_dataset(tmp_path, size=128)  # 128 px: the mid block's self-attention sees more than one token
-    argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, mixed_precision="bf16", gradient_accumulation_steps=2,
+    argv = base_flags(tmp_path, data, resolution=128, max_train_steps=2, mixed_precision="bf16",
+                      gradient_accumulation_steps=2,
                       optimizer_type="AdamW8bit", lr_scheduler="linear", min_snr_gamma=5, noise_offset=0.1,
                       save_every_n_steps=1)
     assert train_lora.main(argv) == 0

@@ -357,7 +357,8 @@ def test_lr_schedules_match_formulas():
         "constant_with_warmup": lambda s: min(1.0, s / warm),
         "linear": lambda s: s / warm if s < warm else max(0.0, (total - s) / (total - warm)),
         "cosine": lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * progress(s))),
-        "cosine_with_restarts": lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * ((3 * progress(s)) % 1))),
+        "cosine_with_restarts":
+            lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * ((3 * progress(s)) % 1))),
         "polynomial": lambda s: s / warm if s < warm else 1e-7 + (1 - 1e-7) * (1 - progress(s)) ** 2,
     }
     for name, formula in expected.items():
@@ -365,7 +366,8 @@ def test_lr_schedules_match_formulas():
                        lr_scheduler_num_cycles=3, lr_scheduler_power=2.0)
         assert got == pytest.approx([formula(s) for s in range(total)], abs=1e-6), name
     # a float < 1 is a fraction of the total
-    assert lr_curve("constant_with_warmup", 200, lr_warmup_steps=0.05)[:11] == pytest.approx([s / 10 for s in range(11)])
+    expected = [s / 10 for s in range(11)]
+    assert lr_curve("constant_with_warmup", 200, lr_warmup_steps=0.05)[:11] == pytest.approx(expected)
 
 
 def test_lr_scheduler_errors():
@@ -547,7 +549,8 @@ def test_read_prompts_files(tmp_path):
     txt = tmp_path / "prompts.txt"
     txt.write_text("# comment\n\na cat --d 1\n  \na dog --s 5\n")
     prompts = read_prompts(txt, width=64, height=64)
-    assert [(p["prompt"], p["seed"], p["steps"], p["width"]) for p in prompts] == [("a cat", 1, 30, 64), ("a dog", None, 5, 64)]
+    assert [(p["prompt"], p["seed"], p["steps"], p["width"]) for p in prompts] == [("a cat", 1, 30, 64),
+                                                                                ("a dog", None, 5, 64)]
     bad = tmp_path / "bad.txt"
     bad.write_text("ok\n# c\na cat --h tall\n")
     with pytest.raises(ValueError, match=r"bad\.txt, line 3: --h"):

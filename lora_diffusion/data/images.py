@@ -9,8 +9,6 @@ from PIL import Image
 
 from lora_diffusion.data.buckets import cover_size
 
-
-
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,

@@ -13,9 +13,17 @@ from .optim import (
     warmup_steps,
 )
 from .sampling import PromptFileError, generate_samples, make_sample_scheduler, parse_prompt_line, read_prompts
-from .state import (StateError, StateNotFoundError, atomic_write, load_state, non_finite, read_train_state, rotate,
-                    save_state)
 from .sdxl import cache_text_encoder_outputs_sdxl, encode_prompts_sdxl, sdxl_time_ids
+from .state import (
+    StateError,
+    StateNotFoundError,
+    atomic_write,
+    load_state,
+    non_finite,
+    read_train_state,
+    rotate,
+    save_state,
+)
 from .text import cache_text_encoder_outputs, encode_prompts, encode_token_ids, tokenize_captions
 
 __all__ = [

@@ -20,7 +20,8 @@ def sample_timesteps(batch_size, *, min_timestep=0, max_timestep=1000, generator
             f"--min_timestep/--max_timestep: expected 0 <= min_timestep < max_timestep, "
             f"got min_timestep={min_timestep}, max_timestep={max_timestep}"
         )
-    return torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator, device=device, dtype=torch.long)
+    return torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator, device=device,
+                         dtype=torch.long)
 
 
 def pyramid_noise(noise, *, iterations, discount, generator=None):

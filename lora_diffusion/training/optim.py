@@ -200,7 +200,8 @@ def describe_optimizer(optimizer, optimizer_args=None):
     return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "adafactor")
 
 
 def warmup_steps(lr_warmup_steps, num_training_steps):
@@ -252,13 +253,15 @@ def create_lr_scheduler(
     if not isinstance(num_training_steps, int) or num_training_steps < 1:
         raise ValueError(f"create_lr_scheduler: num_training_steps must be a positive int, got {num_training_steps!r}")
     if base_name != "adafactor" and _uses_relative_step(optimizer):
-        logger.warning(f"Adafactor with relative_step=True sets its own lr: --lr_scheduler {name} replaced by adafactor")
+        logger.warning(f"Adafactor with relative_step=True sets its own lr: --lr_scheduler {name} replaced by "
+                       f"adafactor")
         base_name = "adafactor"
     if base_name == "adafactor":
         from transformers.optimization import AdafactorSchedule
 
         if type(optimizer).__name__ != "Adafactor":
-            raise ValueError(f"--lr_scheduler adafactor needs --optimizer_type Adafactor, not {type(optimizer).__name__}")
+            raise ValueError(f"--lr_scheduler adafactor needs --optimizer_type Adafactor, "
+                             f"not {type(optimizer).__name__}")
 
         initial_lr = float(name.split(":")[1]) if ":" in name else 0.0
         return AdafactorSchedule(optimizer, initial_lr=initial_lr)

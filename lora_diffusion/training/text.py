@@ -27,7 +27,8 @@ def tokenize_captions(tokenizer, captions, *, max_token_length=None):
         captions = [captions]
     window = 77
     total = window if max_token_length in (None, 75) else max_token_length + 2
-    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
+    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=total,
+                    return_tensors="pt").input_ids
     if total == window:
         return ids.unsqueeze(1)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
