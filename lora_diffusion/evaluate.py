@@ -249,7 +249,7 @@ def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, gui
     feature_net = feature_network(features) if {"fid", "kid"} & set(metrics) else None
     models = load_models(model)
     models.unet.float(), models.text_encoder.float(), models.vae.float()
-    size = size or (quality.SIZE if models.name == "builtin:mini" else 512)
+    size = size or native_size(models)
     pipe = quality.world_pipeline(models)
     reference_set = reference_images(reference, scenes, len(prompts) * len(seeds), size) if feature_net else None
     scorer = clip_scorer(clip_model) if "clip" in metrics else None
@@ -276,6 +276,11 @@ def score_images(asked, images, metrics, feature_net=None, reference_set=None, s
         scorer.reset()
         scores["clip"] = float(scorer(to_uint8(images), asked))
     return scores
+
+
+def native_size(models) -> int:
+    """The image side the model was made for (diffusers' pipeline default): U-Net sample size x VAE factor."""
+    return models.unet.config.sample_size * 2 ** (len(models.vae.config.block_out_channels) - 1)
 
 
 def best_row(rows):
@@ -335,7 +340,8 @@ def add_arguments(parser):
     parser.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--size", type=int, default=None, help="image side (default: 64 on builtin:mini, else 512)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's own, 64 on "
+                        "builtin:mini, 512 on SD1.5)")
     parser.add_argument("--metrics", default="judge,fid,kid", help="any of judge,fid,kid,clip")
     parser.add_argument("--features", default="world", help="FID/KID features: world, inception[:FILE], module:attr")
     parser.add_argument("--reference", default=None, help="folder of reference images for FID/KID (world prompts: "

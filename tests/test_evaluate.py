@@ -147,3 +147,9 @@ def test_evaluate_errors_name_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as on a machine without it
     assert main(["evaluate", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_images_default_to_the_models_own_size():
+    from lora_diffusion.models import MINI_FOLDER, load_models
+
+    assert evaluate.native_size(load_models(str(MINI_FOLDER))) == 64  # a folder path, not the builtin name
