@@ -297,9 +297,20 @@ def best_row(rows):
 def xy_grid(variants, images, prompts, seeds, max_rows=16):
     rows = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))][:max_rows]
     cells = [images[v][p * len(seeds) + s] for (p, s) in rows for v in range(len(variants))]
-    labels = [v.label for v in variants]
+    labels = [short_label(v) for v in variants]
     row_labels = [f"{prompts[p][:40]} (seed {seeds[s]})" for p, s in rows]
     return quality.grid(cells, columns=len(variants), labels=labels, row_labels=row_labels)
+
+
+def short_label(variant: Variant) -> str:
+    """A column label that fits a small image: `ep8` for an epoch file, `step100` for a step file, else the name."""
+    if not variant.path:
+        return variant.label
+    stem = Path(variant.path).stem
+    match = re.search(r"-(step)?0*(\d+)$", stem)
+    label = (f"step{match[2]}" if match[1] else f"ep{match[2]}") if match else stem
+    suffix = variant.label[len(stem):]  # " x0.5" with several multipliers
+    return (label + suffix.replace(" x", "x"))[:12]
 
 
 def write_results(out, rows, grid):
