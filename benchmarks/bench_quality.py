@@ -4,16 +4,17 @@
     python benchmarks/bench_quality.py --variants ours,diffusers --steps 300 --json quality.json
     python benchmarks/bench_quality.py --quick               # seconds: a smoke run of the machinery
 
-The data: 12 star images in the kohya layout (`10_star/`), captions in the world's grammar, colour pairs the
-evaluation never asks for. Each variant trains for --steps at batch 4 and saves a LoRA at every quarter; each file
-is loaded with diffusers' own `load_lora_weights` into `StableDiffusionPipeline.from_pretrained(builtin:mini)` and
-judged (lora_diffusion.world.judge) on
+The data: 12 large star images (60-75 % of the side) in the kohya layout (`10_star/`), captions in the world's
+grammar, colour pairs the evaluation never asks for. Each variant trains for --steps at batch 4 and saves a LoRA
+at every quarter; each file is loaded with diffusers' own `load_lora_weights` into
+`StableDiffusionPipeline.from_pretrained(builtin:mini)` and judged (lora_diffusion.world.judge) on
 - star prompts in the eight held-out colour pairs: the star rate (shape right) and all attributes right;
 - circle/square/triangle prompts in the same pairs: the prior kept, against the base model without a LoRA.
 Variants (names for --variants): ours (train_lora.py, LoRA rank 16, text encoder on), diffusers (the
 diffusers-example loop of benchmarks/diffusers_style_train.py, U-Net LoRA rank 16 as the example trains), rank4,
-locon (conv_dim 8), reg (with 36 regularization images of the world), unet_only (no text-encoder LoRA), pivotal
-(captions say `sks` for the star: a new token whose 2 vectors train with the LoRA, textual inversion + LoRA).
+locon (conv_dim 16, conv_alpha 8), reg (with 36 regularization images of the world), unet_only (no text-encoder
+LoRA), pivotal (captions say `sks` for the star: a new token whose 2 vectors train with the LoRA, textual
+inversion + LoRA).
 Equal wall-clock: each file's training time is recorded, so ours and diffusers are compared at equal steps and at
 the file closest to equal seconds.
 """
@@ -37,7 +38,7 @@ TOKEN = "sks"  # pivotal tuning: a new token in the captions, in place of the wo
 VARIANTS = {
     "ours": [],
     "rank4": ["--network_dim", "4", "--network_alpha", "2"],
-    "locon": ["--network_args", "conv_dim=8", "conv_alpha=4"],
+    "locon": ["--network_args", "conv_dim=16", "conv_alpha=8"],
     "reg": ["REG"],
     "unet_only": ["--network_train_unet_only"],
     "pivotal": ["PIVOTAL", "--token_string", TOKEN, "--init_word", "star", "--num_vectors_per_token", "2",
@@ -52,7 +53,10 @@ def make_data(root: Path, seed=0):
     for i in range(12):
         color = world.COLORS[i % len(world.COLORS)]
         pair = rng.choice([p for p in world.color_pairs() if p[0] == color])
-        stars.append(world.sample_scene(rng, shapes=("star",), pairs=[pair]))
+        scene = world.sample_scene(rng, shapes=("star",), pairs=[pair])
+        # large stars: at 64 px, a small star's points fall inside one 8x8-pixel latent cell
+        stars.append(world.Scene("star", scene.color, scene.background, size=rng.uniform(0.6, 0.75), cx=scene.cx,
+                                 cy=scene.cy, rotation=scene.rotation))
     world.write_images(root / "train" / "10_star", stars)
     world.write_images(root / "pivotal" / "10_star", stars)
     for caption in (root / "pivotal" / "10_star").glob("*.txt"):
@@ -145,13 +149,14 @@ def evaluate(pipe, file, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--lr", type=float, default=2e-3, help="U-Net lr (the text encoder's is half)")
     p.add_argument("--images", type=int, default=24, help="images per prompt set and file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 2 variants, 4 images")
     p.add_argument("--json", type=Path)
     p.add_argument("--grid", type=Path, help="write a base-vs-LoRA picture grid (prompts x seeds) here")
+    p.add_argument("--grid_variant", default="locon", help="the variant whose last file the grid shows")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.images, args.variants = 8, 4, "ours,diffusers"
@@ -181,7 +186,7 @@ def main(argv=None):
                 rows.append({"steps": step, "seconds": round(seconds, 1), **evaluate(pipe, path, args.images)})
                 print(f"{name} step {step} ({seconds:.0f}s):", rows[-1], flush=True)
             results[name] = rows
-            if args.grid and name == "ours":
+            if args.grid and name == args.grid_variant:
                 write_grid(pipe, files[-1][0], args.grid)
     table = [["base", 0, 0, *fmt_row(results["base"])]]
     for name in args.variants.split(","):

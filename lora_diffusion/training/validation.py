@@ -160,7 +160,10 @@ def validate(run, state, epoch):
     state.validations.append(result)
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                       if k not in ("epoch", "step"))
-    run.accelerator.print(f"epoch {epoch} (step {state.step}): {shown}")
+    if run.accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"epoch {epoch} (step {state.step}): {shown}")  # a line of its own below the progress bar
     if run.log_with:
         logs = {("loss/validation" if k == "validation_loss" else f"validation/{k}"): v
                 for k, v in result.items() if k not in ("epoch", "step")}
