@@ -4,7 +4,7 @@
     python benchmarks/bench_quality.py --variants ours,diffusers --steps 300 --json quality.json
     python benchmarks/bench_quality.py --quick               # seconds: a smoke run of the machinery
 
-The data: 12 large star images (60-75 % of the side) in the kohya layout (`10_star/`), captions in the world's
+The data: 16 large, centred star images (60-75 % of the side) in the kohya layout (`10_star/`), captions in the world's
 grammar, colour pairs the evaluation never asks for. Each variant trains for --steps at batch 4 and saves a LoRA
 at every quarter; each file is loaded with diffusers' own `load_lora_weights` into
 `StableDiffusionPipeline.from_pretrained(builtin:mini)` and judged (lora_diffusion.world.judge) on
@@ -48,22 +48,23 @@ VARIANTS = {
 
 
 def make_data(root: Path, seed=0):
-    rng = random.Random(seed)
-    stars = []
-    for i in range(12):
-        color = world.COLORS[i % len(world.COLORS)]
-        pair = rng.choice([p for p in world.color_pairs() if p[0] == color])
-        scene = world.sample_scene(rng, shapes=("star",), pairs=[pair])
-        # large stars: at 64 px, a small star's points fall inside one 8x8-pixel latent cell
-        stars.append(world.Scene("star", scene.color, scene.background, size=rng.uniform(0.6, 0.75), cx=scene.cx,
-                                 cy=scene.cy, rotation=scene.rotation))
+    stars = quickstart_stars(16, seed)
     world.write_images(root / "train" / "10_star", stars)
     world.write_images(root / "pivotal" / "10_star", stars)
     for caption in (root / "pivotal" / "10_star").glob("*.txt"):
         caption.write_text(caption.read_text().replace(" star ", f" {TOKEN} "))
+    rng = random.Random(seed + 1)
     shapes = [world.sample_scene(rng) for _ in range(36)]
     world.write_images(root / "reg" / "1_shapes", shapes)
     return root / "train", root / "reg"
+
+
+def quickstart_stars(n, seed):
+    """Large, centred, upright stars in n seen colour pairs spread over the palette, as in examples/quickstart: at
+    64 px a small star's points fall inside one 8x8-pixel latent cell."""
+    rng = random.Random(seed)
+    pairs = world.color_pairs()
+    return [world.Scene("star", *pairs[(i * 5) % len(pairs)], size=rng.uniform(0.6, 0.75)) for i in range(n)]
 
 
 def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads):
@@ -114,12 +115,19 @@ def run_timed(cmd, out, threads):
     for path in sorted(out.glob("*.safetensors")):
         if path not in seen and not path.name.endswith("_emb.safetensors"):
             files.append([path, time.time() - start])
-    return [(path, step_of(path), seconds) for path, seconds in files]
+    rows = [(path, step_of(path), seconds) for path, seconds in files]
+    last_step = max((step for _, step, _ in rows if step is not None), default=None)
+    # the final file repeats the last step's file when --steps is a multiple of the saving interval
+    return [row for row in rows if not (row[1] is None and last_step is not None and len(rows) > 1
+                                        and any(r[1] == last_step for r in rows))] or rows
 
 
 def step_of(path):
-    digits = "".join(c if c.isdigit() else " " for c in path.stem).split()
-    return int(digits[-1]) if digits else None
+    """The step in `<name>-step00000225` (ours) or `diffusers-000225` (the diffusers loop); None for a final file."""
+    import re
+
+    match = re.search(r"-(?:step)?0*(\d+)$", path.stem)
+    return int(match[1]) if match else None
 
 
 def evaluate(pipe, file, n):

@@ -45,21 +45,27 @@ def test_kohya_targets_match_sd15_counts():
 
 
 def test_diffusers_pipeline_draws_what_it_is_asked(diffusers_pipe):
-    """Far above chance (shape 1/3, colour and background 1/8); the shipped version's figures are in
-    docs/quality.md (shape 55 %, colour 83 %, background 89 % on 96 images): issue 8 wants 90 % each."""
-    scenes = quality.held_out_scenes(24)  # colour pairs the model never saw
+    """Colour/background pairs the model never saw, through diffusers' own pipeline and the folder's scheduler;
+    the floor issue 8 sets (80 %) on 24 images. The shipped version's figures on 96 images are in docs/quality.md
+    (shape 99 %, colour 93 %, background 96 %)."""
+    scenes = quality.held_out_scenes(24)
     accuracy, _ = quality.judge_prompts(diffusers_pipe, scenes, steps=20, seed=0)
-    assert accuracy["shape"] >= 0.45 and accuracy["color"] >= 0.7 and accuracy["background"] >= 0.7, accuracy
+    assert min(accuracy["shape"], accuracy["color"], accuracy["background"]) >= 0.8, accuracy
 
 
 def test_short_lora_run_on_stars_raises_the_star_rate(tmp_path, diffusers_pipe):
+    """The quickstart's recipe (large stars, LoCon), shortened: the base model draws no star at all."""
+    import random
+
     scenes = quality.held_out_scenes(16, shapes=("star",))
     before, _ = quality.judge_prompts(diffusers_pipe, scenes, steps=20, seed=0)
-    data = tmp_path / "data"
-    world.write_images(data / "10_star", [world.Scene("star", c, b, size=0.6) for c, b in world.color_pairs()[::5]])
+    rng = random.Random(3)
+    stars = [world.Scene("star", c, b, size=rng.uniform(0.6, 0.75)) for c, b in world.color_pairs()[::4]]
+    world.write_images(tmp_path / "data" / "10_star", stars)
     cmd = [sys.executable, str(ROOT / "train_lora.py"), "--pretrained_model_name_or_path", "builtin:mini",
-           "--train_data_dir", str(data), "--resolution", "64", "--train_batch_size", "4", "--network_dim", "8",
-           "--network_alpha", "4", "--unet_lr", "2e-3", "--text_encoder_lr", "1e-3", "--max_train_steps", "300",
+           "--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--train_batch_size", "4",
+           "--network_dim", "16", "--network_alpha", "8", "--network_args", "conv_dim=16", "conv_alpha=8",
+           "--unet_lr", "2e-3", "--text_encoder_lr", "1e-3", "--max_train_steps", "400", "--cache_latents",
            "--output_dir", str(tmp_path / "out"), "--output_name", "star", "--seed", "1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,7 +74,8 @@ def test_short_lora_run_on_stars_raises_the_star_rate(tmp_path, diffusers_pipe):
         after, _ = quality.judge_prompts(diffusers_pipe, scenes, steps=20, seed=0)
     finally:
         diffusers_pipe.unload_lora_weights()
-    assert after["shape"] > before["shape"], (before, after)  # here 6 % -> 19 %; issue 8 wants 90 %
+    print(f"star rate: {before['shape']:.0%} -> {after['shape']:.0%}")
+    assert before["shape"] == 0 and after["shape"] >= 0.25, (before, after)  # measured: 0 % -> 94 %
 
 
 def test_pretraining_smoke_runs_and_resumes(tmp_path):
