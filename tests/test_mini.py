@@ -75,7 +75,7 @@ def test_short_lora_run_on_stars_raises_the_star_rate(tmp_path, diffusers_pipe):
     finally:
         diffusers_pipe.unload_lora_weights()
     print(f"star rate: {before['shape']:.0%} -> {after['shape']:.0%}")
-    assert before["shape"] == 0 and after["shape"] >= 0.25, (before, after)  # measured: 0 % -> 94 %
+    assert before["shape"] == 0 and after["shape"] >= 0.6, (before, after)  # measured: 0 % -> 94 %
 
 
 def test_pretraining_smoke_runs_and_resumes(tmp_path):
