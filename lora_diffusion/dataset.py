@@ -29,7 +29,7 @@ import torch
 from lora_diffusion.data import files as image_files
 from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
 from lora_diffusion.data.captions import process_caption
-from lora_diffusion.data.config_file import read_dataset_config
+from lora_diffusion.data.dataset_config import read_dataset_config
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
 from lora_diffusion.data.images import center_crop, load_image
 from lora_diffusion.data.latents import (

@@ -723,7 +723,7 @@ def train(args):
 
 
 def main(argv=None, prog=None) -> int:
-    from lora_diffusion.config import write_config_file
+    from lora_diffusion.flag_file import write_config_file
 
     try:
         args = parse_args(argv, prog)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import TrainingError
-from .outputs import SAVE_DTYPES, save_lora, session_of, summarize_last_samples
+from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
 
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "embeddings": "lr/embeddings"}
 
@@ -91,7 +91,7 @@ def save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, w
     args, step = run.args, state.step
     with_state = args.save_state if with_state is None else with_state
     path, state_dir = run.output_dir / f"{stem}.safetensors", run.output_dir / f"{stem}-state"
-    bad = training.non_finite(run.network.file_tensors(SAVE_DTYPES[args.save_precision]))
+    bad = training.non_finite(run.network.file_tensors(SAVE_PRECISION_DTYPES[args.save_precision]))
     if bad:
         cause = "are NaN/inf" if training.non_finite(run.network.state_dict()) else \
             f"overflow --save_precision {args.save_precision} (fp16 ends at 65504)"

@@ -14,7 +14,6 @@ from .errors import TrainingError
 
 # --save_precision (kohya's names: float, fp16, bf16; None keeps the training dtype)
 SAVE_PRECISION_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_DTYPES = SAVE_PRECISION_DTYPES  # the old name, still imported by training/loop.py
 
 
 def prepare_output_dir(output_dir: Path):
