@@ -12,10 +12,8 @@ A single SDXL file holds `model.diffusion_model.*` (U-Net), `first_stage_model.*
 """
 
 import json
-import os
 import random
 import secrets
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from transformers import (
 
 from . import convert
 from .base_checkpoint import ModelLoadError
+from .io import build_folder_atomically
 from .tokenizer import load_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
@@ -110,17 +109,19 @@ def save_tiny_xl_diffusers_folder(path, seed=0):
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new folder for the tiny SDXL diffusers model")
     models = build_tiny_xl_models(seed=seed)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    for part in PARTS + ("tokenizer", "tokenizer_2"):
-        getattr(models, part).save_pretrained(staging / part)
-    models.noise_scheduler.save_pretrained(staging / "scheduler")
-    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(staging, path)
+
+    def fill(staging):
+        for part in PARTS + ("tokenizer", "tokenizer_2"):
+            getattr(models, part).save_pretrained(staging / part)
+        models.noise_scheduler.save_pretrained(staging / "scheduler")
+        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    build_folder_atomically(path, fill)  # readable by others, like any folder a user saves
     return path
 
 
