@@ -21,10 +21,7 @@ import copy
 import csv
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -363,29 +360,21 @@ def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
 
 
 def write_folder(out, tokenizer, text_encoder, vae, unet):
-    """The diffusers folder, fp16 safetensors, written beside `out` and renamed into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-mini-", dir=out.parent))
-    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
-        half = torch.nn.Module.to(copy.deepcopy(module), torch.float16)
-        half.save_pretrained(staging / name, safe_serialization=True)
-    tokenizer.save_pretrained(staging / "tokenizer")
-    DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
+    """The diffusers folder, fp16 safetensors, built beside `out` and renamed into place."""
+    from .io import build_folder_atomically
     from .models import write_model_index
 
-    write_model_index(staging, "DPMSolverMultistepScheduler")
-    for root, dirs, files in os.walk(staging):
-        for name in dirs + files:
-            os.chmod(Path(root) / name, 0o755 if name in dirs else 0o644)
-    os.chmod(staging, 0o755)
-    if out.exists():
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    def fill(staging):
+        for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+            half = torch.nn.Module.to(copy.deepcopy(module), torch.float16)
+            half.save_pretrained(staging / name, safe_serialization=True)
+        tokenizer.save_pretrained(staging / "tokenizer")
+        DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
+        write_model_index(staging, "DPMSolverMultistepScheduler")
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build_folder_atomically(out, fill)
     return out
 
 
