@@ -12,12 +12,9 @@ A single SDXL file holds `model.diffusion_model.*` (U-Net), `first_stage_model.*
 """
 
 import json
-import random
-import secrets
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -240,7 +237,7 @@ def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, outpu
     and seeds; the prompts go through diffusers' SDXL encoding (both encoders' penultimate layers, the pooled
     projection of the second, the original size / crop / target size as time ids). Leaves the modules' modes and
     devices and the RNG as it found them."""
-    from .training.sampling import _save_png, make_sample_scheduler, sample_filename
+    from .training.sampling import _save_png, make_sample_scheduler, prompt_seed, sample_filename, sampling_session
 
     if clip_skip not in (None, 1, 2):  # kohya: SDXL always reads the penultimate layer; --clip_skip does not apply
         warnings.warn(f"clip_skip={clip_skip} is ignored for SDXL, which always uses the penultimate layer")
@@ -248,40 +245,23 @@ def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, outpu
     expand = expand_prompt or (lambda text: text)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modules = [models.text_encoder, models.text_encoder_2, models.vae, models.unet]
-    was_training = [[(sub, sub.training) for sub in m.modules()] for m in modules]
-    devices = [next(m.parameters()).device for m in modules]
-    python_state, numpy_state = random.getstate(), np.random.get_state()
     paths = []
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
-            for m in modules:
-                m.eval().to(device)
-            pipeline = sdxl_pipeline(models)
-            pipeline.set_progress_bar_config(disable=True)
-            for index, prompt in enumerate(prompts):
-                pipeline.scheduler = make_sample_scheduler(prompt.get("sampler") or sampler, models.noise_scheduler,
-                                                           v_parameterization=models.v_parameterization)
-                prompt_seed = prompt.get("seed")
-                if prompt_seed is None:
-                    prompt_seed = seed + index if seed is not None else secrets.randbelow(2**32)
-                prompt = dict(prompt, seed=prompt_seed)
-                generator = torch.Generator(device="cpu" if device.type == "mps" else device)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-                    image = pipeline(prompt=expand(prompt["prompt"]),
-                                     negative_prompt=expand(prompt["negative_prompt"]) or None,
-                                     width=prompt["width"], height=prompt["height"],
-                                     num_inference_steps=prompt["steps"], guidance_scale=prompt["scale"],
-                                     generator=generator.manual_seed(prompt_seed)).images[0]
-                path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt_seed)
-                _save_png(image, path, prompt)
-                paths.append(path)
-            del pipeline
-    finally:
-        for m, flags, original_device in zip(modules, was_training, devices):
-            m.to(original_device)
-            for sub, training in flags:
-                sub.training = training
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+    with sampling_session([models.text_encoder, models.text_encoder_2, models.vae, models.unet], device):
+        pipeline = sdxl_pipeline(models)
+        pipeline.set_progress_bar_config(disable=True)
+        for index, prompt in enumerate(prompts):
+            pipeline.scheduler = make_sample_scheduler(prompt.get("sampler") or sampler, models.noise_scheduler,
+                                                       v_parameterization=models.v_parameterization)
+            prompt = dict(prompt, seed=prompt_seed(prompt, index, seed))
+            generator = torch.Generator(device="cpu" if device.type == "mps" else device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
+                image = pipeline(prompt=expand(prompt["prompt"]),
+                                 negative_prompt=expand(prompt["negative_prompt"]) or None,
+                                 width=prompt["width"], height=prompt["height"],
+                                 num_inference_steps=prompt["steps"], guidance_scale=prompt["scale"],
+                                 generator=generator.manual_seed(prompt["seed"])).images[0]
+            path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
+            _save_png(image, path, prompt)
+            paths.append(path)
+        del pipeline
     return paths

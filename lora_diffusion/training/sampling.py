@@ -15,6 +15,7 @@ import random
 import re
 import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,37 @@ def _save_png(image, path, prompt):
 
 
 @torch.no_grad()
+@contextmanager
+def sampling_session(modules, device):
+    """Every module in eval mode on `device` while sampling; afterwards each submodule's own mode (a LoRA inside the
+    model trains while its frozen base is in eval mode, and `m.train(flag)` would set both alike), each module's
+    device, and the python, numpy and CUDA random states as they were."""
+    was_training = [[(sub, sub.training) for sub in m.modules()] for m in modules]
+    devices = [next(m.parameters()).device for m in modules]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+            for m in modules:
+                m.eval().to(device)
+            yield
+    finally:
+        for m, flags, original_device in zip(modules, was_training, devices):
+            m.to(original_device)
+            for sub, training in flags:
+                sub.training = training
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def prompt_seed(prompt, index, seed):
+    """A prompt's --d, else seed + index when a run seed is given, else a random seed."""
+    if prompt.get("seed") is not None:
+        return prompt["seed"]
+    return seed + index if seed is not None else secrets.randbelow(2**32)
+
+
 def generate_samples(
     *,
     tokenizer,
@@ -234,58 +266,36 @@ def generate_samples(
     expand = expand_prompt or (lambda text: text)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modules = [text_encoder, vae, unet]
-    # Every submodule's own flag, not just the top one: a LoRA inside the model trains while its frozen base is in
-    # eval mode, and `m.train(flag)` would set both alike.
-    was_training = [[(sub, sub.training) for sub in m.modules()] for m in modules]
-    devices = [next(m.parameters()).device for m in modules]
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda_devices = [device] if device.type == "cuda" else []
     paths = []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
-            for m in modules:
-                m.eval().to(device)
-            pipeline = StableDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                scheduler=make_sample_scheduler(sampler, noise_scheduler, v_parameterization=v_parameterization),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    with sampling_session([text_encoder, vae, unet], device):
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=make_sample_scheduler(sampler, noise_scheduler, v_parameterization=v_parameterization),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        for index, prompt in enumerate(prompts):
+            pipeline.scheduler = make_sample_scheduler(
+                prompt.get("sampler") or sampler, noise_scheduler, v_parameterization=v_parameterization
             )
-            pipeline.set_progress_bar_config(disable=True)
-            for index, prompt in enumerate(prompts):
-                pipeline.scheduler = make_sample_scheduler(
-                    prompt.get("sampler") or sampler, noise_scheduler, v_parameterization=v_parameterization
-                )
-                prompt_seed = prompt.get("seed")
-                if prompt_seed is None:
-                    prompt_seed = seed + index if seed is not None else secrets.randbelow(2**32)
-                prompt = dict(prompt, seed=prompt_seed)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-                    embeds = encode_prompts(
-                        tokenizer, text_encoder, [expand(prompt["prompt"]), expand(prompt["negative_prompt"])],
-                        clip_skip=clip_skip, max_token_length=max_token_length,
-                    ).to(device=device, dtype=unet.dtype)
-                    generator = torch.Generator(device="cpu" if device.type == "mps" else device)
-                    image = pipeline(
-                        prompt_embeds=embeds[:1],
-                        negative_prompt_embeds=embeds[1:],
-                        width=prompt["width"],
-                        height=prompt["height"],
-                        num_inference_steps=prompt["steps"],
-                        guidance_scale=prompt["scale"],
-                        generator=generator.manual_seed(prompt_seed),
-                    ).images[0]
-                path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt_seed)
-                _save_png(image, path, prompt)
-                paths.append(path)
-            del pipeline
-    finally:
-        for m, flags, original_device in zip(modules, was_training, devices):
-            m.to(original_device)
-            for sub, training in flags:
-                sub.training = training
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            prompt = dict(prompt, seed=prompt_seed(prompt, index, seed))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
+                embeds = encode_prompts(
+                    tokenizer, text_encoder, [expand(prompt["prompt"]), expand(prompt["negative_prompt"])],
+                    clip_skip=clip_skip, max_token_length=max_token_length,
+                ).to(device=device, dtype=unet.dtype)
+                generator = torch.Generator(device="cpu" if device.type == "mps" else device)
+                image = pipeline(
+                    prompt_embeds=embeds[:1],
+                    negative_prompt_embeds=embeds[1:],
+                    width=prompt["width"],
+                    height=prompt["height"],
+                    num_inference_steps=prompt["steps"],
+                    guidance_scale=prompt["scale"],
+                    generator=generator.manual_seed(prompt["seed"]),
+                ).images[0]
+            path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
+            _save_png(image, path, prompt)
+            paths.append(path)
+        del pipeline
     return paths
