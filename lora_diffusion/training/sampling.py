@@ -199,7 +199,6 @@ def _save_png(image, path, prompt):
     atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
-@torch.no_grad()
 @contextmanager
 def sampling_session(modules, device):
     """Every module in eval mode on `device` while sampling; afterwards each submodule's own mode (a LoRA inside the
@@ -231,6 +230,7 @@ def prompt_seed(prompt, index, seed):
     return seed + index if seed is not None else secrets.randbelow(2**32)
 
 
+@torch.no_grad()
 def generate_samples(
     *,
     tokenizer,
