@@ -80,19 +80,14 @@ def load_models(name_or_path, *, v2=None, v_parameterization=None, dtype=torch.f
         tokenizer/) to convert with instead of the shipped assets/v1, assets/v2 or assets/v2-v.
     """
     name = str(name_or_path)
-    if name == BUILTIN_TINY_XL:
+    if name in (BUILTIN_TINY, BUILTIN_TINY_XL):  # built from configs with seeded random weights
         from .sdxl import build_tiny_xl_models
 
+        kind, build = (("an SDXL", build_tiny_xl_models) if name == BUILTIN_TINY_XL
+                       else ("an SD1.x-style", build_tiny_models))
         if v2:
-            raise ModelLoadError(f"{BUILTIN_TINY_XL} is an SDXL model; --v2 does not apply to it")
-        models = build_tiny_xl_models(seed=0, dtype=dtype, device=device)
-        models.v_parameterization = bool(v_parameterization)
-        models.noise_scheduler = make_noise_scheduler(models.v_parameterization)
-        return models
-    if name == BUILTIN_TINY:
-        if v2:
-            raise ModelLoadError(f"{BUILTIN_TINY} is an SD1.x-style model; --v2 does not apply to it")
-        models = build_tiny_models(seed=0, dtype=dtype, device=device)
+            raise ModelLoadError(f"{name} is {kind} model; --v2 does not apply to it")
+        models = build(seed=0, dtype=dtype, device=device)
         models.v_parameterization = bool(v_parameterization)
         models.noise_scheduler = make_noise_scheduler(models.v_parameterization)
         return models
