@@ -78,9 +78,9 @@ def _file_sha256(path, chunk=1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_latent_file(path: Path, key: str, shape=None):
-    """(latents, flipped latents or None) from a cache file, or None when there is none for this key. A file that
-    is unreadable, of the wrong shape or not finite is reported (named) and encoded again, never trained on."""
+def read_cache_file(path: Path, key: str, what: str, redo: str) -> dict | None:
+    """The tensors of a cache file written for `key`, or None when there is none for it; an unreadable file is
+    reported (named, as `what` cache file, saying `redo`) and None returned, so its input is encoded again."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -88,12 +88,29 @@ def read_latent_file(path: Path, key: str, shape=None):
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("key") != key:
                 return None
-            names = set(f.keys())
-            plain = f.get_tensor("latents")
-            flipped = f.get_tensor("latents_flipped") if "latents_flipped" in names else None
+            return {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
-        warn(f"latent cache file '{path}' is unreadable ({type(e).__name__}: {e}); encoding the image again")
+        warn(f"{what} cache file '{path}' is unreadable ({type(e).__name__}: {e}); {redo}")
         return None
+
+
+def write_cache_file(path: Path, key: str, tensors: dict, file_format: str):
+    from safetensors.torch import save
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"key": key, "format": file_format})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_latent_file(path: Path, key: str, shape=None):
+    """(latents, flipped latents or None) from a cache file, or None when there is none for this key. A file that
+    is unreadable, of the wrong shape or not finite is reported (named) and encoded again, never trained on."""
+    tensors = read_cache_file(path, key, "latent", "encoding the image again")
+    if tensors is None:
+        return None
+    if "latents" not in tensors:
+        warn(f"latent cache file '{path}' holds no latents; encoding the image again")
+        return None
+    plain, flipped = tensors["latents"], tensors.get("latents_flipped")
     shape = tuple(shape) if shape is not None else tuple(plain.shape)  # at least the two must agree
     for tensor in (plain, flipped):
         if tensor is None:
@@ -109,9 +126,5 @@ def read_latent_file(path: Path, key: str, shape=None):
 
 
 def write_latent_file(path: Path, key: str, plain, flipped):
-    from safetensors.torch import save
-    tensors = {"latents": plain.contiguous()}
-    if flipped is not None:
-        tensors["latents_flipped"] = flipped.contiguous()
-    data = save(tensors, metadata={"key": key, "format": "lora_diffusion.latents.1"})
-    atomic_write(path, lambda f: f.write(data))
+    tensors = {"latents": plain} if flipped is None else {"latents": plain, "latents_flipped": flipped}
+    write_cache_file(path, key, tensors, "lora_diffusion.latents.1")

@@ -9,7 +9,6 @@ import json
 import torch
 
 from lora_diffusion.data.errors import warn
-from lora_diffusion.io import atomic_write
 
 
 def encoders_fingerprint(encoders) -> str:
@@ -30,17 +29,10 @@ def text_cache_key(caption, fields) -> str:
 
 
 def _read(path, key):
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
+    from lora_diffusion.data.latents import read_cache_file
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return None
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any unreadable file is encoded again
-        warn(f"text-encoder cache file '{path}' is unreadable ({type(e).__name__}: {e}); encoding the caption again")
+    tensors = read_cache_file(path, key, "text-encoder", "encoding the caption again")
+    if tensors is None:
         return None
     if "context" not in tensors or not all(torch.isfinite(t).all() for t in tensors.values()):
         warn(f"text-encoder cache file '{path}' is incomplete or not finite; encoding the caption again")
@@ -49,12 +41,10 @@ def _read(path, key):
 
 
 def _write(path, key, value):
-    from safetensors.torch import save
+    from lora_diffusion.data.latents import write_cache_file
 
     tensors = {"context": value[0], "pooled": value[1]} if isinstance(value, tuple) else {"context": value}
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                metadata={"key": key, "format": "lora_diffusion.text_outputs.1"})
-    atomic_write(path, lambda f: f.write(data))
+    write_cache_file(path, key, tensors, "lora_diffusion.text_outputs.1")
 
 
 def cache_text_outputs_on_disk(dataset, encode, fields):
