@@ -18,7 +18,7 @@ SUBCOMMANDS = [
     ("generate", "lora_diffusion.generate", "images from a base model plus LoRA files with multipliers"),
     ("evaluate", "lora_diffusion.evaluate", "score LoRA files (every epoch, multipliers): judge, FID/KID, CLIP, grid"),
     ("pretrain-mini", "lora_diffusion.pretrain_mini", "pretrain builtin:mini from scratch on the shapes world"),
-    ("convert", "lora_diffusion.tools.model_convert", "single-file SD1.x/2.x checkpoint <-> diffusers folder"),
+    ("convert", "lora_diffusion.tools.model_convert", "single-file SD1.x/2.x/SDXL checkpoint <-> diffusers folder"),
     ("merge", "lora_diffusion.tools.merge", "LoRA files into a base model, or several LoRA files into one"),
     ("resize", "lora_diffusion.tools.resize", "a LoRA to a lower rank by SVD (fixed or kohya's dynamic methods)"),
     ("extract", "lora_diffusion.tools.extract", "a LoRA from the difference of a fine-tuned model and its base"),

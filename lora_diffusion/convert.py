@@ -1,5 +1,5 @@
-"""The original (CompVis / Stability) single-file layout of SD1.x/2.x: recognising it, and renaming its keys to
-diffusers' names.
+"""The original (CompVis / Stability) single-file layout of SD1.x/2.x (and SDXL's, which sdxl.py recognises):
+recognising it, and renaming its keys to diffusers' names and back.
 
     names = unet_names(reader.names, layers_per_block=2)   # {original key: [(diffusers key, chunk or None)] or None}
 """
@@ -12,6 +12,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1.x: OpenAI CLIP ViT-L/14 in transformers' layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP ViT-H/14 in open_clip's layout
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L in transformers' layout
+SDXL_OPEN_CLIP_G_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG in open_clip's layout
+# stored as used, x @ P: the transpose of CLIPTextModelWithProjection's text_projection.weight
+TRANSPOSED_KEYS = frozenset({SDXL_OPEN_CLIP_G_PREFIX + "text_projection"})
 SD2_CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
@@ -238,26 +242,30 @@ def vae_original_name(key, num_levels):
     return None
 
 
-def clip_original_names(keys, open_clip):
+def clip_original_names(keys, open_clip, *, prefix=None):
     """{original key: [(diffusers key, chunk)]} for text-encoder keys (with or without `text_model.`). SD2's
-    open_clip fuses q/k/v into one in_proj: its three diffusers keys are its chunks 0, 1, 2."""
+    open_clip fuses q/k/v into one in_proj: its three diffusers keys are its chunks 0, 1, 2. `prefix` defaults to
+    SD1's / SD2's; SDXL's second encoder's `text_projection.weight` becomes open_clip's (transposed) projection."""
+    prefix = prefix or (OPEN_CLIP_PREFIX if open_clip else CLIP_PREFIX)
     result = {}
     for key in keys:
         short = key.removeprefix("text_model.")
         if short == "embeddings.position_ids":
             continue
         if not open_clip:
-            result[CLIP_PREFIX + "text_model." + short] = [(key, None)]
+            result[prefix + "text_model." + short] = [(key, None)]
             continue
         fixed = {new: old for old, new in OPEN_CLIP_FIXED.items()}
         if short in fixed:
-            result[OPEN_CLIP_PREFIX + fixed[short]] = [(key, None)]
+            result[prefix + fixed[short]] = [(key, None)]
+        elif short == "text_projection.weight":
+            result[prefix + "text_projection"] = [(key, None)]
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", short):
-            targets = result.setdefault(f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", [])
+            targets = result.setdefault(f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", [])
             targets.append((key, "qkv".index(m[2])))
             targets.sort(key=lambda target: target[1])
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", short):
-            result[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}.{replace_all(m[2], inverse(OPEN_CLIP_LAYER))}"] = \
+            result[f"{prefix}transformer.resblocks.{m[1]}.{replace_all(m[2], inverse(OPEN_CLIP_LAYER))}"] = \
                 [(key, None)]
         else:
             result[key] = None
@@ -265,9 +273,10 @@ def clip_original_names(keys, open_clip):
 
 
 def original_names(unet_keys, vae_keys, text_encoder_keys, *, layers_per_block, up_has_attention, vae_levels,
-                   open_clip):
+                   open_clip, text_encoder_2_keys=None):
     """{original key: [(part, diffusers key, chunk or None)]} for a whole model, the inverse of unet_names,
-    vae_names and clip_names. Raises ModelLoadError for a diffusers key with no original place."""
+    vae_names and clip_names. With `text_encoder_2_keys`, an SDXL model: CLIP ViT-L and OpenCLIP bigG under
+    SDXL's prefixes. Raises ModelLoadError for a diffusers key with no original place."""
     result, unplaced = {}, []
     for part, keys, name in (
             ("unet", unet_keys, lambda k: unet_original_name(k, layers_per_block, up_has_attention)),
@@ -286,24 +295,38 @@ def original_names(unet_keys, vae_keys, text_encoder_keys, *, layers_per_block, 
             if targets != reverse[original]:
                 unplaced.append(f"{part}.{reverse[original][0][0]}")
         result.update({o: [(part, k, c) for k, c in targets] for o, targets in reverse.items()})
-    te = clip_original_names(text_encoder_keys, open_clip)
-    nested = any(k.startswith("text_model.") for k in text_encoder_keys)
-    layers = 1 + max([int(m[1]) for k in text_encoder_keys if (m := re.search(r"layers\.(\d+)\.", k))], default=-1)
-    back = clip_names([o for o, t in te.items() if t is not None], nested, layers)
-    for original, targets in te.items():
-        if targets is None or back.get(original) != targets:
-            unplaced.extend(f"text_encoder.{k}" for k, _ in targets or [(original, None)])
-        else:
-            result[original] = [("text_encoder", k, c) for k, c in targets]
+    encoders = [("text_encoder", text_encoder_keys, open_clip, {})] if text_encoder_2_keys is None else [
+        ("text_encoder", text_encoder_keys, False, {"clip_prefix": SDXL_CLIP_L_PREFIX, "open_clip_prefix": None}),
+        ("text_encoder_2", text_encoder_2_keys, True,
+         {"clip_prefix": None, "open_clip_prefix": SDXL_OPEN_CLIP_G_PREFIX, "projection": True})]
+    for part, keys, is_open_clip, prefixes in encoders:
+        te = clip_original_names(keys, is_open_clip,
+                                 prefix=prefixes.get("open_clip_prefix" if is_open_clip else "clip_prefix"))
+        nested = any(k.startswith("text_model.") for k in keys)
+        layers = 1 + max([int(m[1]) for k in keys if (m := re.search(r"layers\.(\d+)\.", k))], default=-1)
+        back = clip_names([o for o, t in te.items() if t is not None], nested, layers, **prefixes)
+        for original, targets in te.items():
+            if targets is None or back.get(original) != targets:
+                unplaced.extend(f"{part}.{k}" for k, _ in targets or [(original, None)])
+            else:
+                result[original] = [(part, k, c) for k, c in targets]
     if unplaced:
         raise ModelLoadError(f"{len(unplaced)} diffusers key(s) have no place in the original SD layout "
-                             f"(e.g. {', '.join(unplaced[:3])}); is this an SD1.x/2.x model?")
+                             f"(e.g. {', '.join(unplaced[:3])}); is this an SD1.x/2.x or SDXL model?")
     return result
 
 
 def original_shape(key, shape):
-    """The original VAE attention is made of 1x1 convolutions where diffusers has linear layers."""
+    """The original VAE attention is made of 1x1 convolutions where diffusers has linear layers; SDXL's OpenCLIP
+    projection is stored transposed."""
+    if key in TRANSPOSED_KEYS:
+        return tuple(reversed(shape))
     if key.startswith(VAE_PREFIX + "encoder.mid.attn_1.") or key.startswith(VAE_PREFIX + "decoder.mid.attn_1."):
         if key.endswith(".weight") and len(shape) == 2:
             return tuple(shape) + (1, 1)
     return tuple(shape)
+
+
+def original_tensor(key, tensor):
+    """A diffusers tensor as the original key `key` stores it (see original_shape)."""
+    return tensor.T if key in TRANSPOSED_KEYS else tensor.reshape(original_shape(key, tensor.shape))

@@ -35,8 +35,8 @@ BUILTIN_TINY_XL = "builtin:tiny-xl"
 TINY_XL = ASSETS / "tiny-xl"
 SDXL_CONFIGS = ASSETS / "sdxl"
 CONDITIONER = "conditioner.embedders."
-CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
-OPEN_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+CLIP_L_PREFIX = convert.SDXL_CLIP_L_PREFIX
+OPEN_CLIP_G_PREFIX = convert.SDXL_OPEN_CLIP_G_PREFIX
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -84,6 +84,25 @@ def shipped_tokenizers():
     return load_clip_tokenizer(v2=False), load_clip_tokenizer(v2=True)
 
 
+def folder_tokenizers(folder):
+    """The two tokenizers of `folder` (a diffusers folder or a config folder): its tokenizer/ and tokenizer_2/
+    where it has them, else the shipped ones."""
+    folder = Path(folder)
+    return [CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True)
+            if (folder / name).is_dir() else default
+            for name, default in zip(("tokenizer", "tokenizer_2"), shipped_tokenizers())]
+
+
+def write_sdxl_model_index(folder):
+    """The model_index.json of a StableDiffusionXLPipeline folder."""
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 # -- builtin:tiny-xl ----------------------------------------------------------------------------------------------
 
 
@@ -111,12 +130,7 @@ def save_tiny_xl_diffusers_folder(path, seed=0):
         for part in PARTS + ("tokenizer", "tokenizer_2"):
             getattr(models, part).save_pretrained(staging / part)
         models.noise_scheduler.save_pretrained(staging / "scheduler")
-        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                 "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"]}
-        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_sdxl_model_index(staging)
 
     build_folder_atomically(path, fill)  # readable by others, like any folder a user saves
     return path
@@ -145,10 +159,7 @@ def load_sdxl_folder(folder, *, v_parameterization=None, dtype=torch.float32, de
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
             str(folder / "text_encoder_2"), variant=weights_variant(folder / "text_encoder_2"), local_files_only=True,
             **{DTYPE_KWARG: dtype})
-        shipped = shipped_tokenizers()
-        tokenizers = [CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True)
-                      if (folder / name).is_dir() else default
-                      for name, default in (("tokenizer", shipped[0]), ("tokenizer_2", shipped[1]))]
+        tokenizers = folder_tokenizers(folder)
         if v_parameterization is None:
             config = folder / "scheduler" / "scheduler_config.json"
             v_parameterization = config.is_file() and \
@@ -208,14 +219,10 @@ def load_sdxl_single_file(path, reader, *, v_parameterization=None, dtype=torch.
     convert_into(vae, reader, convert.vae_names(reader.names, vae_levels), path, "VAE")
     first, second = text_encoder_names(reader.names, text_encoder, text_encoder_2)
     convert_into(text_encoder, reader, first, path, "text encoder (CLIP ViT-L)")
-    convert_into(text_encoder_2, TransposingReader(reader, [OPEN_CLIP_G_PREFIX + "text_projection"]), second, path,
+    convert_into(text_encoder_2, TransposingReader(reader, convert.TRANSPOSED_KEYS), second, path,
                  "text encoder 2 (OpenCLIP bigG)")
-    shipped = shipped_tokenizers()
-    tokenizers = [CLIPTokenizer.from_pretrained(str(config_dir / name), local_files_only=True)
-                  if (config_dir / name).is_dir() else default
-                  for name, default in (("tokenizer", shipped[0]), ("tokenizer_2", shipped[1]))]
-    return assemble_sdxl(*tokenizers, text_encoder, text_encoder_2, vae, unet, dtype=dtype, device=device,
-                         v_parameterization=bool(v_parameterization), name=str(path))
+    return assemble_sdxl(*folder_tokenizers(config_dir), text_encoder, text_encoder_2, vae, unet, dtype=dtype,
+                         device=device, v_parameterization=bool(v_parameterization), name=str(path))
 
 
 # -- drawing ------------------------------------------------------------------------------------------------------

@@ -93,14 +93,23 @@ def text_encoder_list(text_encoder) -> list[tuple[str, nn.Module]]:
 def unet_module_name(unet: nn.Module, path: str) -> str:
     """The kohya name of a U-Net module: its diffusers path, or for SDXL its original (SGM) path, as kohya's SDXL
     U-Net names its modules (modules with no original place keep the diffusers path)."""
-    if not is_sdxl_unet(unet):
-        return kohya_name(UNET_PREFIX, path)
+    return sdxl_unet_module_name(unet.config, path) if is_sdxl_unet(unet) else kohya_name(UNET_PREFIX, path)
+
+
+def sdxl_unet_module_name(config, path: str) -> str:
+    """kohya's name of an SDXL U-Net module from the U-Net's config (a mapping, as config.json holds it)."""
     from .convert import unet_original_name
 
-    config = unet.config
-    original = unet_original_name(path + ".weight", config.layers_per_block,
-                                  ["Attn" in t for t in config.up_block_types])
+    original = unet_original_name(path + ".weight", config["layers_per_block"],
+                                  ["Attn" in t for t in config["up_block_types"]])
     return kohya_name(UNET_PREFIX, original.removesuffix(".weight") if original else path)
+
+
+def written_kohya_name(name: str, sdxl: bool) -> str:
+    """A canonical name (canonical_kohya_name) as a file spells it: SDXL's first text encoder is kohya's
+    `lora_te1_`, SD1.x/2.x's only one `lora_te_`."""
+    prefix = TEXT_ENCODER_PREFIX + "_"
+    return SDXL_TEXT_ENCODER_PREFIXES[0] + "_" + name[len(prefix):] if sdxl and name.startswith(prefix) else name
 
 
 def _lora_capable(module: nn.Module) -> bool:

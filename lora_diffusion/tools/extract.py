@@ -3,8 +3,9 @@
     lora-diffusion extract --base sd15.safetensors --tuned dreambooth.safetensors --output extracted.safetensors \\
         --rank 32 --conv_rank 16            # or --threshold 0.95: per module, the rank keeping 95% of the norm
 
-For every weight a LoRA can target (kohya's U-Net transformer modules and the CLIP q/k/v/out/fc layers; with
---conv_rank also the ResNet and sampler convs), the difference tuned - base is replaced by its truncated SVD.
+For every weight a LoRA can target (kohya's U-Net transformer modules and the CLIP q/k/v/out/fc layers, SDXL's
+both encoders; with --conv_rank also the ResNet and sampler convs), the difference tuned - base is replaced by its
+truncated SVD, named as kohya names it (SDXL: SGM U-Net paths, lora_te1 / lora_te2).
 The relative error |D - D_r| / |D| of each module is printed. Both models are read one weight at a time.
 """
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from ..kohya import network_metadata, write_lora_file
 from ..targets import _TEXT_ENCODER, _UNET_CONV_PARENT, _UNET_TRANSFORMER
 from .model_files import (
+    TEXT_ENCODERS,
     ModelToolError,
     check_output,
     lora_file_tensors,
@@ -30,7 +32,7 @@ from .resize import dynamic_rank
 def targeted(part, key, shape, conv):
     """Whether kohya's LoRA (LoCon with `conv`) targets the weight `key` of shape `shape`."""
     path = key.removesuffix(".weight")
-    if part == "text_encoder":
+    if part in TEXT_ENCODERS:
         return bool(_TEXT_ENCODER.match(path))
     if part != "unet" or len(shape) not in (2, 4):
         return False
@@ -49,6 +51,8 @@ def extract_lora(base, tuned, output, *, rank=None, conv_rank=None, threshold=No
         raise ModelToolError(f"--threshold must be in (0, 1], got {threshold}")
     check_output(output, [base, tuned], overwrite)
     a, b = open_model(base, config_dir=config_dir), open_model(tuned, config_dir=config_dir)
+    if a.sdxl != b.sdxl:
+        raise ModelToolError(f"{tuned} does not have the architecture of {base}: {b.describe()}, {a.describe()}")
     keys = [k for k, (shape, _) in a.entries.items() if targeted(*k, shape, conv_rank)]
     mismatch = [f"{p}.{k}" for p, k in keys if b.entries.get((p, k), (None,))[0] != a.entries[(p, k)][0]]
     if mismatch:
@@ -69,7 +73,7 @@ def extract_lora(base, tuned, output, *, rank=None, conv_rank=None, threshold=No
             up, down = up[:, :keep], down[:keep]
         approx = up @ down
         error = float((matrix - approx).norm() / matrix.norm())
-        name = module_key_name(part, key)
+        name = module_key_name(a, part, key)
         result[name], shapes[name] = (up, down, 1.0), shape
         report[name] = (down.shape[0], error)
     if not result:
@@ -77,7 +81,7 @@ def extract_lora(base, tuned, output, *, rank=None, conv_rank=None, threshold=No
     tensors, alpha = lora_file_tensors(result, shapes, dtype)
     args = {"conv_dim": conv_rank, "conv_alpha": alpha} if conv_rank else {}
     metadata = network_metadata(rank=rank or max(r for r, _ in report.values()), alpha=alpha, network_args=args,
-                                v2=a.v2, output_name=str(output))
+                                v2=a.v2, sdxl=a.sdxl, output_name=str(output))
     metadata["ss_training_comment"] = f"extracted by lora-diffusion from {tuned} - {base}"
     write_lora_file(str(output), tensors, metadata)
     return report

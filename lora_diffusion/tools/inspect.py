@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from .model_files import factored_svd, module_delta, read_loras
+from .model_files import factored_svd, is_sdxl_lora, module_delta, read_loras
 
 TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_v2", "ss_network_module",
                  "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_resolution", "ss_num_train_images",
@@ -23,13 +23,14 @@ TRAINING_KEYS = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", 
 
 
 def block_of(name):
-    """lora_unet_down_blocks_1_attentions_0_... -> unet down_blocks.1; lora_te_..._layers_5_... -> te layer 5."""
-    if m := re.match(r"lora_unet_(down_blocks|up_blocks)_(\d+)_", name):
+    """lora_unet_down_blocks_1_attentions_0_... -> unet down_blocks.1 (SDXL's lora_unet_input_blocks_4_1_... ->
+    unet input_blocks.4); lora_te_..._layers_5_... -> text_encoder layer 5 (lora_te2_...: text_encoder_2)."""
+    if m := re.match(r"lora_unet_(down_blocks|up_blocks|input_blocks|output_blocks)_(\d+)_", name):
         return f"unet {m[1]}.{m[2]}"
-    if name.startswith("lora_unet_mid_block_"):
-        return "unet mid_block"
+    if m := re.match(r"lora_unet_(mid_block|middle_block)_", name):
+        return f"unet {m[1]}"
     if m := re.search(r"_layers_(\d+)_", name):
-        return f"text_encoder layer {int(m[1]):2d}"
+        return f"{'text_encoder_2' if name.startswith('lora_te2_') else 'text_encoder'} layer {int(m[1]):2d}"
     return name.split("_")[1]
 
 
@@ -68,7 +69,9 @@ def loaders(modules, metadata, embeddings):
     if embeddings:
         notes["AUTOMATIC1111 / Forge"] += f"; also the bundled embedding(s) {', '.join(sorted(embeddings))}"
         notes["diffusers"] += "; the bundled embeddings are not loaded by load_lora_weights"
-    if metadata.get("ss_v2") == "True" or "v2" in metadata.get("ss_base_model_version", ""):
+    if is_sdxl_lora(modules, metadata):
+        notes["note"] = "made for an SDXL base: it loads only with an SDXL model (diffusers: StableDiffusionXLPipeline)"
+    elif metadata.get("ss_v2") == "True" or "v2" in metadata.get("ss_base_model_version", ""):
         notes["note"] = "made for an SD2.x base: it loads only with an SD2.x model"
     return notes
 

@@ -5,6 +5,8 @@
     lora-diffusion merge --lora a.safetensors:1 --lora b.safetensors:0.5 --output ab.safetensors   # one LoRA
     lora-diffusion merge --lora a.safetensors --lora b.safetensors --rank 16 --output ab16.safetensors
 
+SD1.x, SD2.x and SDXL (a U-Net named by kohya's SGM paths or by diffusers', both text encoders lora_te1/lora_te2).
+
 Into a model: W' = W + sum(ratio * alpha/rank * up @ down) (LoHa/LoKr: their products; DoRA: LyCORIS' formula on
 the weight merged so far, with the ratio as its multiplier), computed in fp32 one weight at a time and cast to
 --precision; only one tensor of the model is in memory at once. LoRA + LoRA: the ranks are concatenated (exact:
@@ -20,12 +22,13 @@ from tqdm import tqdm
 from ..kohya import network_metadata, write_lora_file
 from .model_files import (
     ModelToolError,
+    addressable_weights,
     check_output,
     factored_svd,
     fit,
+    is_sdxl_lora,
     lora_file_tensors,
     module_delta,
-    module_key_name,
     open_model,
     precision,
     read_loras,
@@ -39,8 +42,7 @@ def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, 
     check_output(output, [model_path] + [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
     model = open_model(model_path, config_dir=config_dir, v2=v2)
     files = read_loras(loras)
-    weights = {module_key_name(part, key): (part, key) for part, key in model.entries}
-    weights.pop(None, None)
+    weights = addressable_weights(model)
     updates = {}
     for path, ratio, modules, _ in files:
         unplaced = sorted(n for n in modules if n not in weights)
@@ -91,6 +93,10 @@ def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16
     check_output(output, [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
     files = read_loras(loras)
     only_plain_lora(files, "merging LoRA files into one")
+    sdxl = [is_sdxl_lora(modules, metadata) for _, _, modules, metadata in files]
+    if len(set(sdxl)) > 1:
+        raise ModelToolError(f"{files[sdxl.index(True)][0]} is an SDXL LoRA but {files[sdxl.index(False)][0]} is not; "
+                             f"LoRAs for different base models cannot be merged")
     names = sorted({n for _, _, modules, _ in files for n in modules})
     result, shapes, report = {}, {}, {}
     for name in tqdm(names, desc="merging", unit="module", leave=False):
@@ -113,11 +119,11 @@ def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16
             retained = 1.0
         result[name], shapes[name] = (up, down, 1.0), (shape if len(shape) == 4 else shape[:2])
         report[name] = (down.shape[0], retained)
-    tensors, alpha = lora_file_tensors(result, shapes, dtype)
+    tensors, alpha = lora_file_tensors(result, shapes, dtype, sdxl=sdxl[0])
     metadata = dict(files[0][3])
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-    metadata.update(network_metadata(rank=max(r for r, _ in report.values()), alpha=alpha,
-                                     v2=metadata.get("ss_v2") == "True", output_name=str(output)))
+    metadata.update(network_metadata(rank=max(r for r, _ in report.values()), alpha=alpha, sdxl=sdxl[0],
+                                     v2=not sdxl[0] and metadata.get("ss_v2") == "True", output_name=str(output)))
     metadata["ss_training_comment"] = "merged by lora-diffusion from " + ", ".join(
         f"{path}:{ratio:g}" for path, ratio, _, _ in files)
     write_lora_file(str(output), tensors, metadata)

@@ -1,5 +1,6 @@
-"""Convert an SD1.x/2.x model between a single file in the original (CompVis/Stability) layout and a diffusers
-folder, both ways, tensor by tensor. The seeds' `convert_sd_to_diffusers.py` / `convert_diffusers_to_sd.py` step.
+"""Convert an SD1.x/2.x or SDXL model between a single file in the original (CompVis / Stability SGM) layout and a
+diffusers folder, both ways, tensor by tensor. The seeds' `convert_sd_to_diffusers.py` / `convert_diffusers_to_sd.py`
+step.
 
     lora-diffusion convert v1-5-pruned-emaonly.ckpt sd15-diffusers/          # .ckpt read safely (weights only)
     lora-diffusion convert sd15-diffusers/ sd15.safetensors --precision fp16
@@ -34,8 +35,9 @@ def add_arguments(parser):
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                         help="cast the weights (default: keep each tensor's dtype)")
     parser.add_argument("--config", default=None,
-                        help="for a single-file source: a folder with unet/ vae/ text_encoder/ configs "
-                             "(default: the shipped SD1.x or SD2.x ones, detected from the weights)")
+                        help="for a single-file source: a folder with unet/ vae/ text_encoder/ (SDXL: and "
+                             "text_encoder_2/) configs (default: the shipped SD1.x, SD2.x or SDXL ones, detected from "
+                             "the weights)")
     parser.add_argument("--v_parameterization", action="store_true",
                         help="single file -> folder: write a v-prediction scheduler (SD2.x 768-v models)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

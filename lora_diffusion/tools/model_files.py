@@ -1,6 +1,6 @@
-"""Shared pieces of the model tools (convert, merge, resize, extract, inspect): a base model read tensor by tensor,
-written tensor by tensor (as a single file in the original SD layout or as a diffusers folder), and LoRA math on
-file tensors, independent of nn.Modules.
+"""Shared pieces of the model tools (convert, merge, resize, extract, inspect): a base model (SD1.x, SD2.x or SDXL)
+read tensor by tensor, written tensor by tensor (as a single file in the original SD / SGM layout or as a diffusers
+folder), and LoRA math on file tensors, independent of nn.Modules.
 
     model = open_model("v1-5-pruned-emaonly.safetensors")      # or a diffusers folder
     model.entries[("unet", "conv_in.weight")]                   # (shape, dtype), diffusers names
@@ -13,6 +13,7 @@ No whole model is ever held: each output tensor is produced, written and dropped
 import json
 import math
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -24,11 +25,23 @@ from .. import convert
 from ..base_checkpoint import PRECISION_DTYPES, SAFETENSORS_DTYPES, CheckpointReader, release_file_pages
 from ..io import atomic_write
 from ..kohya import LoRAFileError, ModuleWeights
-from ..targets import canonical_kohya_name, canonical_text_encoder_path, kohya_name
+from ..targets import (
+    SDXL_TEXT_ENCODER_PREFIXES,
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    canonical_kohya_name,
+    canonical_text_encoder_path,
+    kohya_name,
+    sdxl_unet_module_name,
+    written_kohya_name,
+)
 from . import build_folder_atomically, check_output_apart
 
 PARTS = ("unet", "vae", "text_encoder")
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+SDXL_PARTS = PARTS + ("text_encoder_2",)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -64,27 +77,33 @@ def check_output(output, inputs, overwrite=False):
 
 
 class BaseModel:
-    """An SD1.x/2.x model, a single file or a diffusers folder, seen in diffusers' names:
-    `entries` {(part, key): (shape, dtype)}, `read(part, key)`, the parts' configs, and for single files the
-    original keys (`original`: {original key: [(part, key, chunk)]}) and the keys that are no model weight
-    (`extras`: EMA copies, schedule buffers, SD2's unused last text block)."""
+    """An SD1.x/2.x or SDXL model, a single file or a diffusers folder, seen in diffusers' names:
+    `entries` {(part, key): (shape, dtype)}, `read(part, key)`, the parts' configs (SDXL: text_encoder_2 too), and
+    for single files the original keys (`original`: {original key: [(part, key, chunk)]}) and the keys that are no
+    model weight (`extras`: EMA copies, schedule buffers, SD2's unused last text block)."""
 
-    def __init__(self, path, kind, configs, v2):
-        self.path, self.kind, self.configs, self.v2 = Path(path), kind, configs, v2
+    def __init__(self, path, kind, configs, v2, sdxl=False):
+        self.path, self.kind, self.configs, self.v2, self.sdxl = Path(path), kind, configs, v2, sdxl
         self.entries, self.readers, self.original, self.extras = {}, {}, {}, []
+
+    @property
+    def parts(self):
+        return SDXL_PARTS if self.sdxl else PARTS
 
     def read(self, part, key):
         reader, name, chunk = self.readers[(part, key)]
         tensor = read_stored(reader, name)
         if chunk is not None:
             tensor = tensor.chunk(3)[chunk].clone()
+        if name in convert.TRANSPOSED_KEYS:
+            tensor = tensor.T.contiguous()
         return tensor.reshape(self.entries[(part, key)][0])
 
     def read_original(self, name):
         return read_stored(self.single, name)
 
     def describe(self):
-        family = "SD2.x" if self.v2 else "SD1.x"
+        family = "SDXL" if self.sdxl else "SD2.x" if self.v2 else "SD1.x"
         return f"{self.path} ({family} {'single file' if self.kind == 'single' else 'diffusers folder'})"
 
 
@@ -100,37 +119,45 @@ def read_stored(reader, name):
 
 def open_model(path, *, config_dir=None, v2=None):
     """A base model from a diffusers folder or a single .safetensors/.ckpt file; `config_dir` gives a single
-    file's configs (unet/, vae/, text_encoder/), by default the shipped SD1.x / SD2.x ones."""
+    file's configs (unet/, vae/, text_encoder/, SDXL's text_encoder_2/), by default the shipped SD1.x / SD2.x /
+    SDXL ones (the family is detected from the keys)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelToolError(f"model '{path}' not found; expected a diffusers folder or a .safetensors/.ckpt file")
     return open_folder(path) if path.is_dir() else open_single_file(path, config_dir, v2)
 
 
+def diffusers_key(part, key):
+    """A weight's key as the tools name it: a text encoder's with its `text_model.` level (transformers 4's)."""
+    return canonical_text_encoder_path(key) if part in TEXT_ENCODERS else key
+
+
 def open_folder(path):
+    from ..sdxl import is_sdxl_folder
+
     if not (path / "model_index.json").is_file():
         raise ModelToolError(f"'{path}' is a folder but not a diffusers model (model_index.json is missing)")
-    configs, model = {}, None
-    for part in PARTS:
+    sdxl = is_sdxl_folder(path)
+    model = BaseModel(path, "folder", {}, v2=False, sdxl=sdxl)
+    for part in model.parts:
         folder = path / part
         files = sorted(folder.glob(f"{WEIGHT_FILES[part]}*.safetensors")) + sorted(folder.glob("*.bin"))
         if not (folder / "config.json").is_file() or not files:
             raise ModelToolError(f"diffusers folder '{path}' has no {part}/config.json with "
                                  f"{WEIGHT_FILES[part]}.safetensors")
-        configs[part] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if model is None:
-            model = BaseModel(path, "folder", configs, v2=None)
+        model.configs[part] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         weights = next((f for f in files if f.name == f"{WEIGHT_FILES[part]}.safetensors"), files[0])
         reader = CheckpointReader(weights, torch.float32)
         for name in reader.names:
             if name.endswith("position_ids"):
                 continue
-            key = "text_model." + canonical_text_encoder_path(name).removeprefix("text_model.") \
-                if part == "text_encoder" else name
+            key = diffusers_key(part, name)
             model.entries[(part, key)] = (stored_shape(reader, name), stored_dtype(reader, name))
             model.readers[(part, key)] = (reader, name, None)
     # SD2's OpenCLIP text tower uses gelu where OpenAI's CLIP (SD1) uses quick_gelu; 1024 is SD2's full width
-    model.v2 = configs["unet"].get("cross_attention_dim") == 1024 or configs["text_encoder"].get("hidden_act") == "gelu"
+    configs = model.configs
+    model.v2 = not sdxl and (configs["unet"].get("cross_attention_dim") == 1024
+                             or configs["text_encoder"].get("hidden_act") == "gelu")
     return model
 
 
@@ -146,27 +173,39 @@ def stored_shape(reader, name):
 
 def open_single_file(path, config_dir, v2):
     from ..models import ASSETS, empty_modules
+    from ..sdxl import SDXL_CONFIGS, check_sdxl_parts, empty_sdxl_modules, is_sdxl_checkpoint, text_encoder_names
 
     reader = CheckpointReader(path, torch.float32)
-    convert.check_is_sd_checkpoint(path, reader.names)
-    detected = convert.detect_v2(reader)
+    sdxl = is_sdxl_checkpoint(reader.names)
+    if sdxl:
+        check_sdxl_parts(path, reader.names)
+    else:
+        convert.check_is_sd_checkpoint(path, reader.names)
+    detected = not sdxl and convert.detect_v2(reader)
     if v2 is not None and bool(v2) != detected:
-        raise ModelToolError(f"{path} holds {'SD2.x' if detected else 'SD1.x'} weights but --v2 was "
-                             f"{'given' if v2 else 'set to false'}")
-    config_dir = Path(config_dir) if config_dir else ASSETS / ("v2" if detected else "v1")
-    configs = {part: json.loads((config_dir / part / "config.json").read_text(encoding="utf-8")) for part in PARTS}
-    text_encoder, vae, unet = empty_modules(config_dir)  # on the meta device: the expected names and shapes
-    model = BaseModel(path, "single", configs, detected)
+        family = "SDXL" if sdxl else "SD2.x" if detected else "SD1.x"
+        raise ModelToolError(f"{path} holds {family} weights but --v2 was {'given' if v2 else 'set to false'}")
+    config_dir = Path(config_dir) if config_dir else SDXL_CONFIGS if sdxl else ASSETS / ("v2" if detected else "v1")
+    configs = {part: json.loads((config_dir / part / "config.json").read_text(encoding="utf-8"))
+               for part in (SDXL_PARTS if sdxl else PARTS)}
+    model = BaseModel(path, "single", configs, detected, sdxl)
     model.single, model.config_dir = reader, config_dir
-    expected = {"unet": unet.state_dict(), "vae": vae.state_dict(),
-                "text_encoder": {"text_model." + canonical_text_encoder_path(k).removeprefix("text_model."): v
-                                 for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}}
     maps = {"unet": convert.unet_names(reader.names, configs["unet"]["layers_per_block"]),
-            "vae": convert.vae_names(reader.names, len(configs["vae"]["up_block_types"])),
-            "text_encoder": convert.clip_names(reader.names, True, configs["text_encoder"]["num_hidden_layers"])}
+            "vae": convert.vae_names(reader.names, len(configs["vae"]["up_block_types"]))}
+    if sdxl:  # on the meta device: the expected names and shapes
+        text_encoder, text_encoder_2, vae, unet = empty_sdxl_modules(config_dir)
+        maps["text_encoder"], maps["text_encoder_2"] = text_encoder_names(reader.names, text_encoder, text_encoder_2)
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    else:
+        text_encoder, vae, unet = empty_modules(config_dir)
+        maps["text_encoder"] = convert.clip_names(reader.names, True, configs["text_encoder"]["num_hidden_layers"])
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    expected = {part: {diffusers_key(part, k): v for k, v in module.state_dict().items()
+                       if not k.endswith("position_ids")} for part, module in modules.items()}
     mapped = set()
     for part, names in maps.items():
         for original, targets in names.items():
+            targets = targets and [(diffusers_key(part, t), c) for t, c in targets]
             if targets is None or any(t not in expected[part] for t, _ in targets):
                 model.extras.append(original)
                 continue
@@ -183,7 +222,7 @@ def open_single_file(path, config_dir, v2):
                 model.entries[(part, target)] = (shape, stored_dtype(reader, original))
                 model.readers[(part, target)] = (reader, original, chunk)
     model.extras += [n for n in reader.names if n not in mapped and n not in model.extras]
-    missing = [f"{part}.{k}" for part in PARTS for k in expected[part] if (part, k) not in model.entries]
+    missing = [f"{part}.{k}" for part in model.parts for k in expected[part] if (part, k) not in model.entries]
     if missing:
         raise ModelToolError(f"{path}: {len(missing)} weight(s) of the configs in {config_dir} are not in the file "
                              f"(e.g. {', '.join(missing[:3])}); a model of another architecture? pass its --config")
@@ -227,19 +266,20 @@ def out_dtype(stored, dtype):
 
 def single_file_plan(model, get, dtype, keep_extras=False):
     """[(original key, shape, dtype, produce)] of a single file in the original layout, from diffusers names."""
-    keys = {part: [k for p, k in model.entries if p == part] for part in PARTS}
+    keys = {part: [k for p, k in model.entries if p == part] for part in model.parts}
     unet_config = model.configs["unet"]
     names = convert.original_names(
         keys["unet"], keys["vae"], keys["text_encoder"], layers_per_block=unet_config["layers_per_block"],
         up_has_attention=["Attn" in t for t in unet_config["up_block_types"]],
-        vae_levels=len(model.configs["vae"]["up_block_types"]), open_clip=model.v2)
+        vae_levels=len(model.configs["vae"]["up_block_types"]), open_clip=model.v2,
+        text_encoder_2_keys=keys.get("text_encoder_2"))
     plan = []
     for original, targets in names.items():
         shapes = [model.entries[(p, k)][0] for p, k, _ in targets]
         stored = model.entries[targets[0][:2]][1]
         if len(targets) == 1:
             shape = convert.original_shape(original, shapes[0])
-            produce = lambda t=targets[0], s=shape: get(t[0], t[1]).reshape(s)  # noqa: E731
+            produce = lambda o=original, t=targets[0]: convert.original_tensor(o, get(t[0], t[1]))  # noqa: E731
         else:
             shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
             produce = lambda ts=targets: torch.cat([get(p, k) for p, k, _ in ts])  # noqa: E731
@@ -250,11 +290,18 @@ def single_file_plan(model, get, dtype, keep_extras=False):
                 plan.append((name, stored_shape(model.single, name), stored_dtype(model.single, name),
                              lambda n=name: model.read_original(n)))
     elif not model.v2:
-        plan.append((convert.CLIP_PREFIX + "text_model.embeddings.position_ids", (1, 77), torch.int64,
-                     lambda: torch.arange(77)[None]))
+        clip = convert.SDXL_CLIP_L_PREFIX if model.sdxl else convert.CLIP_PREFIX
+        plan.append((clip + "text_model.embeddings.position_ids", (1, 77), torch.int64, lambda: torch.arange(77)[None]))
+        if model.sdxl:  # OpenCLIP's, unused by SDXL; as Stability's file has it
+            plan.append(logit_scale(convert.SDXL_OPEN_CLIP_G_PREFIX, dtype))
     else:
         plan += sd2_placeholders(model, keys["text_encoder"], dtype, get)
     return plan
+
+
+def logit_scale(prefix, dtype):
+    """open_clip's `logit_scale` (ln 100, its trained value), which loaders that build the full tower expect."""
+    return prefix + "logit_scale", (), dtype or torch.float32, lambda: torch.tensor(math.log(100.0))
 
 
 def sd2_placeholders(model, te_keys, dtype, get):
@@ -273,7 +320,7 @@ def sd2_placeholders(model, te_keys, dtype, get):
                      lambda ts=targets: torch.cat([get("text_encoder", k) for k, _ in ts])))
     width = model.entries[("text_encoder", "text_model.final_layer_norm.weight")][0][0]
     plan.append((prefix + "text_projection", (width, width), dtype or torch.float32, lambda: torch.eye(width)))
-    plan.append((prefix + "logit_scale", (), dtype or torch.float32, lambda: torch.tensor(math.log(100.0))))
+    plan.append(logit_scale(prefix, dtype))
     return plan
 
 
@@ -287,11 +334,12 @@ def write_single_file(path, model, get, dtype=None, keep_extras=False, metadata=
 def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=False):
     """A diffusers folder (configs, weights per part, tokenizer, scheduler, model_index.json), staged next to
     `path` and renamed into place."""
-    from ..models import make_noise_scheduler
+    from ..models import make_noise_scheduler, write_model_index
+    from ..sdxl import folder_tokenizers, write_sdxl_model_index
     from ..tokenizer import load_clip_tokenizer
 
     def fill(folder):
-        for part in PARTS:
+        for part in model.parts:
             (folder / part).mkdir()
             source_config = (model.path if model.kind == "folder" else model.config_dir) / part / "config.json"
             shutil.copyfile(source_config, folder / part / "config.json")
@@ -300,20 +348,21 @@ def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=Fals
             write_safetensors(folder / part / f"{WEIGHT_FILES[part]}.safetensors", plan, {"format": "pt"},
                               desc=f"writing {part}")
         if model.kind == "folder":
-            for extra in ("tokenizer", "scheduler", "model_index.json"):
+            for extra in ("tokenizer", "tokenizer_2", "scheduler", "model_index.json"):
                 source = model.path / extra
                 if source.is_dir():
                     shutil.copytree(source, folder / extra)
                 elif source.is_file():
                     shutil.copyfile(source, folder / extra)
             return
-        load_clip_tokenizer(v2=model.v2).save_pretrained(folder / "tokenizer")
         make_noise_scheduler(v_parameterization).save_pretrained(folder / "scheduler")
-        index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
-                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
-                 "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        if model.sdxl:
+            for name, tokenizer in zip(("tokenizer", "tokenizer_2"), folder_tokenizers(model.config_dir)):
+                tokenizer.save_pretrained(folder / name)
+            write_sdxl_model_index(folder)
+        else:
+            load_clip_tokenizer(v2=model.v2).save_pretrained(folder / "tokenizer")
+            write_model_index(folder, "DDPMScheduler")
 
     build_folder_atomically(path, fill)
     return Path(path)
@@ -332,12 +381,40 @@ def write_model(output, model, get, dtype=None, keep_extras=False, v_parameteriz
 # -- LoRA math on file tensors ----------------------------------------------------------------------------------
 
 
-def module_key_name(part, key):
-    """The kohya module name of a diffusers weight key (`unet`, `down_blocks.0...proj_in.weight`), or None."""
+def module_key_name(model, part, key):
+    """The kohya module name of a diffusers weight key (`unet`, `down_blocks.0...proj_in.weight`) as kohya writes
+    it (an SDXL U-Net's by its original SGM path, SDXL's encoders as lora_te1 / lora_te2), or None."""
     if not key.endswith(".weight") or part == "vae":
         return None
     path = key[: -len(".weight")]
-    return kohya_name("lora_unet" if part == "unet" else "lora_te", path)
+    if part == "unet":
+        return sdxl_unet_module_name(model.configs["unet"], path) if model.sdxl else kohya_name(UNET_PREFIX, path)
+    prefix = SDXL_TEXT_ENCODER_PREFIXES[TEXT_ENCODERS.index(part)] if model.sdxl else TEXT_ENCODER_PREFIX
+    return kohya_name(prefix, path)
+
+
+def addressable_weights(model):
+    """{module name: (part, key)} of every weight a LoRA file can address, by the names read_loras gives
+    (canonical_kohya_name's); an SDXL U-Net's also by their diffusers paths, which some exporters write."""
+    weights = {}
+    for part, key in model.entries:
+        name = module_key_name(model, part, key)
+        if name:
+            weights[canonical_kohya_name(name)] = (part, key)
+            if model.sdxl and part == "unet":
+                weights.setdefault(kohya_name(UNET_PREFIX, key[: -len(".weight")]), (part, key))
+    return weights
+
+
+SGM_UNET_NAME = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+
+
+def is_sdxl_lora(modules, metadata):
+    """Whether a LoRA file is for SDXL: a second text encoder's module (lora_te2_), a U-Net module by its SGM path
+    (as kohya names SDXL's only), or SDXL in the metadata (kohya's ss_base_model_version, ModelSpec's)."""
+    return (any(n.startswith("lora_te2_") or SGM_UNET_NAME.match(n) for n in modules)
+            or metadata.get("ss_base_model_version", "").startswith("sdxl")
+            or metadata.get("modelspec.architecture", "").startswith("stable-diffusion-xl"))
 
 
 def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
@@ -368,7 +445,7 @@ def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multi
 def fit(delta, shape, name, source):
     if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
         raise ModelToolError(f"{source}: module {name} makes a {tuple(delta.shape)} update but the base weight is "
-                             f"{tuple(shape)}; a LoRA for another model family (SD1.x vs SD2.x)?")
+                             f"{tuple(shape)}; a LoRA for another model family (SD1.x, SD2.x, SDXL)?")
     return delta.reshape(shape)
 
 
@@ -393,10 +470,11 @@ def factored_svd(up, down):
     return q1 @ u, s, (q2 @ vh.T).T
 
 
-def lora_file_tensors(modules, shapes, dtype=torch.float16):
+def lora_file_tensors(modules, shapes, dtype=torch.float16, sdxl=False):
     """Kohya file tensors from {name: (up [out, r], down [r, n], scale)}, `shapes[name]` the base weight's shape
-    (to shape conv factors). One alpha for the whole file (the most common rank, so most modules have scale 1):
-    each module's own scale is folded into lora_up, which leaves scale * up @ down unchanged."""
+    (to shape conv factors), the names spelled as files have them (`sdxl`: SDXL's, see written_kohya_name). One
+    alpha for the whole file (the most common rank, so most modules have scale 1): each module's own scale is
+    folded into lora_up, which leaves scale * up @ down unchanged."""
     ranks = [down.shape[0] for _, down, _ in modules.values()]
     alpha = float(Counter(ranks).most_common(1)[0][0]) if ranks else 1.0
     tensors = {}
@@ -405,6 +483,7 @@ def lora_file_tensors(modules, shapes, dtype=torch.float16):
         up = up.float() * (scale * rank / alpha)
         if len(shape) == 4:
             down, up = down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1)
+        name = written_kohya_name(name, sdxl)
         tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)

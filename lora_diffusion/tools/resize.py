@@ -14,7 +14,15 @@ import torch
 from tqdm import tqdm
 
 from ..kohya import network_metadata, write_lora_file
-from .model_files import ModelToolError, check_output, factored_svd, lora_file_tensors, precision, read_loras
+from .model_files import (
+    ModelToolError,
+    check_output,
+    factored_svd,
+    is_sdxl_lora,
+    lora_file_tensors,
+    precision,
+    read_loras,
+)
 
 METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 MIN_SV = 1e-6  # kohya: a module whose largest singular value is below this is zero, kept at rank 1
@@ -58,7 +66,7 @@ def resize_lora(source, output, *, rank, conv_rank=None, dynamic=None, dynamic_p
         shapes[name] = shape
         retained = float(s[:new].square().sum() / s.square().sum().clamp_min(1e-30)) ** 0.5
         report[name] = (w.rank, new, retained)
-    tensors, alpha = lora_file_tensors(result, shapes, dtype)
+    tensors, alpha = lora_file_tensors(result, shapes, dtype, sdxl=is_sdxl_lora(modules, metadata))
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     old = max(r for r, _, _ in report.values())
     metadata.update({k: v for k, v in network_metadata(rank=rank, alpha=alpha, output_name=str(output)).items()
