@@ -88,26 +88,15 @@ def _typed(key: str, value, action: argparse.Action, path: Path):
         if not isinstance(value, bool):
             bad("true or false")
         return value
+    if action.nargs in ("*", "+") and action.type in (int, float):  # text_encoder_lr = 1e-4 or [1e-4, 5e-5]
+        return [_number(v, action.type, bad) for v in (value if isinstance(value, list) else [value])]
     if action.nargs in ("*", "+"):
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             bad('a list of strings such as ["conv_dim=4", "conv_alpha=1"]')
         return items
     if action.type in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            bad("a whole number" if action.type is int else "a number")
-        if isinstance(value, str):
-            try:
-                value = float(value.strip()) if action.type is float else int(value.strip())
-            except ValueError:
-                bad("a whole number" if action.type is int else "a number")
-        if action.type is int:
-            if isinstance(value, float) and not value.is_integer():
-                bad("a whole number")
-            return int(value)
-        if not math.isfinite(value):
-            bad("a finite number")
-        return float(value)
+        return _number(value, action.type, bad)
     if isinstance(value, list) and key in NUMBER_AS_STRING and 1 <= len(value) <= 2 and \
             all(type(v) is int for v in value):
         return ",".join(map(str, value))
@@ -116,6 +105,24 @@ def _typed(key: str, value, action: argparse.Action, path: Path):
     if not isinstance(value, str):
         bad("a string")
     return value if action.type is None else action.type(value)
+
+
+def _number(value, kind, bad):
+    """`value` as an int or float flag's value; bad(expected) for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        bad("a whole number" if kind is int else "a number")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            bad("a whole number" if kind is int else "a number")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            bad("a whole number")
+        return int(value)
+    if not math.isfinite(value):
+        bad("a finite number")
+    return float(value)
 
 
 def _from_gui_json(document, path: Path, parser: argparse.ArgumentParser) -> dict:

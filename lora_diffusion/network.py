@@ -20,6 +20,7 @@ from . import kohya
 from .layer import AdapterLayer, LoRALayer
 from .lycoris_layers import LoHaLayer, LoKrLayer
 from .targets import (
+    SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     Target,
@@ -58,7 +59,11 @@ class LoRANetwork(nn.Module):
 
     @property
     def text_encoder_layers(self) -> list[AdapterLayer]:
-        return [m for n, m in self.layers().items() if n.startswith(TEXT_ENCODER_PREFIX)]
+        return self.text_encoder_layers_of(TEXT_ENCODER_PREFIX)
+
+    def text_encoder_layers_of(self, prefix: str) -> list[AdapterLayer]:
+        """The layers whose names start with `prefix`: lora_te (every text encoder's), lora_te1, lora_te2."""
+        return [m for n, m in self.layers().items() if n.startswith(prefix)]
 
     def apply_to(self) -> "LoRANetwork":
         for layer in self.layers().values():
@@ -110,13 +115,24 @@ class LoRANetwork(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------------
 
-    def param_groups(self, *, unet_lr: float | None = None, text_encoder_lr: float | None = None,
+    def param_groups(self, *, unet_lr: float | None = None, text_encoder_lr=None,
                      default_lr: float | None = None, embedding_lr: float | None = None) -> list[dict]:
         """Optimizer parameter groups: one for the U-Net LoRA, one for the text encoder's, one for the new tokens'
-        embeddings, each with its own lr. A part whose lr is 0 is left out (frozen), as in kohya."""
+        embeddings, each with its own lr. A part whose lr is 0 is left out (frozen), as in kohya. On SDXL,
+        `text_encoder_lr` may be a pair (TE1's, TE2's): then each encoder's LoRA is a group of its own
+        ("text_encoder", "text_encoder_2")."""
+        if isinstance(text_encoder_lr, (list, tuple)):
+            if len(text_encoder_lr) != 2 or not self.sdxl:
+                raise ValueError(f"text_encoder_lr {list(text_encoder_lr)}: a pair (TE1, TE2) is for an SDXL network "
+                                 f"(two text encoders); give one number")
+            encoders = [("text_encoder", self.text_encoder_layers_of(SDXL_TEXT_ENCODER_PREFIXES[0]),
+                         text_encoder_lr[0]),
+                        ("text_encoder_2", self.text_encoder_layers_of(SDXL_TEXT_ENCODER_PREFIXES[1]),
+                         text_encoder_lr[1])]
+        else:
+            encoders = [("text_encoder", self.text_encoder_layers, text_encoder_lr)]
         groups = []
-        for name, layers, lr in (("unet", self.unet_layers, unet_lr),
-                                 ("text_encoder", self.text_encoder_layers, text_encoder_lr),
+        for name, layers, lr in (("unet", self.unet_layers, unet_lr), *encoders,
                                  ("embeddings", list(self.embeddings.values()), embedding_lr)):
             lr = default_lr if lr is None else lr
             params = [p for layer in layers for p in layer.parameters()]

@@ -116,7 +116,9 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--unet_lr", type=float)
-    g.add_argument("--text_encoder_lr", type=float)
+    g.add_argument("--text_encoder_lr", type=float, nargs="+", metavar="LR",
+                   help="learning rate of the text encoders' LoRA (default: --learning_rate); on SDXL one value for "
+                        "both or two: TE1 (CLIP ViT-L), TE2 (OpenCLIP bigG)")
     g.add_argument("--lr_scheduler", default="constant")
     g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a fraction (< 1) of the total")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
@@ -192,6 +194,7 @@ def check_args(args):
 
     if not args.output_config and not args.pretrained_model_name_or_path:
         bad("--pretrained_model_name_or_path is required (a diffusers folder, an SD checkpoint, or builtin:tiny)")
+    args.text_encoder_lr = one_or_pair(args.text_encoder_lr, "--text_encoder_lr", bad)
     if not args.output_config and not (args.train_data_dir or args.dataset_config):
         bad("--train_data_dir (the parent of <repeats>_<name> folders) or --dataset_config is required")
     if args.network_module not in ("networks.lora", "lora_diffusion", "lycoris.kohya"):
@@ -269,6 +272,15 @@ def check_args(args):
     if unknown:
         bad(f"--validation_metrics: unknown {', '.join(sorted(unknown))}; expected judge, fid, kid")
     network_options(args)  # a bad --network_args before any work
+
+
+def one_or_pair(values, flag, bad):
+    """A flag of one or two numbers as one number (one value, or two equal) or a [first, second] pair."""
+    if values is None or isinstance(values, (int, float)):
+        return values
+    if len(values) > 2:
+        bad(f"{flag} takes one value, or two on SDXL (TE1, TE2); got {len(values)}: {' '.join(map(str, values))}")
+    return values[0] if len(set(values)) == 1 else list(values)
 
 
 def looks_like_sdxl(name) -> bool:
@@ -462,6 +474,10 @@ def load_base_models(args, weight_dtype, device):
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
     if models.sdxl:
         check_sdxl_args(args, models)
+    elif isinstance(args.text_encoder_lr, list):
+        raise TrainingError(f"--text_encoder_lr {' '.join(map(str, args.text_encoder_lr))}: two values are for "
+                            f"SDXL's two text encoders (TE1, TE2), but {models.name} is SD1.x/2.x, with one; give "
+                            f"one value")
     layers = text_encoder.config.num_hidden_layers
     if args.clip_skip is not None and args.clip_skip > layers:
         raise TrainingError(f"--clip_skip {args.clip_skip}: this text encoder has {layers} layers (2 = penultimate)")

@@ -1,7 +1,7 @@
 """train_lora.py on SDXL (builtin:tiny-xl): a few steps train, the file loads in diffusers' StableDiffusionXLPipeline
 with equal outputs, the time ids of every sample equal a computation from the image files, cached text-encoder
 outputs (in memory, on disk) give the run of uncached ones, resume is bit-exact, --network_train_unet_only, LyCORIS,
-sampling, the SDXL defaults."""
+sampling, the SDXL defaults, one --text_encoder_lr per encoder."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import train_lora
-from lora_diffusion import load_network
+from lora_diffusion import create_network, load_network
+from lora_diffusion.models import build_tiny_models
 from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
 from test_sdxl import assert_outputs_close, outputs
 from test_train import base_flags, make_dataset, read
@@ -239,3 +240,57 @@ def test_sdxl_defaults_and_what_does_not_apply(tmp_path, data, capsys):
     assert "--clip_skip 2 is ignored for SDXL" in capsys.readouterr().err
     assert train_lora.main(xl_flags(tmp_path, data, token_string="sks")) == 2
     assert "--token_string" in capsys.readouterr().err
+
+
+# --- one learning rate per text encoder ---------------------------------------------------------------------------
+
+
+def test_param_groups_give_each_sdxl_text_encoder_its_learning_rate():
+    models = build_tiny_xl_models()
+    network = create_network(models.unet, models.text_encoders, rank=2)
+    by_prefix = {prefix: {id(p) for n, p in network.named_parameters() if n.startswith(prefix + "_")}
+                 for prefix in ("lora_unet", "lora_te1", "lora_te2")}
+    groups = network.param_groups(unet_lr=1e-3, text_encoder_lr=(1e-4, 2e-5))
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 1e-3), ("text_encoder", 1e-4),
+                                                        ("text_encoder_2", 2e-5)]
+    assert [{id(p) for p in g["params"]} for g in groups] == [by_prefix[p] for p in by_prefix]
+    one = network.param_groups(unet_lr=1e-3, text_encoder_lr=5e-5)
+    assert [(g["name"], g["lr"]) for g in one] == [("unet", 1e-3), ("text_encoder", 5e-5)]
+    assert {id(p) for p in one[1]["params"]} == by_prefix["lora_te1"] | by_prefix["lora_te2"]
+    assert [g["name"] for g in network.param_groups(unet_lr=1e-3, text_encoder_lr=(0, 2e-5))] == ["unet",
+                                                                                                   "text_encoder_2"]
+    sd1 = build_tiny_models()
+    with pytest.raises(ValueError, match="SDXL network"):
+        create_network(sd1.unet, sd1.text_encoder, rank=2).param_groups(text_encoder_lr=(1e-4, 2e-5))
+
+
+@pytest.mark.parametrize("values,expected", [(["5e-5"], [("text_encoder", 5e-5)]),
+                                             (["1e-4", "2e-5"], [("text_encoder", 1e-4), ("text_encoder_2", 2e-5)])])
+def test_text_encoder_lr_one_value_for_both_encoders_or_one_each(tmp_path, data, monkeypatch, values, expected):
+    """kohya's --text_encoder_lr takes several values: on SDXL one trains both encoders at it, two are TE1's and
+    TE2's. The optimizer the trainer builds gets those groups."""
+    from lora_diffusion import training
+
+    created = []
+    real = training.create_optimizer
+    monkeypatch.setattr(training, "create_optimizer", lambda name, groups, **kw: created.append(groups) or
+                        real(name, groups, **kw))
+    assert train_lora.main(xl_flags(tmp_path, data, max_train_steps=1, unet_lr=1e-3, text_encoder_lr=values)) == 0
+    groups = created[-1]
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 1e-3)] + expected
+    assert sum(len(g["params"]) for g in groups[1:]) == 2 * 2 * 24  # down and up of 24 modules per encoder
+    _, meta = read(tmp_path / "out" / "t.safetensors")
+    assert meta["ss_text_encoder_lr"] == ("5e-05" if len(values) == 1 else "[0.0001, 2e-05]")
+
+
+def test_text_encoder_lr_pairs_are_for_sdxl_only(tmp_path, data, capsys):
+    sd1 = base_flags(tmp_path, data, text_encoder_lr=["1e-4", "2e-5"])
+    assert train_lora.main(sd1) == 2
+    assert "--text_encoder_lr 0.0001 2e-05: two values are for SDXL" in capsys.readouterr().err
+    assert train_lora.main(xl_flags(tmp_path, data, text_encoder_lr=["1e-4", "2e-5", "3e-5"])) == 2
+    assert "--text_encoder_lr takes one value, or two on SDXL (TE1, TE2); got 3" in capsys.readouterr().err
+    config = tmp_path / "c.toml"
+    for toml, expected in (("5e-5", 5e-5), ("[1e-4, 2e-5]", [1e-4, 2e-5]), ("[3e-5, 3e-5]", 3e-5)):
+        config.write_text(f"text_encoder_lr = {toml}\n")
+        args = train_lora.parse_args(xl_flags(tmp_path, data, config_file=config))
+        assert args.text_encoder_lr == expected

@@ -17,7 +17,8 @@ import torch
 from .errors import TrainingError
 from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
 
-LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "embeddings": "lr/embeddings"}
+LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2",
+                "embeddings": "lr/embeddings"}
 
 
 @dataclass
