@@ -401,8 +401,8 @@ def build_validation(args, held_out, models, device, weight_dtype, resolution):
     if not held_out and not args.validation_prompts:
         return None
     seed = args.seed if args.validation_seed is None else args.validation_seed
-    images = build_validation_set(held_out, models.vae, seed=seed, device=device, dtype=weight_dtype) \
-        if held_out else None
+    images = build_validation_set(held_out, models.vae, seed=seed, device=device, dtype=weight_dtype,
+                                  sdxl=models.sdxl) if held_out else None
     return Validation.create(images, args.validation_prompts, args.validation_metrics.split(","),
                              seeds=args.validation_seeds, size=resolution[0])
 
@@ -508,9 +508,6 @@ def check_sdxl_args(args, models):
     if args.token_string:
         raise TrainingError("--token_string (pivotal tuning) is SD1.x/2.x only for now: SDXL would need the new "
                             "token in both text encoders")
-    if args.validation_split is not None or args.validation_data_dir or args.validation_prompts:
-        raise TrainingError("--validation_split/--validation_data_dir/--validation_prompts are SD1.x/2.x only for "
-                            "now; on SDXL use --sample_prompts to watch the LoRA")
     if getattr(args, "resolution_defaulted", False) and args.resolution == "512":
         print(f"warning: {models.name} is SDXL but --resolution defaulted to 512 (SDXL was not detected from the "
               f"file name); SDXL trains at --resolution 1024", file=sys.stderr)

@@ -96,3 +96,69 @@ def test_generated_images_are_scored_each_validation(tmp_path, capsys):
     line = next(line for line in out.splitlines() if line.startswith("epoch 1"))
     assert "judge_shape" in line and "fid" in line and "validation_loss" not in line
     assert "most shapes right" in out
+
+
+# --- SDXL ---------------------------------------------------------------------------------------------------------
+
+
+def test_sdxl_validation_gives_the_unet_diffusers_conditioning(tmp_path):
+    """The held-out images' time ids follow from their files (size, center crop, bucket: computed here), the
+    captions' states and pooled embedding equal diffusers' StableDiffusionXLPipeline.encode_prompt, LoRA applied,
+    and validation_loss hands both to the U-Net."""
+    import torch
+    from PIL import Image
+
+    from lora_diffusion import create_network
+    from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
+    from lora_diffusion.training.validation import build_validation_set, caption_encoder, validation_loss
+    from test_sdxl import randomize_network
+    from test_sdxl_train import make_sized_dataset
+
+    models = build_tiny_xl_models()
+    randomize_network(create_network(models.unet, models.text_encoders, rank=2))
+    entries = LoRADataset(make_sized_dataset(tmp_path), resolution=64, enable_bucket=True, min_bucket_reso=32,
+                          max_bucket_reso=128, bucket_reso_steps=16).entries
+    images = build_validation_set(entries, models.vae, seed=3, device="cpu", dtype=torch.float32, sdxl=True)
+    for entry, ids in zip(entries, images.time_ids):
+        w, h = Image.open(entry.path).size
+        bucket = entry.bucket
+        scale = max(bucket[0] / w, bucket[1] / h)
+        resized = (max(bucket[0], round(w * scale)), max(bucket[1], round(h * scale)))
+        left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+        assert ids.tolist() == [[h, w, top, left, bucket[1], bucket[0]]]
+    assert len({tuple(ids[0].tolist()) for ids in images.time_ids}) > 1
+
+    encode = caption_encoder(models, lambda text: text)
+    pipe = sdxl_pipeline(models)
+    seen = []
+
+    def unet(noisy, timestep, context, added_cond_kwargs):
+        seen.append((context, added_cond_kwargs))
+        return models.unet(noisy, timestep, context, added_cond_kwargs=added_cond_kwargs)
+
+    with torch.no_grad():
+        for caption in images.captions:
+            states, _, pooled, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False)
+            ours = encode([caption])
+            torch.testing.assert_close(ours[0], states, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours[1], pooled, rtol=1e-5, atol=1e-5)
+        loss = validation_loss(images, unet=unet, encode=encode, noise_scheduler=models.noise_scheduler,
+                               v_parameterization=False, device="cpu", dtype=torch.float32)
+    assert loss > 0 and len(seen) == 5 * len(entries)
+    for index, caption in enumerate(images.captions):
+        for context, added in seen[5 * index: 5 * index + 5]:
+            torch.testing.assert_close(context, encode([caption])[0])
+            assert torch.equal(added["time_ids"], images.time_ids[index])
+            torch.testing.assert_close(added["text_embeds"], encode([caption])[1])
+
+
+def test_sdxl_training_validates_held_out_images_and_prompts(tmp_path, capsys):
+    data = make_dataset(tmp_path, n=8)
+    argv = base_flags(tmp_path, data, pretrained_model_name_or_path="builtin:tiny-xl", max_train_steps=None,
+                      max_train_epochs=2, train_batch_size=4, validation_split=0.25, validation_prompts="world:star",
+                      validation_seeds=1, validation_metrics="judge", learning_rate=1e-2)
+    assert train_lora.main(argv) == 0
+    out = capsys.readouterr().out
+    losses = losses_printed(out)
+    assert len(losses) == 2 and losses[0] != losses[1]
+    assert "judge_shape" in next(line for line in out.splitlines() if line.startswith("epoch 1"))

@@ -4,7 +4,8 @@ metrics on generated images (the engine of `lora-diffusion evaluate`).
 The validation loss is the plain MSE of the U-Net's prediction (no min-SNR weights, no noise offset) on the
 held-out images at fixed timesteps (100, 300, 500, 700, 900 of 1,000) with fixed noise per image and timestep: the
 same numbers go in at every epoch, so only the LoRA changes the result. Images are encoded with the VAE's mean
-(no sampling) and their captions used as written.
+(no sampling) and their captions used as written. On SDXL the U-Net also gets each image's size and center crop
+(time ids) and the pooled text embedding, as in training; prompts are drawn with StableDiffusionXLPipeline.
 """
 
 from contextlib import contextmanager
@@ -21,38 +22,49 @@ class ValidationSet:
     latents: list  # one [1, c, h, w] tensor per image
     captions: list
     seed: int
+    time_ids: list | None = None  # SDXL: one [1, 6] tensor per image (size, center crop, bucket)
 
 
 @torch.no_grad()
-def build_validation_set(entries, vae, *, seed, device, dtype) -> ValidationSet:
+def build_validation_set(entries, vae, *, seed, device, dtype, sdxl=False) -> ValidationSet:
     """Encode held-out dataset entries (LoRADataset.split_validation or a validation dataset's entries) once."""
-    from lora_diffusion.data.images import load_image
+    from lora_diffusion.data.images import center_crop, load_image
+
+    from .sdxl import sdxl_time_ids
 
     latents = []
     for entry in entries:
         image = load_image(entry.path, entry.bucket)[None].to(device, vae.dtype)
         latents.append((vae.encode(image).latent_dist.mean * vae.config.scaling_factor).to("cpu", dtype))
-    return ValidationSet(latents, [e.caption for e in entries], seed)
+    time_ids = [sdxl_time_ids({"original_sizes": [e.size], "crops": [center_crop(e.size, e.bucket)],
+                               "buckets": [e.bucket]}) for e in entries] if sdxl else None
+    return ValidationSet(latents, [e.caption for e in entries], seed, time_ids)
 
 
 @torch.no_grad()
 def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler, v_parameterization, device,
                     dtype) -> float:
-    """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states."""
+    """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states (SDXL: the states
+    and the pooled embedding)."""
     from lora_diffusion import training
 
     total, count = 0.0, 0
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = [int(share * steps) for share in TIMESTEP_SHARES]
     for index, (latents, caption) in enumerate(zip(validation.latents, validation.captions)):
-        context = encode([caption]).to(device, dtype)
+        context, added = encode([caption]), {}
+        if validation.time_ids is not None:
+            context, pooled = context
+            added = {"added_cond_kwargs": {"text_embeds": pooled.to(device, dtype),
+                                           "time_ids": validation.time_ids[index].to(device, dtype)}}
+        context = context.to(device, dtype)
         latents = latents.to(device, dtype)
         for t in timesteps:
             generator = torch.Generator().manual_seed(validation.seed * 1_000_003 + index * 1009 + t)
             noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
             timestep = torch.tensor([t], device=device)
             noisy, target = training.training_target(noise_scheduler, latents, noise, timestep, v_parameterization)
-            prediction = unet(noisy, timestep, context).sample
+            prediction = unet(noisy, timestep, context, **added).sample
             total += torch.nn.functional.mse_loss(prediction.float(), target.float()).item()
             count += 1
     return total / max(1, count)
@@ -106,16 +118,35 @@ def eval_mode(*models):
             sub.training = training
 
 
+def text_encoders(models):
+    return [e for e in (models.text_encoder, getattr(models, "text_encoder_2", None)) if e is not None]
+
+
+def validation_pipeline(models):
+    """The pipeline that draws the validation prompts: builtin:mini's world pipeline (DPM-Solver++), or on SDXL a
+    StableDiffusionXLPipeline with the same scheduler."""
+    from lora_diffusion import quality
+
+    if not getattr(models, "sdxl", False):
+        return quality.world_pipeline(models)
+    from diffusers import DPMSolverMultistepScheduler
+
+    from lora_diffusion.sdxl import sdxl_pipeline
+
+    pipe = sdxl_pipeline(models, DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config,
+                                                                         algorithm_type="dpmsolver++"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
 def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
     """Images of the model as it is now (LoRA applied), one per prompt and seed, prompt-major."""
-    from lora_diffusion import quality
-
     models = run.models
-    pipe = quality.world_pipeline(models)
-    devices = [(m, next(m.parameters()).device) for m in (models.vae, models.text_encoder)]
+    pipe = validation_pipeline(models)
+    devices = [(m, next(m.parameters()).device) for m in (models.vae, *text_encoders(models))]
     for model, _ in devices:
-        model.to(run.device)  # either may wait on the CPU while latents or text states are cached
+        model.to(run.device)  # each may wait on the CPU while latents or text states are cached
     try:
         texts = [run.network.expand_prompt(p) for p in prompts]
         images = []
@@ -129,29 +160,43 @@ def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
     return [images[s * len(prompts) + p] for p in range(len(prompts)) for s in range(seeds)]
 
 
+def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=None):
+    """captions -> what the U-Net takes: the text-encoder states (SDXL: the states and the pooled embedding), new
+    tokens expanded by `expand_prompt`."""
+    from lora_diffusion import training
+
+    def encode(captions):
+        captions = [expand_prompt(c) for c in captions]
+        if getattr(models, "sdxl", False):
+            return training.encode_prompts_sdxl((models.tokenizer, models.tokenizer_2), text_encoders(models),
+                                                captions, max_token_length=max_token_length)
+        return training.encode_prompts(models.tokenizer, models.text_encoder, captions, clip_skip=clip_skip,
+                                       max_token_length=max_token_length)
+
+    return encode
+
+
 def validate(run, state, epoch):
     """The validation loss and metrics after `epoch`: printed, logged (TensorBoard `loss/validation`,
     `validation/<metric>`) and kept in state.validations."""
-    from lora_diffusion import training
     from lora_diffusion.evaluate import score_images
 
     args, models, validation = run.args, run.models, run.validation
     result = {"epoch": epoch, "step": state.step}
-    with eval_mode(models.unet, models.text_encoder):
+    encoders = text_encoders(models)
+    with eval_mode(models.unet, *encoders):
         if validation.images is not None:
             text_device = next(models.text_encoder.parameters()).device
-
-            def encode(captions):
-                captions = [run.network.expand_prompt(c) for c in captions]
-                return training.encode_prompts(models.tokenizer, models.text_encoder, captions,
-                                               clip_skip=args.clip_skip, max_token_length=args.max_token_length)
-
+            encode = caption_encoder(models, run.network.expand_prompt, clip_skip=args.clip_skip,
+                                     max_token_length=args.max_token_length)
             with torch.no_grad():
-                models.text_encoder.to(run.device)
+                for encoder in encoders:
+                    encoder.to(run.device)
                 result["validation_loss"] = validation_loss(
                     validation.images, unet=models.unet, encode=encode, noise_scheduler=models.noise_scheduler,
                     v_parameterization=models.v_parameterization, device=run.device, dtype=run.weight_dtype)
-                models.text_encoder.to(text_device)
+                for encoder in encoders:
+                    encoder.to(text_device)
         if validation.prompts:
             images = generate_for_prompts(run, validation.prompts, validation.seeds, validation.size)
             asked = [p for p in validation.prompts for _ in range(validation.seeds)]
