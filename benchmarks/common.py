@@ -165,20 +165,25 @@ def median(values):
 # -- models --------------------------------------------------------------------------------------------------------
 
 
-def unet_config(quick: bool) -> dict:
-    with open(ASSETS / ("tiny-sd" if quick else "v1") / "unet" / "config.json") as f:
+QUICK_CONFIGS = {"v1": "tiny-sd", "sdxl": "tiny-xl"}  # the tiny model of each family's topology
+
+
+def unet_config(quick: bool, family: str = "v1") -> dict:
+    """The shipped U-Net config of `family` (v1: SD1.5, sdxl: SDXL base), or its tiny model's with `quick`."""
+    with open(ASSETS / (QUICK_CONFIGS[family] if quick else family) / "unet" / "config.json") as f:
         return json.load(f)
 
 
-def build_unet(quick: bool = False, dtype=torch.float32, device="cpu", seed: int = 0):
-    """A UNet2DConditionModel of SD1.5's architecture (or the tiny one) with random, seeded weights."""
+def build_unet(quick: bool = False, dtype=torch.float32, device="cpu", seed: int = 0, family: str = "v1"):
+    """A UNet2DConditionModel of SD1.5's architecture (SDXL's with family="sdxl"; or the tiny one) with random,
+    seeded weights."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point else default)  # no fp32 copy of a bf16 model
     try:
-        unet = UNet2DConditionModel.from_config(unet_config(quick))
+        unet = UNet2DConditionModel.from_config(unet_config(quick, family))
     finally:
         torch.set_default_dtype(default)
     return torch.nn.Module.to(unet, device=device, dtype=dtype).requires_grad_(False)

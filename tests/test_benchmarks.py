@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["bench_train_step", "bench_end_to_end", "bench_lora_overhead", "bench_layer",
-                                  "bench_data", "bench_quality"])
+                                  "bench_data", "bench_quality", "bench_sdxl_memory"])
 def test_quick_mode_runs_and_writes_json(tmp_path, name):
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
