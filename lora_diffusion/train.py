@@ -66,6 +66,10 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     g.add_argument("--caption_suffix")
     g.add_argument("--caption_separator", default=",")
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--reg_target", choices=("noise", "base_model"), default="noise",
+                   help="what regularization images learn: the added noise (kohya, DreamBooth) or base_model, the "
+                   "prediction of the model without the LoRA, so the LoRA leaves their prompts as they were (one "
+                   "more U-Net forward per step)")
     g.add_argument("--cache_latents", action="store_true", default=None,
                    help="encode every image once before training (the default unless --random_crop: measured "
                         "0.68x the time per step; see docs/performance.md)")

@@ -380,3 +380,48 @@ def test_two_process_ddp(tmp_path, data):
     assert "LoRA weights identical on 2 processes" in result.stdout + result.stderr
     tensors, meta = read(tmp_path / "out" / "t.safetensors")
     assert meta["ss_steps"] == "3" and len(tensors) == 3 * (192 + 72)
+
+
+def test_reg_target_base_model_trains_reg_images_toward_the_base_models_prediction(tmp_path, data, monkeypatch):
+    """--reg_target base_model: regularization samples' target is what the model without the LoRA predicts,
+    recomputed here with a fresh builtin:tiny and diffusers' modules; training samples keep the noise."""
+    from lora_diffusion import training
+    from lora_diffusion.models import load_models
+    from lora_diffusion.training import loop
+
+    reg = make_dataset(tmp_path, name="reg")
+    seen = []
+    real_target, real_loss, real_compute = training.training_target, training.diffusion_loss, loop.compute_loss
+
+    def compute_loss(run, batch):
+        seen.append({"captions": list(batch["captions"])})
+        return real_compute(run, batch)
+
+    def training_target(scheduler, latents, noise, timesteps, v_parameterization):
+        noisy, target = real_target(scheduler, latents, noise, timesteps, v_parameterization)
+        seen[-1].update(noisy=noisy, noise_target=target, timesteps=timesteps)
+        return noisy, target
+
+    def diffusion_loss(pred, target, **kwargs):
+        seen[-1].update(pred=pred.detach(), target=target, is_reg=kwargs["is_reg"])
+        return real_loss(pred, target, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_loss", compute_loss)
+    monkeypatch.setattr(training, "training_target", training_target)
+    monkeypatch.setattr(training, "diffusion_loss", diffusion_loss)
+    argv = base_flags(tmp_path, data, reg_data_dir=reg, reg_target="base_model", max_train_steps=3,
+                      learning_rate=1e-2, train_batch_size=4)
+    assert train_lora.main(argv) == 0
+
+    base = load_models("builtin:tiny")
+    last = seen[-1]
+    is_reg = last["is_reg"]
+    assert is_reg.any() and not is_reg.all()
+    with torch.no_grad():
+        ids = base.tokenizer(last["captions"], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        expected = base.unet(last["noisy"], last["timesteps"], base.text_encoder(ids).last_hidden_state).sample
+    torch.testing.assert_close(last["target"][is_reg], expected[is_reg], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last["target"][~is_reg], last["noise_target"][~is_reg])
+    # the LoRA was on for the prediction that trains, and has moved it away from the base model's by step 3
+    assert not torch.allclose(last["pred"][is_reg], expected[is_reg], atol=1e-4)

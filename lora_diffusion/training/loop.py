@@ -145,7 +145,7 @@ def compute_loss(run: Run, batch):
     from lora_diffusion import training
 
     args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
-    vae, embedding = models.vae, run.embedding
+    vae = models.vae
     if "latents" in batch:
         latents = batch["latents"].to(device)
     else:
@@ -153,13 +153,37 @@ def compute_loss(run: Run, batch):
             images = batch["images"].to(device, vae.dtype)
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
     latents = latents.to(run.weight_dtype)
+    context, added = text_conditioning(run, batch)
+    noise = training.make_noise(latents, noise_offset=args.noise_offset,
+                                multires_noise_iterations=args.multires_noise_iterations,
+                                multires_noise_discount=args.multires_noise_discount)
+    timesteps = training.sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
+                                          max_timestep=args.max_timestep, device=device)
+    noisy, target = training.training_target(models.noise_scheduler, latents, noise, timesteps,
+                                             models.v_parameterization)
+    is_reg = batch["is_reg"].to(device)
+    if args.reg_target == "base_model" and is_reg.any():
+        target = torch.where(is_reg[:, None, None, None], base_model_prediction(run, batch, noisy, timesteps), target)
+    with accelerator.autocast():
+        pred = models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
+    return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
+                                   min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
+                                   is_reg=is_reg, prior_loss_weight=args.prior_loss_weight)
+
+
+def text_conditioning(run: Run, batch):
+    """The U-Net's text inputs for a batch: the encoder states (cached, or encoded with the text-encoder LoRA and
+    the new token) and, for SDXL, the pooled embedding and the size/crop ids."""
+    from lora_diffusion import training
+
+    args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
     added = {}
     if getattr(models, "sdxl", False):  # both encoders' states, the pooled embedding, size and crop per sample
         if run.text_cache is not None:
             context = torch.stack([run.text_cache[c][0] for c in batch["captions"]]).to(device)
             pooled = torch.stack([run.text_cache[c][1] for c in batch["captions"]]).to(device)
         else:
-            with torch.set_grad_enabled(run.train_text_encoder), accelerator.autocast():
+            with torch.set_grad_enabled(run.train_text_encoder and torch.is_grad_enabled()), accelerator.autocast():
                 context, pooled = training.encode_prompts_sdxl(
                     (models.tokenizer, models.tokenizer_2), (models.text_encoder, models.text_encoder_2),
                     [run.network.expand_prompt(c) for c in batch["captions"]], max_token_length=args.max_token_length)
@@ -169,23 +193,30 @@ def compute_loss(run: Run, batch):
     elif run.text_cache is not None:
         context = torch.stack([run.text_cache[c] for c in batch["captions"]]).to(device)
     else:
+        embedding = run.embedding
         grad = run.train_text_encoder or (embedding is not None and embedding.weight.requires_grad)
-        with torch.set_grad_enabled(grad), accelerator.autocast():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), accelerator.autocast():
             context = training.encode_prompts(models.tokenizer, models.text_encoder,
                                               [run.network.expand_prompt(c) for c in batch["captions"]],
                                               clip_skip=args.clip_skip, max_token_length=args.max_token_length)
-    noise = training.make_noise(latents, noise_offset=args.noise_offset,
-                                multires_noise_iterations=args.multires_noise_iterations,
-                                multires_noise_discount=args.multires_noise_discount)
-    timesteps = training.sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
-                                          max_timestep=args.max_timestep, device=device)
-    noisy, target = training.training_target(models.noise_scheduler, latents, noise, timesteps,
-                                             models.v_parameterization)
-    with accelerator.autocast():
-        pred = models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
-    return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
-                                   min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
-                                   is_reg=batch["is_reg"].to(device), prior_loss_weight=args.prior_loss_weight)
+    return context, added
+
+
+@torch.no_grad()
+def base_model_prediction(run: Run, batch, noisy, timesteps):
+    """--reg_target base_model: what the model without the LoRA predicts for these noisy latents and captions.
+    Regularization samples learn that instead of the noise that was added: the LoRA learns to leave their prompts
+    as the base model draws them, rather than to redraw the regularization images."""
+    layers = list(run.network.layers().values())
+    multipliers = [layer.multiplier for layer in layers]
+    run.network.set_multiplier(0.0)
+    try:
+        context, added = text_conditioning(run, batch)
+        with run.accelerator.autocast():
+            return run.models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
+    finally:
+        for layer, multiplier in zip(layers, multipliers):
+            layer.multiplier = multiplier
 
 
 def optimizer_step(run: Run, state: RunState, params):
