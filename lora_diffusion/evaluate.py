@@ -226,8 +226,7 @@ def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, 
     network = None
     if variant.path:
         network = load_network(variant.path, models.unet, models.text_encoder, variant.multiplier,
-                               tokenizer=models.tokenizer)
-        prompts = [network.expand_prompt(p) for p in prompts]
+                               tokenizer=models.tokenizer)  # diffusers writes multi-vector tokens out itself
     try:
         images = []
         for seed in seeds:

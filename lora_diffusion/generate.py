@@ -50,7 +50,7 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
     networks = []
     for path, multiplier in loras:  # embeddings bundled in a file are added to the tokenizer and text encoder
         network = load_network(path, models.unet, models.text_encoders, multiplier=multiplier,
-                               tokenizer=models.tokenizer).to(device)
+                               tokenizer=models.tokenizers).to(device)
         if merge:
             network.merge()
         networks.append(network)
@@ -64,8 +64,7 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
         from .sdxl import generate_sdxl_samples
 
         return generate_sdxl_samples(models, prompts=prompts, out_dir=out_dir, output_name=name, device=device,
-                                     dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed,
-                                     expand_prompt=expand_prompt)
+                                     dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed)
     return generate_samples(tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae,
                             unet=models.unet, noise_scheduler=models.noise_scheduler, prompts=prompts,
                             out_dir=out_dir, step=0, output_name=name, device=device, dtype=dtype, sampler=sampler,

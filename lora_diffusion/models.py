@@ -56,6 +56,11 @@ class SDModels:
         """What create_network/load_network take: the text encoder, or SDXL's (text_encoder, text_encoder_2)."""
         return (self.text_encoder, self.text_encoder_2) if self.sdxl else self.text_encoder
 
+    @property
+    def tokenizers(self):
+        """The tokenizer of each of text_encoders: the tokenizer, or SDXL's (tokenizer, tokenizer_2)."""
+        return (self.tokenizer, self.tokenizer_2) if self.sdxl else self.tokenizer
+
 
 def make_noise_scheduler(v_parameterization=False):
     """The DDPM schedule SD was trained with (the same for 1.x and 2.x); only the prediction target differs."""

@@ -5,9 +5,11 @@
 
 Its state_dict is the kohya file's tensors (module names are the kohya names), so saving is a dtype cast. A network
 can also carry new tokens' embeddings (TokenEmbeddings, pivotal tuning), saved in the file the way AUTOMATIC1111
-reads bundled embeddings: `bundle_emb.<token>.string_to_param.*` [vectors, dim].
+reads bundled embeddings: `bundle_emb.<token>.string_to_param.*` [vectors, dim], on SDXL `bundle_emb.<token>.clip_l`
+and `.clip_g` (one per text encoder).
 """
 
+import functools
 import json
 import os
 import re
@@ -97,7 +99,7 @@ class LoRANetwork(nn.Module):
     @property
     def embeddings(self) -> dict[str, "TokenEmbeddings"]:
         """token -> the new tokens' embeddings this network carries (pivotal tuning); state_dict keys
-        `bundle_emb.<token>.weight`."""
+        `bundle_emb.<token>.weight` (SDXL: `.clip_l`, `.clip_g`)."""
         return self._modules.get("bundle_emb", {})
 
     def add_embedding(self, embedding: "TokenEmbeddings") -> "TokenEmbeddings":
@@ -177,8 +179,8 @@ class LoRANetwork(nn.Module):
             if layer.is_dora:
                 tensors[f"{name}.dora_scale"] = layer.dora_scale.detach().to(save_dtype)
         for name, embedding in self.embeddings.items():
-            tensors[f"{kohya.EMBEDDING_PREFIX}{name}.string_to_param.*"] = embedding.weight.detach().to(
-                dtype or embedding.weight.dtype)
+            for key, vectors in embedding.file_tensors(bundled=True).items():
+                tensors[f"{kohya.EMBEDDING_PREFIX}{name}.{key}"] = vectors.to(dtype or vectors.dtype)
         return tensors
 
     def save_weights(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None, *,
@@ -217,12 +219,7 @@ class LoRANetwork(nn.Module):
             _copy_into(own[name], modules[name], name, path)
         for name, embedding in self.embeddings.items():
             if name in bundled:
-                vectors = bundled_vectors(bundled[name], name, path)
-                if vectors.shape != embedding.weight.shape:
-                    raise kohya.LoRAFileError(f"{path}: the embedding {name!r} is {tuple(vectors.shape)}, this run's "
-                                              f"is {tuple(embedding.weight.shape)} (another --num_vectors_per_token?)")
-                with torch.no_grad():
-                    embedding.weight.copy_(vectors)
+                embedding.load_vectors(bundled_vectors(bundled[name], name, path), path)
 
 
 def _preview(names: list[str], n: int = 5) -> str:
@@ -383,8 +380,9 @@ def load_network(path: str, unet: nn.Module | None, text_encoder,
 
     Embeddings bundled in the file (A1111's `bundle_emb.*`) are added to `tokenizer` and `text_encoder` when both
     are given (`network.embeddings`; use `network.expand_prompt` for multi-vector tokens), else left out with a
-    warning. `network.bundled_embeddings` holds them as {token: [vectors, dim]} either way. For SDXL pass
-    `text_encoder=(text_encoder, text_encoder_2)`; bundled embeddings are then added to the first."""
+    warning. `network.bundled_embeddings` holds them as {token: [vectors, dim]} (SDXL: {token: {"clip_l": ...,
+    "clip_g": ...}}) either way. For SDXL pass `text_encoder=(text_encoder, text_encoder_2)` and
+    `tokenizer=(tokenizer, tokenizer_2)`: an embedding goes into both."""
     modules, metadata = kohya.read_lora_file(path, warn_embeddings=False)
     encoders = text_encoder_list(text_encoder)
     available = all_named_modules(unet, text_encoder)
@@ -416,26 +414,29 @@ def load_network(path: str, unet: nn.Module | None, text_encoder,
                           sdxl=is_sdxl(unet, encoders)).apply_to()
     network.bundled_embeddings = {name: bundled_vectors(parts, name, path)
                                   for name, parts in modules.embeddings.items()}
-    first_encoder = encoders[0][1] if encoders else None
-    if network.bundled_embeddings and (tokenizer is None or first_encoder is None):
+    if network.bundled_embeddings and (tokenizer is None or not encoders):
         names = ", ".join(repr(n) for n in sorted(network.bundled_embeddings))
         warnings.warn(f"{path}: the bundled embedding(s) {names} were not loaded (pass tokenizer= and text_encoder= "
                       f"to load_network to add them); the LoRA was, and the trigger words are read as plain text",
                       kohya.LoRAFileWarning, stacklevel=2)
     elif network.bundled_embeddings:
         for name, vectors in network.bundled_embeddings.items():
-            network.add_embedding(TokenEmbeddings(name, vectors).apply_to(tokenizer, first_encoder))
+            network.add_embedding(TokenEmbeddings(name, vectors).apply_to(tokenizer, text_encoder))
     return network
 
 
-def bundled_vectors(parts: dict[str, torch.Tensor], name: str, source) -> torch.Tensor:
-    """The [vectors, dim] tensor of one bundled embedding: A1111's `string_to_param.*`, or its only tensor."""
+def bundled_vectors(parts: dict[str, torch.Tensor], name: str, source) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The [vectors, dim] tensor of one bundled embedding (A1111's `string_to_param.*`, or its only tensor), or an
+    SDXL embedding's {"clip_l": ..., "clip_g": ...}."""
+    if sorted(parts) == sorted(SDXL_EMBEDDING_KEYS):
+        return {key: bundled_vectors({key: parts[key]}, name, source) for key in SDXL_EMBEDDING_KEYS}
     tensor = parts.get("string_to_param.*")
     if tensor is None and len(parts) == 1:
         tensor = next(iter(parts.values()))
     if tensor is None or tensor.dim() not in (1, 2) or not tensor.is_floating_point():
         raise kohya.LoRAFileError(f"{source}: the bundled embedding {name!r} has keys {sorted(parts)}; expected "
-                                  f"bundle_emb.{name}.string_to_param.* holding [vectors, dim]")
+                                  f"bundle_emb.{name}.string_to_param.* holding [vectors, dim], or SDXL's "
+                                  f"bundle_emb.{name}.clip_l and .clip_g")
     if not torch.isfinite(tensor).all():
         raise kohya.LoRAFileError(f"{source}: the bundled embedding {name!r} holds NaN or infinite values")
     return tensor.reshape(-1, tensor.shape[-1]).float()
@@ -444,97 +445,167 @@ def bundled_vectors(parts: dict[str, torch.Tensor], name: str, source) -> torch.
 # -- new tokens (textual inversion / pivotal tuning) ---------------------------------------------------------------
 
 
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # kohya's sdxl_train_textual_inversion, A1111, ComfyUI, OneTrainer
+
+
+def embedding_slots(tokenizer, text_encoder) -> list[tuple[str, object, nn.Module]]:
+    """(the vectors' name, tokenizer, text encoder) for each encoder a new token goes into: SD1.x/2.x's one
+    (`weight`), or SDXL's two (`clip_l`: CLIP ViT-L, `clip_g`: OpenCLIP bigG)."""
+    if isinstance(text_encoder, nn.Module):
+        return [("weight", tokenizer, text_encoder)]
+    encoders = list(text_encoder or ())
+    tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    if len(encoders) != 2 or len(tokenizers) != 2 or any(x is None for x in encoders + tokenizers):
+        raise ValueError("a new token on SDXL goes into both text encoders: pass text_encoder=(text_encoder, "
+                         "text_encoder_2) and tokenizer=(tokenizer, tokenizer_2)")
+    return list(zip(SDXL_EMBEDDING_KEYS, tokenizers, encoders))
+
+
 class TokenEmbeddings(nn.Module):
     """The embedding vectors of one new token: `name` for one vector, `name name_1 ...` for several (the names
-    diffusers' load_textual_inversion gives them). `apply_to` adds the tokens to the tokenizer and a forward hook on
-    the text encoder's token-embedding table that reads the new ids' rows from `weight` (fp32, trainable): the rest of
-    the vocabulary is never written, and no optimizer sees it."""
+    diffusers' load_textual_inversion gives them), in every text encoder: `weight` [vectors, dim] on SD1.x/2.x,
+    `clip_l` and `clip_g` on SDXL (see embedding_slots). `apply_to` adds the tokens to each tokenizer and a forward
+    hook on each text encoder's token-embedding table that reads the new ids' rows from the vectors (fp32,
+    trainable): the rest of the vocabulary is never written, and no optimizer sees it."""
 
-    def __init__(self, name: str, vectors: torch.Tensor):
+    def __init__(self, name: str, vectors: torch.Tensor | dict[str, torch.Tensor]):
         super().__init__()
         self.name = name
-        self.weight = nn.Parameter(vectors.detach().float().reshape(-1, vectors.shape[-1]).clone())
-        object.__setattr__(self, "_hook", None)
-        self.first_id = None
+        for key, tensor in (vectors if isinstance(vectors, dict) else {"weight": vectors}).items():
+            self.register_parameter(key, nn.Parameter(tensor.detach().float().reshape(-1, tensor.shape[-1]).clone()))
+        if len({len(v) for v in self.vectors.values()}) != 1:
+            raise ValueError(f"the embedding {name!r} has {_shapes(self.vectors)}: expected as many vectors in "
+                             f"each text encoder")
+        object.__setattr__(self, "_hooks", [])
+
+    @property
+    def vectors(self) -> dict[str, nn.Parameter]:
+        return dict(self._parameters)
+
+    @property
+    def num_vectors(self) -> int:
+        return len(next(iter(self._parameters.values())))
 
     @property
     def tokens(self) -> list[str]:
-        return [self.name] + [f"{self.name}_{i}" for i in range(1, len(self.weight))]
+        return [self.name] + [f"{self.name}_{i}" for i in range(1, self.num_vectors)]
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def freeze(self):
+        """Keep the vectors as they are from now on (an optimizer skips a parameter without a gradient)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+            p.grad = None
 
     @classmethod
     def create(cls, tokenizer, text_encoder, name: str, init_word: str | None = None,
                num_vectors: int = 1) -> "TokenEmbeddings":
         """New vectors started from `init_word`'s token embeddings (one per vector, cycling, as kohya), or from the
-        mean of the vocabulary, and applied."""
+        mean of the vocabulary, in each text encoder (SDXL: pass both tokenizers and both encoders), and applied."""
         check_token_name(name)
-        table = text_encoder.get_input_embeddings().weight.detach()
-        if init_word:
-            ids = tokenizer.encode(init_word, add_special_tokens=False)
-            if not ids:
-                raise ValueError(f"--init_word {init_word!r} gives no token")
-            vectors = table[[ids[i % len(ids)] for i in range(num_vectors)]]
-        else:
-            vectors = table.float().mean(0, keepdim=True).expand(num_vectors, -1)
+        vectors = {}
+        for key, tok, encoder in embedding_slots(tokenizer, text_encoder):
+            table = encoder.get_input_embeddings().weight.detach()
+            if init_word:
+                ids = tok.encode(init_word, add_special_tokens=False)
+                if not ids:
+                    raise ValueError(f"--init_word {init_word!r} gives no token")
+                vectors[key] = table[[ids[i % len(ids)] for i in range(num_vectors)]]
+            else:
+                vectors[key] = table.float().mean(0, keepdim=True).expand(num_vectors, -1)
         embedding = cls(name, vectors).apply_to(tokenizer, text_encoder)
-        if tokenizer.tokenize(name) != [name]:
-            raise ValueError(f"--token_string {name!r} is not read back as one token; use a lower-case word of "
-                             f"letters, digits or _ (e.g. sks)")
+        for _, tok, _ in embedding_slots(tokenizer, text_encoder):
+            if tok.tokenize(name) != [name]:
+                raise ValueError(f"--token_string {name!r} is not read back as one token; use a lower-case word of "
+                                 f"letters, digits or _ (e.g. sks)")
         return embedding
 
     def apply_to(self, tokenizer, text_encoder) -> "TokenEmbeddings":
-        table = text_encoder.get_input_embeddings()
-        if self.weight.shape[1] != table.embedding_dim:
-            raise ValueError(f"the embedding {self.name!r} has {self.weight.shape[1]} dimensions, this text encoder's "
-                             f"tokens have {table.embedding_dim} (an embedding for another base model?)")
-        taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
-        if taken:
-            raise ValueError(f"the token {taken[0]!r} is already in the tokenizer (a word of its vocabulary, or an "
-                             f"embedding added before); choose another --token_string")
-        first = len(tokenizer)
-        if tokenizer.add_tokens(self.tokens) != len(self.tokens) or \
-                tokenizer.convert_tokens_to_ids(self.tokens) != list(range(first, first + len(self.tokens))):
-            raise ValueError(f"could not add {self.tokens} to the tokenizer as new tokens")
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        table = text_encoder.get_input_embeddings()
-        self.first_id = first
-        self.sync(table)
-        object.__setattr__(self, "_hook", table.register_forward_hook(self._replace_rows))
+        slots = embedding_slots(tokenizer, text_encoder)
+        if sorted(key for key, _, _ in slots) != sorted(self._parameters):
+            raise ValueError(f"the embedding {self.name!r} has {_shapes(self.vectors)}, this model's text encoders "
+                             f"take {', '.join(key for key, _, _ in slots)} (an embedding for another base model?)")
+        for key, tok, encoder in slots:
+            dim = encoder.get_input_embeddings().embedding_dim
+            if self._parameters[key].shape[1] != dim:
+                raise ValueError(f"the embedding {self.name!r} has {_shapes(self.vectors)}, this text encoder's "
+                                 f"tokens have {dim} dimensions (an embedding for another base model?)")
+            taken = [t for t in self.tokens if t in tok.get_vocab()]
+            if taken:
+                raise ValueError(f"the token {taken[0]!r} is already in the tokenizer (a word of its vocabulary, or "
+                                 f"an embedding added before); choose another --token_string")
+        for key, tok, encoder in slots:
+            first = len(tok)
+            if tok.add_tokens(self.tokens) != len(self.tokens) or \
+                    tok.convert_tokens_to_ids(self.tokens) != list(range(first, first + len(self.tokens))):
+                raise ValueError(f"could not add {self.tokens} to the tokenizer as new tokens")
+            encoder.resize_token_embeddings(len(tok), mean_resizing=False)
+            pool_at_eos(encoder, tok)
+            table = encoder.get_input_embeddings()
+            with torch.no_grad():  # the rows too, for code that reads the table directly
+                table.weight[first:first + self.num_vectors] = self._parameters[key].to(table.weight)
+            self._hooks.append(table.register_forward_hook(functools.partial(self._replace_rows, key, first)))
         return self
 
-    def _replace_rows(self, table, args, out):
-        offset = args[0] - self.first_id
-        new = (offset >= 0) & (offset < len(self.weight))
-        rows = self.weight.to(out.dtype)[offset.clamp(0, len(self.weight) - 1)]
+    def _replace_rows(self, key, first_id, table, args, out):
+        vectors = self._parameters[key]
+        offset = args[0] - first_id
+        new = (offset >= 0) & (offset < len(vectors))
+        rows = vectors.to(out.dtype)[offset.clamp(0, len(vectors) - 1)]
         return torch.where(new.unsqueeze(-1), rows, out)
 
-    @torch.no_grad()
-    def sync(self, table: nn.Embedding):
-        """Write the vectors into the table's rows too, for code that reads the table directly."""
-        table.weight[self.first_id:self.first_id + len(self.weight)] = self.weight.to(table.weight)
-
     def remove(self):
-        if self._hook is not None:
-            self._hook.remove()
-            object.__setattr__(self, "_hook", None)
+        while self._hooks:
+            self._hooks.pop().remove()
 
     def expand(self, text: str) -> str:
-        if len(self.weight) == 1:
+        if self.num_vectors == 1:
             return text
         return re.sub(rf"(?<![\w]){re.escape(self.name)}(?![\w])", " ".join(self.tokens), text, flags=re.IGNORECASE)
 
+    def file_tensors(self, *, bundled: bool) -> dict[str, torch.Tensor]:
+        """The vectors under the keys the ecosystem reads: SD1.x/2.x `string_to_param.*` bundled in a LoRA file
+        (A1111), `emb_params` in an embedding file (kohya); SDXL `clip_l` and `clip_g` in both (kohya's
+        sdxl_train_textual_inversion, A1111, ComfyUI, OneTrainer; diffusers loads each with load_textual_inversion)."""
+        if "weight" in self._parameters:
+            return {"string_to_param.*" if bundled else "emb_params": self.weight.detach()}
+        return {key: vectors.detach() for key, vectors in self._parameters.items()}
+
     def save_textual_inversion(self, path, metadata: dict[str, str] | None = None):
-        """A textual-inversion .safetensors: `emb_params` [vectors, dim] (kohya's key; A1111, ComfyUI and diffusers'
-        `load_textual_inversion(path, token=name)` read it)."""
+        """A textual-inversion .safetensors (see file_tensors), with the token in its metadata."""
         from safetensors.torch import save as save_safetensors_bytes
 
         from .io import atomic_write
 
-        data = save_safetensors_bytes({"emb_params": self.weight.detach().float().cpu().contiguous()},
-                                      {"token": self.name, **(metadata or {})})
+        tensors = {k: v.float().cpu().contiguous() for k, v in self.file_tensors(bundled=False).items()}
+        data = save_safetensors_bytes(tensors, {"token": self.name, **(metadata or {})})
         atomic_write(path, lambda f: f.write(data))
+
+    def load_vectors(self, vectors: torch.Tensor | dict[str, torch.Tensor], source):
+        """Copy vectors read from a file (bundled_vectors) into these, which must have the same shapes."""
+        theirs = vectors if isinstance(vectors, dict) else {"weight": vectors}
+        if {k: v.shape for k, v in theirs.items()} != {k: v.shape for k, v in self._parameters.items()}:
+            raise kohya.LoRAFileError(f"{source}: the embedding {self.name!r} has {_shapes(theirs)}, this run's has "
+                                      f"{_shapes(self.vectors)} (another --num_vectors_per_token, or another base "
+                                      f"model?)")
+        with torch.no_grad():
+            for key, tensor in theirs.items():
+                self._parameters[key].copy_(tensor)
 
     def extra_repr(self) -> str:
         return f"tokens={self.tokens}"
+
+
+def pool_at_eos(text_encoder, tokenizer):
+    """Make transformers' CLIP pool at the EOS token. With the legacy `eos_token_id` 2 of SD's and SDXL's configs it
+    pools at the highest id, which is a new token's once one is added; SDXL's pooled embedding would then be the new
+    token's state. kohya (pool_workaround) and ComfyUI pool at the EOS; the tokenizer's id does it here
+    (transformers' own fix for configs with added tokens), in every pipeline built on the encoder."""
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x's CLIPTextTransformer, 5.x's model
+    model.eos_token_id = text_encoder.config.eos_token_id = tokenizer.eos_token_id
 
 
 def check_token_name(name: str):

@@ -239,17 +239,17 @@ def sdxl_pipeline(models, scheduler=None):
 
 
 def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, output_name="", device="cpu",
-                          dtype=torch.float32, sampler="ddim", clip_skip=None, seed=None, expand_prompt=None):
+                          dtype=torch.float32, sampler="ddim", clip_skip=None, seed=None):
     """SDXL's generate_samples (training/sampling.py): one PNG per prompt dict, with the same file names, PNG text
     and seeds; the prompts go through diffusers' SDXL encoding (both encoders' penultimate layers, the pooled
-    projection of the second, the original size / crop / target size as time ids). Leaves the modules' modes and
+    projection of the second, the original size / crop / target size as time ids; a multi-vector token written
+    out by diffusers' maybe_convert_prompt from the tokenizers' added tokens). Leaves the modules' modes and
     devices and the RNG as it found them."""
     from .training.sampling import _save_png, make_sample_scheduler, prompt_seed, sample_filename, sampling_session
 
     if clip_skip not in (None, 1, 2):  # kohya: SDXL always reads the penultimate layer; --clip_skip does not apply
         warnings.warn(f"clip_skip={clip_skip} is ignored for SDXL, which always uses the penultimate layer")
     device = torch.device(device)
-    expand = expand_prompt or (lambda text: text)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -262,8 +262,7 @@ def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, outpu
             prompt = dict(prompt, seed=prompt_seed(prompt, index, seed))
             generator = torch.Generator(device="cpu" if device.type == "mps" else device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-                image = pipeline(prompt=expand(prompt["prompt"]),
-                                 negative_prompt=expand(prompt["negative_prompt"]) or None,
+                image = pipeline(prompt=prompt["prompt"], negative_prompt=prompt["negative_prompt"] or None,
                                  width=prompt["width"], height=prompt["height"],
                                  num_inference_steps=prompt["steps"], guidance_scale=prompt["scale"],
                                  generator=generator.manual_seed(prompt["seed"])).images[0]

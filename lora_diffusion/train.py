@@ -101,8 +101,9 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     g.add_argument("--network_train_text_encoder_only", action="store_true")
 
     g = p.add_argument_group("pivotal tuning: a new token's embedding trains with the LoRA (see docs/training.md)")
-    g.add_argument("--token_string", help="the new word, written in the captions and prompts (e.g. sks); saved in the "
-                   "LoRA file as A1111 bundles embeddings, and as <output_name>_emb.safetensors")
+    g.add_argument("--token_string", help="the new word, written in the captions and prompts (e.g. sks); in both text "
+                   "encoders on SDXL; saved in the LoRA file as A1111 bundles embeddings, and as "
+                   "<output_name>_emb.safetensors")
     g.add_argument("--init_word", help="start the vectors from this word's (one token a vector, cycling); default: "
                    "the vocabulary's mean")
     g.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors of the new token; with N > 1 the "
@@ -509,9 +510,6 @@ def check_sdxl_args(args, models):
         args.clip_skip = None
     if args.v2:
         raise TrainingError(f"{models.name} is an SDXL model; --v2 does not apply to it")
-    if args.token_string:
-        raise TrainingError("--token_string (pivotal tuning) is SD1.x/2.x only for now: SDXL would need the new "
-                            "token in both text encoders")
     if getattr(args, "resolution_defaulted", False) and args.resolution == "512":
         print(f"warning: {models.name} is SDXL but --resolution defaulted to 512 (SDXL was not detected from the "
               f"file name); SDXL trains at --resolution 1024", file=sys.stderr)
@@ -608,8 +606,9 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     if args.token_string:
         from lora_diffusion.network import TokenEmbeddings
 
-        embedding = network.add_embedding(TokenEmbeddings.create(models.tokenizer, text_encoder, args.token_string,
-                                                                 args.init_word, args.num_vectors_per_token))
+        embedding = network.add_embedding(TokenEmbeddings.create(models.tokenizers, models.text_encoders,
+                                                                 args.token_string, args.init_word,
+                                                                 args.num_vectors_per_token))
         embedding_steps = math.ceil(args.train_text_encoder_ti_frac * max_train_steps)
         word = re.compile(rf"(?<!\w){re.escape(args.token_string)}(?!\w)", re.IGNORECASE)
         if not any(word.search(caption) for caption in dataset.fixed_captions()):

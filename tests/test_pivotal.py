@@ -38,17 +38,22 @@ def star_rows():
     return models.text_encoder.get_input_embeddings().weight.detach()[[star, star]]
 
 
-def test_only_the_new_rows_train_and_both_files_hold_them(tmp_path, data, monkeypatch):
+@pytest.fixture
+def loaded(monkeypatch):
+    """The models that each load_models call returns, in order (the trainer's, to look into after a run)."""
     import lora_diffusion.models
 
-    loaded = []
-    real = lora_diffusion.models.load_models
+    models, real = [], lora_diffusion.models.load_models
 
     def keep(*args, **kwargs):
-        loaded.append(real(*args, **kwargs))
-        return loaded[-1]
+        models.append(real(*args, **kwargs))
+        return models[-1]
 
     monkeypatch.setattr(lora_diffusion.models, "load_models", keep)
+    return models
+
+
+def test_only_the_new_rows_train_and_both_files_hold_them(tmp_path, data, loaded):
     assert train_lora.main(pivotal_flags(tmp_path, data, max_train_steps=3)) == 0
     tensors, _ = read(tmp_path / "out" / "t.safetensors")
     vectors = tensors[BUNDLE]
@@ -56,7 +61,7 @@ def test_only_the_new_rows_train_and_both_files_hold_them(tmp_path, data, monkey
     assert (vectors - star_rows()).abs().min(1).values.gt(0).all()  # both vectors moved away from "star"
 
     [models] = loaded
-    fresh = real("builtin:tiny").text_encoder.get_input_embeddings().weight
+    fresh = load_models("builtin:tiny").text_encoder.get_input_embeddings().weight
     table = models.text_encoder.get_input_embeddings().weight
     assert table.shape[0] == fresh.shape[0] + 2 and models.tokenizer.convert_tokens_to_ids(["sks", "sks_1"]) == \
         [fresh.shape[0], fresh.shape[0] + 1]

@@ -130,7 +130,7 @@ def sample(run: Run, state: RunState, epoch=None):
         state.last_samples = generate_sdxl_samples(
             models, prompts=run.prompts, out_dir=run.output_dir / "sample", step=state.step, epoch=epoch,
             output_name=args.output_name, device=run.device, dtype=run.weight_dtype, sampler=args.sample_sampler,
-            seed=args.seed, expand_prompt=run.network.expand_prompt)
+            seed=args.seed)
         return
     state.last_samples = training.generate_samples(
         tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae, unet=models.unet,
@@ -178,12 +178,14 @@ def text_conditioning(run: Run, batch):
 
     args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
     added = {}
+    grad = torch.is_grad_enabled() and (run.train_text_encoder or (run.embedding is not None and
+                                                                   run.embedding.trainable))
     if getattr(models, "sdxl", False):  # both encoders' states, the pooled embedding, size and crop per sample
         if run.text_cache is not None:
             context = torch.stack([run.text_cache[c][0] for c in batch["captions"]]).to(device)
             pooled = torch.stack([run.text_cache[c][1] for c in batch["captions"]]).to(device)
         else:
-            with torch.set_grad_enabled(run.train_text_encoder and torch.is_grad_enabled()), accelerator.autocast():
+            with torch.set_grad_enabled(grad), accelerator.autocast():
                 context, pooled = training.encode_prompts_sdxl(
                     (models.tokenizer, models.tokenizer_2), (models.text_encoder, models.text_encoder_2),
                     [run.network.expand_prompt(c) for c in batch["captions"]], max_token_length=args.max_token_length)
@@ -193,9 +195,7 @@ def text_conditioning(run: Run, batch):
     elif run.text_cache is not None:
         context = torch.stack([run.text_cache[c] for c in batch["captions"]]).to(device)
     else:
-        embedding = run.embedding
-        grad = run.train_text_encoder or (embedding is not None and embedding.weight.requires_grad)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), accelerator.autocast():
+        with torch.set_grad_enabled(grad), accelerator.autocast():
             context = training.encode_prompts(models.tokenizer, models.text_encoder,
                                               [run.network.expand_prompt(c) for c in batch["captions"]],
                                               clip_skip=args.clip_skip, max_token_length=args.max_token_length)
@@ -293,9 +293,8 @@ def train_epochs(run: Run, state: RunState, skip_batches: int):
             for batch in run.loader:
                 if micro == 0:  # one optimizer step sums N micro-batches, or what is left of the epoch
                     group = min(args.gradient_accumulation_steps, run.batches_per_epoch - state.batch_in_epoch)
-                    if embedding is not None and state.step >= run.embedding_steps and embedding.weight.requires_grad:
-                        embedding.weight.requires_grad_(False)  # --train_text_encoder_ti_frac: kept from here on
-                        embedding.weight.grad = None  # optimizers skip a parameter without a gradient
+                    if embedding is not None and state.step >= run.embedding_steps and embedding.trainable:
+                        embedding.freeze()  # --train_text_encoder_ti_frac: kept from here on
                 loss = compute_loss(run, batch)
                 if not loss_is_finite(loss, accelerator):
                     raise TrainingError(
@@ -338,10 +337,12 @@ def save_final_files(run: Run, state: RunState) -> tuple[Path, list[str]]:
     if embedding is not None and accelerator.is_main_process:
         emb_path = run.output_dir / f"{args.output_name}_emb.safetensors"
         embedding.save_textual_inversion(emb_path, {"ss_session_id": run.session_id})
+        load = f"load_textual_inversion(path, token={args.token_string!r})"
+        if "clip_l" in embedding.vectors:
+            load = f"load_textual_inversion of its clip_l and clip_g, token={args.token_string!r}, into each encoder"
         lines.append(f"embedding {' '.join(embedding.tokens)}: bundled in the LoRA file (A1111/Forge) and in "
-                     f"{emb_path} "
-                     f"(diffusers: load_textual_inversion(path, token={args.token_string!r}), and load_lora_weights "
-                     f"of the LoRA file's tensors without its bundle_emb.* keys)")
+                     f"{emb_path} (diffusers: {load}, and load_lora_weights of the LoRA file's tensors without its "
+                     f"bundle_emb.* keys)")
     if run.prompts and state.last_sampled_step != state.step:
         sample(run, state)  # the final LoRA's pictures, unless this step was just sampled
     if state.last_samples:

@@ -148,11 +148,10 @@ def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
     for model, _ in devices:
         model.to(run.device)  # each may wait on the CPU while latents or text states are cached
     try:
-        texts = [run.network.expand_prompt(p) for p in prompts]
-        images = []
+        images = []  # diffusers writes a multi-vector token out itself (maybe_convert_prompt)
         for seed in range(seeds):
-            generators = [torch.Generator().manual_seed(seed) for _ in texts]
-            images += pipe(texts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+            generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+            images += pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                            generator=generators).images
     finally:
         for model, device in devices:
