@@ -184,6 +184,7 @@ def shape_mask(pixels, color, background):
 
 PROFILE_BINS = 90  # angle bins of the radial profile, 4 degrees each
 FLAT = 0.17  # a profile that varies less than this share of its largest radius is a circle
+PEAK_SWING = 0.2  # a point rises and falls by at least this share of the profile's range
 
 
 def classify_mask(mask):
@@ -197,7 +198,7 @@ def classify_mask(mask):
     top, low = profile.max(), profile.min()
     if (top - low) / top < FLAT:
         return "circle"
-    points = count_rises(profile, middle=(top + low) / 2, margin=0.1 * (top - low))
+    points = count_rises(profile, swing=PEAK_SWING * (top - low))
     return {3: "triangle", 4: "square"}.get(points, "star" if points >= 5 else None)
 
 
@@ -215,14 +216,20 @@ def radial_profile(mask, upsample=4):
     return (np.roll(profile, 1) + 2 * profile + np.roll(profile, -1)) / 4
 
 
-def count_rises(profile, middle, margin):
-    """How often the circular profile climbs above middle + margin after being below middle - margin."""
-    rises, above = 0, False
-    for value in np.roll(profile, -int(profile.argmin())):  # start low, so no rise is split at the wrap
-        if not above and value > middle + margin:
-            rises, above = rises + 1, True
-        elif above and value < middle - margin:
-            above = False
+def count_rises(profile, swing):
+    """How often the circular profile climbs by more than `swing` from its last low: each point counts once it
+    stands out from the valleys beside it, however tall it is next to the others (a star's one short point)."""
+    rises, climbing = 0, False
+    low = high = profile.min()
+    for value in np.roll(profile, -int(profile.argmin())):  # start at the lowest value, so no rise is split
+        if climbing:
+            high = max(high, value)
+            if value < high - swing:
+                climbing, low = False, value
+        else:
+            low = min(low, value)
+            if value > low + swing:
+                rises, climbing, high = rises + 1, True, value
     return rises
 
 
