@@ -4,17 +4,20 @@
     python benchmarks/bench_quality.py --variants ours,diffusers --steps 300 --json quality.json
     python benchmarks/bench_quality.py --quick               # seconds: a smoke run of the machinery
 
-The data: 16 large, centred star images (60-75 % of the side) in the kohya layout (`10_star/`), captions in the world's
-grammar, colour pairs the evaluation never asks for. Each variant trains for --steps at batch 4 and saves a LoRA
-at every quarter; each file is loaded with diffusers' own `load_lora_weights` into
-`StableDiffusionPipeline.from_pretrained(builtin:mini)` and judged (lora_diffusion.world.judge) on
+The data: the quickstart's 16 large, centred star images (60-75 % of the side; each colour twice as the star and
+twice as the background) in the kohya layout (`10_star/`), captions in the world's grammar, colour pairs the
+evaluation never asks for; 160 regularization images of circles, squares and triangles for the reg variants.
+Each variant trains for --steps at batch 4 and saves a LoRA at every quarter; each file is loaded with diffusers'
+own `load_lora_weights` into `StableDiffusionPipeline.from_pretrained(builtin:mini)` and judged by
+lora_diffusion.world.judge on
 - star prompts in the eight held-out colour pairs: the star rate (shape right) and all attributes right;
 - circle/square/triangle prompts in the same pairs: the prior kept, against the base model without a LoRA.
 Variants (names for --variants): ours (train_lora.py, LoRA rank 16, text encoder on), diffusers (the
 diffusers-example loop of benchmarks/diffusers_style_train.py, U-Net LoRA rank 16 as the example trains), rank4,
-locon (conv_dim 16, conv_alpha 8), reg (with 36 regularization images of the world), unet_only (no text-encoder
-LoRA), pivotal (captions say `sks` for the star: a new token whose 2 vectors train with the LoRA, textual
-inversion + LoRA).
+locon (conv_dim 16, conv_alpha 8), reg (locon with the regularization images, kohya's noise targets), reg_base
+(locon with the regularization images learning the base model's prediction: --reg_target base_model), unet_only
+(no text-encoder LoRA), pivotal (captions say `sks` for the star: a new token whose 2 vectors train with the
+LoRA, textual inversion + LoRA).
 Equal wall-clock: each file's training time is recorded, so ours and diffusers are compared at equal steps and at
 the file closest to equal seconds.
 """
@@ -35,11 +38,13 @@ import common  # noqa: E402
 from lora_diffusion import quality, world  # noqa: E402
 
 TOKEN = "sks"  # pivotal tuning: a new token in the captions, in place of the word "star"
+LOCON = ["--network_args", "conv_dim=16", "conv_alpha=8"]
 VARIANTS = {
     "ours": [],
     "rank4": ["--network_dim", "4", "--network_alpha", "2"],
-    "locon": ["--network_args", "conv_dim=16", "conv_alpha=8"],
-    "reg": ["REG"],
+    "locon": LOCON,
+    "reg": LOCON + ["REG"],
+    "reg_base": LOCON + ["REG", "--reg_target", "base_model"],
     "unet_only": ["--network_train_unet_only"],
     "pivotal": ["PIVOTAL", "--token_string", TOKEN, "--init_word", "star", "--num_vectors_per_token", "2",
                 "--embedding_lr", "5e-3"],
@@ -48,31 +53,33 @@ VARIANTS = {
 
 
 def make_data(root: Path, seed=0):
-    stars = quickstart_stars(16, seed)
+    stars = quickstart_stars(seed)
     world.write_images(root / "train" / "10_star", stars)
     world.write_images(root / "pivotal" / "10_star", stars)
     for caption in (root / "pivotal" / "10_star").glob("*.txt"):
         caption.write_text(caption.read_text().replace(" star ", f" {TOKEN} "))
     rng = random.Random(seed + 1)
-    shapes = [world.sample_scene(rng) for _ in range(36)]
+    shapes = [world.sample_scene(rng) for _ in range(160)]
     world.write_images(root / "reg" / "1_shapes", shapes)
     return root / "train", root / "reg"
 
 
-def quickstart_stars(n, seed):
-    """Large, centred, upright stars in n seen colour pairs spread over the palette, as in examples/quickstart: at
-    64 px a small star's points fall inside one 8x8-pixel latent cell."""
+def quickstart_stars(seed=0):
+    """The sixteen stars of examples/quickstart: large, centred and upright (at 64 px a small star's points fall
+    inside one 8x8-pixel latent cell), each colour twice as the star and twice as the background (pairs c -> c+1
+    and c -> c+2 round the palette; the held-out pairs are c -> c+3), so that no colour is rare in the data."""
     rng = random.Random(seed)
-    pairs = world.color_pairs()
-    return [world.Scene("star", *pairs[(i * 5) % len(pairs)], size=rng.uniform(0.6, 0.75)) for i in range(n)]
+    colors = world.COLORS
+    pairs = [(colors[i], colors[(i + k) % len(colors)]) for k in (1, 2) for i in range(len(colors))]
+    return [world.Scene("star", color, background, size=rng.uniform(0.6, 0.75)) for color, background in pairs]
 
 
-def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads):
+def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads, lr_scheduler="constant"):
     save_every = max(1, steps // 4)
     cmd = [sys.executable, str(ROOT / "train_lora.py"), "--pretrained_model_name_or_path", "builtin:mini",
            "--train_data_dir", str(train_dir), "--resolution", "64", "--train_batch_size", "4",
            "--network_dim", "16", "--network_alpha", "8", "--unet_lr", str(lr), "--text_encoder_lr", str(lr / 2),
-           "--lr_scheduler", "constant", "--max_train_steps", str(steps), "--save_every_n_steps", str(save_every),
+           "--lr_scheduler", lr_scheduler, "--max_train_steps", str(steps), "--save_every_n_steps", str(save_every),
            "--output_dir", str(out), "--output_name", name, "--seed", "42", "--save_precision", "fp16"]
     for flag in extra:
         if flag == "PIVOTAL":
@@ -161,6 +168,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="U-Net lr (the text encoder's is half)")
     p.add_argument("--images", type=int, default=24, help="images per prompt set and file")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr_scheduler", default="constant", help="for train_lora.py's variants")
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 2 variants, 4 images")
     p.add_argument("--json", type=Path)
     p.add_argument("--grid", type=Path, help="write a base-vs-LoRA picture grid (prompts x seeds) here")
@@ -187,7 +195,8 @@ def main(argv=None):
             if VARIANTS[name] is None:
                 files = train_diffusers(train_dir, out, args.steps, args.lr, args.threads)
             else:
-                files = train_ours(name, VARIANTS[name], train_dir, reg_dir, out, args.steps, args.lr, args.threads)
+                files = train_ours(name, VARIANTS[name], train_dir, reg_dir, out, args.steps, args.lr, args.threads,
+                                   args.lr_scheduler)
             rows = []
             for path, step, seconds in files:
                 step = step if step is not None else args.steps
