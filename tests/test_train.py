@@ -359,6 +359,14 @@ def test_config_files_toml_and_kohya_ss_gui_json(tmp_path, data, capsys):
     assert again.network_dim == 7 and again.train_data_dir == str(data)
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
+def test_shipped_example_configs_parse_and_name_folders_that_exist(config, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the examples are run from the repository root
+    args = train_lora.parse_args(["--config_file", str(config)])
+    for folder in (args.train_data_dir, args.reg_data_dir):
+        assert folder is None or any(Path(folder).glob("*_*/*.png")), folder
+
+
 def test_latents_are_cached_by_default_unless_crops_are_random(data):
     base = ["--pretrained_model_name_or_path", "builtin:tiny", "--train_data_dir", str(data)]
     assert train_lora.parse_args(base).cache_latents is True
