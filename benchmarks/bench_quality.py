@@ -58,9 +58,7 @@ def make_data(root: Path, seed=0):
     world.write_images(root / "pivotal" / "10_star", stars)
     for caption in (root / "pivotal" / "10_star").glob("*.txt"):
         caption.write_text(caption.read_text().replace(" star ", f" {TOKEN} "))
-    rng = random.Random(seed + 1)
-    shapes = [world.sample_scene(rng) for _ in range(160)]
-    world.write_images(root / "reg" / "1_shapes", shapes)
+    world.write_images(root / "reg" / "1_shapes", quickstart_reg(seed + 1))
     return root / "train", root / "reg"
 
 
@@ -72,6 +70,13 @@ def quickstart_stars(seed=0):
     colors = world.COLORS
     pairs = [(colors[i], colors[(i + k) % len(colors)]) for k in (1, 2) for i in range(len(colors))]
     return [world.Scene("star", color, background, size=rng.uniform(0.6, 0.75)) for color, background in pairs]
+
+
+def quickstart_reg(seed=1):
+    """The 160 regularization images of examples/quickstart/reg/1_shapes: circles, squares and triangles in the
+    colour pairs builtin:mini was pretrained on, as the world samples them."""
+    rng = random.Random(seed)
+    return [world.sample_scene(rng) for _ in range(160)]
 
 
 def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads, lr_scheduler="constant"):
