@@ -176,30 +176,27 @@ def text_conditioning(run: Run, batch):
     the new token) and, for SDXL, the pooled embedding and the size/crop ids."""
     from lora_diffusion import training
 
-    args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
-    added = {}
-    grad = torch.is_grad_enabled() and (run.train_text_encoder or (run.embedding is not None and
-                                                                   run.embedding.trainable))
-    if getattr(models, "sdxl", False):  # both encoders' states, the pooled embedding, size and crop per sample
-        if run.text_cache is not None:
-            context = torch.stack([run.text_cache[c][0] for c in batch["captions"]]).to(device)
-            pooled = torch.stack([run.text_cache[c][1] for c in batch["captions"]]).to(device)
-        else:
-            with torch.set_grad_enabled(grad), accelerator.autocast():
-                context, pooled = training.encode_prompts_sdxl(
-                    (models.tokenizer, models.tokenizer_2), (models.text_encoder, models.text_encoder_2),
-                    [run.network.expand_prompt(c) for c in batch["captions"]], max_token_length=args.max_token_length)
-        added = {"added_cond_kwargs": {"text_embeds": pooled.to(device, run.weight_dtype),
-                                       "time_ids": training.sdxl_time_ids(batch, device=device,
-                                                                          dtype=run.weight_dtype)}}
-    elif run.text_cache is not None:
-        context = torch.stack([run.text_cache[c] for c in batch["captions"]]).to(device)
+    from .validation import caption_encoder
+
+    args, models, device = run.args, run.models, run.device
+    sdxl = getattr(models, "sdxl", False)
+    if run.text_cache is not None:
+        cached = [run.text_cache[c] for c in batch["captions"]]
+        encoded = (torch.stack([c[0] for c in cached]), torch.stack([c[1] for c in cached])) if sdxl \
+            else torch.stack(cached)
     else:
-        with torch.set_grad_enabled(grad), accelerator.autocast():
-            context = training.encode_prompts(models.tokenizer, models.text_encoder,
-                                              [run.network.expand_prompt(c) for c in batch["captions"]],
-                                              clip_skip=args.clip_skip, max_token_length=args.max_token_length)
-    return context, added
+        grad = torch.is_grad_enabled() and (run.train_text_encoder or (run.embedding is not None and
+                                                                       run.embedding.trainable))
+        encode = caption_encoder(models, run.network.expand_prompt, clip_skip=args.clip_skip,
+                                 max_token_length=args.max_token_length)
+        with torch.set_grad_enabled(grad), run.accelerator.autocast():
+            encoded = encode(batch["captions"])
+    if not sdxl:
+        return encoded.to(device), {}
+    context, pooled = encoded  # both encoders' states, the pooled embedding; size and crop per sample
+    return context.to(device), {"added_cond_kwargs": {
+        "text_embeds": pooled.to(device, run.weight_dtype),
+        "time_ids": training.sdxl_time_ids(batch, device=device, dtype=run.weight_dtype)}}
 
 
 @torch.no_grad()
