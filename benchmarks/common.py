@@ -211,6 +211,7 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
         make_noise_scheduler,
         save_tiny_diffusers_folder,
     )
+    from lora_diffusion.tokenizer import save_tokenizer
 
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     path = CACHE_DIR / ("tiny-diffusers" if quick else "sd15-diffusers-fp32")
@@ -226,7 +227,7 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
             module.save_pretrained(staging / name, safe_serialization=True)
             del module
         del text_encoder, vae, unet
-        load_clip_tokenizer().save_pretrained(staging / "tokenizer")
+        save_tokenizer(load_clip_tokenizer(), staging / "tokenizer")
         make_noise_scheduler(False).save_pretrained(staging / "scheduler")
         index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],

@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .base_checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
 from .convert import check_is_sd_checkpoint, clip_names, detect_v2, unet_names, vae_names
 from .io import build_folder_atomically
-from .tokenizer import load_clip_tokenizer
+from .tokenizer import load_clip_tokenizer, save_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TINY = "builtin:tiny"
@@ -191,7 +191,7 @@ def save_tiny_diffusers_folder(path, seed=0):
         models.unet.save_pretrained(staging / "unet")
         models.vae.save_pretrained(staging / "vae")
         models.text_encoder.save_pretrained(staging / "text_encoder")
-        models.tokenizer.save_pretrained(staging / "tokenizer")
+        save_tokenizer(models.tokenizer, staging / "tokenizer")
         models.noise_scheduler.save_pretrained(staging / "scheduler")
         write_model_index(staging, "DDPMScheduler")
 

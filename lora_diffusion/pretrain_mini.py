@@ -37,7 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from . import quality, world
 from .io import atomic_write
-from .tokenizer import load_clip_tokenizer
+from .tokenizer import load_clip_tokenizer, save_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 RESOLUTION = 64
@@ -368,7 +368,7 @@ def write_folder(out, tokenizer, text_encoder, vae, unet):
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             half = torch.nn.Module.to(copy.deepcopy(module), torch.float16)
             half.save_pretrained(staging / name, safe_serialization=True)
-        tokenizer.save_pretrained(staging / "tokenizer")
+        save_tokenizer(tokenizer, staging / "tokenizer")
         DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
         write_model_index(staging, "DPMSolverMultistepScheduler")
 

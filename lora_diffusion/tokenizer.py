@@ -81,6 +81,22 @@ def tokenizer_files_folder():
         return write_tokenizer_files(tempfile.mkdtemp(prefix="lora_diffusion_clip_"))
 
 
+def save_tokenizer(tokenizer, folder):
+    """Write a CLIP tokenizer of ours (CLIP's 49408 tokens; SD1's, SD2's or either of SDXL's) as vocab.json +
+    merges.txt + tokenizer_config.json. transformers 4.x's CLIPTokenizer reads only vocab.json/merges.txt, and 5.x's
+    save_pretrained writes tokenizer.json alone, which 4.x cannot load; these files load in both (and are 2 MB smaller)."""
+    if len(tokenizer) != VOCAB_SIZE:
+        raise ValueError(f"save_tokenizer writes CLIP's {VOCAB_SIZE} tokens; this tokenizer has {len(tokenizer)}")
+    folder = write_tokenizer_files(folder)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": str(tokenizer.pad_token)}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.model_max_length,
+              "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
 def load_clip_tokenizer(v2=False):
     """The CLIP tokenizer of SD1.x (pads with <|endoftext|>) or SD2.x (pads with "!", id 0), 77 tokens."""
     return CLIPTokenizer.from_pretrained(

@@ -231,6 +231,24 @@ def test_tokenizer_v2_pads_with_exclamation_mark():
     assert tokenizer.pad_token == "!" and ids[7:] == [0] * 70
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_saved_tokenizer_folder_loads_in_transformers_4_and_5(tmp_path, v2):
+    """transformers 4.x's CLIPTokenizer reads only the files it names (vocab.json, merges.txt); 5.x's
+    save_pretrained writes tokenizer.json alone. Our folders carry the former, and they give the same ids."""
+    from transformers import CLIPTokenizer
+
+    from lora_diffusion.tokenizer import save_tokenizer
+
+    folder = save_tokenizer(load_clip_tokenizer(v2=v2), tmp_path / "tokenizer")
+    assert {"vocab.json", "merges.txt"} <= {f.name for f in folder.iterdir()}
+    assert not (folder / "tokenizer.json").exists()
+    loaded = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ids = loaded("A Photo of a CAT", padding="max_length", max_length=77).input_ids
+    assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert ids[7:] == ([0] if v2 else [49407]) * 70
+    assert loaded.model_max_length == 77 and len(loaded) == 49408
+
+
 # --- builtin:tiny ----------------------------------------------------------------------------------------------
 
 

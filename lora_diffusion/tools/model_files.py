@@ -336,7 +336,7 @@ def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=Fals
     `path` and renamed into place."""
     from ..models import make_noise_scheduler, write_model_index
     from ..sdxl import folder_tokenizers, write_sdxl_model_index
-    from ..tokenizer import load_clip_tokenizer
+    from ..tokenizer import load_clip_tokenizer, save_tokenizer
 
     def fill(folder):
         for part in model.parts:
@@ -358,10 +358,10 @@ def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=Fals
         make_noise_scheduler(v_parameterization).save_pretrained(folder / "scheduler")
         if model.sdxl:
             for name, tokenizer in zip(("tokenizer", "tokenizer_2"), folder_tokenizers(model.config_dir)):
-                tokenizer.save_pretrained(folder / name)
+                save_tokenizer(tokenizer, folder / name)
             write_sdxl_model_index(folder)
         else:
-            load_clip_tokenizer(v2=model.v2).save_pretrained(folder / "tokenizer")
+            save_tokenizer(load_clip_tokenizer(v2=model.v2), folder / "tokenizer")
             write_model_index(folder, "DDPMScheduler")
 
     build_folder_atomically(path, fill)
