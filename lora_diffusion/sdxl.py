@@ -28,7 +28,7 @@ from transformers import (
 from . import convert
 from .base_checkpoint import ModelLoadError
 from .io import build_folder_atomically
-from .tokenizer import load_clip_tokenizer
+from .tokenizer import load_clip_tokenizer, save_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TINY_XL = "builtin:tiny-xl"
@@ -127,8 +127,10 @@ def save_tiny_xl_diffusers_folder(path, seed=0):
     models = build_tiny_xl_models(seed=seed)
 
     def fill(staging):
-        for part in PARTS + ("tokenizer", "tokenizer_2"):
+        for part in PARTS:
             getattr(models, part).save_pretrained(staging / part)
+        for part in ("tokenizer", "tokenizer_2"):
+            save_tokenizer(getattr(models, part), staging / part)
         models.noise_scheduler.save_pretrained(staging / "scheduler")
         write_sdxl_model_index(staging)
 
