@@ -1,9 +1,12 @@
-"""End to end: train_lora.py against a diffusers-style loop (diffusers_style_train.py) on the same SD1.5-architecture
-model folder (fp32 safetensors, random weights), the same captioned images and the same number of steps.
+"""End to end: train_lora.py against a diffusers-style loop on the same model folder (fp32 safetensors, random
+weights), the same captioned images and the same number of steps. SD1.5's architecture against
+diffusers_style_train.py (train_text_to_image_lora.py), or with --family sdxl SDXL base's against
+diffusers_sdxl_style_train.py (train_text_to_image_lora_sdxl.py).
 
     python benchmarks/bench_end_to_end.py --json e2e.json                  # 256 px, rank 16, bf16, 8 images, 16 steps
     python benchmarks/bench_end_to_end.py --steps 8 --repeats 1 --runs ours diffusers
-    python benchmarks/bench_end_to_end.py --quick                          # tiny model folder
+    python benchmarks/bench_end_to_end.py --family sdxl --resolution 512 --steps 6 --repeats 1 --runs ours+cache diffusers
+    python benchmarks/bench_end_to_end.py --quick [--family sdxl]          # tiny model folder
 
 Every run is its own process (python start, imports, model loading, the loop, saving): the wall time is measured
 from outside, the peak memory is that process's max RSS (os.wait4), so the runs never share memory. Runs alternate
@@ -28,16 +31,21 @@ RUNS = {  # name -> (script, extra flags)
     "diffusers": ("benchmarks/diffusers_style_train.py", []),
     "diffusers+cache": ("benchmarks/diffusers_style_train.py", ["--cache_latents"]),
 }
+SDXL_BASELINE = "benchmarks/diffusers_sdxl_style_train.py"  # the example has no latent cache: no diffusers+cache
 
 
 def command(name, args, model, data, out_dir):
     script, extra = RUNS[name]
+    if args.family == "sdxl" and script != "train_lora.py":
+        script = SDXL_BASELINE
     if script == "train_lora.py":
         flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
                  "--resolution", str(args.resolution), "--network_dim", str(args.rank), "--network_alpha",
                  str(args.rank), "--network_train_unet_only", "--mixed_precision", args.mixed_precision,
                  "--max_train_steps", str(args.steps), "--train_batch_size", "1", "--output_dir", str(out_dir),
                  "--max_data_loader_n_workers", "0"] + args.ours_flags
+        if args.family == "sdxl":
+            flags += ["--cache_text_encoder_outputs"]  # kohya's SDXL recipe; the captions are fixed
     else:
         flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
                  "--resolution", str(args.resolution), "--rank", str(args.rank), "--mixed_precision",
@@ -67,7 +75,8 @@ def run_measured(cmd, threads) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model folder (a smoke test)")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--family", choices=["v1", "sdxl"], default="v1", help="SD1.5's or SDXL base's architecture")
+    parser.add_argument("--runs", nargs="+", default=None, choices=list(RUNS))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
@@ -80,10 +89,14 @@ def main(argv=None):
                         help="more train_lora.py flags (last on the line)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = ["ours", "ours+cache", "diffusers"] + (["diffusers+cache"] if args.family == "v1" else [])
+    if args.family == "sdxl" and "diffusers+cache" in args.runs:
+        parser.error("--runs diffusers+cache: the SDXL example has no latent cache")
     if args.quick:
         args.resolution, args.steps, args.repeats = min(args.resolution, 64), min(args.steps, 4), 1
 
-    model = common.sd15_diffusers_folder(quick=args.quick)
+    model = (common.sdxl_diffusers_folder if args.family == "sdxl" else common.sd15_diffusers_folder)(quick=args.quick)
     start_load, busy = common.loadavg(), common.other_busy_processes()
     with tempfile.TemporaryDirectory() as temp:
         data = common.make_captioned_images(Path(temp) / "data", args.images, size=args.resolution)
@@ -105,7 +118,8 @@ def main(argv=None):
     table = [[name, r["wall_s"], r["wall_per_step"], r["images_per_s"], r["loop_per_step"], common.gib(r["peak_rss"]),
               r["wall_s"] / ref["wall_s"], r["loop_s"] / ref["loop_s"], r["peak_rss"] / ref["peak_rss"]]
              for name, r in rows.items()]
-    model_name = "tiny" if args.quick else "SD1.5-architecture (fp32 safetensors folder)"
+    model_name = {"v1": "SD1.5", "sdxl": "SDXL-base"}[args.family] + "-architecture (fp32 safetensors folder)"
+    model_name = f"tiny {args.family}" if args.quick else model_name
     common.print_table(
         f"End to end, {model_name}, {args.resolution} px, {args.images} images, {args.steps} steps, batch 1, rank "
         f"{args.rank}, {args.mixed_precision}, U-Net only, baseline targets {args.targets}; median of {args.repeats}; "
@@ -114,7 +128,8 @@ def main(argv=None):
          "peak / ref"], table)
     print(f"ref = {ref_name}; wall = process start to exit (imports, loading, loop, saving); loop = the training "
           f"loop as each script reports it")
-    common.write_json(args.json, {"benchmark": "end_to_end", "machine": common.machine(), "quick": args.quick,
+    common.write_json(args.json, {"benchmark": "end_to_end", "family": args.family, "machine": common.machine(),
+                                  "quick": args.quick,
                                   "model": str(model), "resolution": args.resolution, "rank": args.rank,
                                   "mixed_precision": args.mixed_precision, "steps": args.steps,
                                   "images": args.images, "targets": args.targets, "ours_flags": args.ours_flags,

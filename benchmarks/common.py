@@ -239,6 +239,43 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
     return path
 
 
+def sdxl_diffusers_folder(quick: bool = False) -> Path:
+    """A diffusers folder of an SDXL-base-architecture pipeline (the shipped configs, assets/sdxl) with random
+    weights in fp32 safetensors, one file per part as Stability's repository has them (about 14 GB), written once
+    under CACHE_DIR and reused. quick: builtin:tiny-xl's folder."""
+    from lora_diffusion.io import build_folder_atomically
+    from lora_diffusion.models import deterministic_state_dict, make_noise_scheduler
+    from lora_diffusion.sdxl import (
+        empty_sdxl_modules,
+        save_tiny_xl_diffusers_folder,
+        shipped_tokenizers,
+        write_sdxl_model_index,
+    )
+    from lora_diffusion.tokenizer import save_tokenizer
+
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / ("tiny-xl-diffusers" if quick else "sdxl-diffusers-fp32")
+    if (path / "model_index.json").is_file():
+        return path
+    if quick:
+        return save_tiny_xl_diffusers_folder(path)
+
+    def fill(staging):
+        names = ("text_encoder", "text_encoder_2", "vae", "unet")  # empty_sdxl_modules' order
+        for offset, name in enumerate(names):
+            module = empty_sdxl_modules(ASSETS / "sdxl")[offset]  # on the meta device: one part in memory at once
+            module.load_state_dict(deterministic_state_dict(module, offset), assign=True)
+            module.save_pretrained(staging / name, safe_serialization=True, max_shard_size="20GB")
+            del module
+        for name, tokenizer in zip(("tokenizer", "tokenizer_2"), shipped_tokenizers()):
+            save_tokenizer(tokenizer, staging / name)
+        make_noise_scheduler(False).save_pretrained(staging / "scheduler")
+        write_sdxl_model_index(staging)
+
+    build_folder_atomically(path, fill)
+    return path
+
+
 def make_captioned_images(parent: Path, count: int = 8, size: int = 256, repeats: int = 1) -> Path:
     """`count` PNG images with captions in kohya layout: parent/<repeats>_bench/; returns parent."""
     import numpy as np
