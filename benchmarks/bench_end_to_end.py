@@ -5,7 +5,7 @@ diffusers_sdxl_style_train.py (train_text_to_image_lora_sdxl.py).
 
     python benchmarks/bench_end_to_end.py --json e2e.json                  # 256 px, rank 16, bf16, 8 images, 16 steps
     python benchmarks/bench_end_to_end.py --steps 8 --repeats 1 --runs ours diffusers
-    python benchmarks/bench_end_to_end.py --family sdxl --resolution 512 --steps 6 --repeats 1 --runs ours+cache diffusers
+    python benchmarks/bench_end_to_end.py --family sdxl --resolution 512 --steps 6 --repeats 1
     python benchmarks/bench_end_to_end.py --quick [--family sdxl]          # tiny model folder
 
 Every run is its own process (python start, imports, model loading, the loop, saving): the wall time is measured

@@ -83,8 +83,9 @@ def tokenizer_files_folder():
 
 def save_tokenizer(tokenizer, folder):
     """Write a CLIP tokenizer of ours (CLIP's 49408 tokens; SD1's, SD2's or either of SDXL's) as vocab.json +
-    merges.txt + tokenizer_config.json. transformers 4.x's CLIPTokenizer reads only vocab.json/merges.txt, and 5.x's
-    save_pretrained writes tokenizer.json alone, which 4.x cannot load; these files load in both (and are 2 MB smaller)."""
+    merges.txt + tokenizer_config.json. transformers 4.x's CLIPTokenizer reads only vocab.json/merges.txt, and
+    5.x's save_pretrained writes tokenizer.json alone, which 4.x cannot load; these files load in both (and are
+    2 MB smaller)."""
     if len(tokenizer) != VOCAB_SIZE:
         raise ValueError(f"save_tokenizer writes CLIP's {VOCAB_SIZE} tokens; this tokenizer has {len(tokenizer)}")
     folder = write_tokenizer_files(folder)
