@@ -1,10 +1,10 @@
 """Pretrain `builtin:mini` from scratch on the shapes world (lora_diffusion/world.py): VAE, CLIP text encoder and
 an SD1.x-topology U-Net, written as a diffusers folder.
 
-    lora-diffusion pretrain-mini                       # ~1 hour on 2 CPU cores; minutes on a GPU
-    lora-diffusion pretrain-mini --work_dir runs/pretrain-mini --out lora_diffusion/assets/mini
+    lora-diffusion pretrain-mini                        # 87 min measured on 2 CPU cores; minutes on a GPU
+    lora-diffusion pretrain-mini --steps 9000 --decoder_steps 3500   # the shipped model's quality, about 2 hours
 
-Two stages, each resumable from its last checkpoint in --work_dir (run the same command again):
+Three stages, each resumable from its last checkpoint in --work_dir (run the same command again):
 1. the VAE, on every shape of the world (the star too: like SD's VAE it is a general image codec);
 2. the text encoder and U-Net together on the VAE's latents, never shown a star or a held-out colour pair,
    with an EMA of their weights. Captions are the world's sentences and tags, and empty for a share (which is
@@ -13,8 +13,8 @@ Two stages, each resumable from its last checkpoint in --work_dir (run the same 
    the U-Net stays valid. It can run beside stage 2 (`--stage decoder`).
 Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv.
 `--init_from lora_diffusion/assets/mini --work_dir runs/more` continues training the shipped model (a new session,
-a GPU). The folder is written in fp16 at the end, atomically, and judged on held-out colour pairs
-(--work_dir/eval.json).
+a GPU). The folder (--out, default <work_dir>/model) is written in fp16 at the end, atomically, and judged on
+held-out colour pairs (--work_dir/eval.json).
 """
 
 import copy
@@ -39,7 +39,6 @@ from . import quality, world
 from .io import atomic_write
 from .tokenizer import load_clip_tokenizer, save_tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
 RESOLUTION = 64
 # The VAE sees every shape and colour pair, as SD's VAE saw every kind of image; only the denoiser has a held-out set.
 ALL_PAIRS = world.color_pairs() + world.color_pairs(held_out=True)
@@ -69,15 +68,15 @@ SCHEDULER_CONFIG = dict(  # SD's training schedule; DPM-Solver++ samples well in
 
 @dataclass
 class PretrainSettings:
-    out: str = str(ASSETS / "mini")
+    out: str = ""  # the diffusers folder to write; default <work_dir>/model (never the shipped one unless asked)
     work_dir: str = "runs/pretrain-mini"
     init_from: str = ""  # a builtin:mini folder to continue from (its latent space kept): the VAE stage is skipped
     seed: int = 0
-    vae_steps: int = 2000
+    vae_steps: int = 1500  # the defaults fit ~90 min of 2 CPU cores (docs/quality.md has the measured run)
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
-    steps: int = 4000
-    decoder_steps: int = 1500
+    steps: int = 6500
+    decoder_steps: int = 1000
     decoder_lr: float = 5e-4
     batch_size: int = 32
     lr: float = 6e-4
@@ -408,7 +407,7 @@ def pretrain(settings: PretrainSettings, stage="all"):
         return None, None
     ema_te, ema_unet, info = train_denoiser(text_encoder, vae, unet, tokenizer, settings, work)
     vae = finetune_decoder(vae, settings, work)
-    out = write_folder(settings.out, tokenizer, ema_te, vae, ema_unet)
+    out = write_folder(settings.out or work / "model", tokenizer, ema_te, vae, ema_unet)
     print(f"wrote {out} in {(time.time() - start) / 60:.1f} min of this run; judging it ...")
     from .models import load_models
 

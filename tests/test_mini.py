@@ -95,10 +95,10 @@ def test_pretraining_smoke_runs_and_resumes(tmp_path):
     first = load_models(str(tmp_path / "mini"))
     assert first.unet.config.cross_attention_dim == 64
     # a later session continues from the written folder: same latent space, U-Net trained further
-    more = PretrainSettings(**{**vars(settings), "work_dir": str(tmp_path / "more"), "out": str(tmp_path / "mini2"),
+    more = PretrainSettings(**{**vars(settings), "work_dir": str(tmp_path / "more"), "out": "",
                                "init_from": str(tmp_path / "mini"), "steps": 1, "decoder_steps": 0})
     pretrain(more)
-    second = load_models(str(tmp_path / "mini2"))
+    second = load_models(str(tmp_path / "more" / "model"))  # no --out: inside the work dir, never the shipped one
     assert second.vae.config.scaling_factor == first.vae.config.scaling_factor
     assert torch.equal(second.vae.encoder.conv_in.weight, first.vae.encoder.conv_in.weight)
     assert not torch.equal(second.unet.conv_in.weight, first.unet.conv_in.weight)
