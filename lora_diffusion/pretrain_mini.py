@@ -2,7 +2,7 @@
 an SD1.x-topology U-Net, written as a diffusers folder.
 
     lora-diffusion pretrain-mini                        # 87 min measured on 2 CPU cores; minutes on a GPU
-    lora-diffusion pretrain-mini --steps 9000 --decoder_steps 3500   # the shipped model's quality, about 2 hours
+    lora-diffusion pretrain-mini --vae_steps 2000 --steps 9000 --decoder_steps 3500  # the shipped schedule, ~2 h 15
 
 Three stages, each resumable from its last checkpoint in --work_dir (run the same command again):
 1. the VAE, on every shape of the world (the star too: like SD's VAE it is a general image codec);
