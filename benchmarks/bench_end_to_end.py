@@ -43,7 +43,7 @@ def command(name, args, model, data, out_dir):
                  "--resolution", str(args.resolution), "--network_dim", str(args.rank), "--network_alpha",
                  str(args.rank), "--network_train_unet_only", "--mixed_precision", args.mixed_precision,
                  "--max_train_steps", str(args.steps), "--train_batch_size", "1", "--output_dir", str(out_dir),
-                 "--max_data_loader_n_workers", "0"] + args.ours_flags
+                 "--max_data_loader_n_workers", "0", "--overwrite"] + args.ours_flags  # repeats share out_dir
         if args.family == "sdxl":
             flags += ["--cache_text_encoder_outputs"]  # kohya's SDXL recipe; the captions are fixed
     else:
