@@ -14,7 +14,6 @@ the noise, grad-norm clipping at 1.0, AdamW. --targets kohya (default: the modul
 ours) or diffusers (to_q/k/v/out.0, the example's choice).
 """
 
-import argparse
 import math
 import random
 import sys
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from diffusers_style_train import DTYPES, read_images  # noqa: E402
+from diffusers_style_train import DTYPES, add_unet_lora, baseline_arguments, read_images, report_done  # noqa: E402
 
 
 def encode_prompt(text_encoders, input_ids_list):
@@ -41,26 +40,14 @@ def encode_prompt(text_encoders, input_ids_list):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--train_data_dir", required=True)
-    p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--targets", choices=["kohya", "diffusers"], default="kohya")
-    p.add_argument("--mixed_precision", choices=list(DTYPES), default="bf16")
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--train_batch_size", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=8)
+    p = baseline_arguments(__doc__.splitlines()[0], resolution=1024, max_train_steps=8)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     wall_start = time.time()
 
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
@@ -81,14 +68,9 @@ def main(argv=None):
     vae.to(device, dtype=torch.float32)
     text_encoder_one.to(device, dtype=weight_dtype)
     text_encoder_two.to(device, dtype=weight_dtype)
-    targets = common.KOHYA_UNET_REGEX if args.targets == "kohya" else common.DIFFUSERS_TARGETS
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=targets))
+    lora_layers = add_unet_lora(unet, args)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    lora_layers = [p for p in unet.parameters() if p.requires_grad]
-    for param in lora_layers:
-        param.data = param.data.float()  # diffusers.training_utils.cast_training_params
     optimizer = torch.optim.AdamW(lora_layers, lr=args.learning_rate)
 
     items = read_images(Path(args.train_data_dir), args.resolution)
@@ -131,8 +113,7 @@ def main(argv=None):
                 first_step_s = time.time() - loop_start
             if step >= args.max_train_steps:
                 break
-    loop_s = time.time() - loop_start
-    print(f"done: {step} steps in {loop_s:.1f}s (first step {first_step_s:.1f}s); loss {loss.item():.4f}")
+    report_done(step, time.time() - loop_start, first_step_s, loss)
 
 
 if __name__ == "__main__":

@@ -50,30 +50,56 @@ def read_images(parent: Path, resolution: int):
     return items
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def baseline_arguments(description, resolution, max_train_steps):
+    """The flags of both baseline loops (this one and diffusers_sdxl_style_train.py): bench_end_to_end passes the
+    same ones to either."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--pretrained_model_name_or_path", required=True)
     p.add_argument("--train_data_dir", required=True)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=resolution)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", choices=["kohya", "diffusers"], default="kohya")
     p.add_argument("--mixed_precision", choices=list(DTYPES), default="bf16")
-    p.add_argument("--lora_dtype", choices=["fp32", "weight"], default="fp32")
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--train_batch_size", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=16)
-    p.add_argument("--cache_latents", action="store_true")
+    p.add_argument("--max_train_steps", type=int, default=max_train_steps)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    return p
+
+
+def add_unet_lora(unet, args, fp32=True):
+    """unet.add_adapter(LoraConfig(...)) as the examples do; returns the LoRA parameters, cast to fp32 with fp32
+    (diffusers.training_utils.cast_training_params)."""
+    from peft import LoraConfig
+
+    targets = common.KOHYA_UNET_REGEX if args.targets == "kohya" else common.DIFFUSERS_TARGETS
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=targets))
+    lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    if fp32:
+        for param in lora_layers:
+            param.data = param.data.float()
+    return lora_layers
+
+
+def report_done(step, loop_s, first_step_s, loss):
+    """The line bench_end_to_end.run_measured reads."""
+    print(f"done: {step} steps in {loop_s:.1f}s (first step {first_step_s:.1f}s); loss {loss.item():.4f}")
+
+
+def main(argv=None):
+    p = baseline_arguments(__doc__.splitlines()[0], resolution=512, max_train_steps=16)
+    p.add_argument("--lora_dtype", choices=["fp32", "weight"], default="fp32")
+    p.add_argument("--cache_latents", action="store_true")
     p.add_argument("--output_dir", help="save the LoRA here as the example does (save_lora_weights)")
     p.add_argument("--save_every_n_steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     wall_start = time.time()
 
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
@@ -92,13 +118,7 @@ def main(argv=None):
     unet.to(device, dtype=weight_dtype)
     vae.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
-    targets = common.KOHYA_UNET_REGEX if args.targets == "kohya" else common.DIFFUSERS_TARGETS
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=targets))
-    lora_layers = [p for p in unet.parameters() if p.requires_grad]
-    if args.lora_dtype == "fp32":
-        for param in lora_layers:
-            param.data = param.data.float()  # diffusers.training_utils.cast_training_params
+    lora_layers = add_unet_lora(unet, args, fp32=args.lora_dtype == "fp32")
     optimizer = torch.optim.AdamW(lora_layers, lr=args.learning_rate)
 
     items = read_images(Path(args.train_data_dir), args.resolution)
@@ -145,8 +165,7 @@ def main(argv=None):
                 first_step_s = time.time() - loop_start
             if step >= args.max_train_steps:
                 break
-    loop_s = time.time() - loop_start
-    print(f"done: {step} steps in {loop_s:.1f}s (first step {first_step_s:.1f}s); loss {loss.item():.4f}")
+    report_done(step, time.time() - loop_start, first_step_s, loss)
 
 
 def save_lora(unet, folder, step):
