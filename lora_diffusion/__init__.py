@@ -14,11 +14,11 @@ from . import cloneofsimo
 from .cloneofsimo import *  # noqa: F401,F403  cloneofsimo/lora's API under its names (lora_network, ...)
 from .kohya import LoRAFileError, read_lora_file
 from .layer import LoRALayer
-from .network import LoRANetwork, create_network, load_network
+from .network import LoRANetwork, TokenEmbeddings, create_network, load_network
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALayer", "LoRANetwork", "create_network", "load_network", "read_lora_file", "LoRAFileError",
+    "LoRALayer", "LoRANetwork", "TokenEmbeddings", "create_network", "load_network", "read_lora_file", "LoRAFileError",
     *cloneofsimo.__all__,
 ]

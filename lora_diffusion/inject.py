@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from .layer import LoRALayer
+from .layer import LoRALayer, freeze_base
 from .network import LoRANetwork
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, canonical_text_encoder_path, kohya_name
 
@@ -192,7 +192,7 @@ def _inject(model, target_replace_module, r, loras, verbose, dropout_p, scale, c
     network = LoRANetwork(layers, rank=r, alpha=r)
     if loras is not None and tensors is None:
         network.load_weights(loras, strict=False)  # a kohya-format file
-    model.requires_grad_(False)
+    freeze_base(model)
     network.requires_grad_(True)
     network.apply_to()
     register_network(model, network)

@@ -259,6 +259,17 @@ class LoRALayer(AdapterLayer):
         return delta * self.scaling
 
 
+def freeze_base(model: nn.Module) -> nn.Module:
+    """requires_grad_(False) on every parameter of `model` that is not an adapter's: the base weights. Adapters
+    already on the model keep their own setting (model.requires_grad_(False) would freeze them too: they are its
+    children)."""
+    adapters = {id(p) for m in model.modules() if isinstance(m, AdapterLayer) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+    return model
+
+
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each output row, shaped [out, 1(, 1, 1)] (LyCORIS' dora_scale with wd_on_out=True)."""
     return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))

@@ -25,7 +25,9 @@ def tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n) with m * n = dimension and m <= n: m = factor when it divides the dimension, else the most balanced
-    split whose smaller part is at most `factor` (-1: no limit). LyCORIS' rule, which fixes LoKr's shapes."""
+    split whose smaller part is at most `factor` (-1: no limit). LyCORIS' rule, which fixes LoKr's shapes.
+    LyCORIS takes any other value silently (0 gives 1 x dimension, a LoKr with a 1x1 w1); here it is refused."""
+    check_factor(factor)
     if factor > 0 and dimension % factor == 0:
         m, n = factor, dimension // factor
         return (n, m) if m > n else (m, n)
@@ -41,6 +43,15 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
             break
         m, n = new_m, new_n
     return (n, m) if m > n else (m, n)
+
+
+def check_factor(factor) -> int:
+    """LoKr's `factor` as an int: -1 (the most balanced split) or a whole number >= 1."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor != int(factor) or \
+            not (factor == -1 or factor >= 1):
+        raise ValueError(f"LoKr factor={factor!r}: expected -1 (the most balanced split of each dimension) or a whole "
+                         f"number >= 1 (the size of w1's side where it divides the dimension, e.g. 8)")
+    return int(factor)
 
 
 class _LycorisLayer(AdapterLayer):

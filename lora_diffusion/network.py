@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import kohya
-from .layer import AdapterLayer, LoRALayer
-from .lycoris_layers import LoHaLayer, LoKrLayer
+from .layer import AdapterLayer, LoRALayer, freeze_base
+from .lycoris_layers import LoHaLayer, LoKrLayer, check_factor
 from .targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -234,7 +234,7 @@ def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, sou
     if layer.kind != weights.algo or layer.is_dora != (weights.dora_scale is not None):
         raise kohya.LoRAFileError(f"{source}: {name} is a {weights.kind} module in the file, a "
                                   f"{'DoRA ' if layer.is_dora else ''}{kohya.ALGO_NAMES[layer.kind]} one in this "
-                                  f"network (other --network_args?)")
+                                  f"network (a network made with other options?)")
     if weights.algo != "lora":
         own = layer._tensors()
         if sorted(own) != sorted(weights.tensors) or any(own[k].shape != weights.tensors[k].shape for k in own):
@@ -328,6 +328,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
             raise ValueError(f"algo={algo!r} is not supported; use one of {', '.join(ALGOS)}")
         conv_rank = conv_rank or rank
         conv_alpha = conv_alpha or alpha
+        factor = check_factor(factor)
     elif dora_wd or use_tucker or factor != -1 or decompose_both or full_matrix:
         raise ValueError("dora_wd, use_tucker, factor, decompose_both and full_matrix are LyCORIS options: pass "
                          "algo= (network_module lycoris.kohya)")
@@ -355,6 +356,9 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
         else:
             layer = LoRALayer(target.module, r, a, dropout=dropout, **common)
         layers[target.name] = layer
+    for model in (unet, *(encoder for _, encoder in encoders)):
+        if model is not None:
+            freeze_base(model)  # only the adapters train (as inject_trainable_lora and peft)
     args = {"algo": algo} if lycoris else {}
     if conv_rank:
         args.update(conv_dim=conv_rank, conv_alpha=conv_alpha)
@@ -512,16 +516,11 @@ class TokenEmbeddings(nn.Module):
             if init_word:
                 ids = tok.encode(init_word, add_special_tokens=False)
                 if not ids:
-                    raise ValueError(f"--init_word {init_word!r} gives no token")
+                    raise ValueError(f"init_word {init_word!r} gives no token")
                 vectors[key] = table[[ids[i % len(ids)] for i in range(num_vectors)]]
             else:
                 vectors[key] = table.float().mean(0, keepdim=True).expand(num_vectors, -1)
-        embedding = cls(name, vectors).apply_to(tokenizer, text_encoder)
-        for _, tok, _ in embedding_slots(tokenizer, text_encoder):
-            if tok.tokenize(name) != [name]:
-                raise ValueError(f"--token_string {name!r} is not read back as one token; use a lower-case word of "
-                                 f"letters, digits or _ (e.g. sks)")
-        return embedding
+        return cls(name, vectors).apply_to(tokenizer, text_encoder)
 
     def apply_to(self, tokenizer, text_encoder) -> "TokenEmbeddings":
         slots = embedding_slots(tokenizer, text_encoder)
@@ -533,15 +532,20 @@ class TokenEmbeddings(nn.Module):
             if self._parameters[key].shape[1] != dim:
                 raise ValueError(f"the embedding {self.name!r} has {_shapes(self.vectors)}, this text encoder's "
                                  f"tokens have {dim} dimensions (an embedding for another base model?)")
-            taken = [t for t in self.tokens if t in tok.get_vocab()]
+            vocab = tok.get_vocab()
+            taken = [t for t in self.tokens if t in vocab or t.lower() in vocab]
             if taken:
                 raise ValueError(f"the token {taken[0]!r} is already in the tokenizer (a word of its vocabulary, or "
-                                 f"an embedding added before); choose another --token_string")
+                                 f"an embedding added before); choose another token name")
         for key, tok, encoder in slots:
             first = len(tok)
-            if tok.add_tokens(self.tokens) != len(self.tokens) or \
-                    tok.convert_tokens_to_ids(self.tokens) != list(range(first, first + len(self.tokens))):
-                raise ValueError(f"could not add {self.tokens} to the tokenizer as new tokens")
+            added = tok.add_tokens(self.tokens)
+            # Read back through the tokenizer, as a prompt is: CLIP lower-cases text, so `<V>` is the token `<v>`.
+            ids = [tok.encode(t, add_special_tokens=False) for t in self.tokens]
+            if added != len(self.tokens) or ids != [[first + i] for i in range(len(self.tokens))]:
+                raise ValueError(f"the token name {self.name!r} is not read back as one new token by this tokenizer "
+                                 f"(it reads {self.tokens[0]!r} as {tok.tokenize(self.tokens[0])}); choose a name "
+                                 f"without spaces such as sks or <v>")
             encoder.resize_token_embeddings(len(tok), mean_resizing=False)
             pool_at_eos(encoder, tok)
             table = encoder.get_input_embeddings()
@@ -589,8 +593,8 @@ class TokenEmbeddings(nn.Module):
         theirs = vectors if isinstance(vectors, dict) else {"weight": vectors}
         if {k: v.shape for k, v in theirs.items()} != {k: v.shape for k, v in self._parameters.items()}:
             raise kohya.LoRAFileError(f"{source}: the embedding {self.name!r} has {_shapes(theirs)}, this run's has "
-                                      f"{_shapes(self.vectors)} (another --num_vectors_per_token, or another base "
-                                      f"model?)")
+                                      f"{_shapes(self.vectors)} (another number of vectors per token, or another "
+                                      f"base model?)")
         with torch.no_grad():
             for key, tensor in theirs.items():
                 self._parameters[key].copy_(tensor)
@@ -609,9 +613,12 @@ def pool_at_eos(text_encoder, tokenizer):
 
 
 def check_token_name(name: str):
-    if not isinstance(name, str) or not re.fullmatch(r"[^\W_][\w]*", name) or name != name.lower():
-        raise ValueError(f"--token_string {name!r}: expected one lower-case word of letters, digits or _ (e.g. sks), "
-                         f"since CLIP lower-cases prompts")
+    """A new token's name: any text without whitespace, e.g. `sks`, `<v>`, `<V>` (cloneofsimo, diffusers' textual
+    inversion, Mix-of-Show). Whether a tokenizer reads it back as one token is checked when it is added
+    (TokenEmbeddings.apply_to). CLIP lower-cases prompts, so `<V>` and `<v>` are the same token there."""
+    if not isinstance(name, str) or not name or re.search(r"\s", name):
+        raise ValueError(f"token name {name!r}: expected a non-empty text without whitespace (e.g. sks or <v>), "
+                         f"which the tokenizer adds as one new token")
 
 
 def _metadata_number(metadata: dict, key: str, kind):

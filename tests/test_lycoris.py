@@ -301,3 +301,16 @@ def test_what_diffusers_load_lora_weights_does_with_lycoris_files(tmp_path, algo
         assert error < 1e-4
     else:
         assert error > 1e-3  # diffusers/peft's DoRA is not LyCORIS' (see docs/format.md)
+
+
+@pytest.mark.parametrize("factor", [0, -2, 2.5, "8", True])
+def test_lokr_factor_must_be_minus_one_or_at_least_one(factor):
+    """LyCORIS turns factor=0 into a 1 x dim split silently (a LoKr whose w1 is 1x1); here it is an error."""
+    unet = build_tiny_unet()
+    with pytest.raises(ValueError, match=r"factor=.*expected -1 .* >= 1"):
+        create_network(unet, None, rank=4, algo="lokr", factor=factor)
+    assert all(p.requires_grad for p in unet.parameters())  # refused before anything was changed
+    create_network(unet, None, rank=4, algo="lokr", factor=8.0)  # a whole number written as a float is fine
+    from lora_diffusion.lycoris_layers import LoKrLayer
+    layer = LoKrLayer(nn.Linear(64, 128), rank=4, factor=8)
+    assert tuple(layer.lokr_w1.shape) == (8, 8)  # out 128 = 8 x 16, in 64 = 8 x 8: w1 [8, 8]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ASSETS, text_ids, unet_inputs
+from conftest import ASSETS, build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
 from lora_diffusion import create_network
 
 
@@ -214,3 +214,51 @@ def test_load_weights_accepts_every_text_encoder_spelling(tmp_path, tiny_unet, t
         for name, value in fresh.state_dict().items():
             assert torch.equal(value, network.state_dict()[name]), (spelling, name)
         fresh.remove()
+
+
+def test_create_network_freezes_the_base_and_agrees_with_inject(tiny_unet, tiny_text_encoder):
+    """Models fresh from from_config are trainable: afterwards only the adapters are (peft, inject_trainable_lora),
+    and a network already on the model keeps its own trainable parameters."""
+    from lora_diffusion import inject_trainable_lora
+
+    assert all(p.requires_grad for p in tiny_unet.parameters())
+    first = create_network(tiny_unet, tiny_text_encoder, rank=2, include=[r"attn1", r"self_attn"])
+    second = create_network(tiny_unet, tiny_text_encoder, rank=2, algo="loha", include=[r"attn2", r"mlp"])
+    adapters = {id(p) for net in (first, second) for p in net.parameters()}
+    for model in (tiny_unet, tiny_text_encoder):
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable and trainable <= adapters
+    assert all(p.requires_grad for net in (first, second) for p in net.parameters())
+
+    unet = build_tiny_unet()
+    params, _ = inject_trainable_lora(unet, r=2)
+    injected = {id(p) for group in params for p in group}
+    assert {id(p) for p in unet.parameters() if p.requires_grad} == injected
+
+
+def test_new_token_names_as_other_tools_write_them(tiny_text_encoder):
+    """<V>, <v> (cloneofsimo, diffusers textual inversion, Mix-of-Show) are tokens: any name without whitespace that
+    the tokenizer reads back as one new token. CLIP lower-cases prompts, so <V> is read as <v>."""
+    from lora_diffusion import TokenEmbeddings
+    from lora_diffusion.network import check_token_name
+    from lora_diffusion.tokenizer import load_clip_tokenizer
+
+    for name in ("<V>", "<v>", "<s1>", "sks", "Sks", "a-b"):
+        check_token_name(name)
+    for name in ("a b", "", "sks\n", None):
+        with pytest.raises(ValueError, match="without whitespace") as error:
+            check_token_name(name)
+        assert "--" not in str(error.value)  # library errors name no trainer flag
+    for name, prompt in (("<V>", "a photo of <v> dog"), ("<v>", "a photo of <V> dog")):
+        tokenizer, encoder = load_clip_tokenizer(), build_tiny_text_encoder()
+        size = len(tokenizer)
+        embedding = TokenEmbeddings.create(tokenizer, encoder, name, "star", num_vectors=1)
+        ids = tokenizer(prompt).input_ids
+        assert ids[4] == size and len(ids) == 7  # <start> a photo of <v> dog <end>: one token, the new id
+        with torch.no_grad():
+            states = encoder(torch.tensor([ids])).last_hidden_state
+            embedding.weight.mul_(3)
+            assert not torch.allclose(states, encoder(torch.tensor([ids])).last_hidden_state)
+    with pytest.raises(ValueError, match="already in the tokenizer") as error:
+        TokenEmbeddings.create(load_clip_tokenizer(), build_tiny_text_encoder(), "Star")
+    assert "--" not in str(error.value)
