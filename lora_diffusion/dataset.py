@@ -28,10 +28,10 @@ import torch
 
 from lora_diffusion.data import files as image_files
 from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
-from lora_diffusion.data.captions import process_caption
+from lora_diffusion.data.captions import caption_varies, process_caption
 from lora_diffusion.data.dataset_config import read_dataset_config
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
-from lora_diffusion.data.images import center_crop, load_image
+from lora_diffusion.data.images import center_crop, face_crop_box, load_example, load_image
 from lora_diffusion.data.latents import (
     encode_latents,
     latent_cache_key,
@@ -42,6 +42,7 @@ from lora_diffusion.data.latents import (
     write_latent_file,
 )
 from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
+from lora_diffusion.data.metadata import metadata_subset, scan_metadata
 from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset, check_subset
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
@@ -63,9 +64,12 @@ class LoRADataset(torch.utils.data.Dataset):
             raise TypeError(f"LoRADataset() got an unexpected keyword argument {unknown[0]!r}")
         options = {**FLAG_DEFAULTS, **options}
         check_subset(Subset(Path("."), **options), "dataset options")  # bad flags fail before any scanning
-        subsets = concept_subsets(train_data_dir, "train_data_dir", False, options)
-        if reg_data_dir is not None:
-            subsets += concept_subsets(reg_data_dir, "reg_data_dir", True, options)
+        if options["in_json"]:
+            subsets = [metadata_subset(train_data_dir, reg_data_dir, options)]
+        else:
+            subsets = concept_subsets(train_data_dir, "train_data_dir", False, options)
+            if reg_data_dir is not None:
+                subsets += concept_subsets(reg_data_dir, "reg_data_dir", True, options)
         self._setup(subsets, seed, sources=[f"train_data_dir '{train_data_dir}'"] +
                     ([f"reg_data_dir '{reg_data_dir}'"] if reg_data_dir is not None else []))
 
@@ -74,7 +78,7 @@ class LoRADataset(torch.utils.data.Dataset):
         """A dataset from kohya's dataset config file (TOML or JSON). `defaults` are the flag values
         (LoRADataset keyword names); values in the file win. train_data_dir/reg_data_dir are ignored."""
         path = Path(toml_path).expanduser()
-        ignored = [k for k in ("train_data_dir", "reg_data_dir") if defaults.pop(k, None) is not None]
+        ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json") if defaults.pop(k, None) is not None]
         if ignored:
             warn(f"{' and '.join(ignored)} ignored: the dataset config '{path}' lists the image folders")
         seed = defaults.pop("seed", 0)
@@ -98,7 +102,7 @@ class LoRADataset(torch.utils.data.Dataset):
         self.subsets = [check_subset(s, f"folder '{s.image_dir}'") for s in subsets]
         self.entries = []
         for index, subset in enumerate(self.subsets):
-            found = scan_subset(subset, index)
+            found = scan_metadata(subset, index) if subset.metadata_file is not None else scan_subset(subset, index)
             if not found:
                 warn(f"no images in '{subset.image_dir}'; the folder is skipped")
             self.entries.extend(found)
@@ -115,7 +119,9 @@ class LoRADataset(torch.utils.data.Dataset):
         assign_repeats(self.entries, self.subsets)
         self.sample_entry = np.repeat(np.arange(len(self.entries)), [e.repeats for e in self.entries])
         self.sample_buckets = [self.entries[i].bucket for i in self.sample_entry]
-        self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with DataLoader workers
+        # the loop's position, shared with DataLoader workers: epoch, optimizer steps done, steps of the run
+        for name in self._SHARED:
+            setattr(self, name, multiprocessing.Value("q", 0, lock=False))
         self._latents = None  # entry index -> (latents, flipped latents or None) once cached
         self._replacement = {}  # entry index of an image that failed to decode -> the entry served instead
         self._latent_store = {}  # cache key -> (latents, flipped), survives a re-cache with other settings
@@ -154,16 +160,20 @@ class LoRADataset(torch.utils.data.Dataset):
         self._index()
         return self.validation_entries
 
+    _SHARED = ("_epoch", "_step", "_max_steps")
+
     def __getstate__(self):
         state = self.__dict__.copy()
         if multiprocessing.context.get_spawning_popen() is None:
-            # a plain pickle or deepcopy (not a DataLoader worker being started): keep the value only
-            state["_epoch"] = int(self._epoch.value)
+            # a plain pickle or deepcopy (not a DataLoader worker being started): keep the values only
+            for name in self._SHARED:
+                state[name] = int(getattr(self, name).value)
         return state
 
     def __setstate__(self, state):
-        if isinstance(state["_epoch"], int):
-            state["_epoch"] = multiprocessing.Value("q", state["_epoch"], lock=False)
+        for name in self._SHARED:
+            if isinstance(state.get(name, 0), int):
+                state[name] = multiprocessing.Value("q", state.get(name, 0), lock=False)
         self.__dict__.update(state)
 
     # -- epochs and items -----------------------------------------------------------------------
@@ -173,7 +183,28 @@ class LoRADataset(torch.utils.data.Dataset):
         return self._epoch.value
 
     def set_epoch(self, epoch: int):
+        """The epoch, counted from 0 (BucketBatchSampler.set_epoch calls it)."""
         self._epoch.value = int(epoch)
+
+    set_current_epoch = set_epoch  # kohya's name
+
+    @property
+    def step(self) -> int:
+        return self._step.value
+
+    def set_current_step(self, step: int):
+        """The optimizer steps done so far (kohya's current_step), for token_warmup_step."""
+        self._step.value = int(step)
+
+    def set_max_train_steps(self, max_train_steps: int):
+        """The run's steps: a token_warmup_step below 1 is a share of them."""
+        self._max_steps.value = int(max_train_steps)
+
+    @property
+    def has_masks(self) -> bool:
+        """Items carry a loss mask ("alpha_mask"; collate_fn's "alpha_masks"): alpha_mask or conditioning_data_dir
+        is set for some folder."""
+        return any(s.alpha_mask or s.conditioning_data_dir is not None for s in self.subsets)
 
     @property
     def num_reg_samples(self) -> int:
@@ -190,13 +221,13 @@ class LoRADataset(torch.utils.data.Dataset):
         return int(width), int(height)
 
     def captions_are_fixed(self) -> bool:
-        """No caption option draws at random, in any folder (a dataset config sets them per subset)."""
-        return not any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate
-                       for s in self.subsets)
+        """Every image always gives one caption: no caption option is random or follows the epoch or step, in any
+        folder (a dataset config sets them per subset)."""
+        return not any(caption_varies(self.subsets[e.subset], e.caption) for e in self.entries)
 
     def fixed_captions(self) -> set[str]:
         """Every caption the dataset can give when no caption option is random."""
-        return {process_caption(e.caption, self.subsets[e.subset], random.Random(0)) for e in self.entries}
+        return {self.fixed_caption_of(e) for e in self.entries}
 
     def fixed_caption_of(self, entry) -> str:
         """The caption an entry always gives when no caption option is random."""
@@ -208,6 +239,11 @@ class LoRADataset(torch.utils.data.Dataset):
     def _rng(self, index, purpose):
         return random.Random(f"{self.seed}/{self.epoch}/{index}/{purpose}")
 
+    def caption_of(self, entry, rng) -> str:
+        """The entry's caption for one sample at the dataset's current epoch and step."""
+        return process_caption(entry.caption, self.subsets[entry.subset], rng, epoch=self.epoch, step=self.step,
+                               max_train_steps=self._max_steps.value)
+
     def __getitem__(self, index):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} out of range for a dataset of {len(self)} samples")
@@ -215,31 +251,51 @@ class LoRADataset(torch.utils.data.Dataset):
         entry_index = int(self.sample_entry[index])
         subset = self.subsets[self.entries[entry_index].subset]
         flip = subset.flip_aug and self._rng(index, "flip").random() < 0.5
-        image, latents = None, None
+        image, latents, mask = None, None, None
         if self._latents is not None:
             entry_index = self._replacement.get(entry_index, entry_index)  # an image that failed to decode
-            plain, flipped = self._latents[entry_index]
+            plain, flipped, mask = self._latents[entry_index]
             latents = flipped if flip and flipped is not None else plain
+            if mask is not None and latents is flipped:
+                mask = mask.flip(-1)  # a centred window: the mirrored image's mask is the mirrored mask
             # cached latents are center crops: the crop follows from the size and bucket (both in the cache key)
             entry = self.entries[entry_index]
             crop = center_crop(entry.size, entry.bucket, flip=latents is flipped)
         else:
-            crop_rng = self._rng(index, "crop") if subset.random_crop else None
-            (image, crop), entry_index = self._load_with_fallback(entry_index, crop_rng, flip)
+            (image, crop, mask), entry_index = self._load_with_fallback(entry_index, index, flip)
         entry = self.entries[entry_index]
         subset = self.subsets[entry.subset]
-        return {"image": image, "latents": latents,
-                "caption": process_caption(entry.caption, subset, self._rng(index, "caption")),
+        return {"image": image, "latents": latents, "alpha_mask": mask,
+                "caption": self.caption_of(entry, self._rng(index, "caption")),
                 "is_reg": subset.is_reg, "bucket": entry.bucket, "path": str(entry.path),
                 "original_size": tuple(entry.size), "crop": tuple(crop)}
 
-    def _load_with_fallback(self, entry_index, crop_rng, flip):
+    def _mask_source(self, entry):
+        subset = self.subsets[entry.subset]
+        return entry.mask if entry.mask is not None else "alpha" if subset.alpha_mask else None
+
+    def _load(self, entry_index, index, flip):
+        """One sample's image, crop and mask, with the entry's subset's crop, colour and resize settings."""
+        entry = self.entries[entry_index]
+        subset = self.subsets[entry.subset]
+        crop_box = None
+        if entry.face is not None and not subset.enable_bucket:
+            crop_box = face_crop_box(entry.size, entry.face, entry.bucket, subset.face_crop_aug_range,
+                                     self._rng(index, "face"), subset.random_crop)
+        crop_rng = self._rng(index, "crop") if subset.random_crop and crop_box is None else None
+        color_rng = self._rng(index, "color") if subset.color_aug else None
+        return load_example(entry.path, entry.bucket, crop_rng=crop_rng, flip=flip,
+                            interpolation=subset.resize_interpolation, color_rng=color_rng,
+                            mask=self._mask_source(entry), crop_box=crop_box)
+
+    def _load_with_fallback(self, entry_index, index, flip):
         """A file that fails to decode mid-training is replaced by the next image of the same bucket
         (with its own caption), with a warning naming it, instead of killing a long run."""
         bucket = self.entries[entry_index].bucket
         try:
-            return load_image(self.entries[entry_index].path, bucket, crop_rng=crop_rng, flip=flip,
-                              return_crop=True), entry_index
+            return self._load(entry_index, index, flip), entry_index
+        except DatasetError:
+            raise  # a bad mask or option, not a bad file
         except Exception as e:
             failures = [f"{self.entries[entry_index].path}: {type(e).__name__}: {e}"]
             warn(f"could not decode image '{self.entries[entry_index].path}' ({type(e).__name__}: {e}); "
@@ -248,8 +304,9 @@ class LoRADataset(torch.utils.data.Dataset):
         start = same_bucket.index(entry_index)
         for candidate in same_bucket[start + 1:] + same_bucket[:start]:
             try:
-                return load_image(self.entries[candidate].path, bucket, crop_rng=crop_rng, flip=flip,
-                                  return_crop=True), candidate
+                return self._load(candidate, index, flip), candidate
+            except DatasetError:
+                raise
             except Exception as e:
                 failures.append(f"{self.entries[candidate].path}: {type(e).__name__}: {e}")
                 warn(f"could not decode image '{self.entries[candidate].path}' ({type(e).__name__}: {e}); "
@@ -270,35 +327,50 @@ class LoRADataset(torch.utils.data.Dataset):
         reuses a stale file, and the same input hits the cache in every run. A cache file of the wrong shape or
         with NaN/inf is named in a warning and encoded again. An image that fails to decode is skipped with a
         warning and replaced by the next image of its bucket, as without the cache."""
-        if any(s.random_crop for s in self.subsets):
-            raise DatasetError("random_crop cannot be combined with cached latents (a cached latent has one "
-                               "fixed crop): turn off random_crop or the latent cache")
+        for option, why in (("random_crop", "a cached latent has one fixed crop"),
+                            ("color_aug", "a cached latent has one fixed colour"),
+                            ("face_crop_aug_range", "a cached latent has one fixed crop")):
+            if any(getattr(s, option) for s in self.subsets):
+                raise DatasetError(f"{option} cannot be combined with cached latents ({why}), as in kohya: turn off "
+                                   f"{option} or the latent cache (--no_cache_latents)")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DatasetError(f"vae_batch_size must be an integer >= 1, got {batch_size!r}")
         vae_key = str(vae_id) if vae_id is not None else vae_fingerprint(vae)
-        keys = [latent_cache_key(entry, vae_key, dtype) for entry in self.entries]
+        keys = [latent_cache_key(entry, vae_key, dtype, interpolation=self.subsets[entry.subset].resize_interpolation,
+                                 mask=self._mask_source(entry)) for entry in self.entries]
         results, todo, broken = {}, defaultdict(list), {}
         for i, (entry, key) in enumerate(zip(self.entries, keys)):
             need_flip = self.subsets[entry.subset].flip_aug
+            need_mask = self._mask_source(entry) is not None
             found = self._latent_store.get(key)
             if found is None and to_disk:
-                found = read_latent_file(latent_file_path(entry, key, cache_dir), key, latent_shape(vae, entry.bucket))
-            if found is not None and (found[1] is not None or not need_flip):
+                found = read_latent_file(latent_file_path(entry, key, cache_dir), key, latent_shape(vae, entry.bucket),
+                                         mask_shape=(entry.bucket[1], entry.bucket[0]))
+            if found is not None and (found[1] is not None or not need_flip) and (found[2] is not None or
+                                                                                   not need_mask):
                 results[i] = found
             else:
                 todo[entry.bucket].append(i)
         for bucket, indices in todo.items():
             jobs = [(i, False) for i in indices] + [(i, True) for i in indices
                                                      if self.subsets[self.entries[i].subset].flip_aug]
-            encoded = {}
+            encoded, masks = {}, {}
             for start in range(0, len(jobs), batch_size):
                 chunk, images = [], []
                 for i, flip in jobs[start:start + batch_size]:
                     if i in broken:
                         continue
+                    subset = self.subsets[self.entries[i].subset]
                     try:
-                        images.append(load_image(self.entries[i].path, bucket, flip=flip))
+                        image, _, mask = load_example(self.entries[i].path, bucket, flip=flip,
+                                                      interpolation=subset.resize_interpolation,
+                                                      mask=None if flip else self._mask_source(self.entries[i]))
+                        images.append(image)
                         chunk.append((i, flip))
+                        if mask is not None:
+                            masks[i] = mask
+                    except DatasetError:
+                        raise
                     except Exception as e:  # as without the cache: skipped with a warning, not the end of the run
                         broken[i] = f"{self.entries[i].path}: {type(e).__name__}: {e}"
                         warn(f"could not decode image '{self.entries[i].path}' ({type(e).__name__}: {e}); "
@@ -314,7 +386,7 @@ class LoRADataset(torch.utils.data.Dataset):
             for i in indices:
                 if i in broken:
                     continue
-                results[i] = (encoded[(i, False)], encoded.get((i, True)))
+                results[i] = (encoded[(i, False)], encoded.get((i, True)), masks.get(i))
                 if to_disk:
                     write_latent_file(latent_file_path(self.entries[i], keys[i], cache_dir), keys[i], *results[i])
         for i, key in enumerate(keys):
@@ -443,7 +515,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def collate_fn(items):
     """A list of dataset items -> {"images" or "latents": stacked, "captions", "is_reg", "paths", "buckets",
-    "original_sizes" (w, h) and "crops" (left, top) per item (SDXL's size and crop conditioning)}."""
+    "original_sizes" (w, h) and "crops" (left, top) per item (SDXL's size and crop conditioning), and
+    "alpha_masks" (B, H, W) in [0, 1] at pixel size when some item has a loss mask (ones for those without)}."""
     batch = {"captions": [item["caption"] for item in items],
              "is_reg": torch.tensor([item["is_reg"] for item in items], dtype=torch.bool),
              "paths": [item["path"] for item in items],
@@ -454,6 +527,10 @@ def collate_fn(items):
     if len(set(batch["buckets"])) > 1:
         raise DatasetError(f"a batch mixes buckets {sorted(set(batch['buckets']))}: use BucketBatchSampler "
                            f"(or enable_bucket=False) so that all images in a batch have one size")
+    masks = [item.get("alpha_mask") for item in items]
+    if any(mask is not None for mask in masks):  # kohya's rule: an item without a mask learns everywhere
+        batch["alpha_masks"] = torch.stack([torch.ones(tuple(item["bucket"])[::-1]) if mask is None else mask
+                                            for item, mask in zip(items, masks)])
     have_latents = [item.get("latents") is not None for item in items]
     if all(have_latents):
         batch["latents"] = torch.stack([item["latents"] for item in items])

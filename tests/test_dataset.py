@@ -539,7 +539,9 @@ keep_tokens = 2
     ("[[datasets]]\nresolution = 'big'\n[[datasets.subsets]]\nimage_dir = 'a'", "resolution"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 1", "'image_dir' is required"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'missing'", "image_dir 'missing' is not a folder"),
-    ("[[datasets]]\ncolor_aug = true\n[[datasets.subsets]]\nimage_dir = 'a'", "'color_aug'.*not support"),
+    ("[[datasets]]\nnetwork_multiplier = 0.5\n[[datasets.subsets]]\nimage_dir = 'a'",
+     "'network_multiplier'.*not support.*per-dataset LoRA strength"),
+    ("[general]\nin_json = 'm.json'", "'in_json' is a command-line flag.*'metadata_file'"),
     ("[datasets]\nx = 1", "\\[\\[datasets\\]\\]"),
     ("[general\n", "cannot be parsed"),
 ])
@@ -565,7 +567,7 @@ def test_the_largest_repeat_count_is_accepted(tmp_path):
 
 def test_config_switched_off_kohya_options_are_accepted(tmp_path):
     make_folder(tmp_path / "a", [(64, 64)], {0: "x"})
-    config = write_config(tmp_path / "ok.toml", "[general]\ncolor_aug = false\n[[datasets]]\nresolution = [64, 64]\n"
+    config = write_config(tmp_path / "ok.toml", "[general]\ncache_info = false\n[[datasets]]\nresolution = [64, 64]\n"
                                                 "[[datasets.subsets]]\nimage_dir = 'a'\n")
     assert len(LoRADataset.from_config(config)) == 1
 

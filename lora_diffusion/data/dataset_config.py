@@ -8,11 +8,13 @@ from lora_diffusion.data.errors import DatasetError, warn
 from lora_diffusion.data.subset import (
     DATASET_KEYS,
     FLAG_DEFAULTS,
+    FLAG_ONLY_KEYS,
     FOLDER_KEYS,
     KEY_TYPES,
     SUBSET_KEYS,
     Subset,
     check_subset,
+    parse_face_crop_range,
     parse_resolution,
 )
 from lora_diffusion.io import loads_toml
@@ -23,11 +25,16 @@ _LEVEL_KEYS = {
     "[[datasets]]": set(SUBSET_KEYS + DATASET_KEYS + ("batch_size", "subsets")),
     "[[datasets.subsets]]": set(SUBSET_KEYS + FOLDER_KEYS),
 }
-# kohya options this library does not implement: accepted only when switched off
+# kohya options this library does not implement: accepted only when switched off, else refused with the reason
 _UNSUPPORTED_KOHYA_KEYS = {
-    "color_aug", "face_crop_aug_range", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-    "token_warmup_min", "token_warmup_step", "caption_dropout_every_n_epochs", "alpha_mask",
-    "custom_attributes", "cache_info", "metadata_file", "network_multiplier", "conditioning_data_dir",
+    "custom_attributes": "it passes extra values to kohya's own model-specific training code, which this trainer "
+                         "does not have",
+    "cache_info": "kohya caches image sizes and captions in a metadata file to start faster; this dataset reads "
+                  "only image headers, so there is nothing to cache",
+    "network_multiplier": "a per-dataset LoRA strength needs one network multiplier per sample in the loop, "
+                          "which this trainer does not implement",
+    "validation_split": "set --validation_split on the command line (one held-out share for the whole dataset)",
+    "validation_seed": "set --validation_seed on the command line",
 }
 
 
@@ -37,9 +44,13 @@ def _check_table(table, level, where):
     for key, value in table.items():
         if key in _UNSUPPORTED_KOHYA_KEYS:
             if value not in (False, 0, None, "", [], {}):
-                raise DatasetError(f"{where}: '{key}' is a kohya option that lora_diffusion does not support; "
-                                   f"remove it")
+                raise DatasetError(f"{where}: '{key}' is a kohya option that lora_diffusion does not support "
+                                   f"({_UNSUPPORTED_KOHYA_KEYS[key]}); remove it")
             continue
+        if key in FLAG_ONLY_KEYS:
+            config_key = _FLAG_CONFIG_KEYS[key]
+            raise DatasetError(f"{where}: '{key}' is a command-line flag, not a dataset config key; in a dataset "
+                               f"config write '{config_key}' in [[datasets.subsets]]")
         if key not in _LEVEL_KEYS[level]:
             import difflib
             elsewhere = [lvl for lvl, keys in _LEVEL_KEYS.items() if key in keys]
@@ -51,6 +62,9 @@ def _check_table(table, level, where):
         if expected == "resolution":
             parse_resolution(value, f"{where}: resolution")
             continue
+        if key == "face_crop_aug_range":
+            parse_face_crop_range(value, f"{where}: face_crop_aug_range")
+            continue
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else
               isinstance(value, int) and not isinstance(value, bool) if expected is int else
               isinstance(value, expected))
@@ -58,6 +72,7 @@ def _check_table(table, level, where):
             raise DatasetError(f"{where}: '{key}' must be {_TYPE_WORDS[expected]}, got {value!r}")
 
 
+_FLAG_CONFIG_KEYS = {name: Subset.__dataclass_fields__[name].metadata["config_key"] for name in FLAG_ONLY_KEYS}
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                list: "a list of tables"}
 
@@ -98,18 +113,33 @@ def read_dataset_config(path, defaults):
         for s, table in enumerate(dataset["subsets"], 1):
             here = f"{where} [[datasets]] #{d} [[datasets.subsets]] #{s}"
             _check_table(table, "[[datasets.subsets]]", here)
-            if "image_dir" not in table:
-                raise DatasetError(f"{here}: 'image_dir' is required (the folder that holds the images)")
-            image_dir = _config_path(table["image_dir"], path, here)
-            if image_dir in seen_dirs:
+            metadata_file = table.get("metadata_file")
+            if metadata_file:
+                metadata_file = _config_path(metadata_file, path, here, "metadata_file", want_file=True)
+            if "image_dir" in table:
+                image_dir = _config_path(table["image_dir"], path, here)
+            elif metadata_file:
+                image_dir = metadata_file.parent  # kohya: then the JSON's image paths are absolute
+            else:
+                raise DatasetError(f"{here}: 'image_dir' is required (the folder that holds the images), or "
+                                   f"'metadata_file' (kohya's fine-tuning metadata JSON)")
+            if table.get("is_reg") and metadata_file:
+                raise DatasetError(f"{here}: a metadata_file subset cannot be is_reg (kohya's fine-tuning dataset "
+                                   f"has no regularization images)")
+            conditioning = table.get("conditioning_data_dir")
+            if conditioning:
+                conditioning = _config_path(conditioning, path, here, "conditioning_data_dir")
+            identity = (image_dir, metadata_file)
+            if identity in seen_dirs:
                 warn(f"{here}: image_dir '{image_dir}' appears twice in one dataset; the duplicate is ignored")
                 continue
-            seen_dirs.add(image_dir)
-            values = {**defaults, "num_repeats": 1}
+            seen_dirs.add(identity)
+            values = {**defaults, "num_repeats": defaults.get("dataset_repeats", 1)}
             for level in (general, dataset, table):
                 values.update({k: v for k, v in level.items() if k in FLAG_DEFAULTS or k == "num_repeats"})
             subset = Subset(image_dir=image_dir, is_reg=table.get("is_reg", False),
-                            class_tokens=table.get("class_tokens"), **values)
+                            class_tokens=table.get("class_tokens"), conditioning_data_dir=conditioning or None,
+                            metadata_file=metadata_file or None, **values)
             subsets.append(check_subset(subset, here))
     if len(batch_sizes) > 1:
         raise DatasetError(f"{where}: datasets ask for different batch_size values {sorted(batch_sizes)}; "
@@ -117,11 +147,11 @@ def read_dataset_config(path, defaults):
     return subsets, (batch_sizes.pop() if batch_sizes else None)
 
 
-def _config_path(value, config_path, where):
+def _config_path(value, config_path, where, key="image_dir", want_file=False):
     """A path as written: absolute, relative to the working folder, or relative to the config file."""
     written = Path(value).expanduser()
     for candidate in (written, config_path.parent / written):
-        if candidate.is_dir():
+        if candidate.is_file() if want_file else candidate.is_dir():
             return candidate
-    raise DatasetError(f"{where}: image_dir '{value}' is not a folder (looked in '{written.absolute()}' and "
-                       f"'{(config_path.parent / written).absolute()}')")
+    raise DatasetError(f"{where}: {key} '{value}' is not a {'file' if want_file else 'folder'} (looked in "
+                       f"'{written.absolute()}' and '{(config_path.parent / written).absolute()}')")

@@ -56,12 +56,18 @@ def latent_shape(vae, bucket):
         return None
 
 
-def latent_cache_key(entry, vae_key, dtype) -> str:
-    """Hashes everything a cached latent depends on: image bytes, bucket, resize, crop, VAE and dtype."""
+def latent_cache_key(entry, vae_key, dtype, *, interpolation=None, mask=None) -> str:
+    """Hashes everything a cached latent (and its loss mask) depends on: image bytes, bucket, resize filter, crop,
+    VAE and dtype, and the mask's source ("alpha": the image's own bytes; a mask file: its bytes). The filter and
+    mask enter only when set, so the files of a run without them keep their keys."""
     resized = cover_size(entry.size, entry.bucket)
     crop = ((resized[0] - entry.bucket[0]) // 2, (resized[1] - entry.bucket[1]) // 2)
     fields = {"format": 1, "image": _file_sha256(entry.path), "bucket": list(entry.bucket),
                "resized": list(resized), "crop": list(crop), "vae": vae_key, "dtype": str(dtype)}
+    if interpolation is not None:
+        fields["interpolation"] = interpolation
+    if mask is not None:
+        fields["mask"] = "alpha" if mask == "alpha" else _file_sha256(mask)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -101,9 +107,10 @@ def write_cache_file(path: Path, key: str, tensors: dict, file_format: str):
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_latent_file(path: Path, key: str, shape=None):
-    """(latents, flipped latents or None) from a cache file, or None when there is none for this key. A file that
-    is unreadable, of the wrong shape or not finite is reported (named) and encoded again, never trained on."""
+def read_latent_file(path: Path, key: str, shape=None, mask_shape=None):
+    """(latents, flipped latents or None, mask or None) from a cache file, or None when there is none for this key.
+    A file that is unreadable, of the wrong shape or not finite (a mask: outside [0, 1], or not of `mask_shape`)
+    is reported (named) and encoded again, never trained on."""
     tensors = read_cache_file(path, key, "latent", "encoding the image again")
     if tensors is None:
         return None
@@ -122,9 +129,17 @@ def read_latent_file(path: Path, key: str, shape=None):
         if not torch.isfinite(tensor).all():
             warn(f"latent cache file '{path}' holds NaN or infinite values; encoding the image again")
             return None
-    return plain, flipped
+    mask = tensors.get("alpha_mask")
+    if mask is not None and ((mask_shape is not None and tuple(mask.shape) != tuple(mask_shape)) or
+                             not bool(((mask >= 0) & (mask <= 1)).all())):
+        warn(f"latent cache file '{path}' holds a mask of shape {tuple(mask.shape)} or with values outside [0, 1] "
+             f"(expected {mask_shape}); encoding the image again")
+        return None
+    return plain, flipped, mask
 
 
-def write_latent_file(path: Path, key: str, plain, flipped):
+def write_latent_file(path: Path, key: str, plain, flipped, mask=None):
     tensors = {"latents": plain} if flipped is None else {"latents": plain, "latents_flipped": flipped}
+    if mask is not None:
+        tensors["alpha_mask"] = mask
     write_cache_file(path, key, tensors, "lora_diffusion.latents.1")

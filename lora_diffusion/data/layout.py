@@ -20,6 +20,8 @@ class ImageEntry:
     size: tuple  # (w, h) as displayed
     bucket: tuple  # (w, h)
     repeats: int = 0
+    mask: Path | None = None  # the mask image (conditioning_data_dir) of this image
+    face: tuple | None = None  # (cx, cy, w, h) of the face from the file name, with face_crop_aug_range
 
 
 def concept_subsets(parent, flag, is_reg, options):
@@ -76,11 +78,12 @@ def scan_subset(subset: Subset, subset_index: int):
             continue
         caption_path = path.with_name(path.stem + ext)
         if caption_path.is_file():
-            caption = read_caption(caption_path)
+            caption = read_caption(caption_path, all_lines=subset.enable_wildcard)
         else:
             missing_captions += 1
             caption = subset.class_tokens or ""
-        entries.append(ImageEntry(path, subset_index, caption, size, select_bucket(size, subset)))
+        entries.append(ImageEntry(path, subset_index, caption, size, select_bucket(size, subset),
+                                  face=face_box(path, subset)))
     if missing_captions:
         fallback = f"the class tokens '{subset.class_tokens}'" if subset.class_tokens else "an empty caption"
         hint = ""
@@ -90,7 +93,54 @@ def scan_subset(subset: Subset, subset_index: int):
             hint = f" (there are {', '.join(others)} files: set caption_extension to use them)"
         warn(f"{missing_captions} of {len(entries)} image(s) in '{folder}' have no '{ext}' caption file; "
               f"using {fallback}{hint}")
+    if subset.conditioning_data_dir is not None:
+        attach_masks(entries, subset)
     return entries
+
+
+def face_box(path, subset):
+    """kohya's face_crop_aug_range reads the face's centre and size from the file name: <name>_<cx>_<cy>_<w>_<h>
+    (what kohya's face detection tool writes). None without the option or without such a name."""
+    if subset.face_crop_aug_range is None:
+        return None
+    parts = Path(path).stem.split("_")
+    if len(parts) >= 5 and all(p.isdigit() for p in parts[-4:]) and int(parts[-2]) > 0 and int(parts[-1]) > 0:
+        return tuple(int(p) for p in parts[-4:])
+    return None
+
+
+def attach_masks(entries, subset: Subset):
+    """Each image's mask: the image file of the same stem in conditioning_data_dir, of the same displayed size.
+    A missing mask, a mask of another size, or a mask without an image is an error (kohya's rules)."""
+    folder = Path(subset.conditioning_data_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"conditioning_data_dir '{folder}' (masks of '{subset.image_dir}') is not a folder")
+    masks = {}
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if path.is_file() and is_image_file(path):
+            if path.stem in masks:
+                raise DatasetError(f"conditioning_data_dir '{folder}' has two masks for '{path.stem}': "
+                                   f"'{masks[path.stem].name}' and '{path.name}'")
+            masks[path.stem] = path
+    missing = [e.path.name for e in entries if e.path.stem not in masks]
+    if missing:
+        raise DatasetError(f"conditioning_data_dir '{folder}' has no mask for {len(missing)} image(s) of "
+                           f"'{subset.image_dir}': {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "")
+                           + " (a mask is an image file of the image's stem)")
+    images = {p.stem for p in subset.image_dir.iterdir() if p.is_file() and is_image_file(p)}
+    extra = sorted(m.name for stem, m in masks.items() if stem not in images)
+    if extra:
+        raise DatasetError(f"conditioning_data_dir '{folder}' has masks without an image in '{subset.image_dir}': "
+                           f"{', '.join(extra[:10])}" + (" ..." if len(extra) > 10 else ""))
+    for entry in entries:
+        entry.mask = masks[entry.path.stem]
+        try:
+            size = image_size(entry.mask)
+        except Exception as e:
+            raise DatasetError(f"mask image '{entry.mask}' cannot be read: {type(e).__name__}: {e}") from None
+        if tuple(size) != tuple(entry.size):
+            raise DatasetError(f"mask image '{entry.mask}' is {size[0]}x{size[1]}, its image '{entry.path}' is "
+                               f"{entry.size[0]}x{entry.size[1]}: a mask must have its image's size")
 
 
 def assign_repeats(entries, subsets):

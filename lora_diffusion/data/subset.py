@@ -7,12 +7,16 @@ from pathlib import Path
 from lora_diffusion.data.errors import DatasetError
 from lora_diffusion.data.files import MAX_REPEATS, dotted_extension
 
+# kohya's --resize_interpolation names (linear = bilinear, cubic = bicubic)
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
-def _option(default, kind, level):
-    """A dataset option: its default, its type in a dataset config file, and where it may be set ("folder": a
-    [[datasets.subsets]] table only; "subset": also a flag and any table; "dataset": a flag, [general] or
-    [[datasets]], shared by the subsets of one dataset)."""
-    return field(default=default, metadata={"kind": kind, "level": level})
+
+def _option(default, kind, level, help, **extra):
+    """A dataset option: its default, its type in a dataset config file, where it may be set, and its one-line help.
+    Levels: "folder": a [[datasets.subsets]] table only; "subset": also a flag and any table; "dataset": a flag,
+    [general] or [[datasets]], shared by the subsets of one dataset; "flag": a flag (and LoRADataset keyword) only,
+    never a key of a dataset config. `extra`: "choices", and "config_key" (the config's key for a "flag" option)."""
+    return field(default=default, metadata={"kind": kind, "level": level, "help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -20,35 +24,70 @@ class Subset:
     """One image folder's settings: the one declaration of the dataset options (the flags of the same names,
     LoRADataset's keywords and the dataset config's keys are derived from these fields)."""
 
-    image_dir: Path = field(metadata={"kind": str, "level": "folder"})
-    num_repeats: int = _option(1, int, "subset")  # from a folder's name, or a config; not a flag
-    is_reg: bool = _option(False, bool, "folder")
-    class_tokens: str | None = _option(None, str, "folder")
-    caption_extension: str = _option(".txt", str, "subset")
-    shuffle_caption: bool = _option(False, bool, "subset")
-    keep_tokens: int = _option(0, int, "subset")
-    caption_dropout_rate: float = _option(0.0, float, "subset")
-    caption_tag_dropout_rate: float = _option(0.0, float, "subset")
-    caption_prefix: str | None = _option(None, str, "subset")
-    caption_suffix: str | None = _option(None, str, "subset")
-    caption_separator: str = _option(",", str, "subset")
-    flip_aug: bool = _option(False, bool, "subset")
-    random_crop: bool = _option(False, bool, "subset")
+    image_dir: Path = field(metadata={"kind": str, "level": "folder", "help": "the folder that holds the images"})
+    num_repeats: int = _option(1, int, "subset", "times each image of the folder is used per epoch (from a "
+                               "folder's '<repeats>_' prefix, or a dataset config; not a flag)")
+    is_reg: bool = _option(False, bool, "folder", "the folder holds regularization (prior-preservation) images")
+    class_tokens: str | None = _option(None, str, "folder", "the caption of images without a caption file")
+    caption_extension: str = _option(".txt", str, "subset", "extension of the caption files (<image stem><ext>)")
+    shuffle_caption: bool = _option(False, bool, "subset", "shuffle the caption's tags (split on caption_separator)")
+    keep_tokens: int = _option(0, int, "subset", "keep the first N tags in front when shuffling or dropping tags")
+    keep_tokens_separator: str = _option("", str, "subset", "in a caption, the tags before this separator stay in "
+                                         "front (and those after a second one stay at the end); e.g. '|||'")
+    secondary_separator: str | None = _option(None, str, "subset", "a separator inside a tag (e.g. ';;;'): tags "
+                                              "joined by it move and drop together, then it becomes "
+                                              "caption_separator")
+    enable_wildcard: bool = _option(False, bool, "subset", "'{a|b|c}' in a caption picks one at random, and a "
+                                    "caption file of several lines gives one line at random")
+    caption_dropout_rate: float = _option(0.0, float, "subset", "share of samples trained with an empty caption")
+    caption_dropout_every_n_epochs: int = _option(0, int, "subset", "train every N-th epoch with empty captions "
+                                                  "(0: never)")
+    caption_tag_dropout_rate: float = _option(0.0, float, "subset", "drop each tag (but the kept ones) with this "
+                                              "probability")
+    caption_prefix: str | None = _option(None, str, "subset", "text put before every caption")
+    caption_suffix: str | None = _option(None, str, "subset", "text put after every caption")
+    caption_separator: str = _option(",", str, "subset", "what separates the tags of a caption")
+    token_warmup_min: int = _option(1, int, "subset", "with token_warmup_step: the number of tags used at step 0")
+    token_warmup_step: float = _option(0.0, float, "subset", "use more and more tags until step N (N < 1: that "
+                                       "share of max_train_steps), from token_warmup_min (0: all tags from the start)")
+    flip_aug: bool = _option(False, bool, "subset", "mirror half the samples left to right")
+    color_aug: bool = _option(False, bool, "subset", "a weak random colour change (hue shift or gamma) on a third "
+                              "of the samples; not with cached latents")
+    face_crop_aug_range: tuple | None = _option(None, tuple, "subset", "'LOW,HIGH': crop around the face whose "
+                                                "box is in the file name (<name>_<cx>_<cy>_<w>_<h>), the face a "
+                                                "1/HIGH to 1/LOW share of the side; buckets off only")
+    random_crop: bool = _option(False, bool, "subset", "crop the bucket's window at random instead of centred")
+    resize_interpolation: str | None = _option(None, str, "subset", "the resampling filter of the image resize "
+                                               "(unset: lanczos)", choices=INTERPOLATIONS)
+    alpha_mask: bool = _option(False, bool, "subset", "the image's alpha channel is a loss mask (transparent: not "
+                               "learned; opaque: learned); images without one get a full mask")
+    conditioning_data_dir: Path | None = _option(None, str, "folder", "a folder of loss-mask images, one per image "
+                                                 "of the same stem and size: its red channel is the mask (white: "
+                                                 "learned, black: not)")
+    metadata_file: Path | None = _option(None, str, "folder", "kohya's fine-tuning metadata JSON ({image: "
+                                         "{caption, tags}}) instead of caption files")
+    in_json: str | None = _option(None, str, "flag", "kohya's fine-tuning metadata JSON: train_data_dir holds the "
+                                  "images themselves, captions and tags come from the JSON", config_key="metadata_file")
+    dataset_repeats: int = _option(1, int, "flag", "with --in_json: times each image is used per epoch; with a "
+                                   "dataset config: the num_repeats of subsets that set none", config_key="num_repeats")
     # shared by all subsets of one [[datasets]] table in kohya's config
-    resolution: tuple = _option((512, 512), "resolution", "dataset")
-    enable_bucket: bool = _option(False, bool, "dataset")
-    min_bucket_reso: int = _option(256, int, "dataset")
-    max_bucket_reso: int = _option(1024, int, "dataset")
-    bucket_reso_steps: int = _option(64, int, "dataset")
-    bucket_no_upscale: bool = _option(False, bool, "dataset")
+    resolution: tuple = _option((512, 512), "resolution", "dataset", "training size: W or W,H in pixels")
+    enable_bucket: bool = _option(False, bool, "dataset", "aspect-ratio buckets: each image trains at the bucket "
+                                  "nearest its aspect ratio")
+    min_bucket_reso: int = _option(256, int, "dataset", "the smallest bucket side in pixels")
+    max_bucket_reso: int = _option(1024, int, "dataset", "the largest bucket side in pixels")
+    bucket_reso_steps: int = _option(64, int, "dataset", "bucket sides are multiples of this many pixels")
+    bucket_no_upscale: bool = _option(False, bool, "dataset", "buckets from each image's own size: small images "
+                                      "are never enlarged")
 
 
 FOLDER_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "folder")
 SUBSET_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "subset")
 DATASET_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "dataset")
+FLAG_ONLY_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "flag")
 KEY_TYPES = {f.name: f.metadata["kind"] for f in fields(Subset)}  # the type of each key in a dataset config
 # the options that are also flags (and LoRADataset keywords), with their defaults
-FLAG_DEFAULTS = {f.name: f.default for f in fields(Subset) if f.name in SUBSET_KEYS + DATASET_KEYS}
+FLAG_DEFAULTS = {f.name: f.default for f in fields(Subset) if f.name in SUBSET_KEYS + DATASET_KEYS + FLAG_ONLY_KEYS}
 FLAG_DEFAULTS.pop("num_repeats")
 
 
@@ -73,6 +112,25 @@ def parse_resolution(value, where="resolution"):
     return (width, height)
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_face_crop_range(value, where="face_crop_aug_range"):
+    """None, "2.0,4.0" or [2.0, 4.0] -> None or (low, high) with 0 < low <= high."""
+    if value is None or value == "":
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        low, high = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: face_crop_aug_range must be 'LOW,HIGH' (two numbers, e.g. '2.0,4.0'), "
+                           f"got {value!r}") from None
+    if not 0 < low <= high:
+        raise DatasetError(f"{where}: face_crop_aug_range needs 0 < LOW <= HIGH, got {value!r}")
+    return (low, high)
+
+
 def check_subset(s: Subset, where: str) -> Subset:
     def bad(key, expected):
         raise DatasetError(f"{where}: {key} must be {expected}, got {getattr(s, key)!r}")
@@ -81,7 +139,7 @@ def check_subset(s: Subset, where: str) -> Subset:
         bad("caption_extension", "a file extension such as '.txt'")
     s = replace(s, caption_extension=dotted_extension(ext))
     s = replace(s, resolution=parse_resolution(s.resolution, f"{where}: resolution"))
-    if not isinstance(s.num_repeats, int) or isinstance(s.num_repeats, bool) or not 1 <= s.num_repeats <= MAX_REPEATS:
+    if not _is_int(s.num_repeats) or not 1 <= s.num_repeats <= MAX_REPEATS:
         bad("num_repeats", f"an integer from 1 to {MAX_REPEATS} (use more epochs for more steps)")
     if not isinstance(s.keep_tokens, int) or s.keep_tokens < 0:
         bad("keep_tokens", "an integer >= 0")
@@ -90,6 +148,29 @@ def check_subset(s: Subset, where: str) -> Subset:
             bad(key, "a number between 0 and 1")
     if not isinstance(s.caption_separator, str) or not s.caption_separator:
         bad("caption_separator", "a non-empty string")
+    if s.keep_tokens_separator is None:  # kohya's config default
+        s = replace(s, keep_tokens_separator="")
+    if not isinstance(s.keep_tokens_separator, str):
+        bad("keep_tokens_separator", "a string (empty: off)")
+    if s.secondary_separator is not None and (not isinstance(s.secondary_separator, str) or
+                                              not s.secondary_separator):
+        bad("secondary_separator", "a non-empty string")
+    for key in ("caption_dropout_every_n_epochs", "token_warmup_min"):
+        if not _is_int(getattr(s, key)) or getattr(s, key) < 0:
+            bad(key, "an integer >= 0")
+    if not isinstance(s.token_warmup_step, (int, float)) or isinstance(s.token_warmup_step, bool) or \
+            s.token_warmup_step < 0:
+        bad("token_warmup_step", "a number >= 0 (a step, or below 1 a share of max_train_steps)")
+    if s.resize_interpolation is not None and s.resize_interpolation not in INTERPOLATIONS:
+        bad("resize_interpolation", f"one of {', '.join(INTERPOLATIONS)}")
+    s = replace(s, face_crop_aug_range=parse_face_crop_range(s.face_crop_aug_range, where))
+    if s.face_crop_aug_range is not None and s.enable_bucket:
+        raise DatasetError(f"{where}: face_crop_aug_range works with buckets off (kohya ignores it with buckets): "
+                           f"turn off enable_bucket or face_crop_aug_range")
+    if s.alpha_mask and s.conditioning_data_dir is not None:
+        raise DatasetError(f"{where}: alpha_mask and conditioning_data_dir both give the loss mask; set one")
+    if not _is_int(s.dataset_repeats) or not 1 <= s.dataset_repeats <= MAX_REPEATS:
+        bad("dataset_repeats", f"an integer from 1 to {MAX_REPEATS}")
     steps = s.bucket_reso_steps
     if not isinstance(steps, int) or steps < 8 or steps % 8:
         bad("bucket_reso_steps", "a positive multiple of 8")
