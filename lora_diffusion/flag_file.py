@@ -1,8 +1,9 @@
 """Flag files: `--config_file x.toml` (kohya's: any sections, keys are flag names) or a kohya_ss GUI `.json`, and
 `--output_config` to write the flags of a run back out as TOML.
 
-The parser is the authority on flag names: a key that is no flag is an error that names it (TOML) or, in a GUI
-JSON full of interface state, a warning that names it.
+The parser (made from lora_diffusion.options) is the authority on flag names: a key that is no flag gets a warning
+that names it and the nearest flag, and the run goes on (kohya keeps such keys without a word); a kohya_ss GUI JSON
+is read by the GUI's own rules (lora_diffusion.options.kohya_ss).
 """
 
 import argparse
@@ -17,22 +18,6 @@ from .io import TOMLDecodeError, atomic_write, loads_toml
 
 class ConfigFileError(ValueError):
     pass
-
-
-# kohya_ss GUI keys that mean a trainer flag under another name or in another unit.
-GUI_RENAMES = {
-    "epoch": "max_train_epochs",
-    "max_resolution": "resolution",
-    "optimizer": "optimizer_type",
-    "lora_network_weights": "network_weights",
-}
-# kohya_ss GUI keys that only drive the interface (or the launcher); ignored quietly.
-GUI_ONLY = {
-    "LoRA_type", "model_list", "num_cpu_threads_per_process", "use_wandb", "wandb_api_key", "sdxl", "unit",
-    "save_model_as", "num_processes", "num_machines", "multi_gpu", "gpu_ids", "main_process_port",
-}
-# Values that mean "unset" in the GUI's files.
-_UNSET = (None, "", 0, 0.0, "0", False)
 
 
 def flag_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -50,6 +35,9 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         document = loads_toml(path.read_text(encoding="utf-8"))
     except (TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"--config_file {path} is not valid TOML/JSON: {e}") from None
+    except RecursionError:
+        raise ConfigFileError(f"--config_file {path}: nested too deeply to be a flag file (flags are key = value, "
+                              f"in sections one level deep)") from None
     flat = {}
     for key, value in document.items():  # kohya groups flags in any sections; one level deep
         for k, v in (value.items() if isinstance(value, dict) else [(key, value)]):
@@ -62,13 +50,18 @@ NUMBER_AS_STRING = {"resolution"}
 
 
 def _checked(values: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
+    """The values typed as their flags. A key that is no flag is dropped with a warning naming the nearest flag
+    (kohya itself keeps unknown keys without a word); on the command line the same typo is an error."""
+    from lora_diffusion.options import nearest
+
     actions = flag_dests(parser)
-    unknown = sorted(k for k in values if k not in actions)
-    if unknown:
-        raise ConfigFileError(f"--config_file {path}: unknown key(s) {', '.join(unknown)}; keys are the flag names "
-                              f"of train_lora.py without the leading -- (see `python train_lora.py --help`)")
+    for key in sorted(k for k in values if k not in actions):
+        warnings.warn(f"--config_file {path}: {key} is no flag of this trainer nor of kohya's; ignored"
+                      f"{nearest(key, actions)}", stacklevel=3)
     checked = {}
     for key, value in values.items():
+        if key not in actions:
+            continue
         value = _typed(key, value, actions[key], path)
         action = actions[key]
         if action.choices is not None and value is not None and value not in action.choices:
@@ -97,6 +90,9 @@ def _typed(key: str, value, action: argparse.Action, path: Path):
         return items
     if action.type in (int, float):
         return _number(value, action.type, bad)
+    if getattr(action.type, "__name__", "") == "int_or_float" and not isinstance(value, str):
+        number = _number(value, float, bad)
+        return int(number) if isinstance(value, int) else number
     if isinstance(value, list) and key in NUMBER_AS_STRING and 1 <= len(value) <= 2 and \
             all(type(v) is int for v in value):
         return ",".join(map(str, value))
@@ -126,41 +122,26 @@ def _number(value, kind, bad):
 
 
 def _from_gui_json(document, path: Path, parser: argparse.ArgumentParser) -> dict:
-    """A kohya_ss GUI config: its flag-named keys, its renamed keys, `additional_parameters` parsed as flags."""
+    """A kohya_ss GUI config: its keys read by the GUI's own rules (options.kohya_ss), then
+    `additional_parameters` parsed as flags (they win, as on the GUI's command line)."""
+    from lora_diffusion.options.kohya_ss import GuiConfigError, gui_flags
+
     if not isinstance(document, dict):
         raise ConfigFileError(f"--config_file {path}: expected a JSON object of settings (a kohya_ss GUI config), "
                               f"got a {type(document).__name__}")
-    actions = flag_dests(parser)
-    values, ignored, network_args = {}, [], []
-    for key, value in document.items():
-        if key in ("conv_dim", "conv_alpha") and value not in _UNSET:
-            _typed(key, value, _INT if key == "conv_dim" else _NUMBER, path)  # a clear error for "abc"
-            network_args.append(f"{key}={value}")
-        elif key == "lr_warmup" and value not in _UNSET:  # the GUI's warm-up is a percentage of the steps
-            values["lr_warmup_steps"] = _typed(key, value, _NUMBER, path) / 100
-        elif key == "additional_parameters" and value:
-            given, unknown = _additional_parameters(value, path, parser)
-            defaults = vars(parser.parse_known_args([])[0])
-            values.update({k: v for k, v in vars(given).items() if v != defaults[k]})
-            ignored += [f"additional_parameters {u}" for u in unknown if u.startswith("-")]
-        elif key in GUI_RENAMES and value not in ("", None):
-            values[GUI_RENAMES[key]] = value
-        elif key in actions and value not in ("", None):
-            values[key] = value
-        elif key not in actions and key not in GUI_ONLY and key not in GUI_RENAMES and value not in _UNSET:
-            ignored.append(key)
-    if network_args:
-        values["network_args"] = network_args + list(_typed("network_args", values.get("network_args") or [],
-                                                            actions["network_args"], path))
-    if ignored:
-        warnings.warn(f"{path}: ignoring kohya_ss GUI setting(s) this trainer does not have: "
-                      f"{', '.join(sorted(ignored))}", stacklevel=2)
-    if isinstance(values.get("resolution"), str):
-        values["resolution"] = values["resolution"].replace(" ", "")
+    try:
+        values, unused, additional = gui_flags(document, path, flag_dests(parser))
+    except GuiConfigError as e:
+        raise ConfigFileError(str(e)) from None
+    if additional:
+        given, unknown = _additional_parameters(additional, path, parser)
+        defaults = vars(parser.parse_known_args([])[0])
+        values.update({k: v for k, v in vars(given).items() if k in defaults and v != defaults[k]})
+        unused += [f"additional_parameters {u}" for u in unknown if u.startswith("-")]
+    if unused:
+        warnings.warn(f"{path}: ignoring kohya_ss GUI setting(s) that train nothing here: "
+                      f"{', '.join(sorted(unused))}", stacklevel=2)
     return _checked(values, path, parser)
-
-
-_NUMBER, _INT = argparse.Action(["--number"], "number", type=float), argparse.Action(["--int"], "int", type=int)
 
 
 def _additional_parameters(value, path: Path, parser: argparse.ArgumentParser):
@@ -185,8 +166,8 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
     """Every flag that differs from its default, as a flat TOML that --config_file reads back."""
     lines = []
     for dest, action in flag_dests(parser).items():
-        if dest in ("config_file", "output_config"):
-            continue
+        if dest in ("config_file", "output_config") or action.default is argparse.SUPPRESS:
+            continue  # a second spelling of another flag (--caption_extention) writes nothing of its own
         value = getattr(args, dest, None)
         if value is None or value == action.default:
             continue

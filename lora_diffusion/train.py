@@ -8,6 +8,7 @@ wires them. `python train_lora.py` (the repository root) and `lora-diffusion tra
 """
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,152 +32,10 @@ MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": to
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("config")
-    g.add_argument("--config_file", help="TOML of flags (any sections), or a kohya_ss GUI .json")
-    g.add_argument("--output_config", action="store_true", help="write the flags to <output_dir>/<output_name>.toml "
-                   "and exit")
+    from lora_diffusion.options import build_parser as parser_of
+    from lora_diffusion.options import trainer_options
 
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="diffusers folder, SD1.x/2.x/SDXL .safetensors/.ckpt, "
-                   "builtin:tiny or builtin:tiny-xl (SDXL is detected: see docs/guide.md)")
-    g.add_argument("--v2", action="store_true", help="the model is SD2.x (detected from single files)")
-    g.add_argument("--v_parameterization", action="store_true", help="v-prediction (SD2.x 768-v)")
-    g.add_argument("--clip_skip", type=int, help="use the output of the k-th last text-encoder layer (2: penultimate); "
-                   "ignored for SDXL, which always uses the penultimate layers")
-    g.add_argument("--max_token_length", type=int, choices=[75, 150, 225])
-
-    g = p.add_argument_group("data (see docs/dataset.md)")
-    g.add_argument("--train_data_dir", help="the PARENT of <repeats>_<name> folders")
-    g.add_argument("--reg_data_dir", help="the parent of <repeats>_<class> regularization folders")
-    g.add_argument("--dataset_config", help="kohya dataset config TOML ([general], [[datasets]], [[datasets.subsets]])")
-    g.add_argument("--caption_extension", default=".txt")
-    g.add_argument("--resolution", help="W or W,H (default: 512, or 1024 for SDXL)")
-    g.add_argument("--enable_bucket", action="store_true")
-    g.add_argument("--min_bucket_reso", type=int, help="default: 256, or 512 for SDXL without --resolution")
-    g.add_argument("--max_bucket_reso", type=int, help="default: 1024, or 2048 for SDXL without --resolution")
-    g.add_argument("--bucket_reso_steps", type=int, default=64)
-    g.add_argument("--bucket_no_upscale", action="store_true")
-    g.add_argument("--random_crop", action="store_true")
-    g.add_argument("--flip_aug", action="store_true")
-    g.add_argument("--shuffle_caption", action="store_true")
-    g.add_argument("--keep_tokens", type=int, default=0)
-    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
-    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
-    g.add_argument("--caption_prefix")
-    g.add_argument("--caption_suffix")
-    g.add_argument("--caption_separator", default=",")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0)
-    g.add_argument("--reg_target", choices=("noise", "base_model"), default="noise",
-                   help="what regularization images learn: the added noise (kohya, DreamBooth) or base_model, the "
-                   "prediction of the model without the LoRA, so the LoRA leaves their prompts as they were (one "
-                   "more U-Net forward per step)")
-    g.add_argument("--cache_latents", action="store_true", default=None,
-                   help="encode every image once before training (the default unless --random_crop: measured "
-                        "0.68x the time per step; see docs/performance.md)")
-    g.add_argument("--no_cache_latents", dest="cache_latents", action="store_false",
-                   help="run the VAE on every step instead (kohya's default; draws a fresh latent sample each time)")
-    g.add_argument("--cache_latents_to_disk", action="store_true")
-    g.add_argument("--vae_batch_size", type=int, default=1)
-    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 also under bf16 (under fp16 it "
-                   "always is: SD's VAEs overflow in fp16)")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode each caption once before training (needs frozen text encoders: "
-                        "--network_train_unet_only, and fixed captions); done anyway when both hold")
-    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="and keep them next to the images (<stem>_te_<key>.safetensors) for later runs")
-    g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--max_data_loader_n_workers", type=int, help="default: 0 with cached latents, else up to 4")
-
-    g = p.add_argument_group("network")
-    g.add_argument("--network_module", default="networks.lora", help="networks.lora (kohya's LoRA/LoCon) or "
-                   "lycoris.kohya (LyCORIS: --network_args algo=lora|locon|loha|lokr, dora_wd=True, use_tucker=True, "
-                   "factor=8, decompose_both=True)")
-    g.add_argument("--network_dim", type=int, default=4, help="rank")
-    g.add_argument("--network_alpha", type=float, default=1.0)
-    g.add_argument("--network_dropout", type=float, default=0.0)
-    g.add_argument("--network_args", nargs="*", default=[], help="conv_dim=8 conv_alpha=4 rank_dropout=0.1 "
-                   "module_dropout=0.1")
-    g.add_argument("--network_weights", help="start from this LoRA file (not a resume: see --resume)")
-    g.add_argument("--network_train_unet_only", action="store_true")
-    g.add_argument("--network_train_text_encoder_only", action="store_true")
-
-    g = p.add_argument_group("pivotal tuning: a new token's embedding trains with the LoRA (see docs/training.md)")
-    g.add_argument("--token_string", help="the new word, written in the captions and prompts (e.g. sks); in both text "
-                   "encoders on SDXL; saved in the LoRA file as A1111 bundles embeddings, and as "
-                   "<output_name>_emb.safetensors")
-    g.add_argument("--init_word", help="start the vectors from this word's (one token a vector, cycling); default: "
-                   "the vocabulary's mean")
-    g.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors of the new token; with N > 1 the "
-                   "token stands for `tok tok_1 ... tok_<N-1>` in captions and prompts")
-    g.add_argument("--embedding_lr", type=float, help="learning rate of the new vectors (default: --learning_rate)")
-    g.add_argument("--train_text_encoder_ti_frac", type=float, default=1.0,
-                   help="train the vectors during this fraction of the steps only, then keep them (diffusers' "
-                        "advanced scripts; default 1: all steps)")
-
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer_type", default="AdamW",
-                   help="AdamW, AdamW8bit, Lion, Lion8bit, PagedAdamW8bit, Prodigy, Adafactor, SGDNesterov or "
-                        "module.Class")
-    g.add_argument("--optimizer_args", nargs="*", default=[], help='e.g. "weight_decay=0.01" "betas=0.9,0.99"')
-    g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--unet_lr", type=float)
-    g.add_argument("--text_encoder_lr", type=float, nargs="+", metavar="LR",
-                   help="learning rate of the text encoders' LoRA (default: --learning_rate); on SDXL one value for "
-                        "both or two: TE1 (CLIP ViT-L), TE2 (OpenCLIP bigG)")
-    g.add_argument("--lr_scheduler", default="constant")
-    g.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a fraction (< 1) of the total")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--max_train_steps", type=int, default=1600)
-    g.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--xformers", action="store_true", help="xformers attention (default: PyTorch SDPA)")
-    g.add_argument("--noise_offset", type=float, default=0.0)
-    g.add_argument("--multires_noise_iterations", type=int, default=0)
-    g.add_argument("--multires_noise_discount", type=float, default=0.3)
-    g.add_argument("--min_snr_gamma", type=float)
-    g.add_argument("--min_timestep", type=int, default=0)
-    g.add_argument("--max_timestep", type=int, default=1000)
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="output")
-    g.add_argument("--output_name", default="lora")
-    g.add_argument("--overwrite", action="store_true", help="replace files of another run that --output_dir holds "
-                   "under this --output_name (refused without it)")
-    g.add_argument("--save_model_as", default="safetensors", choices=["safetensors"])
-    g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], help="default: fp32")
-    g.add_argument("--save_every_n_epochs", type=int)
-    g.add_argument("--save_every_n_steps", type=int)
-    g.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch files")
-    g.add_argument("--save_state", action="store_true", help="also save optimizer/RNG state with each file")
-    g.add_argument("--resume", help="a <name>-...-state folder written by --save_state")
-    g.add_argument("--logging_dir", help="TensorBoard logs")
-    g.add_argument("--log_prefix", default="")
-    g.add_argument("--sample_prompts", help="one prompt a line, options --n --w --h --d --l --s")
-    g.add_argument("--sample_every_n_epochs", type=int)
-    g.add_argument("--sample_every_n_steps", type=int)
-    g.add_argument("--sample_sampler", default="ddim")
-    g.add_argument("--training_comment")
-
-    g = p.add_argument_group("validation")
-    g.add_argument("--validation_split", type=float, help="hold out this share of the training images (e.g. 0.1) "
-                   "for a validation loss at fixed timesteps and noise")
-    g.add_argument("--validation_data_dir", help="validation images instead, in the train_data_dir layout")
-    g.add_argument("--validation_every_n_epochs", type=int, default=1)
-    g.add_argument("--validation_seed", type=int, help="the fixed noise's seed (default: --seed)")
-    g.add_argument("--validation_prompts", help="also score generated images: world:star, world:held-out, "
-                   "world:seen, or a prompts file (as lora-diffusion evaluate)")
-    g.add_argument("--validation_metrics", default="judge", help="of the generated images: judge,fid,kid")
-    g.add_argument("--validation_seeds", type=int, default=2, help="images per validation prompt")
-    return p
+    return parser_of(trainer_options(), prog=prog, description=__doc__)
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
@@ -186,19 +46,40 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     if args.config_file:  # file values are defaults; flags given on the command line win
         parser.set_defaults(**read_config_file(args.config_file, parser))
         args = parser.parse_args(argv)
-    check_args(args)
+    args = resolve(args)
     args.parser = parser
     return args
 
 
-def check_args(args):
+def resolve(given: argparse.Namespace) -> argparse.Namespace:
+    """The run's settings from the flags as given: checked (every error names its flag, before any work) and with
+    the values that follow from others filled in. `given` is left as it was."""
+    from lora_diffusion.options import trainer_options
     from lora_diffusion.training.sampling import SAMPLERS
 
     def bad(message):
         raise TrainingError(message)
 
+    args = argparse.Namespace(**vars(given))
+    for option in trainer_options():
+        if option.refused and not option.dest and getattr(args, option.name) not in (option.default, None, False, []):
+            bad(f"--{option.name}: {option.refused}")
     if not args.output_config and not args.pretrained_model_name_or_path:
         bad("--pretrained_model_name_or_path is required (a diffusers folder, an SD checkpoint, or builtin:tiny)")
+    check_model_path(args.pretrained_model_name_or_path, bad)
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        bad(f"--seed {args.seed}: expected a whole number from 0 to 2**32 - 1 ({2**32 - 1})")
+    if args.use_lion_optimizer:
+        args.optimizer_type = "Lion"
+    if args.bucket_reso_steps % 8:
+        steps = max(8, args.bucket_reso_steps + 7 - (args.bucket_reso_steps + 7) % 8)
+        warnings.warn(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of 8 (the VAE's factor); "
+                      f"using {steps}")
+        args.bucket_reso_steps = steps
+    if args.xformers and importlib.util.find_spec("xformers") is None:
+        warnings.warn("--xformers: xformers is not installed; using PyTorch's SDPA attention, which does the same "
+                      "work (pip install xformers to use it)")
+        args.xformers, args.sdpa = False, True
     args.text_encoder_lr = one_or_pair(args.text_encoder_lr, "--text_encoder_lr", bad)
     if not args.output_config and not (args.train_data_dir or args.dataset_config):
         bad("--train_data_dir (the parent of <repeats>_<name> folders) or --dataset_config is required")
@@ -277,6 +158,23 @@ def check_args(args):
     if unknown:
         bad(f"--validation_metrics: unknown {', '.join(sorted(unknown))}; expected judge, fid, kid")
     network_options(args)  # a bad --network_args before any work
+    return args
+
+
+def check_model_path(name, bad):
+    """A model that cannot be found is named before minutes of scanning the data."""
+    if not name or str(name).startswith("builtin:"):
+        return
+    path = Path(str(name)).expanduser()
+    if not path.exists():
+        bad(f"--pretrained_model_name_or_path {name}: not found (expected a diffusers folder, an SD "
+            f".safetensors/.ckpt file, or builtin:mini)")
+    if path.is_dir() and not (path / "unet").is_dir() and not (path / "model_index.json").is_file():
+        bad(f"--pretrained_model_name_or_path {name}: the folder is no diffusers model (no unet/ or "
+            f"model_index.json in it)")
+    if path.is_file() and path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".bin", ".pth"):
+        bad(f"--pretrained_model_name_or_path {name}: expected a .safetensors or .ckpt checkpoint, got a "
+            f"{path.suffix or 'file without extension'}")
 
 
 def one_or_pair(values, flag, bad):
@@ -323,51 +221,20 @@ def resolve_model_defaults(args):
         args.max_bucket_reso = 2048 if sdxl else 1024
 
 
-_KOHYA_ARGS = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
-               "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float)}
-# LyCORIS' own keys (lycoris.kohya.create_network), with --network_module lycoris.kohya only
-_LYCORIS_ARGS = {"algo": ("algo", str), "dora_wd": ("dora_wd", bool), "use_tucker": ("use_tucker", bool),
-                 "use_cp": ("use_tucker", bool), "factor": ("factor", int), "decompose_both": ("decompose_both", bool),
-                 "full_matrix": ("full_matrix", bool), "preset": ("preset", str)}
-
-
 def network_options(args) -> dict:
-    """--network_args k=v pairs as create_network keywords (LyCORIS' keys with --network_module lycoris.kohya)."""
-    lycoris = args.network_module == "lycoris.kohya"
-    known = {**_KOHYA_ARGS, **(_LYCORIS_ARGS if lycoris else {})}
-    options = {"algo": "lora"} if lycoris else {}
-    for item in args.network_args:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or key not in known:
-            hint = " (LyCORIS' algo, dora_wd, ... need --network_module lycoris.kohya)" \
-                if key in _LYCORIS_ARGS and not lycoris else ""
-            raise TrainingError(f"--network_args {item!r}: expected key=value with key in {sorted(known)}{hint}")
-        name, kind = known[key]
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise TrainingError(f"--network_args {item!r}: expected True or False")
-            options[name] = value.lower() in ("true", "1", "yes")
-            continue
-        if kind is str:
-            options[name] = value.lower()
-            continue
-        try:
-            options[name] = kind(value)
-        except ValueError:
-            raise TrainingError(f"--network_args {item!r}: {value!r} is not a {kind.__name__}") from None
-        if key == "factor" and options[name] == -1:
-            continue  # LyCORIS' "no limit"
-        if not math.isfinite(options[name]) or options[name] < 0:
-            raise TrainingError(f"--network_args {item!r}: expected a finite number >= 0")
-    if lycoris:
-        from lora_diffusion.network import ALGOS
+    """--network_args k=v pairs as create_network keywords (options.network_args declares each key)."""
+    from lora_diffusion.network import ALGOS
+    from lora_diffusion.options.network_args import NetworkArgsError, network_keywords
 
-        if options["algo"] not in ALGOS:
-            raise TrainingError(f"--network_args algo={options['algo']}: supported are {', '.join(ALGOS)} (LyCORIS' "
-                                f"ia3, dylora, glora, full, diag-oft, boft are not)")
-        if options.pop("preset", "full") != "full":
-            raise TrainingError("--network_args preset=...: only LyCORIS' default preset (full) is supported")
+    try:
+        options = network_keywords(args.network_module, args.network_args)
+    except NetworkArgsError as e:
+        raise TrainingError(str(e)) from None
+    if options.get("algo", "lora") not in ALGOS:
+        raise TrainingError(f"--network_args algo={options['algo']}: supported are {', '.join(ALGOS)} (LyCORIS' "
+                            f"others are not implemented yet)")
+    if args.network_module == "networks.dylora" and "block_size" not in options:
+        options["block_size"] = 1  # kohya's default unit
     return options
 
 
@@ -758,6 +625,8 @@ def main(argv=None, prog=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except SystemExit as e:  # argparse's one-line answer to a bad command line (or --help)
+        return e.code if isinstance(e.code, int) else 2
 
 
 def command(argv=None, prog=None) -> int:

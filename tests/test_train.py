@@ -336,17 +336,19 @@ def test_config_files_toml_and_kohya_ss_gui_json(tmp_path, data, capsys):
                     f'max_data_loader_n_workers = 0\n')
     args = train_lora.parse_args(["--config_file", str(toml), "--network_dim", "3"])
     assert args.network_dim == 3 and args.max_train_steps == 1 and args.resolution == "64"  # the command line wins
-    toml.write_text(toml.read_text() + "netwrok_alpha = 2\n")
-    assert train_lora.main(["--config_file", str(toml)]) == 2
-    assert "netwrok_alpha" in capsys.readouterr().err
+    toml.write_text(toml.read_text() + "netwrok_alpha = 2\n")  # a warning with the nearest flag; the run goes on
+    with pytest.warns(UserWarning, match="netwrok_alpha .*did you mean --network_alpha"):
+        assert train_lora.parse_args(["--config_file", str(toml)]).network_alpha == 1.0
+    assert train_lora.main(["--config_file", str(toml), "--netwrok_alpha", "2"]) == 2  # on the command line: error
+    assert "did you mean --network_alpha" in capsys.readouterr().err
 
     gui = tmp_path / "unbias.json"
     gui.write_text('{"LoRA_type": "Kohya LoCon", "pretrained_model_name_or_path": "builtin:tiny", '
                    f'"train_data_dir": "{data}", "max_resolution": "64,64", "epoch": 2, "optimizer": "AdamW", '
                    '"lr_warmup": 10, "conv_dim": 4, "conv_alpha": 2, "network_dim": 8, "network_alpha": 4, '
-                   '"save_model_as": "safetensors", "mem_eff_attn": true, "caption_extension": ".txt", '
+                   '"save_model_as": "safetensors", "stop_text_encoder_training": 3, "caption_extension": ".txt", '
                    '"additional_parameters": "--max_grad_norm=0.5", "seed": "", "unet_lr": 0.0001}')
-    with pytest.warns(UserWarning, match="mem_eff_attn"):
+    with pytest.warns(UserWarning, match="stop_text_encoder_training"):
         args = train_lora.parse_args(["--config_file", str(gui)])
     assert (args.max_train_epochs, args.resolution, args.lr_warmup_steps, args.max_grad_norm) == (2, "64,64", 0.1, 0.5)
     assert args.network_args == ["conv_dim=4", "conv_alpha=2"] and args.network_dim == 8 and args.seed == 42
