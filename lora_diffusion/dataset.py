@@ -43,7 +43,7 @@ from lora_diffusion.data.latents import (
 )
 from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
 from lora_diffusion.data.metadata import metadata_subset, scan_metadata
-from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset, check_subset
+from lora_diffusion.data.subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
            "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption"]
@@ -129,11 +129,11 @@ class LoRADataset(torch.utils.data.Dataset):
         images_in = Counter(e.subset for e in self.entries)  # subset index -> images found
         self.num_train_images = sum(s.num_repeats * images_in[i] for i, s in enumerate(self.subsets) if not s.is_reg)
         self.num_reg_images = sum(s.num_repeats * images_in[i] for i, s in enumerate(self.subsets) if s.is_reg)
-        self.dataset_dirs = {s.image_dir.name: {"n_repeats": s.num_repeats, "img_count": images_in[i]}
+        self.dataset_dirs = {_name(s): {"n_repeats": s.num_repeats, "img_count": images_in[i]}
                              for i, s in enumerate(self.subsets)}
-        self.tag_frequency = {s.image_dir.name: {} for s in self.subsets}
+        self.tag_frequency = {_name(s): {} for s in self.subsets}
         for entry in self.entries:
-            frequency = self.tag_frequency[self.subsets[entry.subset].image_dir.name]
+            frequency = self.tag_frequency[_name(self.subsets[entry.subset])]
             for tag in entry.caption.split(","):
                 tag = tag.strip().lower()
                 if tag:
@@ -427,12 +427,18 @@ class LoRADataset(torch.utils.data.Dataset):
             lines.append("regularization folders:" if is_reg else "training folders:")
             for index, subset in chosen:
                 mine = [e for e in self.entries if e.subset == index]
-                with_caption = sum(1 for e in mine if e.path.with_name(e.path.stem + subset.caption_extension)
-                                   .is_file())
                 samples = sum(e.repeats for e in mine)
+                if subset.metadata_file is not None:
+                    captions = f"captions from metadata '{subset.metadata_file}'"
+                else:
+                    with_caption = sum(1 for e in mine if e.path.with_name(e.path.stem + subset.caption_extension)
+                                       .is_file())
+                    captions = (f"{with_caption} '{subset.caption_extension}' captions, class tokens "
+                                f"{subset.class_tokens!r}")
+                masks = ("; alpha masks" if subset.alpha_mask else
+                         f"; masks from '{subset.conditioning_data_dir}'" if subset.conditioning_data_dir else "")
                 lines.append(f"  {str(subset.image_dir)!s:<40} {len(mine):>5} images x {subset.num_repeats:>3} "
-                             f"repeats -> {samples:>6} samples; {with_caption} '{subset.caption_extension}' "
-                             f"captions, class tokens {subset.class_tokens!r}")
+                             f"repeats -> {samples:>6} samples; {captions}{masks}")
         first = self.subsets[0]
         mode = ("off" if not first.enable_bucket else
                 f"on, no upscale, steps {first.bucket_reso_steps}" if first.bucket_no_upscale else
@@ -441,9 +447,8 @@ class LoRADataset(torch.utils.data.Dataset):
                      f"{len(self.buckets)} in use")
         for bucket, count in self.bucket_counts.items():
             lines.append(f"  {bucket[0]:>5}x{bucket[1]:<5} {count:>6} samples")
-        options = [f"{k}={getattr(first, k)!r}" for k in ("shuffle_caption", "keep_tokens", "caption_dropout_rate",
-                   "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "flip_aug", "random_crop")
-                   if getattr(first, k) != FLAG_DEFAULTS[k]]
+        options = [f"{k}={getattr(first, k)!r}" for k in SUBSET_KEYS
+                   if k not in ("num_repeats", "caption_extension") and getattr(first, k) != FLAG_DEFAULTS[k]]
         lines.append("captions and augmentation: " + (", ".join(options) if options else "defaults")
                      + f"; seed {self.seed}")
         if self._latents is not None:
@@ -453,6 +458,11 @@ class LoRADataset(torch.utils.data.Dataset):
 
     def __repr__(self):
         return self.summary()
+
+
+def _name(subset) -> str:
+    """A subset's name in kohya's ss_dataset_dirs / ss_tag_frequency: its folder, or its metadata file."""
+    return subset.metadata_file.name if subset.metadata_file is not None else subset.image_dir.name
 
 
 # ----------------------------------------------------------------------------------------------
