@@ -182,12 +182,10 @@ def main(argv=None):
     if args.quick:
         args.steps, args.images, args.variants = 8, 4, "ours,diffusers"
     common.set_threads(args.threads)
-    import torch
     from diffusers import StableDiffusionPipeline
 
     mini = ROOT / "lora_diffusion" / "assets" / "mini"
-    pipe = StableDiffusionPipeline.from_pretrained(mini, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(mini, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     results = {"base": {"steps": 0, "seconds": 0.0, **evaluate(pipe, None, args.images)}}
     print("base:", results["base"], flush=True)

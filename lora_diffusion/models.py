@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers.utils.deprecation_utils
 import torch
 import transformers
 from accelerate import init_empty_weights
@@ -35,6 +36,8 @@ BUILTIN_MINI = "builtin:mini"
 BUILTIN_TINY_XL = "builtin:tiny-xl"  # SDXL topology, lora_diffusion/sdxl.py
 MINI_FOLDER = ASSETS / "mini"  # written by `lora-diffusion pretrain-mini`
 DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+# diffusers took `dtype=` for the deprecated `torch_dtype=` with _resolve_dtype; older ones know only torch_dtype
+DIFFUSERS_DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 @dataclass
@@ -191,12 +194,25 @@ def save_tiny_diffusers_folder(path, seed=0):
         models.unet.save_pretrained(staging / "unet")
         models.vae.save_pretrained(staging / "vae")
         models.text_encoder.save_pretrained(staging / "text_encoder")
+        declare_fp32_load(staging / "text_encoder" / "config.json")
         save_tokenizer(models.tokenizer, staging / "tokenizer")
         models.noise_scheduler.save_pretrained(staging / "scheduler")
         write_model_index(staging, "DDPMScheduler")
 
     build_folder_atomically(path, fill)
     return path
+
+
+def declare_fp32_load(config_path):
+    """Make a text encoder's config.json say float32, whatever its weights' precision. A plain
+    `StableDiffusionPipeline.from_pretrained(folder)` builds the U-Net and VAE in fp32 (diffusers casts fp16 weights
+    up), but transformers 5 builds the text encoder in the dtype its config names, and its save_pretrained names
+    the saved dtype: fp16 weights then meet an fp32 U-Net at the first prompt. transformers 5 reads `dtype`, 4.x
+    `torch_dtype` (only for dtype="auto"); both say float32, so fp16 weights keep a folder small and load as fp32."""
+    config_path = Path(config_path)
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = config["torch_dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_model_index(folder, scheduler_class):
@@ -237,10 +253,12 @@ def load_diffusers_folder(folder, *, v2=None, v_parameterization=None, dtype=tor
             raise ModelLoadError(f"diffusers folder {folder} has no {part}/ subfolder")
     try:
         unet = load_part_lean(folder / "unet", dtype) or UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", torch_dtype=dtype, variant=weights_variant(folder / "unet"), local_files_only=True
+            folder, subfolder="unet", variant=weights_variant(folder / "unet"), local_files_only=True,
+            **{DIFFUSERS_DTYPE_KWARG: dtype},
         )
         vae = load_part_lean(folder / "vae", dtype) or AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", torch_dtype=dtype, variant=weights_variant(folder / "vae"), local_files_only=True
+            folder, subfolder="vae", variant=weights_variant(folder / "vae"), local_files_only=True,
+            **{DIFFUSERS_DTYPE_KWARG: dtype},
         )
         text_encoder = load_part_lean(folder / "text_encoder", dtype) or CLIPTextModel.from_pretrained(
             str(folder / "text_encoder"), variant=weights_variant(folder / "text_encoder"), local_files_only=True,

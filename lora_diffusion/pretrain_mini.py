@@ -361,12 +361,13 @@ def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
 def write_folder(out, tokenizer, text_encoder, vae, unet):
     """The diffusers folder, fp16 safetensors, built beside `out` and renamed into place."""
     from .io import build_folder_atomically
-    from .models import write_model_index
+    from .models import declare_fp32_load, write_model_index
 
     def fill(staging):
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             half = torch.nn.Module.to(copy.deepcopy(module), torch.float16)
             half.save_pretrained(staging / name, safe_serialization=True)
+        declare_fp32_load(staging / "text_encoder" / "config.json")  # fp16 weights, loaded as fp32 like the U-Net
         save_tokenizer(tokenizer, staging / "tokenizer")
         DPMSolverMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
         write_model_index(staging, "DPMSolverMultistepScheduler")

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def diffusers_pipe():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(MINI_FOLDER, local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(MINI_FOLDER, local_files_only=True)  # no dtype: as a user would
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

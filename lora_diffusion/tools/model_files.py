@@ -334,7 +334,7 @@ def write_single_file(path, model, get, dtype=None, keep_extras=False, metadata=
 def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=False):
     """A diffusers folder (configs, weights per part, tokenizer, scheduler, model_index.json), staged next to
     `path` and renamed into place."""
-    from ..models import make_noise_scheduler, write_model_index
+    from ..models import declare_fp32_load, make_noise_scheduler, write_model_index
     from ..sdxl import folder_tokenizers, write_sdxl_model_index
     from ..tokenizer import load_clip_tokenizer, save_tokenizer
 
@@ -343,6 +343,8 @@ def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=Fals
             (folder / part).mkdir()
             source_config = (model.path if model.kind == "folder" else model.config_dir) / part / "config.json"
             shutil.copyfile(source_config, folder / part / "config.json")
+            if part in TEXT_ENCODERS:
+                declare_fp32_load(folder / part / "config.json")
             plan = [(key, shape, out_dtype(stored, dtype), lambda p=part, k=key: get(p, k))
                     for (p, key), (shape, stored) in model.entries.items() if p == part]
             write_safetensors(folder / part / f"{WEIGHT_FILES[part]}.safetensors", plan, {"format": "pt"},
