@@ -30,6 +30,7 @@ from lora_diffusion.data import files as image_files
 from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
 from lora_diffusion.data.captions import caption_varies, process_caption
 from lora_diffusion.data.dataset_config import read_dataset_config
+from lora_diffusion.data.debug import debug_dataset
 from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
 from lora_diffusion.data.images import center_crop, face_crop_box, load_example, load_image
 from lora_diffusion.data.latents import (
@@ -46,7 +47,7 @@ from lora_diffusion.data.metadata import metadata_subset, scan_metadata
 from lora_diffusion.data.subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
-           "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption"]
+           "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption", "debug_dataset"]
 
 # the image extensions scanned for (one definition, shared with lora_diffusion.tools)
 IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS
@@ -265,7 +266,8 @@ class LoRADataset(torch.utils.data.Dataset):
             (image, crop, mask), entry_index = self._load_with_fallback(entry_index, index, flip)
         entry = self.entries[entry_index]
         subset = self.subsets[entry.subset]
-        return {"image": image, "latents": latents, "alpha_mask": mask,
+        return {"image": image, "latents": latents, "alpha_mask": mask, "flipped": bool(flip if latents is None
+                                                                                         else latents is flipped),
                 "caption": self.caption_of(entry, self._rng(index, "caption")),
                 "is_reg": subset.is_reg, "bucket": entry.bucket, "path": str(entry.path),
                 "original_size": tuple(entry.size), "crop": tuple(crop)}

@@ -2,12 +2,15 @@
 
 import math
 
-from lora_diffusion.data.subset import Subset
+from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset
 
 
-def bucket_resolutions(resolution, min_reso=256, max_reso=1024, steps=64):
+def bucket_resolutions(resolution, min_reso=None, max_reso=None, steps=None):
     """All (w, h), multiples of `steps` within [min_reso, max_reso], of at most the area of `resolution`,
-    the largest height for each width, plus the square bucket; sorted."""
+    the largest height for each width, plus the square bucket; sorted. Unset: the options' defaults."""
+    min_reso = FLAG_DEFAULTS["min_bucket_reso"] if min_reso is None else min_reso
+    max_reso = FLAG_DEFAULTS["max_bucket_reso"] if max_reso is None else max_reso
+    steps = FLAG_DEFAULTS["bucket_reso_steps"] if steps is None else steps
     max_area = resolution[0] * resolution[1]
     side = int(math.sqrt(max_area)) // steps * steps
     buckets = {(side, side)}
