@@ -6,15 +6,19 @@
     reg_data_dir/                    <- same layout, regularization (prior-preservation) images
         1_dog/ ...
 
-LoRADataset(train_data_dir, reg_data_dir, **kohya_flag_names) or LoRADataset.from_config("dataset.toml").
-ds[i] -> {"image" (3,H,W) in [-1,1] | "latents" (4,h,w), "caption", "is_reg", "bucket" (w,h), "path",
-"original_size" (w,h) of the image as displayed, "crop" (left, top) of the bucket's window in the resized (and
-flipped) image}: the last two are SDXL's size and crop conditioning.
+LoRADataset(train_data_dir, reg_data_dir, **kohya_flag_names) or LoRADataset.from_config("dataset.toml");
+with in_json=..., train_data_dir holds the images of kohya's fine-tuning metadata JSON.
+ds[i] -> {"image" (3,H,W) in [-1,1] | "latents" (4,h,w), "alpha_mask" (H,W) in [0,1] or None, "caption",
+"is_reg", "bucket" (w,h), "path", "flipped", "original_size" (w,h) of the image as displayed, "crop" (left, top)
+of the bucket's window in the resized (and flipped) image}: the last two are SDXL's size and crop conditioning.
 BucketBatchSampler draws every batch from one bucket; collate_fn stacks a batch.
-Every random choice (caption shuffle/dropout, flip, crop) is a function of (seed, epoch, sample index).
+Every random choice (caption shuffle/dropout/wildcards, flip, crop, colour) is a function of (seed, epoch, sample
+index); the loop tells the dataset its epoch (set_epoch), and for token_warmup_step its step (set_current_step,
+set_max_train_steps).
 
 This file puts together the pieces in lora_diffusion/data/: errors, subset (one folder's settings), buckets,
-images, captions, layout (concept folders, repeats), config_file (kohya's dataset config) and latents.
+images, captions, layout (concept folders, repeats, masks), metadata (kohya's fine-tuning JSON), dataset_config
+(kohya's dataset config), latents and debug (debug_dataset).
 """
 
 import math

@@ -183,3 +183,24 @@ def check_subset(s: Subset, where: str) -> Subset:
                                f"{s.max_bucket_reso} must enclose the resolution {s.resolution}")
     return s
 
+
+
+_WHERE = {"folder": "`[[datasets.subsets]]`", "subset": "flag, `[general]`, `[[datasets]]`, `[[datasets.subsets]]`",
+          "dataset": "flag, `[general]`, `[[datasets]]`", "flag": "flag only"}
+_KIND_WORDS = {str: "string", bool: "true/false", int: "integer", float: "number", tuple: "'LOW,HIGH' or [low, high]",
+               "resolution": "W, 'W,H' or [w, h]"}
+
+
+def option_table() -> str:
+    """The Markdown table of every dataset option (docs/dataset.md holds it; a test keeps the two equal)."""
+    rows = ["| option | where | type | default | what it does |", "| --- | --- | --- | --- | --- |"]
+    for f in fields(Subset):
+        meta = f.metadata
+        where = _WHERE[meta["level"]] + (f" (config: `{meta['config_key']}`)" if "config_key" in meta else "")
+        if f.name not in FLAG_DEFAULTS:
+            where = where.replace("flag, ", "")
+        kind = "one of " + ", ".join(meta["choices"]) if "choices" in meta else _KIND_WORDS[meta["kind"]]
+        default = "required" if f.name == "image_dir" else "unset" if f.default is None else f"`{f.default!r}`"
+        text = meta["help"].replace("|", "\\|")  # '{a|b}' inside a table cell
+        rows.append(f"| `{f.name}` | {where} | {kind} | {default.replace('|', chr(92) + '|')} | {text} |")
+    return "\n".join(rows)
