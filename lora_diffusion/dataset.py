@@ -261,8 +261,10 @@ class LoRADataset(torch.utils.data.Dataset):
             entry_index = self._replacement.get(entry_index, entry_index)  # an image that failed to decode
             plain, flipped, mask = self._latents[entry_index]
             latents = flipped if flip and flipped is not None else plain
-            if mask is not None and latents is flipped:
-                mask = mask.flip(-1)  # a centred window: the mirrored image's mask is the mirrored mask
+            if mask is not None:
+                mask = mask.float() / 255  # kept as bytes: a pixel-size float mask is 16x its latents
+                if latents is flipped:
+                    mask = mask.flip(-1)  # a centred window: the mirrored image's mask is the mirrored mask
             # cached latents are center crops: the crop follows from the size and bucket (both in the cache key)
             entry = self.entries[entry_index]
             crop = center_crop(entry.size, entry.bucket, flip=latents is flipped)
@@ -374,7 +376,7 @@ class LoRADataset(torch.utils.data.Dataset):
                         images.append(image)
                         chunk.append((i, flip))
                         if mask is not None:
-                            masks[i] = mask
+                            masks[i] = (mask * 255).round().to(torch.uint8)
                     except DatasetError:
                         raise
                     except Exception as e:  # as without the cache: skipped with a warning, not the end of the run

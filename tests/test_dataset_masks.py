@@ -204,7 +204,7 @@ def test_masks_are_cached_with_the_latents(tmp_path, vae):
     files = list(folder.glob("a_*.safetensors"))
     assert len(files) == 1
     from safetensors.torch import load_file
-    assert torch.equal(load_file(files[0])["alpha_mask"], expected)
+    assert torch.equal(load_file(files[0])["alpha_mask"], torch.from_numpy(alpha))  # stored as bytes
 
     calls = vae.calls
     again = LoRADataset(tmp_path / "t", **options)

@@ -109,8 +109,8 @@ def write_cache_file(path: Path, key: str, tensors: dict, file_format: str):
 
 def read_latent_file(path: Path, key: str, shape=None, mask_shape=None):
     """(latents, flipped latents or None, mask or None) from a cache file, or None when there is none for this key.
-    A file that is unreadable, of the wrong shape or not finite (a mask: outside [0, 1], or not of `mask_shape`)
-    is reported (named) and encoded again, never trained on."""
+    A file that is unreadable, of the wrong shape or not finite (a mask: not uint8 of `mask_shape`) is reported
+    (named) and encoded again, never trained on."""
     tensors = read_cache_file(path, key, "latent", "encoding the image again")
     if tensors is None:
         return None
@@ -129,11 +129,11 @@ def read_latent_file(path: Path, key: str, shape=None, mask_shape=None):
         if not torch.isfinite(tensor).all():
             warn(f"latent cache file '{path}' holds NaN or infinite values; encoding the image again")
             return None
-    mask = tensors.get("alpha_mask")
+    mask = tensors.get("alpha_mask")  # uint8: 255 is 1.0
     if mask is not None and ((mask_shape is not None and tuple(mask.shape) != tuple(mask_shape)) or
-                             not bool(((mask >= 0) & (mask <= 1)).all())):
-        warn(f"latent cache file '{path}' holds a mask of shape {tuple(mask.shape)} or with values outside [0, 1] "
-             f"(expected {mask_shape}); encoding the image again")
+                             mask.dtype != torch.uint8):
+        warn(f"latent cache file '{path}' holds a mask of shape {tuple(mask.shape)} and dtype {mask.dtype}, "
+             f"expected {mask_shape} uint8; encoding the image again")
         return None
     return plain, flipped, mask
 

@@ -24,7 +24,8 @@ def metadata_subset(train_data_dir, reg_data_dir, options) -> Subset:
     repeats = options["dataset_repeats"]
     if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= MAX_REPEATS:
         raise DatasetError(f"dataset_repeats must be an integer from 1 to {MAX_REPEATS}, got {repeats!r}")
-    return Subset(image_dir=folder, num_repeats=repeats, **{**options, "metadata_file": Path(options["in_json"])})
+    return Subset(image_dir=folder, num_repeats=repeats,
+                  **{**options, "metadata_file": Path(options["in_json"]).expanduser()})
 
 
 def read_metadata(path: Path) -> dict:
