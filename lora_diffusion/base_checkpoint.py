@@ -78,31 +78,78 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+MAX_HEADER_SIZE = 100_000_000  # safetensors' own limit
+
+
 class SafetensorsFile:
     """Reads one tensor at a time with plain file reads. Memory-mapping (safe_open) would leave every page it
     touched resident and counted in the process's memory until the file is closed: a 4 GB fp32 file loaded as
     fp16 would peak at 6 GB instead of 2 GB. The format: 8-byte little-endian header size, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the data."""
+    {name: {dtype, shape, data_offsets}}, then the data. The header is checked as strictly as safetensors itself
+    checks it (the file may come from anywhere): every tensor's bytes are exactly its dtype's itemsize x its shape,
+    and the tensors tile the data from its first byte to the file's last, without gap or overlap."""
 
     def __init__(self, path):
         self.path = Path(path)
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
-            if not 2 <= header_size <= size - 8:
-                raise ValueError(f"header size {header_size} does not fit a file of {size} bytes")
-            header = json.loads(f.read(header_size))
+            if size < 8 or not 2 <= header_size <= min(size - 8, MAX_HEADER_SIZE):
+                raise self.error(f"its header size {header_size} does not fit a file of {size} bytes "
+                                 f"(at most {MAX_HEADER_SIZE}; truncated, or not a safetensors file?)")
+            raw = f.read(header_size)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise self.error(f"its header is not JSON ({error})") from None
+        if not isinstance(header, dict):
+            raise self.error(f"its header is a JSON {type(header).__name__}, not an object")
         self.data_start = 8 + header_size
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(
+                isinstance(v, str) for v in metadata.values())):
+            raise self.error("its __metadata__ is not an object of strings")
         self.entries = header
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{name} has unsupported dtype {entry['dtype']}")
-            if self.data_start + end > size:
-                raise ValueError(f"the data of {name} ends past the end of the file (truncated?)")
-            if end - begin != math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
-                raise ValueError(f"the data size of {name} does not match its shape {entry['shape']}")
+        self.check_layout(size - self.data_start)
+
+    def error(self, reason):
+        return ModelLoadError(f"{self.path} could not be read as a safetensors file: {reason}")
+
+    def check_layout(self, data_size):
+        spans = []
+        for name, entry in self.entries.items():
+            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+                raise self.error(f"tensor {name!r}: expected an object with dtype, shape and data_offsets, "
+                                 f"got {entry!r}")
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise self.error(f"tensor {name!r} has dtype {dtype!r}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+            if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+                raise self.error(f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise self.error(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with "
+                                 f"0 <= begin <= end")
+            expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+            if offsets[1] - offsets[0] != expected:
+                raise self.error(f"tensor {name!r} has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes), but "
+                                 f"{dtype} x {shape} is {expected} bytes")
+            spans.append((offsets[0], offsets[1], name))
+        spans.sort()
+        for (_, end, previous), (begin, later_end, name) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self.error(f"the data of tensor {name!r} {[begin, later_end]} overlaps that of {previous!r} "
+                                 f"(which ends at {end})")
+        position, previous = 0, None
+        for begin, end, name in spans:
+            if begin > position:
+                raise self.error(f"{begin - position} bytes before tensor {name!r} belong to no tensor (data_offsets "
+                                 f"{[begin, end]}; the previous tensor ends at {position})")
+            position, previous = end, name
+        if position != data_size:
+            where = f"the tensors end at byte {position} of the data" + (f" (after {previous!r})" if previous else "")
+            raise self.error(f"{where}, but the file holds {data_size} bytes of data "
+                             f"({'truncated?' if position > data_size else 'trailing bytes that belong to no tensor'})")
 
     def __getitem__(self, name):
         entry = self.entries[name]
