@@ -15,7 +15,8 @@ def _option(default, kind, level, help, **extra):
     """A dataset option: its default, its type in a dataset config file, where it may be set, and its one-line help.
     Levels: "folder": a [[datasets.subsets]] table only; "subset": also a flag and any table; "dataset": a flag,
     [general] or [[datasets]], shared by the subsets of one dataset; "flag": a flag (and LoRADataset keyword) only,
-    never a key of a dataset config. `extra`: "choices", and "config_key" (the config's key for a "flag" option)."""
+    never a key of a dataset config. `extra`: "choices", "config_key" (the config's key for a "flag" option) and
+    "metadata" (True: kohya records the value as ss_<name> in the LoRA file)."""
     return field(default=default, metadata={"kind": kind, "level": level, "help": help, **extra})
 
 
@@ -30,8 +31,10 @@ class Subset:
     is_reg: bool = _option(False, bool, "folder", "the folder holds regularization (prior-preservation) images")
     class_tokens: str | None = _option(None, str, "folder", "the caption of images without a caption file")
     caption_extension: str = _option(".txt", str, "subset", "extension of the caption files (<image stem><ext>)")
-    shuffle_caption: bool = _option(False, bool, "subset", "shuffle the caption's tags (split on caption_separator)")
-    keep_tokens: int = _option(0, int, "subset", "keep the first N tags in front when shuffling or dropping tags")
+    shuffle_caption: bool = _option(False, bool, "subset", "shuffle the caption's tags (split on caption_separator)",
+                                    metadata=True)
+    keep_tokens: int = _option(0, int, "subset", "keep the first N tags in front when shuffling or dropping tags",
+                               metadata=True)
     keep_tokens_separator: str = _option("", str, "subset", "in a caption, the tags before this separator stay in "
                                          "front (and those after a second one stay at the end); e.g. '|||'")
     secondary_separator: str | None = _option(None, str, "subset", "a separator inside a tag (e.g. ';;;'): tags "
@@ -39,24 +42,26 @@ class Subset:
                                               "caption_separator")
     enable_wildcard: bool = _option(False, bool, "subset", "'{a|b|c}' in a caption picks one at random, and a "
                                     "caption file of several lines gives one line at random")
-    caption_dropout_rate: float = _option(0.0, float, "subset", "share of samples trained with an empty caption")
+    caption_dropout_rate: float = _option(0.0, float, "subset", "share of samples trained with an empty caption",
+                                          metadata=True)
     caption_dropout_every_n_epochs: int = _option(0, int, "subset", "train every N-th epoch with empty captions "
-                                                  "(0: never)")
+                                                  "(0: never)", metadata=True)
     caption_tag_dropout_rate: float = _option(0.0, float, "subset", "drop each tag (but the kept ones) with this "
-                                              "probability")
+                                              "probability", metadata=True)
     caption_prefix: str | None = _option(None, str, "subset", "text put before every caption")
     caption_suffix: str | None = _option(None, str, "subset", "text put after every caption")
     caption_separator: str = _option(",", str, "subset", "what separates the tags of a caption")
     token_warmup_min: int = _option(1, int, "subset", "with token_warmup_step: the number of tags used at step 0")
     token_warmup_step: float = _option(0.0, float, "subset", "use more and more tags until step N (N < 1: that "
                                        "share of max_train_steps), from token_warmup_min (0: all tags from the start)")
-    flip_aug: bool = _option(False, bool, "subset", "mirror half the samples left to right")
+    flip_aug: bool = _option(False, bool, "subset", "mirror half the samples left to right", metadata=True)
     color_aug: bool = _option(False, bool, "subset", "a weak random colour change (hue shift or gamma) on a third "
-                              "of the samples; not with cached latents")
+                              "of the samples; not with cached latents", metadata=True)
     face_crop_aug_range: tuple | None = _option(None, tuple, "subset", "'LOW,HIGH': crop around the face whose "
                                                 "box is in the file name (<name>_<cx>_<cy>_<w>_<h>), the face a "
-                                                "1/HIGH to 1/LOW share of the side; buckets off only")
-    random_crop: bool = _option(False, bool, "subset", "crop the bucket's window at random instead of centred")
+                                                "1/HIGH to 1/LOW share of the side; buckets off only", metadata=True)
+    random_crop: bool = _option(False, bool, "subset", "crop the bucket's window at random instead of centred",
+                                metadata=True)
     resize_interpolation: str | None = _option(None, str, "subset", "the resampling filter of the image resize "
                                                "(unset: lanczos)", choices=INTERPOLATIONS)
     alpha_mask: bool = _option(False, bool, "subset", "the image's alpha channel is a loss mask (transparent: not "
@@ -73,12 +78,12 @@ class Subset:
     # shared by all subsets of one [[datasets]] table in kohya's config
     resolution: tuple = _option((512, 512), "resolution", "dataset", "training size: W or W,H in pixels")
     enable_bucket: bool = _option(False, bool, "dataset", "aspect-ratio buckets: each image trains at the bucket "
-                                  "nearest its aspect ratio")
-    min_bucket_reso: int = _option(256, int, "dataset", "the smallest bucket side in pixels")
-    max_bucket_reso: int = _option(1024, int, "dataset", "the largest bucket side in pixels")
+                                  "nearest its aspect ratio", metadata=True)
+    min_bucket_reso: int = _option(256, int, "dataset", "the smallest bucket side in pixels", metadata=True)
+    max_bucket_reso: int = _option(1024, int, "dataset", "the largest bucket side in pixels", metadata=True)
     bucket_reso_steps: int = _option(64, int, "dataset", "bucket sides are multiples of this many pixels")
     bucket_no_upscale: bool = _option(False, bool, "dataset", "buckets from each image's own size: small images "
-                                      "are never enlarged")
+                                      "are never enlarged", metadata=True)
 
 
 FOLDER_KEYS = tuple(f.name for f in fields(Subset) if f.metadata["level"] == "folder")
