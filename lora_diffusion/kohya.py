@@ -2,8 +2,9 @@
 
 Defined once here, used for writing and reading. See docs/format.md for the contract.
 Per module `<name>`: `<name>.lora_down.weight` [r, in(, kh, kw)], `<name>.lora_up.weight` [out, r(, 1, 1)],
-`<name>.alpha` (0-dim); or LyCORIS' LoHa (`hada_*`) / LoKr (`lokr_*`) tensors; `dora_scale` for DoRA. Every
-metadata value is a string.
+`<name>.alpha` (0-dim); or LyCORIS' LoHa (`hada_*`), LoKr (`lokr_*`), iA3 (`weight`, `on_input`) tensors;
+`dora_scale` for DoRA. Which keys make which algorithm is declared by each algorithm (lora_diffusion/adapters/).
+Every metadata value is a string.
 """
 
 import datetime
@@ -25,8 +26,7 @@ from .targets import KNOWN_PREFIXES, canonical_kohya_name
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-_ALL_SUFFIXES = _SUFFIXES + LOHA_KEYS + LOKR_KEYS + ("dora_scale",)
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "iA3"}
 EMBEDDING_PREFIX = "bundle_emb."  # A1111's textual-inversion embeddings bundled in a LoRA file
 
 
@@ -50,8 +50,6 @@ def _format_of(key: str, tensor: torch.Tensor) -> str | None:
         return "an OFT"
     if last == "weight" and len(parts) >= 2 and parts[-2] in ("a1", "a2", "b1", "b2"):
         return "a GLoRA (LyCORIS)"
-    if last == "on_input":
-        return "an IA3 (LyCORIS)"
     if last in ("w_norm", "b_norm"):
         return "a norm-layer (LyCORIS w_norm/b_norm)"
     return None
@@ -63,8 +61,9 @@ class LoRAFileError(ValueError):
 
 @dataclass
 class ModuleWeights:
-    """One module of a file. algo "lora": down/up; "loha"/"lokr": `tensors` holds LyCORIS' tensors by key
-    (hada_w1_a, ..., lokr_w1, ...) and down/up are None. `dora_scale` [out, 1(, 1, 1)] makes any of them DoRA."""
+    """One module of a file. algo "lora": down/up (and `tensors` holds them by key); the others ("loha", "lokr",
+    "ia3", see lora_diffusion/adapters/): `tensors` holds LyCORIS' tensors by key (hada_w1_a, ..., lokr_w1, ...,
+    weight/on_input) and down/up are None. `dora_scale` [out, 1(, 1, 1)] makes any of them DoRA."""
     down: torch.Tensor | None
     up: torch.Tensor | None
     alpha: float  # kohya convention: a missing .alpha, or 0, means alpha = rank
@@ -72,31 +71,32 @@ class ModuleWeights:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     dora_scale: torch.Tensor | None = None
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        if self.algo == "lora":
+            return {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        return self.tensors
+
     @property
     def rank(self) -> int:
-        """The rank (r of alpha / r); 1 for a LoKr whose factors are both full (its scale is 1)."""
-        if self.algo == "lora":
-            return self.down.shape[0]
-        if self.algo == "loha":
-            return self.tensors["hada_w1_b"].shape[0]
-        from .lycoris_layers import lokr_rank
-        return lokr_rank(self.tensors) or 1
+        """The rank (r of alpha / r); 1 for a LoKr whose factors are both full (its scale is 1) and for iA3."""
+        return _algorithm(self.algo).file_rank(self._tensors())
 
     @property
     def scale(self) -> float:
-        from .lycoris_layers import lokr_rank
-        if self.algo == "lokr" and lokr_rank(self.tensors) is None:
-            return 1.0  # LyCORIS: both factors full, no scale
-        return self.alpha / self.rank
+        """alpha / rank, or the algorithm's own rule (1 for a LoKr with both factors full, as LyCORIS; 1 for iA3)."""
+        return _algorithm(self.algo).file_scale(self._tensors(), self.alpha)
 
     @property
     def kind(self) -> str:
-        """LoRA, LoCon (a kxk conv), LoHa, LoKr; "DoRA " before it for DoRA."""
-        if self.algo == "lora":
-            name = "LoCon" if self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1) else "LoRA"
-        else:
-            name = ALGO_NAMES[self.algo]
+        """LoRA, LoCon (a kxk conv), LoHa, LoKr, iA3; "DoRA " before it for DoRA."""
+        name = _algorithm(self.algo).file_label(self._tensors())
         return ("DoRA " if self.dora_scale is not None else "") + name
+
+
+def _algorithm(name: str):
+    from .adapters import ALGORITHMS  # the adapters import this module (LoRAFileError)
+
+    return ALGORITHMS[name]
 
 
 class LoRAModules(dict):
@@ -137,6 +137,9 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
     """Group flat kohya keys into modules, validating names, suffixes, shapes and values."""
     if not tensors:
         raise LoRAFileError(f"{source} holds no tensors")
+    from . import adapters
+
+    suffixes = adapters.file_keys()
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     embeddings: dict[str, dict[str, torch.Tensor]] = {}
     unknown = {}
@@ -146,7 +149,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
             embeddings.setdefault(name, {})[rest] = tensor
             continue
         name, _, suffix = key.partition(".")
-        if suffix not in _ALL_SUFFIXES or not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
+        if suffix not in suffixes or not name.startswith(tuple(p + "_" for p in KNOWN_PREFIXES)):
             unknown[key] = tensor
             continue
         grouped.setdefault(name, {})[suffix] = tensor
@@ -172,18 +175,17 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
             raise LoRAFileError(f"{source}: {name}.alpha must be a scalar, got shape {tuple(alpha.shape)}")
         alpha_value = float(alpha.float().item()) if alpha is not None else 0.0
         dora = parts.get("dora_scale")
-        algos = {a for a, keys in (("lora", _SUFFIXES[:2]), ("loha", LOHA_KEYS), ("lokr", LOKR_KEYS))
-                 if any(k in parts for k in keys)}
-        if len(algos) != 1:
+        algos = adapters.detect(parts)
+        tensors = {k: v for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+        if len(algos) != 1 or set(tensors) - set(algos[0].file_keys):
             raise LoRAFileError(f"{source}: module {name} has keys {sorted(parts)}; expected those of one algorithm: "
-                                f"lora_down/lora_up (LoRA), hada_* (LoHa) or lokr_* (LoKr)")
-        algo = algos.pop()
-        if algo == "lora":
-            weights = _lora_module(name, parts, source)
+                                f"lora_down/lora_up (LoRA), hada_* (LoHa), lokr_* (LoKr) or weight/on_input (iA3)")
+        cls = algos[0]
+        cls.check_file_tensors(name, tensors, source)
+        if cls.kind == "lora":
+            weights = ModuleWeights(tensors["lora_down.weight"], tensors["lora_up.weight"], 0.0)
         else:
-            tensors = {k: v for k, v in parts.items() if k in LOHA_KEYS + LOKR_KEYS}
-            _check_lycoris_keys(name, algo, tensors, source)
-            weights = ModuleWeights(None, None, 0.0, algo, tensors)
+            weights = ModuleWeights(None, None, 0.0, cls.kind, tensors)
         if dora is not None:
             if dora.dim() not in (2, 4) or dora.shape[1:].numel() != 1:
                 raise LoRAFileError(f"{source}: {name}.dora_scale is {tuple(dora.shape)}; expected [out, 1(, 1, 1)] "
@@ -198,52 +200,17 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
     return modules
 
 
-def _lora_module(name: str, parts: dict[str, torch.Tensor], source: str) -> ModuleWeights:
-    if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-        missing = [s for s in _SUFFIXES[:2] if s not in parts]
-        raise LoRAFileError(f"{source}: module {name} lacks {', '.join(name + '.' + m for m in missing)}")
-    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
-        raise LoRAFileError(f"{source}: module {name} has inconsistent shapes lora_down {tuple(down.shape)}, "
-                            f"lora_up {tuple(up.shape)}; expected [r, in(, kh, kw)] and [out, r(, 1, 1)]")
-    if up.dim() == 4 and up.shape[2:] != (1, 1):
-        raise LoRAFileError(f"{source}: {name}.lora_up.weight must be 1x1, got {tuple(up.shape)}")
-    return ModuleWeights(down, up, 0.0)
-
-
-def _check_lycoris_keys(name: str, algo: str, t: dict[str, torch.Tensor], source: str):
-    """The key sets LyCORIS writes, and shapes whose products are defined."""
-    if algo == "loha":
-        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + (["hada_t1", "hada_t2"] if
-                                                                       "hada_t1" in t or "hada_t2" in t else [])
-        expected = "hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (+ hada_t1, hada_t2 for Tucker)"
-    else:
-        need = ["lokr_w1"] if "lokr_w1" in t else ["lokr_w1_a", "lokr_w1_b"]
-        need += ["lokr_w2"] if "lokr_w2" in t else ["lokr_w2_a", "lokr_w2_b"] + (["lokr_t2"] if "lokr_t2" in t else [])
-        expected = "lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b (+ lokr_t2)"
-    if sorted(need) != sorted(t):
-        raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(t))}; a {ALGO_NAMES[algo]} module has "
-                            f"{expected}")
-    from .lycoris_layers import kron_product, loha_product
-    try:
-        with torch.device("meta"):  # shapes only, no arithmetic
-            (loha_product if algo == "loha" else kron_product)({k: v.to("meta") for k, v in t.items()})
-    except RuntimeError as e:
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()))
-        raise LoRAFileError(f"{source}: module {name} has {ALGO_NAMES[algo]} tensors whose shapes do not fit together "
-                            f"({shapes}): {e}") from None
-
-
 def _unknown_keys_message(keys: dict[str, torch.Tensor], source: str) -> str:
     formats = {key: _format_of(key, tensor) for key, tensor in sorted(keys.items())}
     for kind, _ in Counter(f for f in formats.values() if f).most_common(1):  # the format of most keys
         examples = [k for k, f in formats.items() if f == kind][:3]
-        return (f"{source} is {kind} file, which is not supported (LoRA/LoCon, LoHa, LoKr and DoRA are); keys such as "
+        return (f"{source} is {kind} file, which is not supported (LoRA/LoCon, LoHa, LoKr, iA3 and DoRA are); keys "
+                f"such as "
                 f"{', '.join(examples)} cannot be loaded")
     shown = ", ".join(sorted(keys)[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
     return (f"{source} has keys that are not kohya LoRA keys: {shown}. Expected "
             f"`<lora_unet|lora_te|lora_te1|lora_te2>_<module>.{{lora_down.weight,lora_up.weight,alpha}}` (or LyCORIS' "
-            f"hada_*/lokr_*/dora_scale)")
+            f"hada_*/lokr_*/dora_scale, iA3's weight/on_input)")
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ import warnings
 import torch
 from torch import nn
 
-from . import kohya
-from .layer import AdapterLayer, LoRALayer, freeze_base
-from .lycoris_layers import LoHaLayer, LoKrLayer, check_factor
+from . import adapters, kohya
+from .adapters import AdapterLayer, LoRALayer, freeze_base
+from .adapters.base import shapes as _shapes
+from .adapters.lokr import check_factor
+from .adapters.lora import fit_shape as _fit
 from .targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -155,27 +157,19 @@ class LoRANetwork(nn.Module):
     # -- files --------------------------------------------------------------------------------------------------
 
     def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of the kohya file, with ONE alpha for all plain LoRA modules.
+        """The tensors of the kohya file, each module's by its algorithm (adapters/), with ONE alpha for all plain
+        LoRA modules.
 
         diffusers applies the file's most common alpha to every module, so a LoRA module whose alpha differs from
         the network's (LoCon convs with their own conv_alpha, or a loaded file with mixed alphas) has its scale
         folded into lora_up: up * (alpha_m / alpha), which leaves alpha_m / r_m * up @ down unchanged. LoHa, LoKr
-        and DoRA modules keep their own alpha, as LyCORIS writes them."""
+        and DoRA modules keep their own alpha, as LyCORIS writes them; iA3 has none."""
         tensors = {}
         file_alpha = float(self.alpha)
         for name, layer in self.layers().items():
             save_dtype = dtype or next(layer.parameters()).dtype
-            alpha = layer.alpha.item()
-            if isinstance(layer, LoRALayer):
-                up = layer.lora_up.weight.detach().float()
-                if not layer.is_dora and alpha != file_alpha:
-                    up, alpha = up * (alpha / file_alpha), file_alpha
-                tensors[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach().to(save_dtype)
-                tensors[f"{name}.lora_up.weight"] = up.to(save_dtype)
-            else:
-                for key, tensor in layer._tensors().items():
-                    tensors[f"{name}.{key}"] = tensor.detach().to(save_dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=save_dtype)
+            for key, tensor in layer.file_tensors(save_dtype, file_alpha).items():
+                tensors[f"{name}.{key}"] = tensor
             if layer.is_dora:
                 tensors[f"{name}.dora_scale"] = layer.dora_scale.detach().to(save_dtype)
         for name, embedding in self.embeddings.items():
@@ -233,29 +227,9 @@ def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, sou
     layer's alpha differs."""
     if layer.kind != weights.algo or layer.is_dora != (weights.dora_scale is not None):
         raise kohya.LoRAFileError(f"{source}: {name} is a {weights.kind} module in the file, a "
-                                  f"{'DoRA ' if layer.is_dora else ''}{kohya.ALGO_NAMES[layer.kind]} one in this "
+                                  f"{'DoRA ' if layer.is_dora else ''}{layer.label} one in this "
                                   f"network (a network made with other options?)")
-    if weights.algo != "lora":
-        own = layer._tensors()
-        if sorted(own) != sorted(weights.tensors) or any(own[k].shape != weights.tensors[k].shape for k in own):
-            raise kohya.LoRAFileError(
-                f"{source}: {name} has {_shapes(weights.tensors)}, this network's module has {_shapes(own)}")
-        with torch.no_grad():
-            for key, tensor in own.items():
-                tensor.copy_(weights.tensors[key])
-            layer.alpha.fill_(weights.alpha)
-            layer._alpha_value = weights.alpha
-    else:
-        down = _fit(weights.down, layer.lora_down.weight.shape)
-        up = _fit(weights.up, layer.lora_up.weight.shape)
-        if down is None or up is None:
-            raise kohya.LoRAFileError(
-                f"{source}: {name} has lora_down {tuple(weights.down.shape)} / lora_up {tuple(weights.up.shape)}, "
-                f"expected {tuple(layer.lora_down.weight.shape)} / {tuple(layer.lora_up.weight.shape)} for this "
-                f"model (a LoRA made for another base model?)")
-        with torch.no_grad():
-            layer.lora_down.weight.copy_(down)
-            layer.lora_up.weight.copy_(up.float() * (weights.alpha / layer.alpha.item()))
+    layer.load_file(weights, f"{source}: {name}")
     if weights.dora_scale is not None:
         scale = _fit(weights.dora_scale, layer.dora_scale.shape)
         if scale is None:
@@ -265,38 +239,24 @@ def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, sou
             layer.dora_scale.copy_(scale)
 
 
-def _shapes(tensors: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()))
-
-
 def layer_from_file(module: nn.Module, weights: kohya.ModuleWeights, name: str, source,
                     multiplier: float = 1.0) -> AdapterLayer:
-    """A layer of the file module's algorithm (LoRA, LoHa, LoKr; DoRA or not) around `module`, holding its tensors."""
-    dora = weights.dora_scale is not None
+    """A layer of the file module's algorithm (adapters.ALGORITHMS: LoRA, LoHa, LoKr, iA3; DoRA or not) around
+    `module`, holding its tensors."""
     try:
-        if weights.algo == "lora":
-            layer = LoRALayer(module, weights.rank, weights.alpha, multiplier=multiplier, dora_wd=dora)
-        else:
-            cls = LoHaLayer if weights.algo == "loha" else LoKrLayer
-            layer = cls(module, weights.rank, weights.alpha, multiplier=multiplier, dora_wd=dora,
-                        tensors=weights.tensors, source=f"{source}: {name}")
+        layer = adapters.ALGORITHMS[weights.algo].from_file(module, weights, multiplier=multiplier,
+                                                            source=f"{source}: {name}")
     except (ValueError, TypeError) as e:
         raise kohya.LoRAFileError(f"{source}: {name} cannot be placed on {type(module).__name__}: {e}") from None
     _copy_into(layer, weights, name, source)
     return layer
 
 
-def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-    """The tensor in the given shape when they differ at most by trailing 1x1 dims (2-D files for 1x1 convs)."""
-    def squeeze(s):
-        return tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)
-    return tensor.reshape(shape) if squeeze(tensor.shape) == squeeze(shape) else None
-
-
 # -- making networks ----------------------------------------------------------------------------------------------
 
 
-ALGOS = ("lora", "locon", "loha", "lokr")
+ALGOS = tuple(adapters.algo_names())  # lora, loha, lokr, ia3, locon (= lora)
+_ALGO_OPTIONS = ("use_tucker", "factor", "decompose_both", "full_matrix", "train_on_input")
 
 
 def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: float = 1.0,
@@ -305,33 +265,41 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    include: list[str] | None = None, exclude: list[str] | None = None,
                    train_unet: bool = True, train_text_encoder: bool = True, algo: str | None = None,
                    dora_wd: bool = False, use_tucker: bool = False, factor: int = -1,
-                   decompose_both: bool = False, full_matrix: bool = False) -> LoRANetwork:
+                   decompose_both: bool = False, full_matrix: bool = False,
+                   train_on_input: bool = False) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
-    `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules).
+    `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
+    models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
 
     `conv_rank` adds LoCon on the ResNet and sampler convs (3x3 convs at conv_rank/conv_alpha; the other modules of
     those blocks at rank/alpha, as kohya). `include`/`exclude` are regexes over module paths or kohya names;
     `train_unet=False` / `train_text_encoder=False` make a U-Net-only or text-encoder-only network.
 
-    `algo` ("lora"/"locon", "loha", "lokr") makes a LyCORIS network (ss_network_module lycoris.kohya) as
-    `lycoris.kohya.create_network` does: its targets (kohya's with the convs, plus conv_in, conv_out and the time
-    embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its options: `dora_wd` (DoRA),
-    `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`, `full_matrix` (LoKr). `dropout`
-    applies to LoRA only (LyCORIS has none for LoHa/LoKr)."""
+    `algo` (adapters.ALGORITHMS: "lora"/"locon", "loha", "lokr", "ia3") makes a LyCORIS network (ss_network_module
+    lycoris.kohya) as `lycoris.kohya.create_network` does: its targets (kohya's with the convs, plus conv_in,
+    conv_out and the time embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its
+    options: `dora_wd` (DoRA), `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`,
+    `full_matrix` (LoKr), `train_on_input` (iA3: scale the input channels, not the output ones). An algorithm takes
+    the options it declares (`OPTIONS`) and ignores the others, as LyCORIS does; `dropout` applies to LoRA only
+    (LyCORIS has none for LoHa/LoKr; iA3 refuses it)."""
     encoders = text_encoder_list(text_encoder)
     if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
+    options = dict(dropout=dropout, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
+                   full_matrix=full_matrix, train_on_input=train_on_input)
     lycoris = algo is not None
     if lycoris:
-        algo = algo.lower()
-        if algo not in ALGOS:
-            raise ValueError(f"algo={algo!r} is not supported; use one of {', '.join(ALGOS)}")
+        cls = adapters.algorithm(algo)
+        algo = str(algo).lower()
         conv_rank = conv_rank or rank
         conv_alpha = conv_alpha or alpha
-        factor = check_factor(factor)
-    elif dora_wd or use_tucker or factor != -1 or decompose_both or full_matrix:
-        raise ValueError("dora_wd, use_tucker, factor, decompose_both and full_matrix are LyCORIS options: pass "
-                         "algo= (network_module lycoris.kohya)")
+        options["factor"] = factor = check_factor(factor)
+    else:
+        cls = LoRALayer
+        given = [k for k in ("dora_wd", *_ALGO_OPTIONS) if {**options, "dora_wd": dora_wd}[k] not in (False, -1)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: LyCORIS options; pass algo= (network_module lycoris.kohya), e.g. "
+                             f"algo='lora' or algo='{'ia3' if 'train_on_input' in given else 'lokr'}'")
     targets: list[Target] = []
     if unet is not None and train_unet:
         targets += unet_targets(unet, conv=bool(conv_rank), lycoris=lycoris)
@@ -344,18 +312,12 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
 
     alpha = alpha or rank  # kohya: an alpha of 0 (or none) means alpha = rank, i.e. scale 1
     conv_alpha = conv_alpha or conv_rank
-    common = dict(multiplier=multiplier, rank_dropout=rank_dropout, module_dropout=module_dropout, dora_wd=dora_wd)
+    own = {key: options[key] for key in cls.OPTIONS}
     layers = {}
     for target in targets:
         r, a = (conv_rank, conv_alpha) if target.is_conv_kxk else (rank, alpha)
-        if algo == "loha":
-            layer = LoHaLayer(target.module, r, a, use_tucker=use_tucker, **common)
-        elif algo == "lokr":
-            layer = LoKrLayer(target.module, r, a, factor=factor, decompose_both=decompose_both,
-                              use_tucker=use_tucker, full_matrix=full_matrix, **common)
-        else:
-            layer = LoRALayer(target.module, r, a, dropout=dropout, **common)
-        layers[target.name] = layer
+        layers[target.name] = cls(target.module, r, a, multiplier=multiplier, rank_dropout=rank_dropout,
+                                  module_dropout=module_dropout, dora_wd=dora_wd, **own)
     for model in (unet, *(encoder for _, encoder in encoders)):
         if model is not None:
             freeze_base(model)  # only the adapters train (as inject_trainable_lora and peft)
@@ -364,7 +326,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
         args.update(conv_dim=conv_rank, conv_alpha=conv_alpha)
     for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout), ("dora_wd", dora_wd),
                        ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
-                       ("decompose_both", decompose_both), ("full_matrix", full_matrix)):
+                       ("decompose_both", decompose_both), ("full_matrix", full_matrix),
+                       ("train_on_input", train_on_input)):
         if value:
             args[key] = value
     return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args,

@@ -36,6 +36,7 @@ CASES = {
     "loha-tucker": (LohaModule, dict(lora_dim=4, alpha=2, use_tucker=True), ("conv3x3",)),
     "lokr-full": (LokrModule, dict(lora_dim=64, alpha=2, factor=8), ("linear", "conv3x3", "conv1x1")),
     "lokr-decomposed": (LokrModule, dict(lora_dim=2, alpha=1, decompose_both=True), ("linear", "conv3x3", "conv1x1")),
+    "lokr-tucker": (LokrModule, dict(lora_dim=2, alpha=1, use_tucker=True), ("conv3x3",)),  # w2 = tucker(t2, ...)
     "dora-lora": (LoConModule, dict(lora_dim=4, alpha=2, weight_decompose=True), ("linear", "conv1x1")),
     "dora-locon": (LoConModule, dict(lora_dim=4, alpha=2, weight_decompose=True), ("conv3x3",)),
     "dora-loha": (LohaModule, dict(lora_dim=4, alpha=2, weight_decompose=True), ("linear", "conv3x3")),
@@ -109,7 +110,13 @@ def test_lycoris_files_load_in_ours_and_ours_in_lycoris(case, base_kind, dtype):
     kind, params = get_module(tensors, NAME)
     if case != "lokr-full":  # make_module reads a LoKr whose factors are both full as lora_dim 1: equal outputs
         assert kind is cls
-    loaded = make_module(kind, params, NAME, base)
+    if case == "lokr-tucker":
+        # lycoris-lora 4.1.3's make_module misreads a Tucker LoKr's w2 shape (it builds a full w2, then fails);
+        # its networks' load_weights (the state dict into modules made with the run's options) reads it
+        loaded = cls(NAME, base, 1.0, **kwargs)
+        loaded.load_state_dict({k.removeprefix(NAME + "."): v.float() for k, v in tensors.items()}, strict=True)
+    else:
+        loaded = make_module(kind, params, NAME, base)
     loaded.float()
     assert_same_outputs(lycoris_output(loaded, base, x, 1.0), our_output(ours, base, x, 1.0), plain)
 
@@ -314,3 +321,14 @@ def test_lokr_factor_must_be_minus_one_or_at_least_one(factor):
     from lora_diffusion.lycoris_layers import LoKrLayer
     layer = LoKrLayer(nn.Linear(64, 128), rank=4, factor=8)
     assert tuple(layer.lokr_w1.shape) == (8, 8)  # out 128 = 8 x 16, in 64 = 8 x 8: w1 [8, 8]
+
+
+def test_tucker_lokr_network_builds_and_runs():
+    """A Tucker LoKr's w2 is an einsum (not contiguous); torch.kron views its inputs and failed on it."""
+    unet = build_tiny_unet()
+    network = create_network(unet, None, rank=2, alpha=1, algo="lokr", use_tucker=True)
+    tucker = [layer for layer in network.layers().values() if layer.lokr_t2 is not None]
+    assert tucker and all(layer.base.kernel_size == (3, 3) for layer in tucker)
+    x, t, context = unet_inputs()
+    unet(x, t, context).sample.square().mean().backward()
+    assert all(layer.lokr_t2.grad is not None for layer in tucker)

@@ -1,0 +1,49 @@
+"""The adapter algorithms, one module each, and the one table of them (LyCORIS' modules/ pattern).
+
+Each algorithm is an AdapterLayer subclass that declares its name (`kind`, the `algo=` value and
+ModuleWeights.algo), its file keys (`file_keys`), the keys that identify it in a file (`detect_keys`), how it checks
+a file module (`check_file_tensors`), reads its rank and scale (`file_rank`, `file_scale`), is built for one
+(`from_file`), loads one (`load_file`) and writes itself (`file_tensors`), and which create_network options it takes
+(`OPTIONS`). kohya.parse_state_dict, network.load_network / create_network / save_weights go through this table
+only, so a new algorithm is one module and one line below.
+
+    lora   LoRA, LoCon (kohya networks.lora; LyCORIS locon)     lora.py
+    loha   LoHa (LyCORIS)                                         loha.py
+    lokr   LoKr (LyCORIS)                                         lokr.py
+    ia3    iA3 (LyCORIS)                                          ia3.py
+"""
+
+from .base import AdapterLayer, TensorLayer, freeze_base
+from .ia3 import IA3Layer
+from .loha import LoHaLayer
+from .lokr import LoKrLayer
+from .lora import LoRALayer
+
+ALGORITHMS: dict[str, type[AdapterLayer]] = {cls.kind: cls for cls in (LoRALayer, LoHaLayer, LoKrLayer, IA3Layer)}
+ALIASES = {"locon": "lora"}  # LyCORIS' algo=locon is the LoRA layer on convs too (its targets always have them)
+
+
+def algorithm(name: str) -> type[AdapterLayer]:
+    """The layer class of an `algo=` name (case-insensitive; `locon` is `lora`)."""
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in ALGORITHMS:
+        raise ValueError(f"algo={name!r} is not supported; use one of {', '.join(algo_names())}")
+    return ALGORITHMS[key]
+
+
+def algo_names() -> list[str]:
+    return [*ALGORITHMS, *ALIASES]
+
+
+def file_keys() -> set[str]:
+    """Every key after `<module>.` that some algorithm reads, with the shared `alpha` and `dora_scale`."""
+    return {key for cls in ALGORITHMS.values() for key in cls.file_keys} | {"alpha", "dora_scale"}
+
+
+def detect(keys) -> list[type[AdapterLayer]]:
+    """The algorithms whose identifying keys a module's keys hold (a well-formed module has exactly one)."""
+    return [cls for cls in ALGORITHMS.values() if any(k in keys for k in cls.detect_keys)]
+
+
+__all__ = ["ALGORITHMS", "AdapterLayer", "IA3Layer", "LoHaLayer", "LoKrLayer", "LoRALayer", "TensorLayer",
+           "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]
