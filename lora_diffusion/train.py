@@ -67,8 +67,16 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
     if not args.output_config and not args.pretrained_model_name_or_path:
         bad("--pretrained_model_name_or_path is required (a diffusers folder, an SD checkpoint, or builtin:tiny)")
     check_model_path(args.pretrained_model_name_or_path, bad)
+    from lora_diffusion.network import LoRANetwork
+
+    if args.scale_weight_norms and not hasattr(LoRANetwork, "apply_max_norm"):
+        bad("--scale_weight_norms is not implemented yet in this trainer")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         bad(f"--seed {args.seed}: expected a whole number from 0 to 2**32 - 1 ({2**32 - 1})")
+    if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        bad(f"--log_with {args.log_with}: wandb is not installed (pip install wandb); or use --log_with tensorboard")
+    if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
+        bad(f"--log_tracker_config {args.log_tracker_config}: no such file (a TOML of tracker settings)")
     if args.use_lion_optimizer:
         args.optimizer_type = "Lion"
     if args.bucket_reso_steps % 8:
@@ -288,11 +296,30 @@ def make_accelerator(args):
     # tests) with another --mixed_precision would be refused without this reset.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              log_with="tensorboard" if args.logging_dir else None, project_dir=args.logging_dir,
-                              cpu=not torch.cuda.is_available())
+    handlers = []
+    if args.ddp_timeout:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=tracker_names(args),
+                              project_dir=args.logging_dir, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=handlers)
     set_seed(args.seed)
     return accelerator
+
+
+def tracker_names(args) -> list[str] | None:
+    """--log_with (default: TensorBoard when --logging_dir is given); wandb runs offline without a network."""
+    if args.log_with is None:
+        return ["tensorboard"] if args.logging_dir else None
+    names = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        if args.wandb_api_key:
+            os.environ.setdefault("WANDB_API_KEY", args.wandb_api_key)
+    return names
 
 
 def check_outputs_and_resume(args, output_dir: Path, accelerator):
@@ -421,6 +448,8 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
             accelerator.print(f"text-encoder outputs: {read} cache files read, {written} written")
         else:
             text_cache = encode(dataset.fixed_captions())
+    if args.highvram:
+        return text_cache
     if args.cache_latents:
         models.vae.to("cpu")  # sampling moves it back for as long as it needs it
     if text_cache is not None:
@@ -505,11 +534,16 @@ def build_optimizer(args, network, max_train_steps, accelerator):
     param_groups = network.param_groups(unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr,
                                         default_lr=args.learning_rate, embedding_lr=args.embedding_lr)
     optimizer = create_optimizer(args.optimizer_type, param_groups, learning_rate=args.learning_rate,
-                                 optimizer_args=args.optimizer_args)
+                                 optimizer_args=args.optimizer_args,
+                                 schedulefree_wrapper=args.optimizer_schedulefree_wrapper)
     lr_scheduler = create_lr_scheduler(args.lr_scheduler, optimizer, num_training_steps=max_train_steps,
                                        lr_warmup_steps=args.lr_warmup_steps,
                                        lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
-                                       lr_scheduler_power=args.lr_scheduler_power)
+                                       lr_scheduler_power=args.lr_scheduler_power,
+                                       lr_scheduler_type=args.lr_scheduler_type,
+                                       lr_scheduler_args=args.lr_scheduler_args, lr_decay_steps=args.lr_decay_steps,
+                                       lr_scheduler_timescale=args.lr_scheduler_timescale,
+                                       lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio)
     # Only the optimizer goes through accelerate (GradScaler for fp16, skipped steps while accumulating). The
     # scheduler is stepped by hand once per optimizer step. The gradients are averaged across processes by hand
     # (average_gradients), not by DDP, although the LoRA is in the models' trees and DDP(unet) works: one flat
@@ -531,6 +565,11 @@ def train(args):
     from lora_diffusion.training.loop import Run, RunState, save_final_files, train_epochs
 
     # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
+    if args.console_log_level or args.console_log_file:
+        root = logging.getLogger()
+        root.setLevel(args.console_log_level or "INFO")
+        if args.console_log_file:
+            root.addHandler(logging.FileHandler(args.console_log_file, encoding="utf-8"))
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, MIXED_PRECISION_DTYPES[args.mixed_precision]
     output_dir = Path(args.output_dir)
@@ -539,6 +578,14 @@ def train(args):
 
     # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
     dataset = build_dataset(args)
+    if args.debug_dataset:
+        from lora_diffusion.data.debug import debug_dataset
+
+        debug_dataset(dataset, 10, out=accelerator.print)
+        return None
+    if args.masked_loss and not dataset.has_masks:
+        raise TrainingError("--masked_loss: no image folder has masks; set alpha_mask (the images' alpha) or a "
+                            "conditioning_data_dir of mask images per subset in --dataset_config, or --alpha_mask")
     held_out = held_out_entries(args, dataset)
     accelerator.print(dataset.summary())
     resolution = dataset.resolution
@@ -547,12 +594,17 @@ def train(args):
 
     # --- models, caches, batches, network, optimizer -----------------------------------------------------------
     models = load_base_models(args, weight_dtype, device)
+    if args.zero_terminal_snr:
+        from lora_diffusion.training import with_zero_terminal_snr
+
+        models.noise_scheduler = with_zero_terminal_snr(models.noise_scheduler)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
     train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
     validation = build_validation(args, held_out, models, device, weight_dtype, resolution)
     text_cache = cache_inputs(args, dataset, models, accelerator, train_text_encoder)
     loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs = \
         build_loader(args, dataset, accelerator)
+    dataset.set_max_train_steps(max_train_steps)  # a token_warmup_step below 1 is a share of the run
     network, embedding, embedding_steps = build_network(args, models, dataset, max_train_steps, accelerator,
                                                         train_unet, train_text_encoder)
     optimizer, lr_scheduler, optimizer_name, params = build_optimizer(args, network, max_train_steps, accelerator)
@@ -562,7 +614,7 @@ def train(args):
               num_epochs=num_epochs, output_dir=output_dir, session_id=session_id, network_shape=network_shape,
               metadata={}, resolution=resolution, weight_dtype=weight_dtype, params=params, prompts=prompts,
               text_cache=text_cache, embedding=embedding, embedding_steps=embedding_steps,
-              train_text_encoder=train_text_encoder, log_with="tensorboard" if args.logging_dir else None,
+              train_text_encoder=train_text_encoder, log_with=tracker_names(args),
               validation=validation)
 
     # --- where we start ---------------------------------------------------------------------------------------
@@ -572,13 +624,21 @@ def train(args):
         saved = load_state(args.resume, **run.pieces)
         state.step, state.epoch, skip_batches = saved["step"], saved["epoch"], saved["batch_in_epoch"]
         state.batch_in_epoch = skip_batches
+        dataset.set_current_step(state.step)
         accelerator.print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1}, "
                           f"batch {skip_batches})")
     run.metadata = run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch, max_train_steps,
                                 num_epochs, optimizer_name, session_id)
     if run.log_with:
-        accelerator.init_trackers("lora_diffusion", config={k: v for k, v in vars(args).items()
-                                                            if isinstance(v, (int, float, str, bool))})
+        init_kwargs = {}
+        if args.log_tracker_config:
+            from lora_diffusion.io import loads_toml
+
+            init_kwargs = loads_toml(Path(args.log_tracker_config).read_text(encoding="utf-8"))
+        if args.wandb_run_name and "wandb" in run.log_with:
+            init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.log_tracker_name or "lora_diffusion", config=config, init_kwargs=init_kwargs)
 
     # --- the loop, then the final files -------------------------------------------------------------------------
     started = time.time()

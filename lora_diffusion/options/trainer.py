@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from .declare import SWITCH, Option, group
 
+LATER = "not implemented yet in this trainer"
 NO_NETWORK = "it uploads to the Hugging Face Hub, and this trainer works offline (copy the files yourself)"
 DEEPSPEED = ("DeepSpeed is not wired into this trainer yet (accelerate's DeepSpeed plugin needs the prepared model; "
              "see docs/guide.md#distributed)")
@@ -90,6 +91,10 @@ DATA = group(
     Option("no_cache_latents", SWITCH, None, "run the VAE on every step instead (kohya's default; draws a fresh "
            "latent sample each time)", dest="cache_latents", const=False, kohya=False),
     Option("cache_latents_to_disk", SWITCH, False, "keep the latents next to the images for later runs"),
+    Option("cache_info", SWITCH, False, "kohya caches the images' sizes in a JSON for the next start; ours reads "
+           "image headers only (no effect)"),
+    Option("conditioning_data_dir", str, None, "mask images for --masked_loss", refused="give the mask folder of "
+           "each image folder as conditioning_data_dir in a --dataset_config (one per subset)"),
     Option("skip_cache_check", SWITCH, False, "kohya skips checking disk caches; ours checks a small header (no "
            "effect)"),
     Option("vae_batch_size", int, 1, "images a VAE call while caching"),
@@ -103,7 +108,7 @@ DATA = group(
     Option("train_batch_size", int, 1, "images a step on each device"),
     Option("max_data_loader_n_workers", int, None, "default: 0 with cached latents, else up to 4"),
     Option("persistent_data_loader_workers", SWITCH, False, "keep the loader's worker processes between epochs "
-           "(workers > 0)"),
+           "(ours always do when there are workers)"),
     Option("dataset_class", str, None, "kohya's own Python dataset class", refused="a Python dataset class is "
            "kohya's code; use a --dataset_config instead"),
     Option("weighted_captions", SWITCH, False, "(word:1.2) weights in captions", refused="weighted captions are "
@@ -207,7 +212,7 @@ TRAINING = group(
     Option("sdpa", SWITCH, False, "PyTorch's scaled dot-product attention (our default anyway)"),
     Option("mem_eff_attn", SWITCH, False, "kohya's memory-efficient attention: PyTorch SDPA here (which picks its "
            "memory-efficient kernel)"),
-    Option("torch_compile", SWITCH, False, "torch.compile the U-Net"),
+    Option("torch_compile", SWITCH, False, "torch.compile the U-Net", refused=LATER),
     Option("dynamo_backend", str, "inductor", "the torch.compile backend"),
     Option("noise_offset", float, 0.0, "add a per-channel constant to the noise (dark/bright images)", metadata=True),
     Option("noise_offset_random_strength", SWITCH, False, "draw the offset's strength in [0, noise_offset] per "
@@ -246,8 +251,9 @@ TRAINING = group(
 DISTRIBUTED = group(
     "distributed (accelerate launch)",
     Option("ddp_timeout", int, None, "minutes a process waits for the others (default: 30 with accelerate)"),
-    Option("ddp_gradient_as_bucket_view", SWITCH, False, "DDP's gradient_as_bucket_view"),
-    Option("ddp_static_graph", SWITCH, False, "DDP's static_graph"),
+    Option("ddp_gradient_as_bucket_view", SWITCH, False, "DDP's gradient_as_bucket_view (no effect: the LoRA's "
+           "gradients are averaged in one all-reduce, not by DDP)"),
+    Option("ddp_static_graph", SWITCH, False, "DDP's static_graph (no effect, as above)"),
     Option("deepspeed", SWITCH, False, "train with DeepSpeed", refused=DEEPSPEED),
     Option("zero_stage", int, 2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)),
     Option("offload_optimizer_device", str, None, "DeepSpeed: cpu or nvme", choices=("cpu", "nvme"),
@@ -270,18 +276,21 @@ OUTPUT = group(
     Option("save_precision", str, None, "float, fp16 or bf16 (default: fp32)", choices=("float", "fp16", "bf16")),
     Option("save_every_n_epochs", int, None, "a file every N epochs"),
     Option("save_every_n_steps", int, None, "a file every N steps"),
-    Option("save_n_epoch_ratio", int, None, "about N files over the run (overrides --save_every_n_epochs)"),
+    Option("save_n_epoch_ratio", int, None, "about N files over the run (overrides --save_every_n_epochs)",
+           refused=LATER),
     Option("save_last_n_epochs", int, None, "keep only the last N epoch files"),
-    Option("save_last_n_epochs_state", int, None, "keep only the last N epoch states (default: as the files)"),
-    Option("save_last_n_steps", int, None, "keep only the step files of the last N steps"),
+    Option("save_last_n_epochs_state", int, None, "keep only the last N epoch states (default: as the files)",
+           refused=LATER),
+    Option("save_last_n_steps", int, None, "keep only the step files of the last N steps", refused=LATER),
     Option("save_last_n_steps_state", int, None, "keep only the step states of the last N steps (default: as the "
-           "files)"),
+           "files)", refused=LATER),
     Option("save_state", SWITCH, False, "also save optimizer/RNG state with each file", gui=("save_as_bool",)),
     Option("save_state_on_train_end", SWITCH, False, "save the state with the final file"),
     Option("resume", str, None, "a <name>-...-state folder written by --save_state"),
-    Option("no_metadata", SWITCH, False, "write no ss_* training record into the files (only the network's keys)"),
+    Option("no_metadata", SWITCH, False, "write no ss_* training record into the files (only the network's keys)",
+           refused=LATER),
     Option("training_comment", str, None, "free text stored in the files", metadata=True),
-    *[Option(f"metadata_{key}", str, None, f"the file's modelspec.{key}") for key in (
+    *[Option(f"metadata_{key}", str, None, f"the file's modelspec.{key}", refused=LATER) for key in (
         "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
         "trigger_phrase", "preprocessor", "is_negative_embedding")],
     *[Option(name, SWITCH if kind is SWITCH else str, False if kind is SWITCH else None, "Hugging Face upload",
@@ -299,7 +308,7 @@ LOGGING = group(
     Option("log_prefix", str, "", "prefix of the run's log folder and names"),
     Option("log_tracker_name", str, None, "the tracker's project name (default: lora_diffusion)"),
     Option("log_tracker_config", str, None, "a TOML of tracker settings (wandb's init keywords under [wandb])"),
-    Option("log_config", SWITCH, False, "log the run's flags to the tracker"),
+    Option("log_config", SWITCH, False, "log the run's flags to the tracker (ours always do)"),
     Option("wandb_run_name", str, None, "wandb's run name"),
     Option("wandb_api_key", str, None, "wandb's key (offline runs need none)"),
     Option("sample_prompts", str, None, "a file of prompts, one a line, options --n --w --h --d --l --s (a kohya_ss "
@@ -308,8 +317,8 @@ LOGGING = group(
     Option("sample_every_n_steps", int, None, "samples every N steps"),
     Option("sample_at_first", SWITCH, False, "samples before the first step too"),
     Option("sample_sampler", str, "ddim", "the sampler of the samples"),
-    Option("debug_dataset", SWITCH, False, "print the first batches' captions, buckets and crops and exit",
-           refused="--debug_dataset is not implemented yet"),
+    Option("debug_dataset", SWITCH, False, "print the first samples' captions, buckets, crops and masks and exit "
+           "(no window; kohya shows them)"),
 )
 
 VALIDATION = group(

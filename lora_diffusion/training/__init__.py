@@ -2,7 +2,19 @@
 
 from .errors import TrainingError
 from .metadata import TRAINING_KEYS, run_metadata, training_metadata
-from .noise import diffusion_loss, make_noise, min_snr_weights, pyramid_noise, sample_timesteps, snr, training_target
+from .noise import (
+    diffusion_loss,
+    elementwise_loss,
+    huber_c,
+    make_noise,
+    min_snr_weights,
+    perturbed_noise,
+    pyramid_noise,
+    sample_timesteps,
+    snr,
+    training_target,
+    with_zero_terminal_snr,
+)
 from .optim import (
     Lion,
     MissingPackageError,
@@ -28,7 +40,8 @@ from .text import cache_text_encoder_outputs, encode_prompts, encode_token_ids, 
 
 __all__ = [
     "TrainingError", "TRAINING_KEYS", "run_metadata", "training_metadata",
-    "diffusion_loss", "make_noise", "min_snr_weights", "pyramid_noise", "sample_timesteps", "snr", "training_target",
+    "diffusion_loss", "elementwise_loss", "huber_c", "perturbed_noise", "with_zero_terminal_snr",
+    "make_noise", "min_snr_weights", "pyramid_noise", "sample_timesteps", "snr", "training_target",
     "Lion", "MissingPackageError", "create_lr_scheduler", "create_optimizer", "describe_optimizer",
     "parse_optimizer_args", "warmup_steps",
     "PromptFileError", "generate_samples", "make_sample_scheduler", "parse_prompt_line", "read_prompts",

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class RunState:
     recent_losses: list = field(default_factory=list)
     first_step_done: tuple | None = None  # (time, step) after the first step: later steps are the steady pace
     validations: list = field(default_factory=list)  # {"epoch", "step", "validation_loss", metrics...} per check
+    norms: tuple | None = None  # --scale_weight_norms: (keys scaled, mean norm, max norm) of the last step
 
 
 def intact(state: RunState) -> str:
@@ -84,7 +86,25 @@ def intact(state: RunState) -> str:
             "No LoRA file was written by this run.")
 
 
+@contextmanager
+def eval_weights(run: Run):
+    """The weights to save, sample or validate: a schedule-free optimizer's averaged point, back to its training
+    point afterwards (other optimizers: nothing changes)."""
+    from .optim import set_schedule_free_mode
+
+    set_schedule_free_mode(run.optimizer, train=False)
+    try:
+        yield
+    finally:
+        set_schedule_free_mode(run.optimizer, train=True)
+
+
 def save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, with_state=None, final=False):
+    with eval_weights(run):
+        _save_checkpoint(run, state, stem, epoch, batch_in_epoch, with_state=with_state, final=final)
+
+
+def _save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, with_state=None, final=False):
     """The LoRA (and, with --save_state, the state to resume at `batch_in_epoch` of 0-based `epoch`) as
     `<stem>...`, never with NaN/inf (checked after the cast to --save_precision); a write error names the path."""
     from lora_diffusion import training
@@ -115,6 +135,11 @@ def save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, w
 
 
 def sample(run: Run, state: RunState, epoch=None):
+    with eval_weights(run):
+        _sample(run, state, epoch)
+
+
+def _sample(run: Run, state: RunState, epoch=None):
     """Pictures of --sample_prompts with the LoRA as it is now (main process)."""
     from lora_diffusion import training
 
@@ -156,19 +181,30 @@ def compute_loss(run: Run, batch):
     context, added = text_conditioning(run, batch)
     noise = training.make_noise(latents, noise_offset=args.noise_offset,
                                 multires_noise_iterations=args.multires_noise_iterations,
-                                multires_noise_discount=args.multires_noise_discount)
+                                multires_noise_discount=args.multires_noise_discount,
+                                noise_offset_random_strength=args.noise_offset_random_strength,
+                                adaptive_noise_scale=args.adaptive_noise_scale)
     timesteps = training.sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
                                           max_timestep=args.max_timestep, device=device)
     noisy, target = training.training_target(models.noise_scheduler, latents, noise, timesteps,
                                              models.v_parameterization)
+    if args.ip_noise_gamma:  # the input is noised a little more than the target says
+        noisy = models.noise_scheduler.add_noise(latents, training.perturbed_noise(
+            noise, args.ip_noise_gamma, random_strength=args.ip_noise_gamma_random_strength), timesteps)
     is_reg = batch["is_reg"].to(device)
     if args.reg_target == "base_model" and is_reg.any():
         target = torch.where(is_reg[:, None, None, None], base_model_prediction(run, batch, noisy, timesteps), target)
     with accelerator.autocast():
         pred = models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
+    mask = batch.get("alpha_masks") if args.masked_loss or getattr(args, "alpha_mask", False) else None
     return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
                                    min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
-                                   is_reg=is_reg, prior_loss_weight=args.prior_loss_weight)
+                                   is_reg=is_reg, prior_loss_weight=args.prior_loss_weight, loss_type=args.loss_type,
+                                   huber_schedule=args.huber_schedule, huber_c_value=args.huber_c,
+                                   huber_scale=args.huber_scale, mask=mask,
+                                   scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
+                                   v_pred_like_loss=args.v_pred_like_loss,
+                                   debiased_estimation_loss=args.debiased_estimation_loss)
 
 
 def text_conditioning(run: Run, batch):
@@ -225,6 +261,8 @@ def optimizer_step(run: Run, state: RunState, params):
     run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
     state.step += 1
+    if run.args.scale_weight_norms:  # kohya's max-norm regularization, after the step
+        state.norms = run.network.apply_max_norm(run.args.scale_weight_norms)
 
 
 def after_step(run: Run, state: RunState, loss, progress):
@@ -238,6 +276,8 @@ def after_step(run: Run, state: RunState, loss, progress):
     progress.update(1)
     if state.first_step_done is None:
         state.first_step_done = (time.time(), state.step)  # later steps are the steady pace
+    if state.norms is not None:  # kohya's names
+        logs.update(zip(("keys_scaled", "average_key_norm", "max_key_norm"), state.norms))
     progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
     if run.log_with:
         run.accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=state.step)
@@ -265,7 +305,8 @@ def after_epoch(run: Run, state: RunState):
     if run.validation is not None and done % args.validation_every_n_epochs == 0:
         from .validation import validate
 
-        validate(run, state, done)
+        with eval_weights(run):
+            validate(run, state, done)
 
 
 def train_epochs(run: Run, state: RunState, skip_batches: int):
@@ -277,6 +318,11 @@ def train_epochs(run: Run, state: RunState, skip_batches: int):
     first_epoch, params = state.epoch, run.params
     progress = tqdm(total=run.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="steps")
+    from .optim import set_schedule_free_mode
+
+    set_schedule_free_mode(run.optimizer, train=True)
+    if args.sample_at_first and state.step == 0:
+        sample(run, state, epoch=0)
     stop = DeferredStop().__enter__()
     try:
         for epoch in range(first_epoch, run.num_epochs):
@@ -304,6 +350,8 @@ def train_epochs(run: Run, state: RunState, skip_batches: int):
                     continue
                 micro = 0
                 optimizer_step(run, state, params)
+                if hasattr(run.loader.dataset, "set_current_step"):  # kohya's token warm-up counts steps
+                    run.loader.dataset.set_current_step(state.step)
                 after_step(run, state, loss, progress)
                 if state.step >= run.max_train_steps:
                     break
@@ -329,7 +377,8 @@ def save_final_files(run: Run, state: RunState) -> tuple[Path, list[str]]:
     args, accelerator, embedding = run.args, run.accelerator, run.embedding
     check_identical_across_processes(run.params, accelerator)
     final_path = run.output_dir / f"{args.output_name}.safetensors"
-    save_checkpoint(run, state, args.output_name, state.epoch, state.batch_in_epoch, final=True)
+    save_checkpoint(run, state, args.output_name, state.epoch, state.batch_in_epoch, final=True,
+                    with_state=args.save_state or args.save_state_on_train_end)
     lines = []
     if embedding is not None and accelerator.is_main_process:
         emb_path = run.output_dir / f"{args.output_name}_emb.safetensors"

@@ -111,6 +111,17 @@ def _prodigy_class(name):
     return prodigyopt.Prodigy
 
 
+def _package_class(package, attribute, pip_name):
+    def get(name):
+        try:
+            module = importlib.import_module(package)
+        except ImportError as e:
+            raise MissingPackageError(f"--optimizer_type {name} needs the {pip_name} package. Install it with: "
+                                      f"pip install {pip_name}") from e
+        return getattr(module, attribute)
+    return get
+
+
 def _adafactor_class(name):
     from transformers.optimization import Adafactor
 
@@ -128,7 +139,21 @@ OPTIMIZERS = {
     "sgdnesterov": ("SGDNesterov", lambda name: torch.optim.SGD),
     "prodigy": ("Prodigy", _prodigy_class),
     "adafactor": ("Adafactor", _adafactor_class),
+    # D-Adaptation (Defazio & Mishchenko 2023): like Prodigy, lr is a multiplier on its own estimate
+    "dadaptation": ("DAdaptAdam", _package_class("dadaptation", "DAdaptAdam", "dadaptation")),
+    "dadaptadam": ("DAdaptAdam", _package_class("dadaptation", "DAdaptAdam", "dadaptation")),
+    "dadaptadagrad": ("DAdaptAdaGrad", _package_class("dadaptation", "DAdaptAdaGrad", "dadaptation")),
+    "dadaptadan": ("DAdaptAdan", _package_class("dadaptation", "DAdaptAdan", "dadaptation")),
+    "dadaptadanip": ("DAdaptAdanIP", _package_class("dadaptation.experimental", "DAdaptAdanIP", "dadaptation")),
+    "dadaptlion": ("DAdaptLion", _package_class("dadaptation", "DAdaptLion", "dadaptation")),
+    "dadaptsgd": ("DAdaptSGD", _package_class("dadaptation", "DAdaptSGD", "dadaptation")),
+    # schedule-free (Defazio et al. 2024): no lr schedule; eval() weights are the ones to save and sample
+    "adamwschedulefree": ("AdamWScheduleFree", _package_class("schedulefree", "AdamWScheduleFree", "schedulefree")),
+    "radamschedulefree": ("RAdamScheduleFree", _package_class("schedulefree", "RAdamScheduleFree", "schedulefree")),
+    "sgdschedulefree": ("SGDScheduleFree", _package_class("schedulefree", "SGDScheduleFree", "schedulefree")),
 }
+ADAPTIVE = {"prodigy", "dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan", "dadaptadanip", "dadaptlion",
+            "dadaptsgd"}
 
 
 def _import_class(path):
@@ -148,7 +173,7 @@ def _drop_group_lrs(param_groups):
         logger.warning("Adafactor with relative_step=True ignores --unet_lr/--text_encoder_lr (per-group lrs)")
 
 
-def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_args=None):
+def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_args=None, schedulefree_wrapper=False):
     """An optimizer by kohya name (AdamW, AdamW8bit, Lion, Prodigy, Adafactor, SGDNesterov, ...) or `module.Class`.
 
     param_groups: parameters or a list of {"params": [...], "lr": ...} dicts (per-group lrs win over
@@ -176,8 +201,8 @@ def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_a
     if key == "sgdnesterov":
         kwargs.setdefault("momentum", 0.9)
         kwargs["nesterov"] = True
-    elif key == "prodigy" and lr is not None and lr <= 0.1:
-        logger.warning(f"Prodigy: learning_rate={lr} is a multiplier on Prodigy's own estimate; 1.0 is usual")
+    elif key in ADAPTIVE and lr is not None and lr <= 0.1:
+        logger.warning(f"{name}: learning_rate={lr} is a multiplier on its own estimate of the step; 1.0 is usual")
     elif key == "adafactor":
         kwargs.setdefault("relative_step", True)
         if kwargs.get("warmup_init", False):
@@ -186,11 +211,30 @@ def create_optimizer(optimizer_type, param_groups, *, learning_rate, optimizer_a
             _drop_group_lrs(param_groups)
             lr = None  # Adafactor refuses an explicit lr with relative_step=True
     try:
+        if schedulefree_wrapper:  # schedule-free around any base optimizer (its momentum moves to the wrapper)
+            import schedulefree
+
+            wrapper_keys = {"momentum", "weight_decay_at_y", "r", "weight_lr_power"}
+            wrapped = {k: kwargs.pop(k) for k in list(kwargs) if k in wrapper_keys}
+            return schedulefree.ScheduleFreeWrapper(optimizer_class(param_groups, lr=lr, **kwargs), **wrapped)
         return optimizer_class(param_groups, lr=lr, **kwargs)
     except (TypeError, ValueError) as e:  # betas="abc", an unknown keyword, a negative eps ...
         given = " ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("nesterov", "relative_step"))
         raise ValueError(f"--optimizer_type {name} refuses --optimizer_args {given or '(none)'} with "
                          f"--learning_rate {learning_rate}: {e}") from None
+
+
+def is_schedule_free(optimizer) -> bool:
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return "ScheduleFree" in type(optimizer).__name__
+
+
+def set_schedule_free_mode(optimizer, train: bool):
+    """Schedule-free optimizers keep two points: train() before steps, eval() before the weights are saved,
+    sampled or validated (kohya calls these around its sampling and saving too). Others: nothing."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if is_schedule_free(inner):
+        inner.train() if train else inner.eval()
 
 
 def describe_optimizer(optimizer, optimizer_args=None):
@@ -201,7 +245,7 @@ def describe_optimizer(optimizer, optimizer_args=None):
 
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                 "adafactor")
+                 "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "adafactor")
 
 
 def warmup_steps(lr_warmup_steps, num_training_steps):
@@ -227,6 +271,34 @@ def _uses_relative_step(optimizer):
     return type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step", False)
 
 
+def _scheduler_args(items) -> dict:
+    """--lr_scheduler_args k=v as Python literals (kohya's)."""
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--lr_scheduler_args: expected key=value items such as T_max=100, got {item!r}")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def _scheduler_class(path):
+    if "." not in path:
+        cls = getattr(torch.optim.lr_scheduler, path, None)
+        if cls is None:
+            raise ValueError(f"--lr_scheduler_type {path!r} is not a class of torch.optim.lr_scheduler; give one "
+                             f"(CosineAnnealingLR, OneCycleLR, ...) or a module.Class path")
+        return cls
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--lr_scheduler_type {path!r}: cannot import {class_name} from {module_name} ({e})") from e
+
+
 def create_lr_scheduler(
     name,
     optimizer,
@@ -235,16 +307,25 @@ def create_lr_scheduler(
     lr_warmup_steps=0,
     lr_scheduler_num_cycles=1,
     lr_scheduler_power=1.0,
+    lr_scheduler_type=None,
+    lr_scheduler_args=None,
+    lr_decay_steps=0,
+    lr_scheduler_timescale=None,
+    lr_scheduler_min_lr_ratio=None,
 ):
     """A per-step LambdaLR by kohya/diffusers name; call .step() after every optimizer step.
 
     num_training_steps is the number of scheduler steps: under `accelerate` with N processes a prepared
     scheduler steps N times per optimizer step, so pass max_train_steps * N there (as kohya does).
     "constant" ignores warmup; "cosine_with_restarts" restarts lr_scheduler_num_cycles times;
-    "polynomial" decays to 1e-7 with exponent lr_scheduler_power; "adafactor[:initial_lr]" only
-    reports Adafactor's own step size.
+    "polynomial" decays to 1e-7 with exponent lr_scheduler_power; "cosine_with_min_lr" ends at
+    lr_scheduler_min_lr_ratio x lr; "warmup_stable_decay" decays over lr_decay_steps (a count, or a fraction < 1)
+    at the end; "inverse_sqrt" decays as 1/sqrt(step / lr_scheduler_timescale); "adafactor[:initial_lr]" only
+    reports Adafactor's own step size. lr_scheduler_type: a class (torch.optim.lr_scheduler's, or module.Class)
+    built with lr_scheduler_args instead. Schedule-free optimizers get a constant schedule.
     """
     from diffusers.optimization import get_scheduler
+    from transformers import optimization
 
     name = (name or "constant").lower()
     base_name = name.split(":")[0]
@@ -252,6 +333,20 @@ def create_lr_scheduler(
         raise ValueError(f"--lr_scheduler {name!r} is not known. Use one of {', '.join(LR_SCHEDULERS)}")
     if not isinstance(num_training_steps, int) or num_training_steps < 1:
         raise ValueError(f"create_lr_scheduler: num_training_steps must be a positive int, got {num_training_steps!r}")
+    extra = _scheduler_args(lr_scheduler_args)
+    if lr_scheduler_type:
+        if warmup_steps(lr_warmup_steps, num_training_steps):
+            raise ValueError(f"--lr_scheduler_type {lr_scheduler_type} takes no --lr_warmup_steps (give its own "
+                             f"arguments with --lr_scheduler_args)")
+        try:
+            return _scheduler_class(lr_scheduler_type)(optimizer, **extra)
+        except TypeError as e:
+            raise ValueError(f"--lr_scheduler_type {lr_scheduler_type} refuses --lr_scheduler_args "
+                             f"{' '.join(lr_scheduler_args or []) or '(none)'}: {e}") from None
+    if is_schedule_free(optimizer):
+        if base_name != "constant":
+            logger.warning(f"{type(optimizer).__name__} is schedule-free: --lr_scheduler {name} replaced by constant")
+        return get_scheduler("constant", optimizer)
     if base_name != "adafactor" and _uses_relative_step(optimizer):
         logger.warning(f"Adafactor with relative_step=True sets its own lr: --lr_scheduler {name} replaced by "
                        f"adafactor")
@@ -269,6 +364,21 @@ def create_lr_scheduler(
     num_warmup_steps = warmup_steps(lr_warmup_steps, num_training_steps)
     if base_name == "constant" and num_warmup_steps > 0:
         logger.warning("--lr_scheduler constant ignores --lr_warmup_steps; use constant_with_warmup for a warmup")
+    if base_name == "cosine_with_min_lr":
+        return optimization.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps, num_training_steps, num_cycles=lr_scheduler_num_cycles / 2,
+            min_lr_rate=lr_scheduler_min_lr_ratio or 0.0, **extra)
+    if base_name == "inverse_sqrt":
+        return optimization.get_inverse_sqrt_schedule(optimizer, num_warmup_steps, timescale=lr_scheduler_timescale,
+                                                      **extra)
+    if base_name == "warmup_stable_decay":
+        decay = int(lr_decay_steps * num_training_steps) if isinstance(lr_decay_steps, float) else lr_decay_steps
+        if not 0 < decay <= num_training_steps - num_warmup_steps:
+            raise ValueError(f"--lr_scheduler warmup_stable_decay needs --lr_decay_steps between 1 and the steps "
+                             f"after the warmup ({num_training_steps - num_warmup_steps}), got {lr_decay_steps}")
+        return optimization.get_wsd_schedule(
+            optimizer, num_warmup_steps, decay, num_stable_steps=num_training_steps - num_warmup_steps - decay,
+            num_cycles=lr_scheduler_num_cycles / 2, min_lr_ratio=lr_scheduler_min_lr_ratio or 0.0, **extra)
     return get_scheduler(
         base_name,
         optimizer,
@@ -276,4 +386,5 @@ def create_lr_scheduler(
         num_training_steps=num_training_steps,
         num_cycles=lr_scheduler_num_cycles,
         power=lr_scheduler_power,
+        **extra,
     )
