@@ -148,6 +148,37 @@ class LoRANetwork(nn.Module):
             groups.append(group)
         return groups
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's --scale_weight_norms (networks.lora apply_max_norm_regularization), after an optimizer step: per
+        module, the Frobenius norm of its update dW (alpha / r included, multiplier not); where it exceeds `max_norm`
+        the module's factors are scaled so that it is `max_norm` (LoRA: up and down each by sqrt(ratio), as kohya;
+        LoHa/LoKr: each of their n tensors by ratio^(1/n)). iA3 modules are left alone (LyCORIS has no max norm for
+        them). Returns (modules scaled, mean and max of the norms after scaling, over all modules it applies to),
+        kohya's three numbers (LyCORIS returns 0, 0, 0 when nothing was scaled). One device sync in all."""
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+            raise ValueError(f"max_norm must be a number > 0 (kohya's --scale_weight_norms, e.g. 1.0), got "
+                             f"{max_norm!r}")
+        scaled, norms = [], []
+        for name, layer in self.layers().items():
+            factors = layer.max_norm_factors()
+            if factors is None:
+                continue
+            if layer.merged:
+                raise RuntimeError(f"apply_max_norm on a merged network ({name}): unmerge() first")
+            norm = layer.delta_weight().norm()
+            ratio = torch.clamp(max_norm / norm, max=1.0)  # 1 when the norm is within max_norm (or 0)
+            for factor in factors:
+                factor.mul_((ratio ** (1.0 / len(factors))).to(factor.dtype))
+            norms.append(norm * ratio)
+            scaled.append(ratio < 1)
+        if not norms:
+            return 0, 0.0, 0.0
+        device = norms[0].device
+        norms = torch.stack([n.to(device) for n in norms])
+        count = torch.stack([s.to(device) for s in scaled]).sum()
+        return int(count), float(norms.mean()), float(norms.max())
+
     def set_trainable(self, unet: bool = True, text_encoder: bool = True):
         for layer in self.unet_layers:
             layer.requires_grad_(unet)

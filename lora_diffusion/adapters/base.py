@@ -196,6 +196,11 @@ class AdapterLayer(nn.Module):
         weight = self.base.weight
         weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
+    def max_norm_factors(self) -> list[torch.Tensor] | None:
+        """The tensors the update is linear in, each (kohya's --scale_weight_norms scales each by ratio^(1/n) to
+        scale the update by `ratio`); None for an algorithm it does not apply to."""
+        return None
+
     # -- the file contract: what each algorithm declares (adapters/__init__.py lists them) ----------------------
 
     @classmethod
@@ -263,6 +268,11 @@ class TensorLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self._raw_delta().reshape(self.base.weight.shape) * self.scaling
+
+    def max_norm_factors(self):
+        """LoHa's and LoKr's update is a product of all its tensors (LyCORIS' LoKr scales each by ratio^(1/n); its
+        LoHa scales a scalar that it folds into hada_w1_a on saving: the same update)."""
+        return list(self._tensors().values())
 
     @classmethod
     def file_rank(cls, tensors):

@@ -63,6 +63,9 @@ class IA3Layer(TensorLayer):
     def training_delta(self) -> torch.Tensor:
         return self.delta_weight()
 
+    def max_norm_factors(self):
+        return None  # a relative scale of the base weight, not a learned weight: LyCORIS' iA3 has no max norm either
+
     def extra_repr(self) -> str:
         return f"on_input={self.train_on_input}, multiplier={self.multiplier:g}"
 

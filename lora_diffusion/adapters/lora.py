@@ -86,6 +86,9 @@ class LoRALayer(AdapterLayer):
             delta = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
         return delta * self.scaling
 
+    def max_norm_factors(self):
+        return [self.lora_down.weight, self.lora_up.weight]  # kohya: each times sqrt(ratio)
+
     # -- the file: kohya's keys -----------------------------------------------------------------------------------
 
     @classmethod
