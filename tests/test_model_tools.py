@@ -334,3 +334,69 @@ def test_inspect_reports_metadata_modules_blocks_and_loaders(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     assert main(["inspect", str(tmp_path / "bad.safetensors")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+# --- bundled embeddings (A1111's bundle_emb.*: pivotal tuning's new tokens) --------------------------------------
+
+
+def with_embedding(path, token, seed, vectors=2, dim=32):
+    """Add A1111's bundled embedding of `token` to a LoRA file, by hand: bundle_emb.<token>.string_to_param.*."""
+    tensors = load_file(str(path))
+    vector = torch.randn(vectors, dim, generator=torch.Generator().manual_seed(seed))
+    tensors[f"bundle_emb.{token}.string_to_param.*"] = vector
+    save_file(tensors, str(path))
+    return vector
+
+
+def bundled(path):
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("bundle_emb.")}
+
+
+def test_merged_and_resized_loras_keep_their_bundled_embeddings(tmp_path, capsys):
+    models = build_tiny_models()
+    a = random_lora(models, tmp_path / "a.safetensors", seed=3)
+    b = random_lora(models, tmp_path / "b.safetensors", seed=4)
+    sks, ohwx = with_embedding(a, "sks", 1), with_embedding(b, "ohwx", 2, vectors=3)
+    assert main(["merge", "--lora", f"{a}:0.5", "--lora", str(b), "--output", str(tmp_path / "ab.safetensors"),
+                 "--precision", "fp32"]) == 0
+    assert "bundled embeddings kept: ohwx, sks" in capsys.readouterr().out
+    kept = bundled(tmp_path / "ab.safetensors")  # safetensors' own reader
+    assert kept.keys() == {"bundle_emb.sks.string_to_param.*", "bundle_emb.ohwx.string_to_param.*"}
+    assert torch.equal(kept["bundle_emb.sks.string_to_param.*"], sks)  # no ratio applies to a token's vectors
+    assert torch.equal(kept["bundle_emb.ohwx.string_to_param.*"], ohwx)
+    # the merged file is a pivotal-tuning file a loader applies: both tokens added to the tokenizer
+    tokenizer, text_encoder = models.tokenizer, models.text_encoder
+    network = load_network(str(tmp_path / "ab.safetensors"), models.unet, text_encoder, tokenizer=tokenizer)
+    assert set(network.bundled_embeddings) == {"sks", "ohwx"}
+    network.remove()
+    resize_lora(a, tmp_path / "a2.safetensors", rank=2)
+    assert torch.equal(bundled(tmp_path / "a2.safetensors")["bundle_emb.sks.string_to_param.*"], sks.half())
+
+
+def test_a_token_bundled_twice_is_refused_naming_both_files_or_taken_from_the_chosen_one(tmp_path, capsys):
+    models = build_tiny_models()
+    a = random_lora(models, tmp_path / "a.safetensors", seed=3)
+    b = random_lora(models, tmp_path / "b.safetensors", seed=4)
+    c = random_lora(models, tmp_path / "c.safetensors", seed=5)
+    with_embedding(a, "sks", 1)
+    theirs = with_embedding(b, "sks", 2)
+    with_embedding(c, "sks", 1)  # the same vectors as a's: no conflict
+    out = tmp_path / "ab.safetensors"
+    assert main(["merge", "--lora", str(a), "--lora", str(b), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{a} and {b} both bundle an embedding for the token 'sks'" in err and "--embeddings_from" in err
+    assert not out.exists()
+    merge_loras([a, c], tmp_path / "ac.safetensors", dtype=torch.float32)
+    assert bundled(tmp_path / "ac.safetensors").keys() == {"bundle_emb.sks.string_to_param.*"}
+    merge_loras([a, b], out, dtype=torch.float32, embeddings_from=b)
+    assert torch.equal(bundled(out)["bundle_emb.sks.string_to_param.*"], theirs)
+    with pytest.raises(ModelToolError, match="--embeddings_from .*x.safetensors: not one of the --lora files"):
+        merge_loras([a, b], out, overwrite=True, embeddings_from=tmp_path / "x.safetensors")
+
+
+def test_merging_into_a_model_says_the_bundled_embeddings_are_not_in_it(tiny, tmp_path):
+    models = load_models(tiny)
+    lora = random_lora(models, tmp_path / "a.safetensors", seed=3)
+    with_embedding(lora, "sks", 1)
+    with pytest.warns(UserWarning, match=r"a.safetensors bundles embeddings for 'sks'.*does not have them"):
+        merge_into_model(tiny, [str(lora)], tmp_path / "merged.safetensors")

@@ -14,15 +14,18 @@ the result's update is the sum of the updates), or with --rank the sum is reduce
 approximation per module.
 """
 
+import warnings
 from dataclasses import replace
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
-from ..kohya import network_metadata, write_lora_file
+from ..kohya import EMBEDDING_PREFIX, LoRAFileWarning, network_metadata, write_lora_file
 from .model_files import (
     ModelToolError,
     addressable_weights,
+    bundled_embedding_tensors,
     check_output,
     factored_svd,
     fit,
@@ -45,6 +48,12 @@ def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, 
     weights = addressable_weights(model)
     updates = {}
     for path, ratio, modules, _ in files:
+        if modules.embeddings:
+            tokens = ", ".join(repr(t) for t in sorted(modules.embeddings))
+            warnings.warn(f"{path} bundles embeddings for {tokens}, which a model's weights cannot hold (they are "
+                          f"new tokens of the tokenizer): {output} does not have them; keep using {path} for them, "
+                          f"or merge the LoRA files into one without --model, which keeps them",
+                          LoRAFileWarning, stacklevel=2)
         unplaced = sorted(n for n in modules if n not in weights)
         if unplaced:
             raise ModelToolError(f"{path}: {len(unplaced)} module(s) match no weight of {model.describe()} "
@@ -87,12 +96,16 @@ def only_plain_lora(files, what):
                                  f"only (merge them into a model with --model instead)")
 
 
-def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16, overwrite=False):
+def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16, overwrite=False,
+                embeddings_from=None):
     """Several LoRA files with ratios into one: concatenated ranks (exact), or with `rank` (and `conv_rank` for kxk
-    convs) the best approximation of the summed update. Returns {module: (rank, retained Frobenius fraction)}."""
+    convs) the best approximation of the summed update. Bundled embeddings (`bundle_emb.*`) are kept as they are
+    (no ratio applies to them); a token two files bundle with different vectors is refused unless
+    `embeddings_from` names the file whose vectors to keep. Returns {module: (rank, retained Frobenius fraction)}."""
     check_output(output, [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
     files = read_loras(loras)
     only_plain_lora(files, "merging LoRA files into one")
+    embeddings = bundled_embedding_tensors(files, dtype, embeddings_from)
     sdxl = [is_sdxl_lora(modules, metadata) for _, _, modules, metadata in files]
     if len(set(sdxl)) > 1:
         raise ModelToolError(f"{files[sdxl.index(True)][0]} is an SDXL LoRA but {files[sdxl.index(False)][0]} is not; "
@@ -120,6 +133,7 @@ def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16
         result[name], shapes[name] = (up, down, 1.0), (shape if len(shape) == 4 else shape[:2])
         report[name] = (down.shape[0], retained)
     tensors, alpha = lora_file_tensors(result, shapes, dtype, sdxl=sdxl[0])
+    tensors.update(embeddings)
     metadata = dict(files[0][3])
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     metadata.update(network_metadata(rank=max(r for r, _ in report.values()), alpha=alpha, sdxl=sdxl[0],
@@ -141,21 +155,30 @@ def add_arguments(parser):
                         help="output precision (default: the model's own dtypes; fp16 for a merged LoRA)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA + LoRA: reduce to this rank by SVD")
     parser.add_argument("--conv_rank", type=int, default=None, help="LoRA + LoRA: rank for kxk convs (default --rank)")
+    parser.add_argument("--embeddings_from", default=None, metavar="FILE",
+                        help="LoRA + LoRA: for a token several --lora files bundle with different vectors, keep "
+                             "this file's (default: refuse)")
     parser.add_argument("--config", default=None, help="configs for a single-file model (see `convert --config`)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def run(args):
     if args.model:
-        if args.rank or args.conv_rank:
-            raise ModelToolError("--rank applies to LoRA + LoRA merges, not to merging into a --model")
+        if args.rank or args.conv_rank or args.embeddings_from:
+            raise ModelToolError("--rank, --conv_rank and --embeddings_from apply to LoRA + LoRA merges, not to "
+                                 "merging into a --model")
         merged = merge_into_model(args.model, args.lora, args.output, dtype=precision(args.precision),
                                   config_dir=args.config, overwrite=args.overwrite)
         print(f"merged {len(merged)} module(s) from {len(args.lora)} LoRA file(s) into {args.output}")
         return 0
     report = merge_loras(args.lora, args.output, rank=args.rank, conv_rank=args.conv_rank or args.rank,
-                         dtype=precision(args.precision) or torch.float16, overwrite=args.overwrite)
+                         dtype=precision(args.precision) or torch.float16, overwrite=args.overwrite,
+                         embeddings_from=args.embeddings_from)
     low = min(report.values(), key=lambda r: r[1])
+    with safe_open(args.output, "pt") as f:
+        tokens = sorted({k[len(EMBEDDING_PREFIX):].partition(".")[0] for k in f.keys()
+                         if k.startswith(EMBEDDING_PREFIX)})
+    kept = f", bundled embeddings kept: {', '.join(tokens)}" if tokens else ""
     print(f"wrote {args.output}: {len(report)} module(s), ranks {min(r for r, _ in report.values())}-"
-          f"{max(r for r, _ in report.values())}, lowest retained Frobenius norm {low[1]:.1%}")
+          f"{max(r for r, _ in report.values())}, lowest retained Frobenius norm {low[1]:.1%}{kept}")
     return 0

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .. import convert
 from ..base_checkpoint import PRECISION_DTYPES, SAFETENSORS_DTYPES, CheckpointReader, release_file_pages
 from ..io import atomic_write
-from ..kohya import LoRAFileError, ModuleWeights
+from ..kohya import EMBEDDING_PREFIX, LoRAFileError, LoRAModules, ModuleWeights
 from ..targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -452,7 +452,33 @@ def fit(delta, shape, name, source):
 
 
 def canonical_modules(modules):
-    return {canonical_kohya_name(name): weights for name, weights in modules.items()}
+    return LoRAModules({canonical_kohya_name(name): weights for name, weights in modules.items()},
+                       embeddings=getattr(modules, "embeddings", None))
+
+
+def bundled_embedding_tensors(files, dtype, embeddings_from=None):
+    """The `bundle_emb.<token>.*` tensors of the files' bundled embeddings (A1111's pivotal-tuning vectors), for a
+    LoRA file made from them, floats cast to `dtype` (as network.save_weights does). A token that two files bundle
+    with different vectors is refused, unless `embeddings_from` names the input whose vectors to keep."""
+    if embeddings_from is not None and not any(Path(p) == Path(embeddings_from) for p, _, _, _ in files):
+        raise ModelToolError(f"--embeddings_from {embeddings_from}: not one of the --lora files")
+    kept = {}  # token -> (path, {key: tensor})
+    for path, _, modules, _ in files:
+        for token, parts in modules.embeddings.items():
+            if token in kept:
+                first, theirs = kept[token]
+                if theirs.keys() == parts.keys() and all(torch.equal(theirs[k], parts[k]) for k in parts):
+                    continue
+                if embeddings_from is None:
+                    raise ModelToolError(
+                        f"{first} and {path} both bundle an embedding for the token {token!r}, with different "
+                        f"vectors; a LoRA file holds one per token: pass --embeddings_from with the file whose "
+                        f"vectors to keep")
+                if Path(path) != Path(embeddings_from):
+                    continue
+            kept[token] = (path, parts)
+    return {f"{EMBEDDING_PREFIX}{token}.{key}": (t.to(dtype) if t.is_floating_point() else t).contiguous()
+            for token, (_, parts) in sorted(kept.items()) for key, t in sorted(parts.items())}
 
 
 def lowrank_factors(matrix, rank):

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..kohya import network_metadata, write_lora_file
 from .model_files import (
     ModelToolError,
+    bundled_embedding_tensors,
     check_output,
     factored_svd,
     is_sdxl_lora,
@@ -67,6 +68,7 @@ def resize_lora(source, output, *, rank, conv_rank=None, dynamic=None, dynamic_p
         retained = float(s[:new].square().sum() / s.square().sum().clamp_min(1e-30)) ** 0.5
         report[name] = (w.rank, new, retained)
     tensors, alpha = lora_file_tensors(result, shapes, dtype, sdxl=is_sdxl_lora(modules, metadata))
+    tensors.update(bundled_embedding_tensors([(path, 1.0, modules, metadata)], dtype))  # kept as they are
     metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
     old = max(r for r, _, _ in report.values())
     metadata.update({k: v for k, v in network_metadata(rank=rank, alpha=alpha, output_name=str(output)).items()
