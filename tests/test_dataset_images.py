@@ -149,3 +149,16 @@ def test_random_choices_do_not_repeat_across_purposes(tmp_path):
         a.set_epoch(epoch)
         b.set_epoch(epoch)
         assert a[0]["crop"] == b[0]["crop"]
+
+
+def test_a_large_jpeg_face_crop_is_decoded_sharp_enough(tmp_path):
+    # the face's region (400 px) is what is resized to 64 px: a JPEG decoded at a reduced size must still have
+    # that region at 64 px or more (scale 0.16 -> 1/4), not only the whole image (which 1/8 would)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    ds = one_image(tmp_path, image, name="p_800_600_100_100.jpg", face_crop_aug_range="4,4")
+    # face 100 px at range 4: scale 64 / 400; the 256x192 image's window starts at (128-32, 96-32) = (96, 64),
+    # i.e. the region (600, 400)-(1000, 800) of the full image
+    decoded = Image.open(tmp_path / "t" / "1_x" / "p_800_600_100_100.jpg").convert("RGB")
+    expected = to_tensor(decoded.crop((600, 400, 1000, 800)).resize((64, 64), Image.LANCZOS))
+    assert (ds[0]["image"] - expected).abs().mean() * 127.5 < 4  # 1/8 decoding: about 18

@@ -75,14 +75,16 @@ def load_image(path, bucket, *, crop_rng: random.Random | None = None, flip=Fals
     return (image, crop) if return_crop else image
 
 
-def _open_oriented(path, bucket):
+def _open_oriented(path, bucket, region=None):
     """The decoded image as displayed (EXIF orientation applied); a large JPEG decoded at a reduced size when that
-    still covers the bucket. Returns (image, displayed (w, h))."""
+    still covers the bucket with the `region` (w, h) of the displayed image that is used (default: all of it).
+    Returns (image, displayed (w, h))."""
     with Image.open(path) as img:
         orientation = _orientation(img)
         swap = orientation in (5, 6, 7, 8)
         shown_w, shown_h = (img.height, img.width) if swap else img.size
-        scale = max(bucket[0] / shown_w, bucket[1] / shown_h)
+        used_w, used_h = region or (shown_w, shown_h)
+        scale = max(bucket[0] / used_w, bucket[1] / used_h)
         if img.format == "JPEG" and scale < 1:
             # decode at 1/2, 1/4 or 1/8 size straight from the DCT, never below what the resize needs
             need = (math.ceil(shown_w * scale), math.ceil(shown_h * scale))
@@ -110,7 +112,8 @@ def load_example(path, bucket, *, crop_rng=None, flip=False, interpolation=None,
     resize, crop and flip. `color_rng`: kohya's color_aug drawn from it. `crop_box`: (left, top, right, bottom) of
     the region of the displayed image to use instead of the whole (face_crop_aug_range)."""
     bucket_w, bucket_h = bucket
-    img, shown = _open_oriented(path, bucket)
+    region_wh = None if crop_box is None else (crop_box[2] - crop_box[0], crop_box[3] - crop_box[1])
+    img, shown = _open_oriented(path, bucket, region_wh)
     alpha = None
     if mask == "alpha":
         has_alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
