@@ -25,3 +25,24 @@ def test_every_option_declares_its_kind_level_and_help():
         if "choices" in f.metadata:
             assert f.default is None or f.default in f.metadata["choices"], f.name
     assert set(FLAG_DEFAULTS) == {f.name for f in fields(Subset) if f.metadata["level"] != "folder"} - {"num_repeats"}
+
+
+def test_the_trainers_call_shape(tmp_path):
+    """train.py builds LoRADataset(train, reg, **{name: value for name in FLAG_DEFAULTS}, seed=...) and
+    LoRADataset.from_config(path, **same, seed=...); switches may come as None (unset flags)."""
+    from PIL import Image
+
+    from dataset import LoRADataset
+
+    folder = tmp_path / "train" / "2_x"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a, b", encoding="utf-8")
+    options = {name: None if isinstance(value, bool) else value for name, value in FLAG_DEFAULTS.items()}
+    options["resolution"] = 64
+    ds = LoRADataset(tmp_path / "train", None, **options, seed=3)
+    assert (len(ds), ds.seed, ds[0]["caption"], ds.has_masks) == (2, 3, "a, b", False)
+    config = tmp_path / "c.toml"
+    config.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'train/2_x'\n", encoding="utf-8")
+    ds = LoRADataset.from_config(config, **options, seed=4)
+    assert (len(ds), ds.seed, ds[0]["caption"]) == (1, 4, "a, b")
