@@ -139,7 +139,7 @@ class LoRADataset(torch.utils.data.Dataset):
         self.tag_frequency = {_name(s): {} for s in self.subsets}
         for entry in self.entries:
             frequency = self.tag_frequency[_name(self.subsets[entry.subset])]
-            for tag in entry.caption.split(","):
+            for tag in entry.caption.replace("\n", ",").split(","):  # enable_wildcard keeps every line
                 tag = tag.strip().lower()
                 if tag:
                     frequency[tag] = frequency.get(tag, 0) + 1

@@ -78,6 +78,7 @@ def test_wildcard_caption_files_give_one_line_at_random(tmp_path):
                          caption_prefix="sks,")
     assert set(captions_over_epochs(ds, 80)) == {"sks, first line", "sks, second one", "sks, second two",
                                                  "sks, third"}
+    assert ds.tag_frequency["1_x"] == {"first line": 1, "second {one|two}": 1, "third": 1}  # each line's tags
     with pytest.warns(DatasetWarning, match="3 lines; only the first"):
         off = caption_dataset(tmp_path / "off", "first line\nsecond\nthird")
     assert off[0]["caption"] == "first line"
