@@ -11,7 +11,8 @@ Three stages, each resumable from its last checkpoint in --work_dir (run the sam
    also what classifier-free guidance needs);
 3. the VAE decoder alone, the encoder frozen (as SD's ft-MSE decoder): sharper images from the same latents, so
    the U-Net stays valid. It can run beside stage 2 (`--stage decoder`).
-Checkpoints are safetensors + JSON (nothing pickled); loss curves go to --work_dir/loss_*.csv.
+Checkpoints are one safetensors file per stage with its step as JSON in the metadata (nothing pickled); loss curves
+go to --work_dir/loss_*.csv.
 `--init_from lora_diffusion/assets/mini --work_dir runs/more` continues training the shipped model (a new session,
 a GPU). The folder (--out, default <work_dir>/model) is written in fp16 at the end, atomically, and judged on
 held-out colour pairs (--work_dir/eval.json).
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
@@ -129,10 +131,13 @@ class TokenCache:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: tensors in safetensors, the rest in JSON.
+# Checkpoints: one safetensors file per stage, the tensors and, in its metadata, the rest as JSON.
 
 
 def save_checkpoint(path, modules, optimizer, info):
+    """<path>/state.safetensors: the modules' and the optimizer's tensors, and `info` (step, ...) with the
+    optimizer's param_groups as JSON in the file's metadata. One file written atomically, so a run killed at any
+    moment leaves the previous checkpoint or this one, never the tensors of one step beside the info of another."""
     tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
@@ -140,17 +145,47 @@ def save_checkpoint(path, modules, optimizer, info):
             tensors[f"optimizer.{index}.{key}"] = value.detach().reshape(value.shape).contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "state.safetensors", lambda f: f.write(safetensors_bytes(tensors)))
-    info = {**info, "param_groups": opt["param_groups"]}
-    atomic_write(path / "state.json", lambda f: f.write(json.dumps(info, indent=1)), mode="w")
+    metadata = {"info": json.dumps({**info, "param_groups": opt["param_groups"]})}
+    atomic_write(path / "state.safetensors", lambda f: f.write(safetensors_bytes(tensors, metadata)))
+    (path / "state.json").unlink(missing_ok=True)  # the second file of the old two-file layout
+
+
+def has_checkpoint(path):
+    return (Path(path) / "state.safetensors").is_file()
+
+
+def read_checkpoint(path):
+    """(info, tensors) of a stage's checkpoint, or None where there is none. Also reads the old layout, where
+    state.json beside the tensors held the info, written second: a run stopped between the two writes left
+    tensors a checkpoint ahead of it, which shows as an optimizer that took more steps than state.json counts
+    (it can take fewer, never more); such a pair is refused rather than resumed out of step."""
+    path = Path(path)
+    file = path / "state.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(file)
+    if "info" in metadata:
+        return json.loads(metadata["info"]), tensors
+    legacy = path / "state.json"
+    if not legacy.is_file():
+        return None  # the old layout stopped before its first state.json: that run restarted the stage too
+    info = json.loads(legacy.read_text())
+    taken = max((int(v.item()) for k, v in tensors.items() if k.startswith("optimizer.") and k.endswith(".step")),
+                default=0)
+    if taken > info["step"]:
+        raise ValueError(f"{path}: the optimizer in state.safetensors has taken {taken} steps but state.json says "
+                         f"step {info['step']}: a run of an older pretrain-mini stopped between writing the two, and "
+                         f"this stage cannot resume from them; delete {path} to redo the stage from its start")
+    return info, tensors
 
 
 def load_checkpoint(path, modules, optimizer):
-    path = Path(path)
-    if not (path / "state.json").is_file():
+    checkpoint = read_checkpoint(path)
+    if checkpoint is None:
         return None
-    info = json.loads((path / "state.json").read_text())
-    tensors = load_file(path / "state.safetensors")
+    info, tensors = checkpoint
     for name, module in modules.items():
         prefix = name + "."
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -387,7 +422,7 @@ def warm_start(folder, text_encoder, vae, unet, settings, work):
     text_encoder.load_state_dict(shipped.text_encoder.state_dict())
     unet.load_state_dict(shipped.unet.state_dict())
     vae.load_state_dict(shipped.vae.state_dict())
-    if not (work / "vae_state" / "state.json").is_file():
+    if not has_checkpoint(work / "vae_state"):
         info = {"step": settings.vae_steps, "scaling_factor": shipped.vae.config.scaling_factor,
                 "init_from": str(folder)}
         save_checkpoint(work / "vae_state", {"vae": vae}, torch.optim.AdamW(vae.parameters()), info)
