@@ -156,7 +156,7 @@ def load_example(path, bucket, *, crop_rng=None, flip=False, interpolation=None,
             return out, crop, torch.ones((bucket_h, bucket_w), dtype=torch.float32)
         band = alpha
     else:
-        mask_img, mask_shown = _open_oriented(mask, (1, 1))
+        mask_img, mask_shown = _open_oriented(mask, bucket, region_wh)  # a JPEG mask: no coarser than the image
         if mask_shown != tuple(shown):
             raise DatasetError(f"mask image '{mask}' is {mask_shown[0]}x{mask_shown[1]}, its image '{path}' is "
                                f"{shown[0]}x{shown[1]}: a mask must have its image's size")
