@@ -46,7 +46,7 @@ from lora_diffusion.data.latents import (
     vae_fingerprint,
     write_latent_file,
 )
-from lora_diffusion.data.layout import assign_repeats, concept_subsets, scan_subset
+from lora_diffusion.data.layout import assign_repeats, caption_file, concept_subsets, scan_subset
 from lora_diffusion.data.metadata import metadata_subset, scan_metadata
 from lora_diffusion.data.subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
 
@@ -439,8 +439,7 @@ class LoRADataset(torch.utils.data.Dataset):
                 if subset.metadata_file is not None:
                     captions = f"captions from metadata '{subset.metadata_file}'"
                 else:
-                    with_caption = sum(1 for e in mine if e.path.with_name(e.path.stem + subset.caption_extension)
-                                       .is_file())
+                    with_caption = sum(1 for e in mine if caption_file(e.path, subset.caption_extension).is_file())
                     captions = (f"{with_caption} '{subset.caption_extension}' captions, class tokens "
                                 f"{subset.class_tokens!r}")
                 masks = ("; alpha masks" if subset.alpha_mask else

@@ -162,3 +162,17 @@ def test_a_large_jpeg_face_crop_is_decoded_sharp_enough(tmp_path):
     decoded = Image.open(tmp_path / "t" / "1_x" / "p_800_600_100_100.jpg").convert("RGB")
     expected = to_tensor(decoded.crop((600, 400, 1000, 800)).resize((64, 64), Image.LANCZOS))
     assert (ds[0]["image"] - expected).abs().mean() * 127.5 < 4  # 1/8 decoding: about 18
+
+
+def test_face_crop_images_share_the_caption_of_their_name(tmp_path):
+    # kohya's face tool writes several crops of one photo, '<name>_<cx>_<cy>_<w>_<h>', all captioned '<name>.txt'
+    folder = tmp_path / "t" / "1_x"
+    folder.mkdir(parents=True)
+    for name in ("photo_60_40_20_20.png", "photo_10_10_5_5.png", "own_1_2_3_4.png"):
+        face_image((50, 30, 70, 50)).save(folder / name)
+    (folder / "photo.txt").write_text("shared caption", encoding="utf-8")
+    (folder / "own_1_2_3_4.txt").write_text("own caption", encoding="utf-8")
+    ds = LoRADataset(tmp_path / "t", resolution=64)
+    captions = {ds[i]["path"].rsplit("/", 1)[-1]: ds[i]["caption"] for i in range(len(ds))}
+    assert captions == {"photo_60_40_20_20.png": "shared caption", "photo_10_10_5_5.png": "shared caption",
+                        "own_1_2_3_4.png": "own caption"}

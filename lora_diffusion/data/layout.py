@@ -62,6 +62,16 @@ def concept_subsets(parent, flag, is_reg, options):
     return subsets
 
 
+def caption_file(path: Path, ext: str) -> Path:
+    """<stem><ext>; for kohya's face-crop images '<name>_<cx>_<cy>_<w>_<h>' without their own, '<name><ext>' (the
+    face tool writes several crops of one captioned photo)."""
+    own = path.with_name(path.stem + ext)
+    parts = path.stem.split("_")
+    if not own.is_file() and len(parts) >= 5:
+        return path.with_name("_".join(parts[:-4]) + ext)
+    return own
+
+
 def scan_subset(subset: Subset, subset_index: int):
     """ImageEntry for every readable image directly inside subset.image_dir (not recursive)."""
     folder = subset.image_dir
@@ -76,7 +86,7 @@ def scan_subset(subset: Subset, subset_index: int):
         except Exception as e:  # Pillow raises many kinds of errors on bad files
             warn(f"skipping unreadable image '{path}': {type(e).__name__}: {e}")
             continue
-        caption_path = path.with_name(path.stem + ext)
+        caption_path = caption_file(path, ext)
         if caption_path.is_file():
             caption = read_caption(caption_path, all_lines=subset.enable_wildcard)
         else:
