@@ -77,6 +77,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad(f"--log_with {args.log_with}: wandb is not installed (pip install wandb); or use --log_with tensorboard")
     if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
         bad(f"--log_tracker_config {args.log_tracker_config}: no such file (a TOML of tracker settings)")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        bad("--full_bf16 needs --mixed_precision bf16")
     if args.use_lion_optimizer:
         args.optimizer_type = "Lion"
     if args.bucket_reso_steps % 8:
@@ -124,7 +126,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
     for name in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                  "max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
                  "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size", "validation_every_n_epochs",
-                 "validation_seeds"):
+                 "validation_seeds", "save_n_epoch_ratio", "save_last_n_epochs_state", "save_last_n_steps",
+                 "save_last_n_steps_state", "ddp_timeout", "lr_scheduler_timescale"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:
@@ -370,6 +373,8 @@ def load_base_models(args, weight_dtype, device):
 
     models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
+    if args.vae:
+        models.vae = load_vae(args.vae, models.vae)
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
     if models.sdxl:
         check_sdxl_args(args, models)
@@ -394,6 +399,43 @@ def load_base_models(args, weight_dtype, device):
             raise TrainingError(f"--xformers: xformers is not usable here ({e}); install it with "
                                 f"`pip install \"lora-diffusion[xformers]\"` or drop the flag (SDPA is the default)")
     return models
+
+
+def load_vae(name, like):
+    """--vae: a diffusers VAE folder, or a .safetensors/.ckpt of VAE weights in the original (SD) naming, with or
+    without the checkpoint's first_stage_model. prefix, or in diffusers' naming; it replaces `like` (same config)."""
+    from diffusers import AutoencoderKL
+
+    from lora_diffusion.base_checkpoint import CheckpointReader
+    from lora_diffusion.convert import VAE_PREFIX, vae_name
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(str(path), torch_dtype=like.dtype, local_files_only=True).to(like.device)
+    if not path.is_file():
+        raise TrainingError(f"--vae {name}: not found (a diffusers VAE folder or a VAE .safetensors/.ckpt)")
+    reader = CheckpointReader(path, like.dtype)
+    expected = like.state_dict()
+    levels = len(like.config.up_block_types)
+    state = {}
+    for key in reader.names:
+        bare = key[len(VAE_PREFIX):] if key.startswith(VAE_PREFIX) else key
+        target = bare if bare in expected else vae_name(bare, levels)
+        if target in expected:
+            tensor = reader.get(key)  # the original's 1x1 attention convs are diffusers' linear layers
+            shape = expected[target].shape
+            state[target] = tensor.reshape(shape) if tensor.numel() == shape.numel() else tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise TrainingError(f"--vae {name}: not a VAE of this model's shape ({len(missing)} of {len(expected)} "
+                            f"weights missing, e.g. {missing[0]})")
+    vae = AutoencoderKL.from_config(like.config).to(like.dtype)
+    try:
+        vae.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[-1].strip()
+        raise TrainingError(f"--vae {name}: its weights do not fit this model's VAE ({reason})") from None
+    return vae.to(like.device)
 
 
 def check_sdxl_args(args, models):
@@ -514,6 +556,8 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
     network.to(accelerator.device).train()
+    if args.full_bf16:  # kohya's: the LoRA's weights, gradients and optimizer state in bf16 too
+        network.to(torch.bfloat16)
     check_free_space(Path(args.output_dir), network, args)
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
@@ -608,6 +652,9 @@ def train(args):
     network, embedding, embedding_steps = build_network(args, models, dataset, max_train_steps, accelerator,
                                                         train_unet, train_text_encoder)
     optimizer, lr_scheduler, optimizer_name, params = build_optimizer(args, network, max_train_steps, accelerator)
+    if args.save_n_epoch_ratio:  # kohya's: about that many epoch files over the run
+        every = max(1, num_epochs // args.save_n_epoch_ratio)
+        args = argparse.Namespace(**{**vars(args), "save_every_n_epochs": every})
     run = Run(args=args, accelerator=accelerator, models=models, network=network, optimizer=optimizer,
               lr_scheduler=lr_scheduler, loader=loader, batch_sampler=batch_sampler,
               batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps,
@@ -618,7 +665,7 @@ def train(args):
               validation=validation)
 
     # --- where we start ---------------------------------------------------------------------------------------
-    state = RunState(epoch_files=list(resumed.get("epoch_files", [])))
+    state = RunState(epoch_files=list(resumed.get("epoch_files", [])), step_files=list(resumed.get("step_files", [])))
     skip_batches = 0
     if args.resume:
         saved = load_state(args.resume, **run.pieces)

@@ -346,3 +346,76 @@ def test_schedule_free_run_trains_and_saves(tmp_path):
     tensors, _ = read(tmp_path / "out" / "t.safetensors")
     assert all(torch.isfinite(v).all() for v in tensors.values())
     assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+
+
+# ---------------------------------------------------------------- files: --vae, modelspec, --no_metadata
+
+
+def test_a_separate_vae_file_in_the_original_naming_replaces_the_models(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_diffusion.convert import vae_original_name
+    from lora_diffusion.models import load_models
+
+    vae = load_models("builtin:tiny").vae
+    levels = len(vae.config.up_block_types)
+    g = torch.Generator().manual_seed(7)
+    changed = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in vae.state_dict().items()}
+    original = {}
+    for key, value in changed.items():
+        name = vae_original_name(key, levels)
+        original[name] = value.reshape(*value.shape, 1, 1) if "attention" in key and value.ndim == 2 else value
+    save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "vae.safetensors"))
+    args = train_lora.parse_args(["--pretrained_model_name_or_path", "builtin:tiny", "--train_data_dir", "x",
+                                  "--vae", str(tmp_path / "vae.safetensors")])
+    models = train_lora.load_base_models(args, torch.float32, "cpu")
+    for key, value in models.vae.state_dict().items():
+        assert torch.equal(value, changed[key]), key
+
+
+def test_modelspec_flags_and_no_metadata(tmp_path):
+    from test_train import base_flags, make_dataset, read
+
+    data = make_dataset(tmp_path, n=2)
+    argv = base_flags(tmp_path, data, max_train_steps=1, metadata_title="Star", metadata_author="me",
+                      metadata_tags="shapes,star", no_metadata=True)
+    assert train_lora.main(argv) == 0
+    _, metadata = read(tmp_path / "out" / "t.safetensors")
+    assert (metadata["modelspec.title"], metadata["modelspec.author"], metadata["modelspec.tags"]) == \
+        ("Star", "me", "shapes,star")
+    assert "ss_network_dim" in metadata and "ss_learning_rate" not in metadata and "ss_seed" not in metadata
+
+
+def test_full_bf16_trains_bf16_weights(tmp_path):
+    from test_train import base_flags, make_dataset, read
+
+    data = make_dataset(tmp_path, n=2)
+    argv = base_flags(tmp_path, data, max_train_steps=2, mixed_precision="bf16", full_bf16=True)
+    assert train_lora.main(argv) == 0
+    tensors, _ = read(tmp_path / "out" / "t.safetensors")  # without --save_precision: the weights' own dtype
+    assert {value.dtype for value in tensors.values()} == {torch.bfloat16}
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+    assert train_lora.main(base_flags(tmp_path, data, full_bf16=True)) == 2
+
+
+def test_save_last_n_steps_keeps_the_files_of_the_last_n_steps(tmp_path):
+    """kohya's rule: after the file of step S, the files of steps before S - N are gone (states by their own N)."""
+    from test_train import base_flags, make_dataset
+
+    data = make_dataset(tmp_path, n=2)
+    argv = base_flags(tmp_path, data, max_train_steps=8, train_batch_size=1, save_every_n_steps=2,
+                      save_last_n_steps=4, save_state=True, save_last_n_steps_state=2)
+    assert train_lora.main(argv) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("t-step*.safetensors")) == [f"t-step{s:08d}.safetensors" for s in (4, 6, 8)]
+    assert sorted(p.name for p in out.glob("t-step*-state")) == [f"t-step{s:08d}-state" for s in (6, 8)]
+
+
+def test_save_n_epoch_ratio_sets_the_epoch_interval(tmp_path):
+    from test_train import base_flags, make_dataset
+
+    data = make_dataset(tmp_path, n=2)  # 2 images x 5 repeats, batch 2: 5 steps an epoch
+    argv = base_flags(tmp_path, data, max_train_epochs=6, max_train_steps=None, save_n_epoch_ratio=3)
+    assert train_lora.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("t-0*.safetensors")) == \
+        ["t-000002.safetensors", "t-000004.safetensors"]  # every 6 // 3 = 2 epochs; the last is t.safetensors

@@ -63,8 +63,8 @@ MODEL = group(
     Option("clip_skip", int, None, "use the output of the k-th last text-encoder layer (2: penultimate); ignored "
            "for SDXL, which always uses the penultimate layers", metadata=True),
     Option("max_token_length", int, None, "75, 150 or 225 tokens of caption", choices=(75, 150, 225), metadata=True),
-    Option("vae", str, None, "a VAE to use instead of the model's (a diffusers VAE folder or a .safetensors)",
-           refused="a separate VAE file is not loaded yet; bake it into the model with `lora-diffusion convert`"),
+    Option("vae", str, None, "a VAE to use instead of the model's: a diffusers VAE folder, or a .safetensors/.ckpt "
+           "of VAE weights (sd-vae-ft-mse-original, a checkpoint's first_stage_model)"),
     Option("tokenizer_cache_dir", str, None, "kohya downloads the tokenizer there; ours ship with the package, so "
            "this has no effect"),
     Option("disable_mmap_load_safetensors", SWITCH, False, "kohya reads SDXL single files without mmap; ours "
@@ -200,9 +200,10 @@ TRAINING = group(
     Option("seed", int, 42, "seed of everything random", metadata=True),
     Option("mixed_precision", str, "no", "no, fp16 or bf16", choices=("no", "fp16", "bf16"), metadata=True),
     Option("full_fp16", SWITCH, False, "LoRA weights and gradients in fp16 too", metadata=True,
-           refused="--full_fp16 is not implemented yet; --mixed_precision bf16 does the same job more safely"),
-    Option("full_bf16", SWITCH, False, "LoRA weights and gradients in bf16 too",
-           refused="--full_bf16 is not implemented yet; use --mixed_precision bf16"),
+           refused="fp16 weights cannot be unscaled by the fp16 GradScaler; use --mixed_precision bf16 "
+           "--full_bf16"),
+    Option("full_bf16", SWITCH, False, "the LoRA's weights, gradients and optimizer state in bf16 too (with "
+           "--mixed_precision bf16; half the memory of the trained weights, coarser updates)"),
     Option("gradient_accumulation_steps", int, 1, "micro-batches an optimizer step", metadata=True),
     Option("gradient_checkpointing", SWITCH, False, "recompute activations in the backward pass", metadata=True),
     Option("cpu_offload_checkpointing", SWITCH, False, "offload checkpointed activations to the CPU",
@@ -276,21 +277,18 @@ OUTPUT = group(
     Option("save_precision", str, None, "float, fp16 or bf16 (default: fp32)", choices=("float", "fp16", "bf16")),
     Option("save_every_n_epochs", int, None, "a file every N epochs"),
     Option("save_every_n_steps", int, None, "a file every N steps"),
-    Option("save_n_epoch_ratio", int, None, "about N files over the run (overrides --save_every_n_epochs)",
-           refused=LATER),
+    Option("save_n_epoch_ratio", int, None, "about N epoch files over the run (overrides --save_every_n_epochs)"),
     Option("save_last_n_epochs", int, None, "keep only the last N epoch files"),
-    Option("save_last_n_epochs_state", int, None, "keep only the last N epoch states (default: as the files)",
-           refused=LATER),
-    Option("save_last_n_steps", int, None, "keep only the step files of the last N steps", refused=LATER),
+    Option("save_last_n_epochs_state", int, None, "keep only the last N epoch states (default: as the files)"),
+    Option("save_last_n_steps", int, None, "keep only the step files of the last N steps"),
     Option("save_last_n_steps_state", int, None, "keep only the step states of the last N steps (default: as the "
-           "files)", refused=LATER),
+           "files)"),
     Option("save_state", SWITCH, False, "also save optimizer/RNG state with each file", gui=("save_as_bool",)),
     Option("save_state_on_train_end", SWITCH, False, "save the state with the final file"),
     Option("resume", str, None, "a <name>-...-state folder written by --save_state"),
-    Option("no_metadata", SWITCH, False, "write no ss_* training record into the files (only the network's keys)",
-           refused=LATER),
+    Option("no_metadata", SWITCH, False, "write no ss_* training record into the files (only the network's keys)"),
     Option("training_comment", str, None, "free text stored in the files", metadata=True),
-    *[Option(f"metadata_{key}", str, None, f"the file's modelspec.{key}", refused=LATER) for key in (
+    *[Option(f"metadata_{key}", str, None, f"the file's modelspec.{key}") for key in (
         "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
         "trigger_phrase", "preprocessor", "is_negative_embedding")],
     *[Option(name, SWITCH if kind is SWITCH else str, False if kind is SWITCH else None, "Hugging Face upload",

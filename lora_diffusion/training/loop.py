@@ -72,6 +72,7 @@ class RunState:
     epoch: int = 0
     batch_in_epoch: int = 0
     epoch_files: list = field(default_factory=list)  # stems of the epoch files this run wrote, oldest first
+    step_files: list = field(default_factory=list)  # stems of the --save_every_n_steps files, oldest first
     last_saved: Path | None = None  # the last LoRA file this process wrote; every file written was checked finite
     last_sampled_step: int | None = None
     last_samples: list = field(default_factory=list)  # the PNGs of the last sampling
@@ -119,7 +120,8 @@ def _save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, 
         raise TrainingError(f"at step {step} the LoRA weights {cause} ({len(bad)} tensors, e.g. {bad[0]}); "
                             f"{path.name} was not written. {intact(state)} Try a lower --learning_rate or "
                             f"--unet_lr/--text_encoder_lr, --max_grad_norm 1.0, or --save_precision bf16/float")
-    extra = dict(session_id=run.session_id, network_shape=run.network_shape, epoch_files=state.epoch_files)
+    extra = dict(session_id=run.session_id, network_shape=run.network_shape, epoch_files=state.epoch_files,
+                 step_files=state.step_files)
     target = path
     try:
         save_lora(run, path, epoch=epoch + (batch_in_epoch > 0), step=step, final=final)  # ss_epoch counts from 1
@@ -282,24 +284,39 @@ def after_step(run: Run, state: RunState, loss, progress):
     if run.log_with:
         run.accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=state.step)
     if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
-        save_checkpoint(run, state, f"{args.output_name}-step{state.step:08d}", state.epoch, state.batch_in_epoch)
+        stem = f"{args.output_name}-step{state.step:08d}"
+        state.step_files = [f for f in state.step_files if f != stem] + [stem]
+        save_checkpoint(run, state, stem, state.epoch, state.batch_in_epoch)
+        if args.save_last_n_steps and run.accelerator.is_main_process:
+            # kohya's: keep the files (and states) of the last N steps (--save_last_n_steps_state for the states)
+            for suffix, n in ((".safetensors", args.save_last_n_steps),
+                              ("-state", args.save_last_n_steps_state or args.save_last_n_steps)):
+                recent = sum(int(f.rsplit("-step", 1)[1]) >= state.step - n for f in state.step_files)
+                rotate_own(run, [run.output_dir / f"{f}{suffix}" for f in state.step_files], recent)
     if args.sample_every_n_steps and state.step % args.sample_every_n_steps == 0:
         sample(run, state)
 
 
+def rotate_own(run: Run, paths, keep: int):
+    """Delete all but the newest `keep` of `paths` that still carry this run's session id."""
+    from lora_diffusion import training
+
+    training.rotate(paths, keep, owned=lambda path: session_of(Path(path)) == run.session_id)
+
+
 def after_epoch(run: Run, state: RunState):
     """The --save_every_n_epochs file (keeping --save_last_n_epochs of them) and --sample_every_n_epochs pictures."""
-    from lora_diffusion import training
 
     args, done = run.args, state.epoch + 1
     if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and done < run.num_epochs:
         stem = f"{args.output_name}-{done:06d}"
         state.epoch_files = [s for s in state.epoch_files if s != stem] + [stem]
         save_checkpoint(run, state, stem, done, 0)
-        if args.save_last_n_epochs and run.accelerator.is_main_process:  # only files of this run, checked
-            for suffix in (".safetensors", "-state"):
-                training.rotate([run.output_dir / f"{s}{suffix}" for s in state.epoch_files],
-                                args.save_last_n_epochs, owned=lambda path: session_of(Path(path)) == run.session_id)
+        if run.accelerator.is_main_process:  # only files of this run, checked
+            for suffix, n in ((".safetensors", args.save_last_n_epochs),
+                              ("-state", args.save_last_n_epochs_state or args.save_last_n_epochs)):
+                if n:
+                    rotate_own(run, [run.output_dir / f"{s}{suffix}" for s in state.epoch_files], n)
     if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
         sample(run, state, epoch=done)
     if run.validation is not None and done % args.validation_every_n_epochs == 0:

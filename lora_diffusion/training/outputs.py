@@ -64,13 +64,24 @@ def save_lora(run, path, *, epoch, step, final=False):
 
     if not run.accelerator.is_main_process:
         return
-    metadata = training_metadata(**run.metadata, ss_epoch=epoch, ss_steps=step,
-                                 ss_training_finished_at=time.time() if final else None)
     args, models = run.args, run.models
+    metadata = {} if args.no_metadata else training_metadata(
+        **run.metadata, ss_epoch=epoch, ss_steps=step, ss_training_finished_at=time.time() if final else None)
+    metadata.update(modelspec_metadata(args))
     run.network.save_weights(path, dtype=SAVE_PRECISION_DTYPES[args.save_precision], metadata=metadata,
                              output_name=args.output_name, v2=models.v2,
                              v_parameterization=models.v_parameterization, resolution=run.resolution)
     run.accelerator.print(f"saved {path}")
+
+
+MODELSPEC_KEYS = ("title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                  "trigger_phrase", "preprocessor", "is_negative_embedding")
+
+
+def modelspec_metadata(args) -> dict[str, str]:
+    """kohya's --metadata_<key> flags as the file's modelspec.<key> entries (only those given)."""
+    return {f"modelspec.{key}": str(getattr(args, f"metadata_{key}")) for key in MODELSPEC_KEYS
+            if getattr(args, f"metadata_{key}", None) is not None}
 
 
 def summarize_last_samples(paths, grid_path) -> list[str]:
