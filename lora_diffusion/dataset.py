@@ -335,12 +335,10 @@ class LoRADataset(torch.utils.data.Dataset):
         reuses a stale file, and the same input hits the cache in every run. A cache file of the wrong shape or
         with NaN/inf is named in a warning and encoded again. An image that fails to decode is skipped with a
         warning and replaced by the next image of its bucket, as without the cache."""
-        for option, why in (("random_crop", "a cached latent has one fixed crop"),
-                            ("color_aug", "a cached latent has one fixed colour"),
-                            ("face_crop_aug_range", "a cached latent has one fixed crop")):
-            if any(getattr(s, option) for s in self.subsets):
-                raise DatasetError(f"{option} cannot be combined with cached latents ({why}), as in kohya: turn off "
-                                   f"{option} or the latent cache (--no_cache_latents)")
+        if self.uncacheable_options:
+            option = self.uncacheable_options[0]
+            raise DatasetError(f"{option} cannot be combined with cached latents ({_UNCACHEABLE[option]}), as in "
+                               f"kohya: turn off {option} or the latent cache (--no_cache_latents)")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DatasetError(f"vae_batch_size must be an integer >= 1, got {batch_size!r}")
         vae_key = str(vae_id) if vae_id is not None else vae_fingerprint(vae)
@@ -414,6 +412,11 @@ class LoRADataset(torch.utils.data.Dataset):
         failures = [broken[i] for i in same_bucket]
         raise DatasetError("no image of bucket %dx%d can be decoded:\n  %s" % (*bucket, "\n  ".join(failures)))
 
+    @property
+    def uncacheable_options(self) -> list[str]:
+        """The options, set in some folder (by a flag or a dataset config), that rule out cache_latents."""
+        return [option for option in _UNCACHEABLE if any(getattr(s, option) for s in self.subsets)]
+
     def clear_latent_cache(self):
         """Serve images again (the in-memory store and disk files are kept)."""
         self._latents = None
@@ -465,6 +468,11 @@ class LoRADataset(torch.utils.data.Dataset):
 
     def __repr__(self):
         return self.summary()
+
+
+# options that draw a new crop or colour every time: a cached latent cannot follow them
+_UNCACHEABLE = {"random_crop": "a cached latent has one fixed crop", "color_aug": "a cached latent has one fixed "
+                "colour", "face_crop_aug_range": "a cached latent has one fixed crop"}
 
 
 def _name(subset) -> str:

@@ -65,8 +65,12 @@ def test_color_aug_changes_a_third_of_the_samples_by_hue_or_gamma(tmp_path):
 
 def test_color_aug_with_cached_latents_is_an_error(tmp_path):
     ds = one_image(tmp_path, colourful(), color_aug=True)
+    assert ds.uncacheable_options == ["color_aug"]
     with pytest.raises(DatasetError, match="color_aug cannot be combined with cached latents"):
         ds.cache_latents(vae=None)
+    assert one_image(tmp_path / "b", colourful(), random_crop=True, color_aug=True).uncacheable_options == \
+        ["random_crop", "color_aug"]
+    assert one_image(tmp_path / "c", colourful(), flip_aug=True).uncacheable_options == []
 
 
 # kohya's names -> the Pillow filter of the same kind (area: a box average when shrinking, as OpenCV's INTER_AREA)
