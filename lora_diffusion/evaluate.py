@@ -17,17 +17,24 @@ import csv
 import glob
 import io
 import json
+import math
+import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import quality, world
 from .io import atomic_write
 
 WORLD_PROMPTS = ("world:star", "world:held-out", "world:seen")
+GRID_ROWS = 16  # prompt x seed rows in grid.png; results.csv and .json score every row
+BEST_BY = (("judge_shape", 1), ("fid", -1), ("clip", 1))  # the first score the rows have names the best...
+TIE_BREAKERS = (("judge_all", 1), ("judge_shape", 1), ("fid", -1), ("kid", -1), ("clip", 1))  # ...these split ties
 
 
 @dataclass
@@ -219,8 +226,9 @@ def reference_images(folder, scenes, n, size):
 
 
 @torch.no_grad()
-def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, size):
-    """One image per (prompt, seed) with the variant's LoRA applied (and removed afterwards)."""
+def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, size, progress=None):
+    """One image per (prompt, seed) with the variant's LoRA applied (and removed afterwards); progress(n) after
+    each batch of n images."""
     from .network import load_network
 
     network = None
@@ -233,6 +241,8 @@ def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, 
             generators = [torch.Generator().manual_seed(seed) for _ in prompts]
             images += pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                            generator=generators).images
+            if progress is not None:
+                progress(len(prompts))
     finally:
         if network is not None:
             network.remove()
@@ -242,9 +252,14 @@ def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, 
 
 def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, guidance=5.0, size=None,
              metrics=("judge", "fid", "kid"), features="world", reference=None, clip_model=None):
-    """Scores per variant: a list of dicts (label, file, multiplier, and each metric), and the images per variant."""
+    """Scores per variant: a list of dicts (label, file, multiplier, and each metric), and the images per variant.
+    A progress bar on stderr counts the images."""
     from .models import load_models
 
+    seeds = list(seeds)
+    if not seeds or not prompts or not variants:
+        raise ValueError(f"evaluate: nothing to draw ({len(variants)} variant(s), {len(prompts)} prompt(s), "
+                         f"{len(seeds)} seed(s)); each needs at least one")
     feature_net = feature_network(features) if {"fid", "kid"} & set(metrics) else None
     models = load_models(model)
     models.unet.float(), models.text_encoder.float(), models.vae.float()
@@ -253,13 +268,17 @@ def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, gui
     reference_set = reference_images(reference, scenes, len(prompts) * len(seeds), size) if feature_net else None
     scorer = clip_scorer(clip_model) if "clip" in metrics else None
     rows, all_images = [], []
-    for variant in variants:
-        images = generate_variant(models, pipe, variant, prompts, seeds, steps=steps, guidance=guidance, size=size)
-        row = {"label": variant.label, "file": variant.path or "", "multiplier": variant.multiplier}
-        row.update(score_images([p for p in prompts for _ in seeds], images, metrics, feature_net, reference_set,
-                                scorer))
-        rows.append(row)
-        all_images.append(images)
+    with tqdm(total=len(variants) * len(prompts) * len(seeds), desc="evaluate", unit="image", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for variant in variants:
+            bar.set_postfix_str(variant.label)
+            images = generate_variant(models, pipe, variant, prompts, seeds, steps=steps, guidance=guidance,
+                                      size=size, progress=bar.update)
+            row = {"label": variant.label, "file": variant.path or "", "multiplier": variant.multiplier}
+            row.update(score_images([p for p in prompts for _ in seeds], images, metrics, feature_net,
+                                    reference_set, scorer))
+            rows.append(row)
+            all_images.append(images)
     return rows, all_images
 
 
@@ -282,18 +301,55 @@ def native_size(models) -> int:
     return models.unet.config.sample_size * 2 ** (len(models.vae.config.block_out_channels) - 1)
 
 
-def best_row(rows):
-    """The variant the scores favour: the most shapes right on world prompts, else the lowest FID, else the
-    highest CLIP score (None with no LoRA rows or no score)."""
+@dataclass
+class Best:
+    row: dict  # the LoRA row named best
+    key: str  # the score that named it (BEST_BY)
+    tied: list  # the other rows with the same `key` score
+    broken_by: str | None  # how a tie was split: scores of TIE_BREAKERS, "file order", or None without a tie
+
+    def describe(self) -> str:
+        line = f"best by {self.key}: {self.row['label']} ({self.row['file']})"
+        if not self.tied:
+            return line
+        others = ", ".join(r["label"] for r in self.tied)
+        how = ("no other score tells them apart: the first in file order" if self.broken_by == "file order"
+               else f"broken by {self.broken_by}")
+        return f"{line}; tied on {self.key} with {others}: {how}"
+
+
+def best_row(rows) -> Best | None:
+    """The LoRA row the scores favour: the most shapes right on world prompts, else the lowest FID, else the
+    highest CLIP score (None with no LoRA row or no score). Rows tied on that score are split by the other scores
+    of TIE_BREAKERS in turn (all shapes right, FID, KID, CLIP), and what still ties by file order: the first
+    (the earliest epoch; multipliers in the order given)."""
     candidates = [r for r in rows if r["file"]]
-    for key, sign in (("judge_shape", 1), ("fid", -1), ("clip", 1)):
+    for key, sign in BEST_BY:
         scored = [r for r in candidates if key in r]
-        if scored:
-            return max(scored, key=lambda r: sign * r[key]), key
-    return None, None
+        if not scored:
+            continue
+        top = max(sign * r[key] for r in scored)
+        tied = [r for r in scored if sign * r[key] == top]
+        remaining, splitters = tied, []
+        for other, other_sign in TIE_BREAKERS:
+            if len(remaining) == 1:
+                break
+            if other == key or not all(other in r for r in remaining):
+                continue
+            best_other = max(other_sign * r[other] for r in remaining)
+            narrowed = [r for r in remaining if other_sign * r[other] == best_other]
+            if len(narrowed) < len(remaining):
+                remaining = narrowed
+                splitters.append(other)
+        if len(remaining) > 1:
+            splitters.append("file order")
+        best = remaining[0]
+        broken_by = ", then ".join(splitters) if len(tied) > 1 else None
+        return Best(best, key, [r for r in tied if r is not best], broken_by)
+    return None
 
 
-def xy_grid(variants, images, prompts, seeds, max_rows=16):
+def xy_grid(variants, images, prompts, seeds, max_rows=GRID_ROWS):
     rows = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))][:max_rows]
     cells = [images[v][p * len(seeds) + s] for (p, s) in rows for v in range(len(variants))]
     labels = [short_label(v) for v in variants]
@@ -362,7 +418,33 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=None)
 
 
+def check_out_folder(out):
+    """--out must be a folder that exists or can be made: checked before any image is drawn."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: is a file; expected a folder (new or existing) for results.csv, "
+                         f"results.json and grid.png")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so the folder cannot be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
+def check_flags(args):
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--steps", args.steps, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: expected an integer >= {least}"
+                             + (" (seeds 0..N-1 per prompt)" if flag == "--seeds" else ""))
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise ValueError(f"--size {args.size}: expected a positive multiple of 8 (the VAE's factor)")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: expected a finite number")
+    check_out_folder(args.out)
+
+
 def run(args) -> int:
+    check_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from .generate import check_multiplier
@@ -390,8 +472,11 @@ def run(args) -> int:
                             reference=args.reference, clip_model=args.clip_model)
     out = write_results(args.out, rows, xy_grid(variants, images, prompts, seeds))
     print(table(rows))
-    best, key = best_row(rows)
+    best = best_row(rows)
     if best:
-        print(f"best by {key}: {best['label']} ({best['file']})")
+        print(best.describe())
     print(f"wrote {out}/results.csv, results.json and grid.png")
+    if len(prompts) * len(seeds) > GRID_ROWS:
+        print(f"grid.png shows the first {GRID_ROWS} of the {len(prompts) * len(seeds)} prompt x seed rows "
+              f"({len(prompts)} prompts x {len(seeds)} seeds); results.csv and results.json score all of them")
     return 0

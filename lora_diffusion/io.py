@@ -45,21 +45,40 @@ def ordinary_mode(folder=False) -> int:
     return (0o777 if folder else 0o666) & ~current_umask()
 
 
-def atomic_write(path, write_fn, *, mode="wb"):
-    """write_fn(file) fills a temp file in the same folder; it is fsynced, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_error(error: OSError, what) -> OSError:
+    """The same OSError (class and errno kept) with a message that names what was being written: the system's own
+    ("[Errno 28] No space left on device") names no file."""
+    reason = error.strerror or str(error)
+    if error.filename is not None and str(error.filename) not in reason:
+        reason += f" ({error.filename})"
+    message = f"could not write {what}: {reason}; nothing was replaced"
     try:
+        new = type(error)(error.errno, message) if error.errno else OSError(message)
+    except TypeError:  # a subclass with a constructor of its own
+        new = OSError(error.errno, message)
+    new.written = str(what)  # an outer writer (a folder around this file) keeps this message
+    return new
+
+
+def atomic_write(path, write_fn, *, mode="wb"):
+    """write_fn(file) fills a temp file in the same folder; it is fsynced, then renamed over `path`. An OSError
+    (disk full, permissions) is raised again with `path` in its message; the temp file is removed."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, ordinary_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not hasattr(error, "written"):
+            raise write_error(error, path) from error
         raise
     return path
 
@@ -153,11 +172,16 @@ def build_folder_atomically(target, fill, *, sync=True):
     """Call fill(staging) on a fresh folder next to `target`, then replace_folder it into place, so an interrupted
     run never leaves a half-written folder under the final name (the staging folder is removed on failure).
     Returns what fill returned."""
-    staging = new_staging_folder(target)
+    try:
+        staging = new_staging_folder(target)
+    except OSError as error:
+        raise write_error(error, target) from error
     try:
         result = fill(staging)
         replace_folder(staging, target, sync=sync)
         return result
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and not hasattr(error, "written"):
+            raise write_error(error, target) from error
         raise

@@ -152,3 +152,52 @@ def test_images_default_to_the_models_own_size():
     from lora_diffusion.models import MINI_FOLDER, load_models
 
     assert evaluate.native_size(load_models(str(MINI_FOLDER))) == 64  # a folder path, not the builtin name
+
+
+def row(label, **scores):
+    return {"label": label, "file": f"{label}.safetensors", "multiplier": 1.0, **scores}
+
+
+def test_best_row_says_how_a_tie_was_broken():
+    base = {"label": "base", "file": "", "multiplier": 1.0, "judge_shape": 1.0}  # never the best: no LoRA
+    rows = [base, row("ep1", judge_shape=0.5, judge_all=0.5), row("ep2", judge_shape=1.0, judge_all=0.5, fid=3.0),
+            row("ep3", judge_shape=1.0, judge_all=0.75, fid=9.0), row("ep4", judge_shape=1.0, judge_all=0.75, fid=2.0)]
+    best = evaluate.best_row(rows)
+    assert best.row["label"] == "ep4" and best.key == "judge_shape"
+    assert [r["label"] for r in best.tied] == ["ep2", "ep3"] and best.broken_by == "judge_all, then fid"
+    assert best.describe().endswith("tied on judge_shape with ep2, ep3: broken by judge_all, then fid")
+    same = evaluate.best_row([row("ep1", judge_shape=1.0), row("ep2", judge_shape=1.0)])
+    assert same.row["label"] == "ep1" and "no other score tells them apart: the first in file order" in \
+        same.describe()
+    alone = evaluate.best_row([row("ep1", fid=4.0), row("ep2", fid=2.0)])
+    assert alone.row["label"] == "ep2" and alone.describe() == "best by fid: ep2 (ep2.safetensors)"
+    assert evaluate.best_row([base]) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
+    (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+    (["--size", "60"], "--size 60: expected a positive multiple of 8"),
+    (["--out", "{file}"], "--out {file}: is a file; expected a folder"),
+    (["--out", "{file}/eval"], "--out {file}/eval: {file} is a file"),
+])
+def test_bad_flags_are_refused_before_any_image_is_drawn(argv, message, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "results.txt"
+    existing.write_text("not a folder")
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("drew images before checking flags"))
+    argv = [a.format(file=existing) for a in argv]
+    assert main(["evaluate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message.format(file=existing) in err and "Traceback" not in err
+    assert existing.read_text() == "not a folder"
+
+
+def test_evaluate_shows_progress_and_says_the_grid_is_cut(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--prompts", "world:star", "--seeds", "3", "--steps", "1", "--metrics", "judge",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "evaluate" in captured.err and "24/24" in captured.err  # tqdm's bar on stderr: 8 prompts x 3 seeds
+    assert "grid.png shows the first 16 of the 24 prompt x seed rows (8 prompts x 3 seeds)" in captured.out
+    assert Image.open(out / "grid.png").height == 12 + 16 * 64
+    assert len(json.loads((out / "results.json").read_text())) == 1  # the base model alone
