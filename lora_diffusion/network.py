@@ -11,6 +11,7 @@ and `.clip_g` (one per text encoder).
 
 import functools
 import json
+import math
 import os
 import re
 import warnings
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import adapters, kohya
-from .adapters import AdapterLayer, LoRALayer, freeze_base
+from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
 from .adapters.base import shapes as _shapes
 from .adapters.lokr import check_factor
 from .adapters.lora import fit_shape as _fit
@@ -51,6 +52,8 @@ class LoRANetwork(nn.Module):
         self.alpha = alpha
         self.network_args = dict(network_args or {})
         self.network_module = network_module
+        self.block_lr_weights: list[float] | None = None  # kohya's down/mid/up_lr_weight, one per U-Net block
+        self.loraplus_ratios: dict[str, float] = {}  # LoRA+: "unet" / "text_encoder" -> lr ratio of lora_up
 
     # -- the layers ---------------------------------------------------------------------------------------------
 
@@ -139,14 +142,26 @@ class LoRANetwork(nn.Module):
         for name, layers, lr in (("unet", self.unet_layers, unet_lr), *encoders,
                                  ("embeddings", list(self.embeddings.values()), embedding_lr)):
             lr = default_lr if lr is None else lr
-            params = [p for layer in layers for p in layer.parameters()]
-            if not params or lr == 0:
-                continue
-            group = {"params": params, "name": name}
-            if lr is not None:
-                group["lr"] = lr
-            groups.append(group)
+            ratio = self.loraplus_ratios.get("unet" if name == "unet" else "text_encoder") \
+                if name != "embeddings" else None
+            parts = [(name, layers, lr)]
+            if name == "unet" and self.block_lr_weights is not None:
+                parts = self._block_parts(layers, lr)
+            for part, part_layers, part_lr in parts:
+                groups += _lora_groups(part, part_layers, part_lr, ratio)
         return groups
+
+    def _block_parts(self, layers: list[AdapterLayer], lr: float | None) -> list[tuple[str, list, float]]:
+        """kohya's block-wise lr: the U-Net's layers by block (in the order they come), each at lr x its weight."""
+        if lr is None:
+            raise ValueError("block-wise learning rates (down/mid/up_lr_weight) multiply a learning rate: pass "
+                             "unet_lr= or default_lr= to param_groups")
+        names = {id(layer): name for name, layer in self.layers().items()}
+        by_block: dict[int | None, list] = {}
+        for layer in layers:
+            by_block.setdefault(blocks.block_index(names[id(layer)], self.sdxl), []).append(layer)
+        return [(f"unet_block{i}" if i is not None else "unet", block_layers,
+                 lr * (self.block_lr_weights[i] if i is not None else 1.0)) for i, block_layers in by_block.items()]
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
@@ -247,6 +262,28 @@ class LoRANetwork(nn.Module):
                 embedding.load_vectors(bundled_vectors(bundled[name], name, path), path)
 
 
+def _lora_groups(name: str, layers: list, lr: float | None, ratio: float | None) -> list[dict]:
+    """One optimizer group of these layers' parameters, or two with LoRA+ (`ratio`): the `lora_up` weights at
+    lr x ratio in `<name>_plus` (kohya's and LyCORIS' rule: parameters named lora_up; LoHa/LoKr/iA3 have none). A
+    group whose lr is 0 is left out."""
+    plain, plus = [], []
+    for layer in layers:
+        for param_name, p in layer.named_parameters():
+            (plus if ratio is not None and "lora_up" in param_name else plain).append(p)
+    if plus and lr is None:
+        raise ValueError(f"LoRA+ (loraplus_*lr_ratio) multiplies a learning rate: pass {name}'s lr or default_lr= to "
+                         f"param_groups")
+    groups = []
+    for group_name, params, group_lr in ((name, plain, lr), (f"{name}_plus", plus, lr * ratio if plus else None)):
+        if not params or group_lr == 0:
+            continue
+        group = {"params": params, "name": group_name}
+        if group_lr is not None:
+            group["lr"] = group_lr
+        groups.append(group)
+    return groups
+
+
 def _preview(names: list[str], n: int = 5) -> str:
     if not names:
         return "none"
@@ -296,8 +333,11 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    include: list[str] | None = None, exclude: list[str] | None = None,
                    train_unet: bool = True, train_text_encoder: bool = True, algo: str | None = None,
                    dora_wd: bool = False, use_tucker: bool = False, factor: int = -1,
-                   decompose_both: bool = False, full_matrix: bool = False,
-                   train_on_input: bool = False) -> LoRANetwork:
+                   decompose_both: bool = False, full_matrix: bool = False, train_on_input: bool = False,
+                   block_dims=None, block_alphas=None, conv_block_dims=None, conv_block_alphas=None,
+                   down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None, block_lr_zero_threshold: float = 0.0,
+                   loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
+                   loraplus_text_encoder_lr_ratio: float | None = None) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
     `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
     models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
@@ -312,13 +352,29 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     options: `dora_wd` (DoRA), `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`,
     `full_matrix` (LoKr), `train_on_input` (iA3: scale the input channels, not the output ones). An algorithm takes
     the options it declares (`OPTIONS`) and ignores the others, as LyCORIS does; `dropout` applies to LoRA only
-    (LyCORIS has none for LoHa/LoKr; iA3 refuses it)."""
+    (LyCORIS has none for LoHa/LoKr; iA3 refuses it).
+
+    kohya networks.lora's network options, in kohya's `--network_args` string forms or as lists (adapters/blocks.py):
+    `block_dims`/`block_alphas` (rank/alpha per U-Net block, 25 values on SD1.x/2.x, 23 on SDXL),
+    `conv_block_dims`/`conv_block_alphas` (the same for kxk convs), `down_lr_weight`/`mid_lr_weight`/
+    `up_lr_weight` ("1,1,0.5,..." or "sine+.5"-style presets) and `block_lr_zero_threshold` (block lr weights,
+    applied by param_groups; blocks at weight 0 get no module). LoRA+: `loraplus_lr_ratio`,
+    `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio` (lora_up weights train at lr x ratio, in
+    param_groups; with LyCORIS algorithms too, as LyCORIS)."""
     encoders = text_encoder_list(text_encoder)
     if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
     options = dict(dropout=dropout, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
                    full_matrix=full_matrix, train_on_input=train_on_input)
+    block_options = dict(block_dims=block_dims, block_alphas=block_alphas, conv_block_dims=conv_block_dims,
+                         conv_block_alphas=conv_block_alphas, down_lr_weight=down_lr_weight,
+                         mid_lr_weight=mid_lr_weight, up_lr_weight=up_lr_weight)
+    blockwise = any(value is not None for value in block_options.values())
+    loraplus = _loraplus_ratios(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
     lycoris = algo is not None
+    if blockwise and lycoris:
+        given = ", ".join(k for k, v in block_options.items() if v is not None)
+        raise ValueError(f"{given}: kohya networks.lora's block-wise options; LyCORIS (algo=) has none")
     if lycoris:
         cls = adapters.algorithm(algo)
         algo = str(algo).lower()
@@ -331,9 +387,20 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
         if given:
             raise ValueError(f"{', '.join(given)}: LyCORIS options; pass algo= (network_module lycoris.kohya), e.g. "
                              f"algo='lora' or algo='{'ia3' if 'train_on_input' in given else 'lokr'}'")
+    sdxl = is_sdxl(unet, encoders)
+    alpha = alpha or rank  # kohya: an alpha of 0 (or none) means alpha = rank, i.e. scale 1
+    conv_alpha = conv_alpha or conv_rank
+    lr_weights = per_block = None
+    if blockwise:
+        threshold = float(block_lr_zero_threshold or 0.0)
+        lr_weights = blocks.parse_lr_weights(down_lr_weight, mid_lr_weight, up_lr_weight, threshold, sdxl=sdxl)
+        per_block = blocks.block_ranks(sdxl, rank, alpha, conv_rank, conv_alpha, block_dims=block_dims,
+                                       block_alphas=block_alphas, conv_block_dims=conv_block_dims,
+                                       conv_block_alphas=conv_block_alphas, lr_weights=lr_weights)
     targets: list[Target] = []
     if unet is not None and train_unet:
-        targets += unet_targets(unet, conv=bool(conv_rank), lycoris=lycoris)
+        convs = bool(conv_rank) or (per_block is not None and per_block[2] is not None)
+        targets += unet_targets(unet, conv=convs, lycoris=lycoris)
     if train_text_encoder:
         for prefix, encoder in encoders:
             targets += text_encoder_targets(encoder, prefix=prefix)
@@ -341,12 +408,14 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     if not targets:
         raise ValueError("create_network matched no module: check the models and the include/exclude patterns")
 
-    alpha = alpha or rank  # kohya: an alpha of 0 (or none) means alpha = rank, i.e. scale 1
-    conv_alpha = conv_alpha or conv_rank
     own = {key: options[key] for key in cls.OPTIONS}
     layers = {}
     for target in targets:
         r, a = (conv_rank, conv_alpha) if target.is_conv_kxk else (rank, alpha)
+        if per_block is not None and target.name.startswith(UNET_PREFIX + "_"):
+            r, a = _block_rank(per_block, target, sdxl, r, a)
+            if not r:
+                continue  # kohya: rank 0, or a block whose lr weight is 0, has no module
         layers[target.name] = cls(target.module, r, a, multiplier=multiplier, rank_dropout=rank_dropout,
                                   module_dropout=module_dropout, dora_wd=dora_wd, **own)
     for model in (unet, *(encoder for _, encoder in encoders)):
@@ -358,12 +427,43 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout), ("dora_wd", dora_wd),
                        ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
                        ("decompose_both", decompose_both), ("full_matrix", full_matrix),
-                       ("train_on_input", train_on_input)):
+                       ("train_on_input", train_on_input), *block_options.items(),
+                       ("block_lr_zero_threshold", block_lr_zero_threshold if lr_weights else None),
+                       ("loraplus_lr_ratio", loraplus_lr_ratio), ("loraplus_unet_lr_ratio", loraplus_unet_lr_ratio),
+                       ("loraplus_text_encoder_lr_ratio", loraplus_text_encoder_lr_ratio)):
         if value:
-            args[key] = value
-    return LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args,
-                       network_module="lycoris.kohya" if lycoris else "networks.lora",
-                       sdxl=is_sdxl(unet, encoders)).apply_to()
+            args[key] = value if isinstance(value, (str, int, float)) else ",".join(str(v) for v in value)
+    if not layers:
+        raise ValueError("create_network made no module: every target's block has rank 0 (block_dims) or lr weight 0")
+    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args,
+                          network_module="lycoris.kohya" if lycoris else "networks.lora", sdxl=sdxl)
+    network.block_lr_weights = lr_weights
+    network.loraplus_ratios = loraplus
+    return network.apply_to()
+
+
+def _block_rank(per_block, target: Target, sdxl: bool, rank, alpha):
+    """kohya's rank and alpha of a U-Net module from the per-block lists (Linear and 1x1 convs: block_dims; kxk
+    convs: conv_block_dims, none without them)."""
+    index = blocks.block_index(target.name, sdxl)
+    if index is None:
+        return rank, alpha
+    dims, alphas, conv_dims, conv_alphas = per_block
+    if target.is_conv_kxk:
+        return (conv_dims[index], conv_alphas[index]) if conv_dims is not None else (0, 0)
+    return dims[index], alphas[index]
+
+
+def _loraplus_ratios(ratio, unet_ratio, text_encoder_ratio) -> dict[str, float]:
+    """{"unet": ..., "text_encoder": ...} as kohya resolves them (a part's own ratio, else the shared one)."""
+    for option, value in (("loraplus_lr_ratio", ratio), ("loraplus_unet_lr_ratio", unet_ratio),
+                          ("loraplus_text_encoder_lr_ratio", text_encoder_ratio)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                  not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{option}={value!r}: expected a number > 0 (the lora_up weights' lr is lr x ratio; "
+                             f"the LoRA+ paper suggests 16)")
+    ratios = {"unet": unet_ratio or ratio, "text_encoder": text_encoder_ratio or ratio}
+    return {part: float(r) for part, r in ratios.items() if r is not None}
 
 
 def is_sdxl(unet: nn.Module | None, encoders: list[tuple[str, nn.Module]]) -> bool:
