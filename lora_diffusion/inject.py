@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from .layer import LoRALayer, freeze_base
+from .layer import AdapterLayer, LoRALayer, freeze_base
 from .network import LoRANetwork
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, canonical_text_encoder_path, kohya_name
 
@@ -112,7 +112,7 @@ def _descendants(module: nn.Module, path: str):
     for name, child in module.named_children():
         child_path = f"{path}.{name}" if path else name
         yield child_path, child
-        if not isinstance(child, LoRALayer):  # a LoRA's own lora_down / lora_up are not layers of the model
+        if not isinstance(child, AdapterLayer):  # an adapter's own lora_down / lora_up are not layers of the model
             yield from _descendants(child, child_path)
 
 

@@ -11,15 +11,18 @@ only, so a new algorithm is one module and one line below.
     loha   LoHa (LyCORIS)                                         loha.py
     lokr   LoKr (LyCORIS)                                         lokr.py
     ia3    iA3 (LyCORIS)                                          ia3.py
+    glora  GLoRA (LyCORIS)                                        glora.py
 """
 
 from .base import AdapterLayer, TensorLayer, freeze_base
+from .glora import GLoRALayer
 from .ia3 import IA3Layer
 from .loha import LoHaLayer
 from .lokr import LoKrLayer
 from .lora import LoRALayer
 
-ALGORITHMS: dict[str, type[AdapterLayer]] = {cls.kind: cls for cls in (LoRALayer, LoHaLayer, LoKrLayer, IA3Layer)}
+ALGORITHMS: dict[str, type[AdapterLayer]] = {cls.kind: cls for cls in (LoRALayer, LoHaLayer, LoKrLayer, IA3Layer,
+                                                                      GLoRALayer)}
 ALIASES = {"locon": "lora"}  # LyCORIS' algo=locon is the LoRA layer on convs too (its targets always have them)
 
 
@@ -45,5 +48,5 @@ def detect(keys) -> list[type[AdapterLayer]]:
     return [cls for cls in ALGORITHMS.values() if any(k in keys for k in cls.detect_keys)]
 
 
-__all__ = ["ALGORITHMS", "AdapterLayer", "IA3Layer", "LoHaLayer", "LoKrLayer", "LoRALayer", "TensorLayer",
+__all__ = ["ALGORITHMS", "AdapterLayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer", "LoRALayer", "TensorLayer",
            "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]
