@@ -415,7 +415,8 @@ def add_arguments(parser):
     parser.add_argument("--clip_model", default=None, help="local CLIP model folder for --metrics clip")
     parser.add_argument("--no_base", action="store_true", help="leave out the base model without a LoRA")
     parser.add_argument("--out", default="output/evaluate", help="folder for results.csv/.json and grid.png")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the cores not busy now, at least 1)")
 
 
 def check_out_folder(out):
@@ -445,8 +446,9 @@ def check_flags(args):
 
 def run(args) -> int:
     check_flags(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import set_cpu_threads
+
+    set_cpu_threads(args.threads, "evaluate")
     from .generate import check_multiplier
 
     try:

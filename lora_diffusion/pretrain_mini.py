@@ -461,14 +461,18 @@ def pretrain(settings: PretrainSettings, stage="all"):
 def add_arguments(parser):
     for field, default in asdict(PretrainSettings()).items():
         parser.add_argument(f"--{field}", type=type(default), default=default)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the cores not busy now, at least 1)")
     parser.add_argument("--stage", choices=["all", "decoder"], default="all",
                         help="decoder: only stage 3 (the VAE must be trained), e.g. beside a running stage 2")
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import set_cpu_threads
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected an integer >= 1")
+    set_cpu_threads(args.threads, "pretrain-mini")
     settings = PretrainSettings(**{k: v for k, v in vars(args).items() if k in PretrainSettings.__dataclass_fields__})
     pretrain(settings, args.stage)
     return 0
