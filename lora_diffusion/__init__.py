@@ -14,11 +14,19 @@ from . import cloneofsimo
 from .cloneofsimo import *  # noqa: F401,F403  cloneofsimo/lora's API under its names (lora_network, ...)
 from .kohya import LoRAFileError, read_lora_file
 from .layer import LoRALayer
-from .network import LoRANetwork, TokenEmbeddings, create_network, load_network
+from .network import (
+    LoRANetwork,
+    TokenEmbeddings,
+    create_network,
+    dim_from_weights,
+    load_network,
+    merge_base_weights,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALayer", "LoRANetwork", "TokenEmbeddings", "create_network", "load_network", "read_lora_file", "LoRAFileError",
+    "LoRALayer", "LoRANetwork", "TokenEmbeddings", "create_network", "load_network", "dim_from_weights",
+    "merge_base_weights", "read_lora_file", "LoRAFileError",
     *cloneofsimo.__all__,
 ]

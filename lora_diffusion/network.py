@@ -523,6 +523,54 @@ def load_network(path: str, unet: nn.Module | None, text_encoder,
     return network
 
 
+def dim_from_weights(path: str, unet: nn.Module | None, text_encoder, *, multiplier: float = 1.0,
+                     dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0) -> LoRANetwork:
+    """kohya's --dim_from_weights (networks.lora create_network_from_weights): a new, trainable network with exactly
+    the modules of a LoRA file, each with the file's rank and alpha, freshly initialised (up = 0: it changes
+    nothing); the models are frozen as in create_network. Load the file's weights into it with
+    `network.load_weights(path)` (--network_weights). Plain LoRA/LoCon files only, as kohya's networks.lora."""
+    modules, metadata = kohya.read_lora_file(path, warn_embeddings=False)
+    other = sorted({w.kind for w in modules.values()} - {"LoRA", "LoCon"})
+    if other:
+        raise kohya.LoRAFileError(f"{path} holds {', '.join(other)} modules; dim_from_weights takes the ranks of a "
+                                  f"plain LoRA/LoCon file (kohya networks.lora)")
+    available = all_named_modules(unet, text_encoder)
+    unplaced = sorted(name for name in modules if name not in available)
+    if unplaced:
+        raise kohya.LoRAFileError(f"{path}: {len(unplaced)} module(s) match nothing in the given models: "
+                                  f"{_preview(unplaced)}")
+    encoders = text_encoder_list(text_encoder)
+    layers = {}
+    for name, weights in modules.items():
+        target = available[name]
+        layers[target.name] = LoRALayer(target.module, weights.rank, weights.alpha, multiplier=multiplier,
+                                        dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+    for model in (unet, *(encoder for _, encoder in encoders)):
+        if model is not None:
+            freeze_base(model)
+    rank = _metadata_number(metadata, "ss_network_dim", int) or max(w.rank for w in modules.values())
+    alpha = _metadata_number(metadata, "ss_network_alpha", float) or _most_common_alpha(modules)
+    return LoRANetwork(layers, rank=rank, alpha=alpha, sdxl=is_sdxl(unet, encoders)).apply_to()
+
+
+def merge_base_weights(paths, unet: nn.Module | None, text_encoder, multipliers=None) -> None:
+    """kohya's --base_weights / --base_weights_multiplier: add each LoRA file's update (any algorithm this library
+    reads) into the models' weights for good, at its multiplier (missing multipliers are 1, as kohya), before
+    training a new network on top. The models keep no trace of the files (no hooks, no `.lora` children)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    multipliers = list(multipliers or [])
+    if len(multipliers) > len(paths):
+        raise ValueError(f"multipliers {multipliers}: {len(multipliers)} values for {len(paths)} base weight file(s)")
+    for i, path in enumerate(paths):
+        multiplier = float(multipliers[i]) if i < len(multipliers) else 1.0
+        network = load_network(path, unet, text_encoder, multiplier=multiplier)
+        for layer in network.layers().values():
+            layer.merge()
+            layer.remove()
+            layer.merged_multiplier = None  # final: nothing to unmerge later
+            object.__setattr__(layer, "_merged_delta", None)
+
+
 def bundled_vectors(parts: dict[str, torch.Tensor], name: str, source) -> torch.Tensor | dict[str, torch.Tensor]:
     """The [vectors, dim] tensor of one bundled embedding (A1111's `string_to_param.*`, or its only tensor), or an
     SDXL embedding's {"clip_l": ..., "clip_g": ...}."""
