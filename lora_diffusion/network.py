@@ -293,7 +293,7 @@ def _preview(names: list[str], n: int = 5) -> str:
 def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, source: str):
     """Copy file tensors into a layer of the same algorithm, folding the file's alpha into lora_up (LoRA) when the
     layer's alpha differs."""
-    if layer.kind != weights.algo or layer.is_dora != (weights.dora_scale is not None):
+    if (layer.file_algo or layer.kind) != weights.algo or layer.is_dora != (weights.dora_scale is not None):
         raise kohya.LoRAFileError(f"{source}: {name} is a {weights.kind} module in the file, a "
                                   f"{'DoRA ' if layer.is_dora else ''}{layer.label} one in this "
                                   f"network (a network made with other options?)")
@@ -337,7 +337,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    block_dims=None, block_alphas=None, conv_block_dims=None, conv_block_alphas=None,
                    down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None, block_lr_zero_threshold: float = 0.0,
                    loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
-                   loraplus_text_encoder_lr_ratio: float | None = None) -> LoRANetwork:
+                   loraplus_text_encoder_lr_ratio: float | None = None, block_size: int = 4,
+                   dylora_unit: int | None = None) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
     `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
     models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
@@ -360,21 +361,27 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     `up_lr_weight` ("1,1,0.5,..." or "sine+.5"-style presets) and `block_lr_zero_threshold` (block lr weights,
     applied by param_groups; blocks at weight 0 get no module). LoRA+: `loraplus_lr_ratio`,
     `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio` (lora_up weights train at lr x ratio, in
-    param_groups; with LyCORIS algorithms too, as LyCORIS)."""
+    param_groups; with LyCORIS algorithms too, as LyCORIS).
+
+    DyLoRA: `algo="dylora", block_size=4` (LyCORIS') or, without algo, `dylora_unit=1` (kohya's networks.dylora,
+    its targets and ss_network_module); the rank must be a multiple of the block size. Its files are LoRA files."""
     encoders = text_encoder_list(text_encoder)
     if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
     options = dict(dropout=dropout, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
-                   full_matrix=full_matrix, train_on_input=train_on_input)
+                   full_matrix=full_matrix, train_on_input=train_on_input, block_size=block_size)
     block_options = dict(block_dims=block_dims, block_alphas=block_alphas, conv_block_dims=conv_block_dims,
                          conv_block_alphas=conv_block_alphas, down_lr_weight=down_lr_weight,
                          mid_lr_weight=mid_lr_weight, up_lr_weight=up_lr_weight)
     blockwise = any(value is not None for value in block_options.values())
     loraplus = _loraplus_ratios(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
     lycoris = algo is not None
-    if blockwise and lycoris:
+    if blockwise and (lycoris or dylora_unit is not None):
         given = ", ".join(k for k, v in block_options.items() if v is not None)
-        raise ValueError(f"{given}: kohya networks.lora's block-wise options; LyCORIS (algo=) has none")
+        raise ValueError(f"{given}: kohya networks.lora's block-wise options; LyCORIS (algo=) and networks.dylora "
+                         f"have none")
+    if dylora_unit is not None and lycoris:
+        raise ValueError("dylora_unit is kohya's networks.dylora; with LyCORIS use algo='dylora', block_size=")
     if lycoris:
         cls = adapters.algorithm(algo)
         algo = str(algo).lower()
@@ -383,6 +390,9 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
         options["factor"] = factor = check_factor(factor)
     else:
         cls = LoRALayer
+        if dylora_unit is not None:
+            cls = adapters.DyLoRALayer
+            options["block_size"] = dylora_unit
         given = [k for k in ("dora_wd", *_ALGO_OPTIONS) if {**options, "dora_wd": dora_wd}[k] not in (False, -1)]
         if given:
             raise ValueError(f"{', '.join(given)}: LyCORIS options; pass algo= (network_module lycoris.kohya), e.g. "
@@ -427,7 +437,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout), ("dora_wd", dora_wd),
                        ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
                        ("decompose_both", decompose_both), ("full_matrix", full_matrix),
-                       ("train_on_input", train_on_input), *block_options.items(),
+                       ("train_on_input", train_on_input), ("block_size", block_size if algo == "dylora" else None),
+                       ("unit", dylora_unit), *block_options.items(),
                        ("block_lr_zero_threshold", block_lr_zero_threshold if lr_weights else None),
                        ("loraplus_lr_ratio", loraplus_lr_ratio), ("loraplus_unet_lr_ratio", loraplus_unet_lr_ratio),
                        ("loraplus_text_encoder_lr_ratio", loraplus_text_encoder_lr_ratio)):
@@ -435,8 +446,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
             args[key] = value if isinstance(value, (str, int, float)) else ",".join(str(v) for v in value)
     if not layers:
         raise ValueError("create_network made no module: every target's block has rank 0 (block_dims) or lr weight 0")
-    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args,
-                          network_module="lycoris.kohya" if lycoris else "networks.lora", sdxl=sdxl)
+    module = "lycoris.kohya" if lycoris else "networks.dylora" if dylora_unit is not None else "networks.lora"
+    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args, network_module=module, sdxl=sdxl)
     network.block_lr_weights = lr_weights
     network.loraplus_ratios = loraplus
     return network.apply_to()

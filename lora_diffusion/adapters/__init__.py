@@ -12,9 +12,11 @@ only, so a new algorithm is one module and one line below.
     lokr   LoKr (LyCORIS)                                         lokr.py
     ia3    iA3 (LyCORIS)                                          ia3.py
     glora  GLoRA (LyCORIS)                                        glora.py
+    dylora DyLoRA (LyCORIS algo=dylora, kohya networks.dylora)    dylora.py (its files are LoRA files)
 """
 
 from .base import AdapterLayer, TensorLayer, freeze_base
+from .dylora import DyLoRALayer
 from .glora import GLoRALayer
 from .ia3 import IA3Layer
 from .loha import LoHaLayer
@@ -22,7 +24,7 @@ from .lokr import LoKrLayer
 from .lora import LoRALayer
 
 ALGORITHMS: dict[str, type[AdapterLayer]] = {cls.kind: cls for cls in (LoRALayer, LoHaLayer, LoKrLayer, IA3Layer,
-                                                                      GLoRALayer)}
+                                                                      GLoRALayer, DyLoRALayer)}
 ALIASES = {"locon": "lora"}  # LyCORIS' algo=locon is the LoRA layer on convs too (its targets always have them)
 
 
@@ -48,5 +50,5 @@ def detect(keys) -> list[type[AdapterLayer]]:
     return [cls for cls in ALGORITHMS.values() if any(k in keys for k in cls.detect_keys)]
 
 
-__all__ = ["ALGORITHMS", "AdapterLayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer", "LoRALayer", "TensorLayer",
-           "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]
+__all__ = ["ALGORITHMS", "AdapterLayer", "DyLoRALayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer",
+           "LoRALayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]
