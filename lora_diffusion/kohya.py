@@ -26,7 +26,7 @@ from .targets import KNOWN_PREFIXES, canonical_kohya_name
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "iA3", "glora": "GLoRA"}
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "iA3", "glora": "GLoRA", "norm": "norm"}
 EMBEDDING_PREFIX = "bundle_emb."  # A1111's textual-inversion embeddings bundled in a LoRA file
 
 
@@ -180,7 +180,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
         if len(algos) != 1 or set(tensors) - set(algos[0].file_keys):
             raise LoRAFileError(f"{source}: module {name} has keys {sorted(parts)}; expected those of one algorithm: "
                                 f"lora_down/lora_up (LoRA), hada_* (LoHa), lokr_* (LoKr), weight/on_input (iA3) or "
-                                f"a1/a2/b1/b2 (GLoRA)")
+                                f"a1/a2/b1/b2 (GLoRA), w_norm/b_norm (norm layers)")
         cls = algos[0]
         cls.check_file_tensors(name, tensors, source)
         if cls.kind == "lora":
@@ -205,8 +205,8 @@ def _unknown_keys_message(keys: dict[str, torch.Tensor], source: str) -> str:
     formats = {key: _format_of(key, tensor) for key, tensor in sorted(keys.items())}
     for kind, _ in Counter(f for f in formats.values() if f).most_common(1):  # the format of most keys
         examples = [k for k, f in formats.items() if f == kind][:3]
-        return (f"{source} is {kind} file, which is not supported (LoRA/LoCon, LoHa, LoKr, iA3, GLoRA and DoRA "
-                f"are); keys such as {', '.join(examples)} cannot be loaded")
+        return (f"{source} is {kind} file, which is not supported (LoRA/LoCon, LoHa, LoKr, iA3, GLoRA, norm layers "
+                f"and DoRA are); keys such as {', '.join(examples)} cannot be loaded")
     shown = ", ".join(sorted(keys)[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
     return (f"{source} has keys that are not kohya LoRA keys: {shown}. Expected "
             f"`<lora_unet|lora_te|lora_te1|lora_te2>_<module>.{{lora_down.weight,lora_up.weight,alpha}}` (or LyCORIS' "

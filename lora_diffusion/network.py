@@ -35,6 +35,7 @@ from .targets import (
     is_sdxl_unet,
     text_encoder_list,
     text_encoder_targets,
+    unet_norm_targets,
     unet_targets,
 )
 
@@ -338,7 +339,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None, block_lr_zero_threshold: float = 0.0,
                    loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
                    loraplus_text_encoder_lr_ratio: float | None = None, block_size: int = 4,
-                   dylora_unit: int | None = None) -> LoRANetwork:
+                   dylora_unit: int | None = None, train_norm: bool = False) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
     `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
     models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
@@ -351,7 +352,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     lycoris.kohya) as `lycoris.kohya.create_network` does: its targets (kohya's with the convs, plus conv_in,
     conv_out and the time embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its
     options: `dora_wd` (DoRA), `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`,
-    `full_matrix` (LoKr), `train_on_input` (iA3: scale the input channels, not the output ones). An algorithm takes
+    `full_matrix` (LoKr), `train_on_input` (iA3: scale the input channels, not the output ones), `train_norm` (also
+    train the U-Net blocks' LayerNorm/GroupNorm weights and biases, adapters.NormLayer). An algorithm takes
     the options it declares (`OPTIONS`) and ignores the others, as LyCORIS does; `dropout` applies to LoRA only
     (LyCORIS has none for LoHa/LoKr; iA3 refuses it).
 
@@ -393,7 +395,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
         if dylora_unit is not None:
             cls = adapters.DyLoRALayer
             options["block_size"] = dylora_unit
-        given = [k for k in ("dora_wd", *_ALGO_OPTIONS) if {**options, "dora_wd": dora_wd}[k] not in (False, -1)]
+        given = [k for k in ("dora_wd", "train_norm", *_ALGO_OPTIONS)
+                 if {**options, "dora_wd": dora_wd, "train_norm": train_norm}[k] not in (False, -1)]
         if given:
             raise ValueError(f"{', '.join(given)}: LyCORIS options; pass algo= (network_module lycoris.kohya), e.g. "
                              f"algo='lora' or algo='{'ia3' if 'train_on_input' in given else 'lokr'}'")
@@ -428,6 +431,10 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                 continue  # kohya: rank 0, or a block whose lr weight is 0, has no module
         layers[target.name] = cls(target.module, r, a, multiplier=multiplier, rank_dropout=rank_dropout,
                                   module_dropout=module_dropout, dora_wd=dora_wd, **own)
+    if train_norm and unet is not None and train_unet:
+        for target in filter_targets(unet_norm_targets(unet), include, exclude):
+            layers[target.name] = adapters.NormLayer(target.module, multiplier=multiplier,
+                                                     module_dropout=module_dropout)
     for model in (unet, *(encoder for _, encoder in encoders)):
         if model is not None:
             freeze_base(model)  # only the adapters train (as inject_trainable_lora and peft)
@@ -438,7 +445,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                        ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
                        ("decompose_both", decompose_both), ("full_matrix", full_matrix),
                        ("train_on_input", train_on_input), ("block_size", block_size if algo == "dylora" else None),
-                       ("unit", dylora_unit), *block_options.items(),
+                       ("unit", dylora_unit), ("train_norm", train_norm), *block_options.items(),
                        ("block_lr_zero_threshold", block_lr_zero_threshold if lr_weights else None),
                        ("loraplus_lr_ratio", loraplus_lr_ratio), ("loraplus_unet_lr_ratio", loraplus_unet_lr_ratio),
                        ("loraplus_text_encoder_lr_ratio", loraplus_text_encoder_lr_ratio)):

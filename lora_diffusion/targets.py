@@ -116,6 +116,11 @@ def _lora_capable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
+def _addressable(module: nn.Module) -> bool:
+    """What a file's module may name: a Linear/Conv2d, or an affine norm layer (LyCORIS' train_norm)."""
+    return _lora_capable(module) or (isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None)
+
+
 def base_modules(model: nn.Module):
     """named_modules() without the LoRAs already applied to the model (and their own Linear/Conv2d inside)."""
     from .layer import AdapterLayer
@@ -138,6 +143,14 @@ def unet_targets(unet: nn.Module, *, conv: bool = False, lycoris: bool = False) 
     return targets
 
 
+def unet_norm_targets(unet: nn.Module) -> list[Target]:
+    """The affine LayerNorm/GroupNorm layers inside the U-Net's transformer and ResNet blocks: what LyCORIS'
+    `train_norm=True` trains (CLIP's attention and MLP blocks, its text-encoder targets, hold no norm layer)."""
+    return [Target(unet_module_name(unet, path), path, module) for path, module in base_modules(unet)
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None
+            and (_UNET_TRANSFORMER.match(path) or _UNET_CONV_PARENT.match(path))]
+
+
 def text_encoder_targets(text_encoder: nn.Module, *, prefix: str = TEXT_ENCODER_PREFIX) -> list[Target]:
     """The q/k/v/out projections and both MLP layers of every CLIP encoder layer."""
     targets = []
@@ -148,8 +161,8 @@ def text_encoder_targets(text_encoder: nn.Module, *, prefix: str = TEXT_ENCODER_
 
 
 def all_named_modules(unet: nn.Module | None, text_encoder) -> dict[str, Target]:
-    """Every Linear/Conv2d of the models by kohya name: what a foreign file may address. `text_encoder` is one
-    module or SDXL's (text_encoder, text_encoder_2) pair (see text_encoder_list).
+    """Every Linear/Conv2d (and affine norm layer) of the models by kohya name: what a foreign file may address.
+    `text_encoder` is one module or SDXL's (text_encoder, text_encoder_2) pair (see text_encoder_list).
 
     Text-encoder modules are reachable under every spelling canonical_kohya_name accepts: `lora_te_text_model_...`,
     `lora_te_...`, `lora_te1_text_model_...` and `lora_te1_...` (SDXL's second encoder: `lora_te2_text_model_...`,
@@ -159,13 +172,13 @@ def all_named_modules(unet: nn.Module | None, text_encoder) -> dict[str, Target]
     names = {}
     if unet is not None:
         for path, module in base_modules(unet):
-            if _lora_capable(module):
+            if _addressable(module):
                 target = Target(unet_module_name(unet, path), path, module)
                 names[target.name] = target
                 names.setdefault(kohya_name(UNET_PREFIX, path), target)
     for prefix, encoder in text_encoder_list(text_encoder):
         for path, module in base_modules(encoder):
-            if _lora_capable(module):
+            if _addressable(module):
                 canonical = canonical_text_encoder_path(path)
                 target = Target(kohya_name(prefix, canonical), path, module)
                 names[target.name] = target

@@ -13,6 +13,7 @@ only, so a new algorithm is one module and one line below.
     ia3    iA3 (LyCORIS)                                          ia3.py
     glora  GLoRA (LyCORIS)                                        glora.py
     dylora DyLoRA (LyCORIS algo=dylora, kohya networks.dylora)    dylora.py (its files are LoRA files)
+    norm   trained norm layers (LyCORIS train_norm=True)          norm.py (beside any algo=, not one itself)
 """
 
 from .base import AdapterLayer, TensorLayer, freeze_base
@@ -22,22 +23,23 @@ from .ia3 import IA3Layer
 from .loha import LoHaLayer
 from .lokr import LoKrLayer
 from .lora import LoRALayer
+from .norm import NormLayer
 
 ALGORITHMS: dict[str, type[AdapterLayer]] = {cls.kind: cls for cls in (LoRALayer, LoHaLayer, LoKrLayer, IA3Layer,
-                                                                      GLoRALayer, DyLoRALayer)}
+                                                                      GLoRALayer, DyLoRALayer, NormLayer)}
 ALIASES = {"locon": "lora"}  # LyCORIS' algo=locon is the LoRA layer on convs too (its targets always have them)
 
 
 def algorithm(name: str) -> type[AdapterLayer]:
     """The layer class of an `algo=` name (case-insensitive; `locon` is `lora`)."""
     key = ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in ALGORITHMS:
+    if key not in ALGORITHMS or not ALGORITHMS[key].creatable:
         raise ValueError(f"algo={name!r} is not supported; use one of {', '.join(algo_names())}")
     return ALGORITHMS[key]
 
 
 def algo_names() -> list[str]:
-    return [*ALGORITHMS, *ALIASES]
+    return [*(name for name, cls in ALGORITHMS.items() if cls.creatable), *ALIASES]
 
 
 def file_keys() -> set[str]:
@@ -51,4 +53,4 @@ def detect(keys) -> list[type[AdapterLayer]]:
 
 
 __all__ = ["ALGORITHMS", "AdapterLayer", "DyLoRALayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer",
-           "LoRALayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]
+           "LoRALayer", "NormLayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]

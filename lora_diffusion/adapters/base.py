@@ -32,6 +32,7 @@ class AdapterLayer(nn.Module):
     delta_depends_on_base = False  # the update is a function of the base weight (iA3): merge keeps it to unmerge
     OPTIONS: tuple[str, ...] = ()  # create_network keywords passed to this algorithm (besides the shared ones)
     file_algo: str | None = None  # the algorithm its file modules are, when not its own `kind` (DyLoRA: "lora")
+    creatable = True  # an `algo=` of create_network (the norm layers of train_norm are not)
 
     def _check_base(self, base: nn.Module) -> tuple[int, int]:
         """(in, out) of a base this layer can wrap."""
