@@ -325,7 +325,8 @@ def layer_from_file(module: nn.Module, weights: kohya.ModuleWeights, name: str, 
 
 
 ALGOS = tuple(adapters.algo_names())  # lora, loha, lokr, ia3, locon (= lora)
-_ALGO_OPTIONS = ("use_tucker", "factor", "decompose_both", "full_matrix", "train_on_input")
+_ALGO_OPTIONS = ("use_tucker", "factor", "decompose_both", "full_matrix", "train_on_input", "use_scalar",
+                 "rank_dropout_scale", "bypass_mode")
 
 
 def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: float = 1.0,
@@ -339,7 +340,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None, block_lr_zero_threshold: float = 0.0,
                    loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
                    loraplus_text_encoder_lr_ratio: float | None = None, block_size: int = 4,
-                   dylora_unit: int | None = None, train_norm: bool = False) -> LoRANetwork:
+                   dylora_unit: int | None = None, train_norm: bool = False, use_scalar: bool = False,
+                   rank_dropout_scale: bool = False, bypass_mode: bool = False) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
     `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
     models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
@@ -353,7 +355,9 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     conv_out and the time embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its
     options: `dora_wd` (DoRA), `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`,
     `full_matrix` (LoKr), `train_on_input` (iA3: scale the input channels, not the output ones), `train_norm` (also
-    train the U-Net blocks' LayerNorm/GroupNorm weights and biases, adapters.NormLayer). An algorithm takes
+    train the U-Net blocks' LayerNorm/GroupNorm weights and biases, adapters.NormLayer), `use_scalar` and
+    `rank_dropout_scale` (LoRA, LoHa, LoKr; see AdapterLayer), `bypass_mode` (accepted and recorded: LyCORIS' other
+    way to compute the same outputs; the forward here is already the input-side one for LoRA). An algorithm takes
     the options it declares (`OPTIONS`) and ignores the others, as LyCORIS does; `dropout` applies to LoRA only
     (LyCORIS has none for LoHa/LoKr; iA3 refuses it).
 
@@ -371,7 +375,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
     options = dict(dropout=dropout, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
-                   full_matrix=full_matrix, train_on_input=train_on_input, block_size=block_size)
+                   full_matrix=full_matrix, train_on_input=train_on_input, block_size=block_size,
+                   use_scalar=use_scalar, rank_dropout_scale=rank_dropout_scale, bypass_mode=bypass_mode)
     block_options = dict(block_dims=block_dims, block_alphas=block_alphas, conv_block_dims=conv_block_dims,
                          conv_block_alphas=conv_block_alphas, down_lr_weight=down_lr_weight,
                          mid_lr_weight=mid_lr_weight, up_lr_weight=up_lr_weight)
@@ -445,7 +450,9 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                        ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
                        ("decompose_both", decompose_both), ("full_matrix", full_matrix),
                        ("train_on_input", train_on_input), ("block_size", block_size if algo == "dylora" else None),
-                       ("unit", dylora_unit), ("train_norm", train_norm), *block_options.items(),
+                       ("unit", dylora_unit), ("train_norm", train_norm), ("use_scalar", use_scalar),
+                       ("rank_dropout_scale", rank_dropout_scale), ("bypass_mode", bypass_mode),
+                       *block_options.items(),
                        ("block_lr_zero_threshold", block_lr_zero_threshold if lr_weights else None),
                        ("loraplus_lr_ratio", loraplus_lr_ratio), ("loraplus_unet_lr_ratio", loraplus_unet_lr_ratio),
                        ("loraplus_text_encoder_lr_ratio", loraplus_text_encoder_lr_ratio)):

@@ -47,8 +47,12 @@ class AdapterLayer(nn.Module):
         raise TypeError(f"{type(self).__name__} wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
 
     def _finish_init(self, base: nn.Module, rank: int, alpha: float | None, *, multiplier: float, dropout: float,
-                     rank_dropout: float, module_dropout: float, dora_wd: bool = False):
-        """`alpha=None`: an algorithm without one (iA3): no `alpha` buffer, scale 1."""
+                     rank_dropout: float, module_dropout: float, dora_wd: bool = False, use_scalar: bool = False,
+                     rank_dropout_scale: bool = False):
+        """`alpha=None`: an algorithm without one (iA3): no `alpha` buffer, scale 1. `use_scalar` (LyCORIS): a
+        trainable 0-dim `scalar`, starting at 0, multiplies the update (the algorithm then starts its zero factor
+        at random values) and is folded into one factor in the file. `rank_dropout_scale` (LyCORIS): the rank
+        dropout mask is divided by its mean."""
         if alpha is not None:
             self.register_buffer("alpha", torch.tensor(float(alpha)))
             # The forward reads alpha as a Python float: `.item()` on a GPU tensor would sync the device in every
@@ -61,6 +65,8 @@ class AdapterLayer(nn.Module):
             self.dora_scale = nn.Parameter(row_norms(base.weight.detach().float()))
         else:
             self.dora_scale = None
+        self.scalar = nn.Parameter(torch.tensor(0.0)) if use_scalar else None
+        self.rank_dropout_scale = rank_dropout_scale
         if base.weight.device.type != "meta":
             self.to(base.weight.device)
         self.rank = rank
@@ -139,8 +145,10 @@ class AdapterLayer(nn.Module):
         """delta_weight, with LyCORIS' rank dropout in training (whole output rows dropped)."""
         delta = self.delta_weight()
         if self.training and self.rank_dropout > 0:
-            keep = torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout
-            delta = delta * keep.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
+            keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
+            if self.rank_dropout_scale:
+                keep = keep / keep.mean().clamp(min=1e-6)
+            delta = delta * keep.view(-1, *[1] * (delta.dim() - 1))
         return delta
 
     def _weight_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -152,6 +160,10 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def with_scalar(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor * the use_scalar scalar (unchanged without one)."""
+        return tensor if self.scalar is None else tensor * self.scalar.to(tensor.dtype)
 
     # -- DoRA ------------------------------------------------------------------------------------------------
 
@@ -269,7 +281,11 @@ class TensorLayer(AdapterLayer):
                              f"is {tuple(self.base.weight.shape)} (a file made for another model?)")
 
     def delta_weight(self) -> torch.Tensor:
-        return self._raw_delta().reshape(self.base.weight.shape) * self.scaling
+        return self.with_scalar(self._raw_delta().reshape(self.base.weight.shape) * self.scaling)
+
+    def scalar_key(self) -> str | None:
+        """The file key that use_scalar's scalar is folded into (LyCORIS' choice per algorithm)."""
+        return None
 
     def max_norm_factors(self):
         """LoHa's and LoKr's update is a product of all its tensors (LyCORIS' LoKr scales each by ratio^(1/n); its
@@ -294,12 +310,18 @@ class TensorLayer(AdapterLayer):
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(weights.tensors[key])
+            if self.scalar is not None:
+                self.scalar.fill_(1.0)  # the file holds it folded in (LyCORIS resets it the same way)
             if self.alpha is not None:
                 self.alpha.fill_(weights.alpha)
                 self._alpha_value = weights.alpha
 
     def file_tensors(self, dtype, file_alpha):
-        tensors = {key: tensor.detach().to(dtype) for key, tensor in self._tensors().items()}
+        tensors = {key: tensor.detach() for key, tensor in self._tensors().items()}
+        if self.scalar is not None:
+            key = self.scalar_key()
+            tensors[key] = tensors[key].float() * self.scalar.detach().float()
+        tensors = {key: tensor.to(dtype) for key, tensor in tensors.items()}
         if self.alpha is not None:
             tensors["alpha"] = torch.tensor(self.alpha.item(), dtype=dtype)
         return tensors

@@ -31,16 +31,19 @@ class GLoRALayer(TensorLayer):
     detect_keys = ("a1.weight",)  # LyCORIS' weight_list_det
     delta_depends_on_base = True
     FACTORS = ("a1", "a2", "b1", "b2")
-    OPTIONS = ("dropout",)  # refused (see __init__) rather than ignored
+    OPTIONS = ("dropout", "use_scalar")  # refused (see __init__) rather than ignored
 
     def __init__(self, base: nn.Module, rank: int = 4, alpha: float | None = None, *, multiplier: float = 1.0,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, dora_wd: bool = False,
-                 tensors: dict[str, torch.Tensor] | None = None, source: str = "GLoRA"):
-        """`dropout`, `rank_dropout` and `dora_wd` are refused: LyCORIS' GLoRA ignores them outside bypass mode."""
+                 tensors: dict[str, torch.Tensor] | None = None, source: str = "GLoRA", use_scalar: bool = False):
+        """`dropout`, `rank_dropout` and `dora_wd` are refused: LyCORIS' GLoRA ignores them outside bypass mode;
+        `use_scalar` is not implemented for GLoRA here."""
         super().__init__()
-        for option, value in (("dropout", dropout), ("rank_dropout", rank_dropout), ("dora_wd", dora_wd)):
+        for option, value in (("dropout", dropout), ("rank_dropout", rank_dropout), ("dora_wd", dora_wd),
+                              ("use_scalar", use_scalar)):
             if value:
-                raise ValueError(f"GLoRA has no {option} here (LyCORIS' GLoRA ignores it); got {option}={value!r}")
+                raise ValueError(f"GLoRA has no {option} here (LyCORIS' GLoRA ignores dropouts and DoRA outside "
+                                 f"its bypass mode); got {option}={value!r}")
         in_dim, out_dim = self._check_base(base)
         kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
         one = (1, 1) if kernel else ()

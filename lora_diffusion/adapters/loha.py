@@ -19,13 +19,13 @@ class LoHaLayer(TensorLayer):
     label = "LoHa"
     file_keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     detect_keys = file_keys
-    OPTIONS = ("use_tucker",)
+    OPTIONS = ("use_tucker", "use_scalar", "rank_dropout_scale")
     PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     def __init__(self, base: nn.Module, rank: int = 4, alpha: float | None = None, *, multiplier: float = 1.0,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  use_tucker: bool = False, dora_wd: bool = False, tensors: dict[str, torch.Tensor] | None = None,
-                 source: str = "LoHa"):
+                 source: str = "LoHa", use_scalar: bool = False, rank_dropout_scale: bool = False):
         super().__init__()
         in_dim, out_dim = self._check_base(base)
         kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
@@ -33,11 +33,14 @@ class LoHaLayer(TensorLayer):
             if rank < 1:
                 raise ValueError(f"LoHa rank must be >= 1, got {rank}")
             tensors = self._init(rank, in_dim, out_dim, kernel, use_tucker and math.prod(kernel) > 1)
+            if use_scalar:  # LyCORIS: the scalar starts at 0 instead of w2_a
+                tensors["hada_w2_a"] = torch.randn_like(tensors["hada_w2_a"]) * 0.1
         rank = tensors["hada_w1_b"].shape[0]
         self._set_params(tensors)
         alpha = float(rank if alpha is None or alpha == 0 else alpha)
         self._finish_init(base, rank, alpha, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                          module_dropout=module_dropout, dora_wd=dora_wd)
+                          module_dropout=module_dropout, dora_wd=dora_wd, use_scalar=use_scalar,
+                          rank_dropout_scale=rank_dropout_scale)
         self._check_shape(source)
 
     @staticmethod
@@ -55,6 +58,9 @@ class LoHaLayer(TensorLayer):
     @property
     def use_tucker(self) -> bool:
         return self.hada_t1 is not None
+
+    def scalar_key(self):
+        return "hada_w1_a"
 
     def _raw_delta(self) -> torch.Tensor:
         return loha_product(self._tensors())

@@ -49,13 +49,14 @@ class LoKrLayer(TensorLayer):
     label = "LoKr"
     file_keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     detect_keys = file_keys
-    OPTIONS = ("factor", "decompose_both", "use_tucker", "full_matrix")
+    OPTIONS = ("factor", "decompose_both", "use_tucker", "full_matrix", "use_scalar", "rank_dropout_scale")
     PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
     def __init__(self, base: nn.Module, rank: int = 4, alpha: float | None = None, *, multiplier: float = 1.0,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, factor: int = -1,
                  decompose_both: bool = False, use_tucker: bool = False, full_matrix: bool = False,
-                 dora_wd: bool = False, tensors: dict[str, torch.Tensor] | None = None, source: str = "LoKr"):
+                 dora_wd: bool = False, tensors: dict[str, torch.Tensor] | None = None, source: str = "LoKr",
+                 use_scalar: bool = False, rank_dropout_scale: bool = False):
         super().__init__()
         in_dim, out_dim = self._check_base(base)
         kernel = tuple(base.kernel_size) if isinstance(base, nn.Conv2d) else ()
@@ -64,11 +65,15 @@ class LoKrLayer(TensorLayer):
                 raise ValueError(f"LoKr rank must be >= 1, got {rank}")
             tensors = self._init(rank, in_dim, out_dim, kernel, int(factor), decompose_both,
                                  use_tucker and math.prod(kernel) > 1, full_matrix)
+            if use_scalar:  # LyCORIS: the scalar starts at 0 instead of w2 (or w2_b)
+                zero = "lokr_w2" if "lokr_w2" in tensors else "lokr_w2_b"
+                tensors[zero] = kaiming(*tensors[zero].shape)
         self._set_params(tensors)
         rank = lokr_rank(tensors) or rank
         alpha = float(rank if alpha is None or alpha == 0 else alpha)
         self._finish_init(base, rank, alpha, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                          module_dropout=module_dropout, dora_wd=dora_wd)
+                          module_dropout=module_dropout, dora_wd=dora_wd, use_scalar=use_scalar,
+                          rank_dropout_scale=rank_dropout_scale)
         self._check_shape(source)
 
     @property
@@ -95,6 +100,9 @@ class LoKrLayer(TensorLayer):
         else:
             t["lokr_w2_a"], t["lokr_w2_b"] = kaiming(b, rank), torch.zeros(rank, d * math.prod(kernel))
         return t
+
+    def scalar_key(self):
+        return "lokr_w1" if self.lokr_w1 is not None else "lokr_w1_a"
 
     def _raw_delta(self) -> torch.Tensor:
         return kron_product(self._tensors())

@@ -23,11 +23,12 @@ class LoRALayer(AdapterLayer):
     label = "LoRA"
     file_keys = ("lora_down.weight", "lora_up.weight")
     detect_keys = file_keys
-    OPTIONS = ("dropout",)
+    OPTIONS = ("dropout", "use_scalar", "rank_dropout_scale")
 
     def __init__(self, base: nn.Module, rank: int = 4, alpha: float | None = None, *, multiplier: float = 1.0,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, dora_wd: bool = False):
+                 dtype: torch.dtype = torch.float32, dora_wd: bool = False, use_scalar: bool = False,
+                 rank_dropout_scale: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -41,9 +42,13 @@ class LoRALayer(AdapterLayer):
             self.lora_up = nn.Conv2d(rank, out_dim, 1, 1, bias=False, dtype=dtype)
         alpha = float(rank if alpha is None or alpha == 0 else alpha)
         self._finish_init(base, rank, alpha, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                          module_dropout=module_dropout, dora_wd=dora_wd)
+                          module_dropout=module_dropout, dora_wd=dora_wd, use_scalar=use_scalar,
+                          rank_dropout_scale=rank_dropout_scale)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        if use_scalar:  # LyCORIS: the scalar starts at 0 instead of up
+            nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_up.weight)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_delta(x)
@@ -59,8 +64,12 @@ class LoRALayer(AdapterLayer):
             if self.dropout > 0:
                 h = F.dropout(h, p=self.dropout)
             if self.rank_dropout > 0:
-                h = h * self._rank_mask(h)
-                scale = scale / (1.0 - self.rank_dropout)
+                mask = self._rank_mask(h)
+                h = h * mask
+                # kohya: 1 / (1 - p); LyCORIS' rank_dropout_scale: 1 / the mask's mean
+                scale = scale / (mask.mean().clamp(min=1e-6) if self.rank_dropout_scale else 1.0 - self.rank_dropout)
+        if self.scalar is not None:
+            h = h * self.scalar.to(h.dtype)
         # The scale goes on the rank-r tensor, not on the output: r << out_features, so one small product instead
         # of a full-size one (and a full-size one less in the backward).
         return in_dtype_of(self.lora_up, h * scale)
@@ -84,7 +93,7 @@ class LoRALayer(AdapterLayer):
         else:
             # Composing a kxk conv (down) with a 1x1 conv (up) is itself a kxk conv.
             delta = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-        return delta * self.scaling
+        return self.with_scalar(delta * self.scaling)
 
     def max_norm_factors(self):
         return [self.lora_down.weight, self.lora_up.weight]  # kohya: each times sqrt(ratio)
@@ -132,13 +141,15 @@ class LoRALayer(AdapterLayer):
         with torch.no_grad():
             self.lora_down.weight.copy_(down)
             self.lora_up.weight.copy_(up.float() * (weights.alpha / self.alpha.item()))
+            if self.scalar is not None:
+                self.scalar.fill_(1.0)  # the file holds it folded into lora_up
 
     def file_tensors(self, dtype, file_alpha):
         """diffusers applies a file's most common alpha to every module: a plain LoRA module whose alpha differs
         from the network's is written with its scale folded into lora_up (up * alpha_m / alpha), which leaves
         alpha_m / r * up @ down unchanged. DoRA modules keep their own alpha, as LyCORIS writes them."""
         alpha = self.alpha.item()
-        up = self.lora_up.weight.detach().float()
+        up = self.with_scalar(self.lora_up.weight.detach().float()).detach()  # LyCORIS folds the scalar into up
         if not self.is_dora and alpha != file_alpha:
             up, alpha = up * (alpha / file_alpha), file_alpha
         return {"lora_down.weight": self.lora_down.weight.detach().to(dtype), "lora_up.weight": up.to(dtype),
