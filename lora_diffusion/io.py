@@ -46,17 +46,17 @@ def ordinary_mode(folder=False) -> int:
 
 
 def write_error(error: OSError, what) -> OSError:
-    """The same OSError (class and errno kept) with a message that names what was being written: the system's own
-    ("[Errno 28] No space left on device") names no file."""
-    reason = error.strerror or str(error)
-    if error.filename is not None and str(error.filename) not in reason:
-        reason += f" ({error.filename})"
-    message = f"could not write {what}: {reason}; nothing was replaced"
+    """The same OSError (class, errno and reason kept) naming what was being written: the system's own
+    "[Errno 28] No space left on device" names no file, or only a temp file."""
+    if error.errno:
+        args = (error.errno, error.strerror or str(error), str(what))  # str(): "[Errno 28] No space ...: 'what'"
+    else:
+        args = (f"could not write {what}: {error}",)
     try:
-        new = type(error)(error.errno, message) if error.errno else OSError(message)
+        new = type(error)(*args)
     except TypeError:  # a subclass with a constructor of its own
-        new = OSError(error.errno, message)
-    new.written = str(what)  # an outer writer (a folder around this file) keeps this message
+        new = OSError(*args)
+    new.written = str(what)  # an outer writer (a folder around this file) keeps this name
     return new
 
 
