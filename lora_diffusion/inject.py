@@ -236,9 +236,10 @@ def remove_lora(model: nn.Module):
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """peft's merge_and_unload: bake every LoRA on the model into its weights (at its multiplier) and take the LoRAs
     off; state_dict() keys are the plain model's again. Final: a later network.remove() does not undo it."""
-    for layer in [m for m in model.modules() if isinstance(m, LoRALayer) and m.applied]:
+    for layer in [m for m in model.modules() if isinstance(m, AdapterLayer) and m.applied]:
         layer.merge()
         layer.remove()
         layer.merged_multiplier = None
+        object.__setattr__(layer, "_merged_delta", None)
     _networks(model).clear()
     return model

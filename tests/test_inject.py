@@ -96,3 +96,21 @@ def test_nothing_matched_is_a_clear_error():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="found no nn.Linear under modules of class"):
         inject_trainable_lora(model)
+
+
+def test_merge_and_unload_bakes_every_algorithm(tiny_unet):
+    """peft's merge_and_unload for LyCORIS' algorithms too (LoHa, and iA3, whose update depends on the weight)."""
+    from lora_diffusion.inject import merge_and_unload
+
+    keys = set(tiny_unet.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for algo, include in (("loha", r"attn1"), ("ia3", r"attn2")):
+        network = create_network(tiny_unet, None, rank=2, algo=algo, include=[include])
+        for p in network.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = tiny_unet(x, t, context).sample
+        merge_and_unload(tiny_unet)
+        assert set(tiny_unet.state_dict()) == keys
+        torch.testing.assert_close(tiny_unet(x, t, context).sample, expected, rtol=1e-4, atol=1e-5)
