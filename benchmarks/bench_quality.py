@@ -108,20 +108,20 @@ def run_timed(cmd, out, threads):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), LORA_DIFFUSION_THREADS=str(threads))
     start = time.time()
-    log = open(out / "train.log", "w+")  # a file, not a pipe: an unread pipe fills up and stalls the trainer
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     seen, files = {p for p in out.glob("*_emb.safetensors")}, []
-    while process.poll() is None:
-        time.sleep(0.2)
-        for path in sorted(out.glob("*.safetensors")):
-            if path.name.endswith("_emb.safetensors"):
-                continue
-            if path not in seen:
-                seen.add(path)
-                files.append([path, time.time() - start])
-    log.seek(0)
-    output = log.read()
-    log.close()
+    # the log is a file, not a pipe: an unread pipe fills up and stalls the trainer
+    with open(out / "train.log", "w+") as log, common.child(cmd, cwd=ROOT, env=env, stdout=log,
+                                                              stderr=subprocess.STDOUT, text=True) as process:
+        while process.poll() is None:
+            time.sleep(0.2)
+            for path in sorted(out.glob("*.safetensors")):
+                if path.name.endswith("_emb.safetensors"):
+                    continue
+                if path not in seen:
+                    seen.add(path)
+                    files.append([path, time.time() - start])
+        log.seek(0)
+        output = log.read()
     if process.returncode:
         raise SystemExit(f"{cmd[1]} failed:\n{output[-3000:]}")
     for path in sorted(out.glob("*.safetensors")):

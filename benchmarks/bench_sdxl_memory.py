@@ -114,34 +114,34 @@ def child(args):
 def watch(command, env, budget: int) -> tuple[dict, int | None]:
     """Run the child, reading its replies; kill it when its resident memory passes `budget`. Returns (the last
     reply of each phase, the RSS that stopped it or None)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     replies, stopped = {}, None
-    statm = Path(f"/proc/{process.pid}/statm")
     page = os.sysconf("SC_PAGE_SIZE")
+    with common.child(command, stdout=subprocess.PIPE, text=True, env=env) as process:
+        statm = Path(f"/proc/{process.pid}/statm")
 
-    def guard():
-        nonlocal stopped
-        while process.poll() is None:
-            try:
-                rss = int(statm.read_text().split()[1]) * page
-            except (OSError, IndexError, ValueError):
-                return
-            if rss > budget:
-                stopped = rss
-                process.kill()
-                return
-            time.sleep(0.05)
+        def guard():
+            nonlocal stopped
+            while process.poll() is None:
+                try:
+                    rss = int(statm.read_text().split()[1]) * page
+                except (OSError, IndexError, ValueError):
+                    return
+                if rss > budget:
+                    stopped = rss
+                    common.stop(process, grace=0)  # the whole group, at once: it is past the budget
+                    return
+                time.sleep(0.05)
 
-    thread = threading.Thread(target=guard, daemon=True)
-    thread.start()
-    for line in process.stdout:
-        if line.startswith("@@"):
-            data = json.loads(line[2:])
-            replies[data["phase"]] = data
-            print(f"  {data['phase']}: resident {data.get('rss', data.get('peak_step', 0)) / GIB:.2f} GiB",
-                  file=sys.stderr, flush=True)
-    process.wait()
-    thread.join()
+        thread = threading.Thread(target=guard, daemon=True)
+        thread.start()
+        for line in process.stdout:
+            if line.startswith("@@"):
+                data = json.loads(line[2:])
+                replies[data["phase"]] = data
+                print(f"  {data['phase']}: resident {data.get('rss', data.get('peak_step', 0)) / GIB:.2f} GiB",
+                      file=sys.stderr, flush=True)
+        process.wait()
+        thread.join()
     if stopped is None and process.returncode != 0:
         raise RuntimeError(f"the step's process exited with {process.returncode} (see its error above)")
     return replies, stopped

@@ -143,8 +143,12 @@ class Worker:
             command.append("--quick")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_COMPILE_THREADS="1")
         self.name = name
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self.read()
+        self.process = common.start(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            self.info = self.read()
+        except BaseException:
+            common.stop(self.process)
+            raise
 
     def read(self) -> dict:
         for line in self.process.stdout:
@@ -157,13 +161,18 @@ class Worker:
         self.process.stdin.flush()
         return self.read()
 
-    def close(self):
+    def close(self, grace=60.0):
+        """Ask the worker to quit; its process group is ended after `grace` seconds in any case."""
         try:
             self.process.stdin.write("quit\n")
             self.process.stdin.close()
         except (BrokenPipeError, OSError):
             pass
-        self.process.wait()
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        common.stop(self.process)
 
 
 # -- the parent: alternate, report ----------------------------------------------------------------------------

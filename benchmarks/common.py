@@ -4,9 +4,11 @@ Every benchmark is `python benchmarks/<name>.py [--quick] [--json out.json]`; --
 the tiny one so the whole file runs in seconds (a smoke test, not a measurement).
 """
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,6 +81,50 @@ def wait_for_quiet(max_load: float = 1.0, timeout: float = 120.0) -> float:
     while loadavg() > max_load and time.time() < deadline:
         time.sleep(5)
     return loadavg()
+
+
+# -- child processes -----------------------------------------------------------------------------------------------
+# A benchmark's children (trainers, workers) run in process groups of their own, and each group is ended when the
+# benchmark is done with it, however that happens (normally, on an exception, on SIGTERM or Ctrl-C): a timed-out
+# benchmark left its train_lora.py running as an orphan when only the benchmark's own pid was killed.
+
+
+def start(command, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(command, **kwargs) in a new session: its own process group, whose id is its pid. The
+    caller stops it with stop(); SIGTERM to this process then unwinds (SystemExit) so that it can."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    return subprocess.Popen(command, start_new_session=True, **kwargs)
+
+
+@contextlib.contextmanager
+def child(command, **kwargs):
+    """start(command, **kwargs) for the block; on leaving it, however, the child's whole group is stopped."""
+    process = start(command, **kwargs)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace: float = 5.0):
+    """End the child's process group: SIGTERM, then after `grace` seconds SIGKILL to whatever of it is left (what
+    the child started can outlive it in its group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break  # nothing of the group is left
+        if sig == signal.SIGTERM:
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+    process.wait()
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the children's groups
 
 
 # -- memory --------------------------------------------------------------------------------------------------------
