@@ -247,7 +247,14 @@ def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, outpu
     projection of the second, the original size / crop / target size as time ids; a multi-vector token written
     out by diffusers' maybe_convert_prompt from the tokenizers' added tokens). Leaves the modules' modes and
     devices and the RNG as it found them."""
-    from .training.sampling import _save_png, make_sample_scheduler, prompt_seed, sample_filename, sampling_session
+    from .training.sampling import (
+        _save_png,
+        draw,
+        make_sample_scheduler,
+        prompt_seed,
+        sample_filename,
+        sampling_session,
+    )
 
     if clip_skip not in (None, 1, 2):  # kohya: SDXL always reads the penultimate layer; --clip_skip does not apply
         warnings.warn(f"clip_skip={clip_skip} is ignored for SDXL, which always uses the penultimate layer")
@@ -264,10 +271,9 @@ def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, outpu
             prompt = dict(prompt, seed=prompt_seed(prompt, index, seed))
             generator = torch.Generator(device="cpu" if device.type == "mps" else device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-                image = pipeline(prompt=prompt["prompt"], negative_prompt=prompt["negative_prompt"] or None,
-                                 width=prompt["width"], height=prompt["height"],
-                                 num_inference_steps=prompt["steps"], guidance_scale=prompt["scale"],
-                                 generator=generator.manual_seed(prompt["seed"])).images[0]
+                image = draw(pipeline, prompt=prompt["prompt"], negative_prompt=prompt["negative_prompt"] or None,
+                             width=prompt["width"], height=prompt["height"], num_inference_steps=prompt["steps"],
+                             guidance_scale=prompt["scale"], generator=generator.manual_seed(prompt["seed"]))[0]
             path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
             _save_png(image, path, prompt)
             paths.append(path)

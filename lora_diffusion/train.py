@@ -77,6 +77,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad(f"--log_with {args.log_with}: wandb is not installed (pip install wandb); or use --log_with tensorboard")
     if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
         bad(f"--log_tracker_config {args.log_tracker_config}: no such file (a TOML of tracker settings)")
+    if args.dim_from_weights and not args.network_weights:
+        bad("--dim_from_weights takes the ranks from --network_weights: give that file")
     if args.full_bf16 and args.mixed_precision != "bf16":
         bad("--full_bf16 needs --mixed_precision bf16")
     if args.use_lion_optimizer:
@@ -117,8 +119,9 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         if args.cache_latents is False:
             bad("--cache_latents_to_disk and --no_cache_latents exclude each other")
         args.cache_latents = True
+    args.cache_latents_defaulted = args.cache_latents is None
     if args.cache_latents is None:  # cached latents have one fixed crop, so random crops need the VAE every step
-        args.cache_latents = not args.random_crop
+        args.cache_latents = not (args.random_crop or args.color_aug or args.face_crop_aug_range)
     elif args.cache_latents and args.random_crop:
         bad("--cache_latents and --random_crop exclude each other (a cached latent has one fixed crop)")
     if args.use_8bit_adam:
@@ -273,6 +276,7 @@ def held_out_entries(args, dataset) -> list:
         from lora_diffusion.dataset import LoRADataset
 
         options = {name: getattr(args, name) for name in FLAG_DEFAULTS}
+        options["in_json"] = None  # the training images' metadata names none of the validation images
         return LoRADataset(args.validation_data_dir, **options, seed=args.seed).entries
     return []
 
@@ -320,6 +324,9 @@ def tracker_names(args) -> list[str] | None:
     names = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
     if "wandb" in names:
         os.environ.setdefault("WANDB_MODE", "offline")
+        folder = Path(args.logging_dir or args.output_dir)  # not ./wandb of wherever the run started
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", str(folder))
         if args.wandb_api_key:
             os.environ.setdefault("WANDB_API_KEY", args.wandb_api_key)
     return names
@@ -537,9 +544,15 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     from lora_diffusion import create_network
 
     unet, text_encoder = models.unet, models.text_encoder
-    network = create_network(unet, models.text_encoders, rank=args.network_dim, alpha=args.network_alpha,
-                             dropout=args.network_dropout, train_unet=train_unet,
-                             train_text_encoder=train_text_encoder, **network_options(args))
+    if args.dim_from_weights:  # kohya's: every module with the rank and alpha it has in --network_weights
+        from lora_diffusion import load_network
+
+        network = load_network(args.network_weights, unet, models.text_encoders)
+        network.set_trainable(unet=train_unet, text_encoder=train_text_encoder)
+    else:
+        network = create_network(unet, models.text_encoders, rank=args.network_dim, alpha=args.network_alpha,
+                                 dropout=args.network_dropout, train_unet=train_unet,
+                                 train_text_encoder=train_text_encoder, **network_options(args))
     embedding, embedding_steps = None, 0
     if args.token_string:
         from lora_diffusion.network import TokenEmbeddings
@@ -553,7 +566,8 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
             accelerator.print(f"warning: no caption holds --token_string {args.token_string}; its embedding "
                               f"only learns from captions that name it")
     if args.network_weights:
-        network.load_weights(args.network_weights)
+        if not args.dim_from_weights:
+            network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
     network.to(accelerator.device).train()
     if args.full_bf16:  # kohya's: the LoRA's weights, gradients and optimizer state in bf16 too
@@ -630,6 +644,10 @@ def train(args):
     if args.masked_loss and not dataset.has_masks:
         raise TrainingError("--masked_loss: no image folder has masks; set alpha_mask (the images' alpha) or a "
                             "conditioning_data_dir of mask images per subset in --dataset_config, or --alpha_mask")
+    if args.cache_latents and args.cache_latents_defaulted and dataset.uncacheable_options:
+        args = argparse.Namespace(**{**vars(args), "cache_latents": False})
+        accelerator.print(f"latents are encoded every step: {', '.join(dataset.uncacheable_options)} change the "
+                          f"images from epoch to epoch")
     held_out = held_out_entries(args, dataset)
     accelerator.print(dataset.summary())
     resolution = dataset.resolution
@@ -675,7 +693,7 @@ def train(args):
         accelerator.print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1}, "
                           f"batch {skip_batches})")
     run.metadata = run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch, max_train_steps,
-                                num_epochs, optimizer_name, session_id)
+                                num_epochs, optimizer_name, session_id, num_processes=accelerator.num_processes)
     if run.log_with:
         init_kwargs = {}
         if args.log_tracker_config:

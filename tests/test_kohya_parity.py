@@ -419,3 +419,26 @@ def test_save_n_epoch_ratio_sets_the_epoch_interval(tmp_path):
     assert train_lora.main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("t-0*.safetensors")) == \
         ["t-000002.safetensors", "t-000004.safetensors"]  # every 6 // 3 = 2 epochs; the last is t.safetensors
+
+
+def test_log_with_wandb_runs_offline_into_the_logging_dir(tmp_path):
+    pytest.importorskip("wandb")
+    import os
+
+    from test_train import base_flags, make_dataset
+
+    before = {name: os.environ.pop(name, None) for name in ("WANDB_MODE", "WANDB_DIR")}
+    data = make_dataset(tmp_path, n=2)
+    argv = base_flags(tmp_path, data, max_train_steps=2, log_with="all", logging_dir=tmp_path / "logs",
+                      log_tracker_name="stars", wandb_run_name="first")
+    try:
+        assert train_lora.main(argv) == 0
+        assert os.environ["WANDB_MODE"] == "offline"  # no network needed, nothing uploaded
+    finally:
+        for name, value in before.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))  # and TensorBoard's

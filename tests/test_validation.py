@@ -98,6 +98,27 @@ def test_generated_images_are_scored_each_validation(tmp_path, capsys):
     assert "most shapes right" in out
 
 
+def test_fp16_runs_validate_and_sample_with_the_vae_in_fp32(tmp_path, capsys, model="builtin:tiny"):
+    """Under --mixed_precision fp16 the U-Net's latents are fp16 and the VAE stays fp32: images are decoded in the
+    VAE's dtype, outside autocast (a crash at the first validation prompt before)."""
+    data = make_dataset(tmp_path, n=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star --w 64 --h 64 --s 2\n")
+    argv = base_flags(tmp_path, data, pretrained_model_name_or_path=model, max_train_steps=None, max_train_epochs=1,
+                      train_batch_size=5, mixed_precision="fp16", validation_prompts=prompts,
+                      validation_seeds=1, validation_split=0.5, sample_prompts=prompts)
+    assert train_lora.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "validation_loss" in out and "judge_shape" in out
+    samples = list((tmp_path / "out" / "sample").glob("*.png"))
+    assert samples
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(samples[0]).convert("RGB"))
+    assert pixels.shape == (64, 64, 3) and 0 < pixels.std()  # decoded, not a blank or NaN (black) image
+
+
 # --- SDXL ---------------------------------------------------------------------------------------------------------
 
 

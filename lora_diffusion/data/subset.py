@@ -63,7 +63,7 @@ class Subset:
     random_crop: bool = _option(False, bool, "subset", "crop the bucket's window at random instead of centred",
                                 metadata=True)
     resize_interpolation: str | None = _option(None, str, "subset", "the resampling filter of the image resize "
-                                               "(unset: lanczos)", choices=INTERPOLATIONS)
+                                               "(unset: lanczos)", choices=INTERPOLATIONS, metadata=True)
     alpha_mask: bool = _option(False, bool, "subset", "the image's alpha channel is a loss mask (transparent: not "
                                "learned; opaque: learned); images without one get a full mask")
     conditioning_data_dir: Path | None = _option(None, str, "folder", "a folder of loss-mask images, one per image "

@@ -130,8 +130,8 @@ NETWORK = group(
            gui=("lora_network_weights",)),
     Option("network_train_unet_only", SWITCH, False, "train the U-Net's LoRA only"),
     Option("network_train_text_encoder_only", SWITCH, False, "train the text encoders' LoRA only"),
-    Option("dim_from_weights", SWITCH, False, "take each module's rank and alpha from --network_weights",
-           refused="taking the ranks from --network_weights is not implemented yet"),
+    Option("dim_from_weights", SWITCH, False, "take each module's rank and alpha from --network_weights (and only "
+           "its modules)"),
     Option("scale_weight_norms", float, None, "scale down each module whose weight change has a norm above this "
            "(kohya's max-norm regularization; 1 is typical)", metadata=True),
     Option("base_weights", str, None, "LoRA files merged into the model before training", nargs="*",

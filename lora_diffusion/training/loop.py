@@ -198,7 +198,7 @@ def compute_loss(run: Run, batch):
         target = torch.where(is_reg[:, None, None, None], base_model_prediction(run, batch, noisy, timesteps), target)
     with accelerator.autocast():
         pred = models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
-    mask = batch.get("alpha_masks") if args.masked_loss or getattr(args, "alpha_mask", False) else None
+    mask = batch.get("alpha_masks")  # kohya: whenever images have masks (alpha_mask, conditioning_data_dir)
     return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
                                    min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
                                    is_reg=is_reg, prior_loss_weight=args.prior_loss_weight, loss_type=args.loss_type,

@@ -79,7 +79,8 @@ TRAINING_KEYS = {
     "reg_dataset_dirs": "JSON, same shape, for regularization folders",
     "tag_frequency": "JSON {folder name: {tag: count}}",
     "datasets": "JSON of a dataset-config run's datasets",
-    "loss_type": "l2 for MSE",
+    "loss_type": "l1, l2 (MSE), huber or smooth_l1",
+    "resize_interpolation": "--resize_interpolation",
 }
 
 # Keys another module writes: refuse them here so a file never holds two differing copies.
@@ -107,30 +108,21 @@ def training_metadata(**values):
 
 
 def run_metadata(args, models, dataset, resolution, batch_size, num_batches, max_train_steps, num_epochs,
-                 optimizer_name, session_id) -> dict:
-    """The training record (kohya's ss_* keys) of this run, as plain values."""
-    return dict(
-        ss_learning_rate=args.learning_rate, ss_unet_lr=args.unet_lr, ss_text_encoder_lr=args.text_encoder_lr,
+                 optimizer_name, session_id, num_processes=1) -> dict:
+    """The training record (kohya's ss_* keys) of this run, as plain values: every option declared with
+    metadata=True (lora_diffusion.options), then what the run computed."""
+    from lora_diffusion.options import trainer_options
+
+    record = {f"ss_{o.name}": getattr(args, o.name) for o in trainer_options() if o.metadata and not o.dest}
+    record.update(
         ss_num_train_images=dataset.num_train_images, ss_num_reg_images=dataset.num_reg_images,
         ss_num_batches_per_epoch=num_batches, ss_num_epochs=num_epochs, ss_max_train_steps=max_train_steps,
-        ss_lr_warmup_steps=args.lr_warmup_steps, ss_lr_scheduler=args.lr_scheduler,
-        ss_optimizer=optimizer_name,
-        ss_mixed_precision=args.mixed_precision, ss_full_fp16=False, ss_seed=args.seed,
-        ss_resolution=f"({resolution[0]}, {resolution[1]})",
-        ss_clip_skip=args.clip_skip, ss_max_token_length=args.max_token_length, ss_noise_offset=args.noise_offset,
-        ss_multires_noise_iterations=args.multires_noise_iterations,
-        ss_multires_noise_discount=args.multires_noise_discount, ss_min_snr_gamma=args.min_snr_gamma,
-        ss_caption_dropout_rate=args.caption_dropout_rate, ss_caption_tag_dropout_rate=args.caption_tag_dropout_rate,
-        ss_keep_tokens=args.keep_tokens, ss_shuffle_caption=args.shuffle_caption, ss_flip_aug=args.flip_aug,
-        ss_enable_bucket=args.enable_bucket, ss_bucket_no_upscale=args.bucket_no_upscale,
-        ss_min_bucket_reso=args.min_bucket_reso, ss_max_bucket_reso=args.max_bucket_reso,
-        ss_cache_latents=args.cache_latents,
-        ss_gradient_checkpointing=args.gradient_checkpointing,
-        ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
-        ss_batch_size_per_device=batch_size, ss_max_grad_norm=args.max_grad_norm,
-        ss_prior_loss_weight=args.prior_loss_weight, ss_network_dropout=args.network_dropout,
+        ss_optimizer=optimizer_name, ss_resolution=f"({resolution[0]}, {resolution[1]})",
+        ss_batch_size_per_device=batch_size,
+        ss_total_batch_size=batch_size * num_processes * args.gradient_accumulation_steps,
         ss_dataset_dirs=dataset.dataset_dirs, ss_tag_frequency=dataset.tag_frequency,
         ss_sd_model_name=os.path.basename(str(args.pretrained_model_name_or_path)),
         ss_training_started_at=time.time(), ss_v_parameterization=models.v_parameterization,
-        ss_training_comment=args.training_comment, ss_session_id=session_id,
+        ss_session_id=session_id,
     )
+    return record

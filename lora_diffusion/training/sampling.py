@@ -285,7 +285,8 @@ def generate_samples(
                     clip_skip=clip_skip, max_token_length=max_token_length,
                 ).to(device=device, dtype=unet.dtype)
                 generator = torch.Generator(device="cpu" if device.type == "mps" else device)
-                image = pipeline(
+                image = draw(
+                    pipeline,
                     prompt_embeds=embeds[:1],
                     negative_prompt_embeds=embeds[1:],
                     width=prompt["width"],
@@ -293,9 +294,19 @@ def generate_samples(
                     num_inference_steps=prompt["steps"],
                     guidance_scale=prompt["scale"],
                     generator=generator.manual_seed(prompt["seed"]),
-                ).images[0]
+                )[0]
             path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
             _save_png(image, path, prompt)
             paths.append(path)
         del pipeline
     return paths
+
+
+def draw(pipe, **kwargs):
+    """A diffusers pipeline's images, with the latents decoded in the VAE's own dtype (fp32, or bf16) and outside
+    any autocast: under fp16 the U-Net's latents would meet the fp32 VAE's weights, and SD's VAEs overflow in fp16."""
+    latents = pipe(output_type="latent", **kwargs).images
+    vae = pipe.vae
+    with torch.no_grad(), torch.autocast(device_type=latents.device.type, enabled=False):
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .sampling import draw
+
 TIMESTEP_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -151,8 +153,8 @@ def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
         images = []  # diffusers writes a multi-vector token out itself (maybe_convert_prompt)
         for seed in range(seeds):
             generators = [torch.Generator().manual_seed(seed) for _ in prompts]
-            images += pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=generators).images
+            images += draw(pipe, prompt=prompts, height=size, width=size, num_inference_steps=steps,
+                           guidance_scale=guidance, generator=generators)
     finally:
         for model, device in devices:
             model.to(device)
