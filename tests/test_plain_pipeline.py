@@ -18,7 +18,7 @@ from lora_diffusion.tools.model_convert import convert_model
 
 
 def draw_plainly(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))  # exactly the one-liner: no dtype, no options
     pipe.set_progress_bar_config(disable=True)
     dtypes = {part: getattr(pipe, part).dtype for part in ("unet", "vae", "text_encoder")}
     image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
