@@ -339,7 +339,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    block_dims=None, block_alphas=None, conv_block_dims=None, conv_block_alphas=None,
                    down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None, block_lr_zero_threshold: float = 0.0,
                    loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
-                   loraplus_text_encoder_lr_ratio: float | None = None, block_size: int = 4,
+                   loraplus_text_encoder_lr_ratio: float | None = None, block_size: int | None = None,
                    dylora_unit: int | None = None, train_norm: bool = False, use_scalar: bool = False,
                    rank_dropout_scale: bool = False, bypass_mode: bool = False) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
@@ -369,13 +369,14 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio` (lora_up weights train at lr x ratio, in
     param_groups; with LyCORIS algorithms too, as LyCORIS).
 
-    DyLoRA: `algo="dylora", block_size=4` (LyCORIS') or, without algo, `dylora_unit=1` (kohya's networks.dylora,
-    its targets and ss_network_module); the rank must be a multiple of the block size. Its files are LoRA files."""
+    DyLoRA: `algo="dylora", block_size=4` (LyCORIS', 4 by default) or, without algo, `dylora_unit=1` (kohya's
+    networks.dylora's `unit`, its targets and ss_network_module); the rank must be a multiple of the block size.
+    Its files are LoRA files."""
     encoders = text_encoder_list(text_encoder)
     if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
     options = dict(dropout=dropout, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
-                   full_matrix=full_matrix, train_on_input=train_on_input, block_size=block_size,
+                   full_matrix=full_matrix, train_on_input=train_on_input, block_size=block_size or 4,
                    use_scalar=use_scalar, rank_dropout_scale=rank_dropout_scale, bypass_mode=bypass_mode)
     block_options = dict(block_dims=block_dims, block_alphas=block_alphas, conv_block_dims=conv_block_dims,
                          conv_block_alphas=conv_block_alphas, down_lr_weight=down_lr_weight,
@@ -397,6 +398,9 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
         options["factor"] = factor = check_factor(factor)
     else:
         cls = LoRALayer
+        if block_size is not None:
+            raise ValueError("block_size is LyCORIS' DyLoRA option (algo='dylora'); kohya's networks.dylora `unit` is "
+                             "dylora_unit=")
         if dylora_unit is not None:
             cls = adapters.DyLoRALayer
             options["block_size"] = dylora_unit
@@ -449,7 +453,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout), ("dora_wd", dora_wd),
                        ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
                        ("decompose_both", decompose_both), ("full_matrix", full_matrix),
-                       ("train_on_input", train_on_input), ("block_size", block_size if algo == "dylora" else None),
+                       ("train_on_input", train_on_input),
+                       ("block_size", options["block_size"] if algo == "dylora" else None),
                        ("unit", dylora_unit), ("train_norm", train_norm), ("use_scalar", use_scalar),
                        ("rank_dropout_scale", rank_dropout_scale), ("bypass_mode", bypass_mode),
                        *block_options.items(),

@@ -112,3 +112,9 @@ def test_dylora_networks_lycoris_and_kohya_flavours(tmp_path):
                              (dict(rank=4, algo="dylora", rank_dropout=0.1), "rank_dropout")):
         with pytest.raises(ValueError, match=message):
             create_network(unet, None, **options)
+
+
+def test_block_size_without_lycoris_is_refused():
+    """kohya's networks.dylora `unit` is dylora_unit=; a block_size without algo='dylora' would be ignored."""
+    with pytest.raises(ValueError, match="dylora_unit"):
+        create_network(build_tiny_unet(), None, rank=4, block_size=2)
