@@ -77,6 +77,12 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad(f"--log_with {args.log_with}: wandb is not installed (pip install wandb); or use --log_with tensorboard")
     if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
         bad(f"--log_tracker_config {args.log_tracker_config}: no such file (a TOML of tracker settings)")
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) > len(args.base_weights or []):
+        bad(f"--base_weights_multiplier: {len(args.base_weights_multiplier)} values for "
+            f"{len(args.base_weights or [])} --base_weights files")
+    for path in args.base_weights or []:
+        if not Path(path).is_file():
+            bad(f"--base_weights {path}: not found (a LoRA .safetensors to merge into the model)")
     if args.dim_from_weights and not args.network_weights:
         bad("--dim_from_weights takes the ranks from --network_weights: give that file")
     if args.full_bf16 and args.mixed_precision != "bf16":
@@ -95,9 +101,9 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
     args.text_encoder_lr = one_or_pair(args.text_encoder_lr, "--text_encoder_lr", bad)
     if not args.output_config and not (args.train_data_dir or args.dataset_config):
         bad("--train_data_dir (the parent of <repeats>_<name> folders) or --dataset_config is required")
-    if args.network_module not in ("networks.lora", "lora_diffusion", "lycoris.kohya"):
-        bad(f"--network_module {args.network_module}: use networks.lora (LoRA / LoCon) or lycoris.kohya (LoRA, "
-            f"LoCon, LoHa, LoKr, DoRA)")
+    if args.network_module not in ("networks.lora", "lora_diffusion", "lycoris.kohya", "networks.dylora"):
+        bad(f"--network_module {args.network_module}: use networks.lora (LoRA / LoCon), networks.dylora (kohya's "
+            f"DyLoRA) or lycoris.kohya (LoRA, LoCon, LoHa, LoKr, iA3, GLoRA, DyLoRA, DoRA)")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         bad("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.cache_text_encoder_outputs_to_disk:
@@ -130,7 +136,7 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
                  "max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
                  "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size", "validation_every_n_epochs",
                  "validation_seeds", "save_n_epoch_ratio", "save_last_n_epochs_state", "save_last_n_steps",
-                 "save_last_n_steps_state", "ddp_timeout", "lr_scheduler_timescale"):
+                 "save_last_n_steps_state", "ddp_timeout", "lr_scheduler_timescale", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:
@@ -157,7 +163,7 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         try:
             check_token_name(args.token_string)
         except ValueError as e:
-            bad(str(e))
+            bad(f"--token_string {args.token_string!r}: {e}")
         if not 1 <= args.num_vectors_per_token <= 75:
             bad(f"--num_vectors_per_token must be 1 to 75, got {args.num_vectors_per_token}")
         if not 0 < args.train_text_encoder_ti_frac <= 1:
@@ -247,8 +253,8 @@ def network_options(args) -> dict:
     if options.get("algo", "lora") not in ALGOS:
         raise TrainingError(f"--network_args algo={options['algo']}: supported are {', '.join(ALGOS)} (LyCORIS' "
                             f"others are not implemented yet)")
-    if args.network_module == "networks.dylora" and "block_size" not in options:
-        options["block_size"] = 1  # kohya's default unit
+    if args.network_module == "networks.dylora":
+        options.setdefault("dylora_unit", 1)  # kohya's default unit
     return options
 
 
@@ -315,6 +321,17 @@ def make_accelerator(args):
                               kwargs_handlers=handlers)
     set_seed(args.seed)
     return accelerator
+
+
+def cpu_threads(args, device) -> int | None:
+    """--threads, or 1 for a builtin:* model on a CPU when the environment sets none (OMP_NUM_THREADS): their
+    layers are too small to share between cores, and two threads fighting another job ran 9x slower."""
+    if args.threads is not None:
+        return args.threads
+    if device.type == "cpu" and str(args.pretrained_model_name_or_path).startswith("builtin:") and \
+            "OMP_NUM_THREADS" not in os.environ:
+        return 1
+    return None
 
 
 def tracker_names(args) -> list[str] | None:
@@ -544,10 +561,15 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     from lora_diffusion import create_network
 
     unet, text_encoder = models.unet, models.text_encoder
-    if args.dim_from_weights:  # kohya's: every module with the rank and alpha it has in --network_weights
-        from lora_diffusion import load_network
+    if args.base_weights:  # kohya's: merged into the base for good before the new network
+        from lora_diffusion.network import merge_base_weights
 
-        network = load_network(args.network_weights, unet, models.text_encoders)
+        merge_base_weights(args.base_weights, unet, models.text_encoders, args.base_weights_multiplier)
+        accelerator.print(f"merged into the model: {', '.join(args.base_weights)}")
+    if args.dim_from_weights:  # kohya's: every module with the rank and alpha it has in --network_weights
+        from lora_diffusion.network import dim_from_weights
+
+        network = dim_from_weights(args.network_weights, unet, models.text_encoders, dropout=args.network_dropout)
         network.set_trainable(unet=train_unet, text_encoder=train_text_encoder)
     else:
         network = create_network(unet, models.text_encoders, rank=args.network_dim, alpha=args.network_alpha,
@@ -566,8 +588,7 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
             accelerator.print(f"warning: no caption holds --token_string {args.token_string}; its embedding "
                               f"only learns from captions that name it")
     if args.network_weights:
-        if not args.dim_from_weights:
-            network.load_weights(args.network_weights)
+        network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
     network.to(accelerator.device).train()
     if args.full_bf16:  # kohya's: the LoRA's weights, gradients and optimizer state in bf16 too
@@ -630,6 +651,11 @@ def train(args):
             root.addHandler(logging.FileHandler(args.console_log_file, encoding="utf-8"))
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, MIXED_PRECISION_DTYPES[args.mixed_precision]
+    threads = cpu_threads(args, device)
+    if threads:
+        torch.set_num_threads(threads)
+        accelerator.print(f"{threads} CPU thread{'s' * (threads > 1)} for {args.pretrained_model_name_or_path} "
+                          f"(--threads N to change)")
     output_dir = Path(args.output_dir)
     resumed, network_shape, session_id = check_outputs_and_resume(args, output_dir, accelerator)
     check_optimizer_settings(args)

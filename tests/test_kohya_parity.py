@@ -442,3 +442,31 @@ def test_log_with_wandb_runs_offline_into_the_logging_dir(tmp_path):
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))  # and TensorBoard's
+
+
+def test_scale_weight_norms_bounds_every_module_and_base_weights_merge(tmp_path, capsys):
+    """kohya's max-norm rule on the saved file: each module's ||up @ down|| x alpha / rank is at most the bound."""
+    from lora_diffusion import create_network
+    from lora_diffusion.models import load_models
+    from test_train import base_flags, make_dataset, read
+
+    data = make_dataset(tmp_path, n=2)
+    models = load_models("builtin:tiny")
+    base = create_network(models.unet, models.text_encoder, rank=4, alpha=4)
+    for p in base.parameters():
+        p.data.normal_(0, 0.1)
+    base.save_weights(tmp_path / "base.safetensors")
+    argv = base_flags(tmp_path, data, max_train_steps=3, learning_rate=0.5, scale_weight_norms=0.05,
+                      base_weights=[tmp_path / "base.safetensors"], base_weights_multiplier=[0.5])
+    assert train_lora.main(argv) == 0
+    assert "merged into the model" in capsys.readouterr().out
+    tensors, metadata = read(tmp_path / "out" / "t.safetensors")
+    assert metadata["ss_scale_weight_norms"] == "0.05"
+    norms = []
+    for key, up in tensors.items():
+        if key.endswith(".lora_up.weight"):
+            stem = key[: -len(".lora_up.weight")]
+            down, alpha = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.alpha"]
+            delta = up.flatten(1).float() @ down.flatten(1).float() * (alpha.float() / down.shape[0])
+            norms.append(delta.norm().item())
+    assert norms and max(norms) <= 0.05 * 1.001 and max(norms) > 0.04  # lr 0.5 pushes them to the bound

@@ -20,10 +20,10 @@ PRESETS = Path(__file__).resolve().parents[2] / "shared" / "kohya_ss_presets"
 FILES = sorted(PRESETS.glob("*.json")) if PRESETS.is_dir() else []
 pytestmark = pytest.mark.skipif(not FILES, reason=f"no kohya_ss presets at {PRESETS}")
 ALGO = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "LyCORIS/iA3": "ia3"}
-# One preset of each kind (family, LoRA_type, optimizer) trains; SDXL's are slow on a CPU, so two of those.
+# One SD preset of each kind (LoRA_type, optimizer) trains here. The SDXL ones take minutes each on a CPU, beyond
+# the suite's budget: they are read above, and trained by benchmarks/kohya_coverage.py --run.
 TRAINED = ["sd15 - EDG_LoraOptiSettings", "sd15 - EDG_LoConOptiSettings", "sd15 - EDG_LoHaOptiSettings",
-           "loha-sd15", "lokr-sd15", "sd15 - LoKR v1.0", "ia3-sd15", "SDXL - LoRA kudou-reira dadaptadam v1.1",
-           "SDXL - LoHA AI_Characters v1.0"]
+           "loha-sd15", "lokr-sd15", "sd15 - LoKr v1.1", "ia3-sd15"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,6 @@ def test_a_preset_of_each_kind_trains_into_a_file_the_clients_load(name, data, s
     from conftest import unet_inputs
 
     preset = PRESETS / f"{name}.json"
-    document = json.loads(preset.read_text(encoding="utf-8"))
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,12 +121,6 @@ def test_a_preset_of_each_kind_trains_into_a_file_the_clients_load(name, data, s
     path = out / "preset.safetensors"
     tensors, metadata = read(path)
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
-    if document.get("sdxl"):  # the SDXL kinds: the file loads back into tiny-xl in ours, and (LoRA) in diffusers
-        assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
-        models = load_models("builtin:tiny-xl")
-        network = load_network(str(path), models.unet, models.text_encoders)
-        assert len(network.layers()) > 0
-        return
     models = load_models("builtin:tiny")
     network = load_network(str(path), models.unet, models.text_encoder)
     x, t, context = unet_inputs(size=8)

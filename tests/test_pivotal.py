@@ -151,8 +151,8 @@ def test_a_state_without_the_token_is_refused(tmp_path, data, capsys):
 @pytest.mark.parametrize("flags,message", [
     (dict(init_word="star"), "--init_word needs --token_string"),
     (dict(train_text_encoder_ti_frac=0.5), "--train_text_encoder_ti_frac needs --token_string"),
-    (dict(token_string="Sks"), "lower-case"),
-    (dict(token_string="a b"), "one lower-case word"),
+    (dict(token_string="a b"), "--token_string 'a b'"),
+    (dict(token_string="a b"), "without whitespace"),
     (dict(token_string="sks", train_text_encoder_ti_frac=0), "(0, 1]"),
     (dict(token_string="sks", num_vectors_per_token=0), "1 to 75"),
 ])

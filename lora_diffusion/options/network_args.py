@@ -33,7 +33,7 @@ NETWORK_ARGS = {a.key: a for a in [
     NetworkArg("loraplus_lr_ratio", "loraplus_lr_ratio", float, ALL),
     NetworkArg("loraplus_unet_lr_ratio", "loraplus_unet_lr_ratio", float, ALL),
     NetworkArg("loraplus_text_encoder_lr_ratio", "loraplus_text_encoder_lr_ratio", float, ALL),
-    NetworkArg("unit", "block_size", int, ("networks.dylora",)),
+    NetworkArg("unit", "dylora_unit", int, ("networks.dylora",)),
     # LyCORIS (lycoris.kohya)
     NetworkArg("algo", "algo", str, LYCORIS),
     NetworkArg("preset", "preset", str, LYCORIS, "full"),

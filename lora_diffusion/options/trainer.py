@@ -71,6 +71,9 @@ MODEL = group(
            "reads tensors by offset either way (no effect)"),
     Option("lowram", SWITCH, False, "kohya loads the models straight onto the GPU; ours load lazily from the "
            "file (no effect)"),
+    Option("threads", int, None, "CPU threads of PyTorch's operations (default: 1 for the small builtin:* models on a "
+           "CPU, which gain nothing from more and slow to a crawl on a busy machine; else PyTorch's own choice)",
+           kohya=False),
     Option("highvram", SWITCH, False, "keep the VAE and text encoders on the device after caching (default: "
            "moved to the CPU to free memory)"),
 )
@@ -134,10 +137,9 @@ NETWORK = group(
            "its modules)"),
     Option("scale_weight_norms", float, None, "scale down each module whose weight change has a norm above this "
            "(kohya's max-norm regularization; 1 is typical)", metadata=True),
-    Option("base_weights", str, None, "LoRA files merged into the model before training", nargs="*",
-           refused="merging --base_weights before training is not implemented yet; merge them with "
-           "`lora-diffusion merge` into the model"),
-    Option("base_weights_multiplier", float, None, "their multipliers", nargs="*"),
+    Option("base_weights", str, None, "LoRA files merged into the model for good before training (a new LoRA on "
+           "top of them)", nargs="*"),
+    Option("base_weights_multiplier", float, None, "their multipliers (missing ones: 1)", nargs="*"),
     Option("fp8_base", SWITCH, False, "store the frozen weights in float8", refused="float8 storage of the base "
            "weights is not implemented yet"),
     Option("fp8_base_unet", SWITCH, False, "store the frozen U-Net weights in float8", refused="float8 storage of "

@@ -274,7 +274,8 @@ def after_step(run: Run, state: RunState, loss, progress):
     losses = state.recent_losses
     logs = {"loss/current": losses[-1], "loss/average": sum(losses) / len(losses)}
     for group_of_params, lr in zip(run.optimizer.param_groups, run.lr_scheduler.get_last_lr()):
-        logs[LR_LOG_NAMES.get(group_of_params.get("name"), "lr/textencoder")] = lr
+        name = group_of_params.get("name")  # block-wise and LoRA+ groups log under their own names
+        logs[LR_LOG_NAMES.get(name) or (f"lr/{name}" if name else "lr/textencoder")] = lr
     progress.update(1)
     if state.first_step_done is None:
         state.first_step_done = (time.time(), state.step)  # later steps are the steady pace
