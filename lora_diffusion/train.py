@@ -109,12 +109,12 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
     if args.cache_text_encoder_outputs_to_disk:
         args.cache_text_encoder_outputs = True
     if args.cache_text_encoder_outputs:
+        if args.token_string:  # first: the advice below would not help here
+            bad("--cache_text_encoder_outputs and --token_string exclude each other (the new token's embedding "
+                "trains inside the text encoder); drop --cache_text_encoder_outputs")
         if not args.network_train_unet_only and args.text_encoder_lr != 0:
             bad("--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only (kohya's "
                 "recommendation for SDXL)")
-        if args.token_string:
-            bad("--cache_text_encoder_outputs and --token_string exclude each other (the new token's embedding "
-                "trains inside the text encoder)")
         random_captions = [f"--{name}" for name in ("shuffle_caption", "caption_dropout_rate",
                                                      "caption_tag_dropout_rate") if getattr(args, name)]
         if random_captions:
@@ -164,6 +164,9 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
             check_token_name(args.token_string)
         except ValueError as e:
             bad(f"--token_string {args.token_string!r}: {e}")
+        if args.init_word is not None and not args.init_word.strip():
+            bad("--init_word '': expected a word whose embedding starts the new vectors (or leave it out: the "
+                "vocabulary's mean)")
         if not 1 <= args.num_vectors_per_token <= 75:
             bad(f"--num_vectors_per_token must be 1 to 75, got {args.num_vectors_per_token}")
         if not 0 < args.train_text_encoder_ti_frac <= 1:
@@ -585,8 +588,9 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
         embedding_steps = math.ceil(args.train_text_encoder_ti_frac * max_train_steps)
         word = re.compile(rf"(?<!\w){re.escape(args.token_string)}(?!\w)", re.IGNORECASE)
         if not any(word.search(caption) for caption in dataset.fixed_captions()):
-            accelerator.print(f"warning: no caption holds --token_string {args.token_string}; its embedding "
-                              f"only learns from captions that name it")
+            raise TrainingError(f"--token_string {args.token_string}: no caption holds the word, so its vectors "
+                                f"would never train; write it in the captions (e.g. '{args.token_string} dog, on "
+                                f"grass') or --caption_prefix '{args.token_string} '")
     if args.network_weights:
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")

@@ -48,3 +48,20 @@ def text_ids(batch: int = 2, length: int = 77, seed: int = 2):
     ids[:, 0] = 49406
     ids[:, -1] = 49407
     return ids
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """The tiny SD VAE, counting the images it encodes (model.calls), for the latent-cache tests."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_config(AutoencoderKL.load_config(ASSETS / "tiny-sd" / "vae")).eval()
+    model.calls = 0
+    original = model.encode
+
+    def counting_encode(x, *args, **kwargs):
+        model.calls += x.shape[0]
+        return original(x, *args, **kwargs)
+    model.encode = counting_encode
+    return model

@@ -444,11 +444,16 @@ def test_sampler_epochs_and_resume(tmp_path):
         range(len(ds)), key=lambda i: (ds.sample_buckets[i], i))[3:]
 
 
+def worker_loader(ds, *, batch_size, workers):
+    """(sampler, a DataLoader with persistent worker processes) over `ds`'s bucket batches."""
+    sampler = BucketBatchSampler(ds, batch_size=batch_size, seed=0)
+    return sampler, torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn,
+                                                num_workers=workers, persistent_workers=True)
+
+
 def test_dataloader_with_workers_sees_the_epoch(tmp_path):
     ds = bucketed_dataset(tmp_path, shuffle_caption=True, flip_aug=True, caption_prefix="a, b, c, d")
-    sampler = BucketBatchSampler(ds, batch_size=4, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=2,
-                                         persistent_workers=True)
+    sampler, loader = worker_loader(ds, batch_size=4, workers=2)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         for batch in loader:
@@ -573,21 +578,6 @@ def test_config_switched_off_kohya_options_are_accepted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- latent cache
-
-@pytest.fixture(scope="module")
-def vae():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(TINY_VAE)).eval()
-    model.calls = 0
-    original = model.encode
-
-    def counting_encode(x, *args, **kwargs):
-        model.calls += x.shape[0]
-        return original(x, *args, **kwargs)
-    model.encode = counting_encode
-    return model
-
 
 def reference_latents(vae, image):
     with torch.no_grad():

@@ -7,10 +7,10 @@ import math
 import pickle
 
 import pytest
-import torch
 from PIL import Image
 
-from dataset import BucketBatchSampler, DatasetError, DatasetWarning, LoRADataset, collate_fn
+from dataset import DatasetError, DatasetWarning, LoRADataset
+from test_dataset import worker_loader
 
 
 def caption_dataset(tmp_path, caption, name="1_x", **options):
@@ -130,9 +130,7 @@ def test_workers_and_copies_see_the_step(tmp_path):
         Image.new("RGB", (64, 64)).save(folder / f"a{i}.png")
         (folder / f"a{i}.txt").write_text(TAGS, encoding="utf-8")
     ds = LoRADataset(tmp_path / "t", resolution=64, token_warmup_min=1, token_warmup_step=7)
-    sampler = BucketBatchSampler(ds, batch_size=2, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=1,
-                                         persistent_workers=True)
+    _, loader = worker_loader(ds, batch_size=2, workers=1)
     for step in (0, 3):
         ds.set_current_step(step)
         for batch in loader:

@@ -167,21 +167,6 @@ def test_collate_gives_masks_only_when_some_item_has_one(tmp_path):
     assert not LoRADataset(tmp_path / "t", resolution=64).has_masks
 
 
-@pytest.fixture(scope="module")
-def vae():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(TINY_VAE)).eval()
-    model.calls = 0
-    original = model.encode
-
-    def counting_encode(x, *args, **kwargs):
-        model.calls += x.shape[0]
-        return original(x, *args, **kwargs)
-    model.encode = counting_encode
-    return model
-
-
 def test_masks_are_cached_with_the_latents(tmp_path, vae):
     folder = tmp_path / "t" / "1_x"
     folder.mkdir(parents=True)

@@ -93,6 +93,31 @@ def lycoris_outputs(tensors, models):
     return out
 
 
+def lycoris_ia3_outputs(tensors, models):
+    """lycoris-lora's own IA3Module on each module the file names (its network loader cannot read iA3 files, its
+    own included: see docs/format.md), loaded strictly from the file's tensors."""
+    from lycoris.modules import IA3Module
+
+    from conftest import unet_inputs
+    from lora_diffusion.network import all_named_modules
+
+    available = all_named_modules(models.unet, models.text_encoder)
+    modules = []
+    for key in tensors:
+        if key.endswith(".on_input"):
+            name = key[: -len(".on_input")]
+            module = IA3Module(name, available[name].module, 1.0, train_on_input=bool(tensors[key]))
+            module.load_state_dict({"weight": tensors[f"{name}.weight"].float(), "on_input": tensors[key]})
+            module.apply_to()
+            modules.append(module)
+    x, t, context = unet_inputs(size=8)
+    with torch.no_grad():
+        out = models.unet(x, t, context).sample
+    for module in modules:
+        module.restore()
+    return out
+
+
 def diffusers_outputs(path, models):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -127,7 +152,14 @@ def test_a_preset_of_each_kind_trains_into_a_file_the_clients_load(name, data, s
     with torch.no_grad():
         ours = models.unet(x, t, context).sample
     network.remove()
+    with torch.no_grad():
+        plain = models.unet(x, t, context).sample
+    assert (ours - plain).abs().max() > 0  # two steps moved the file away from doing nothing
     fresh = load_models("builtin:tiny")
-    theirs = lycoris_outputs(tensors, fresh) if metadata["ss_network_module"] == "lycoris.kohya" else \
-        diffusers_outputs(path, fresh)
+    if any(key.endswith(".on_input") for key in tensors):
+        theirs = lycoris_ia3_outputs(tensors, fresh)
+    elif metadata["ss_network_module"] == "lycoris.kohya":
+        theirs = lycoris_outputs(tensors, fresh)
+    else:
+        theirs = diffusers_outputs(path, fresh)
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-4)

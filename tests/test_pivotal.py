@@ -155,6 +155,8 @@ def test_a_state_without_the_token_is_refused(tmp_path, data, capsys):
     (dict(token_string="a b"), "without whitespace"),
     (dict(token_string="sks", train_text_encoder_ti_frac=0), "(0, 1]"),
     (dict(token_string="sks", num_vectors_per_token=0), "1 to 75"),
+    (dict(token_string="sks", init_word=""), "--init_word ''"),
+    (dict(token_string="sks", cache_text_encoder_outputs=True), "drop --cache_text_encoder_outputs"),
 ])
 def test_bad_pivotal_flags_get_one_line(tmp_path, data, capsys, flags, message):
     assert train_lora.main(base_flags(tmp_path, data, **flags)) == 2

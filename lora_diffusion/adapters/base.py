@@ -327,6 +327,34 @@ class TensorLayer(AdapterLayer):
         return tensors
 
 
+def check_product_tensors(name, tensors, source, *, need, product, kind, expected):
+    """A file module of a product algorithm (LoHa, LoKr): exactly the `need` keys, and shapes that `product` can
+    combine (checked on meta tensors: no arithmetic)."""
+    from ..kohya import LoRAFileError
+
+    if sorted(need) != sorted(tensors):
+        raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; a {kind} module has "
+                            f"{expected}")
+    try:
+        with torch.device("meta"):
+            product({k: v.to("meta") for k, v in tensors.items()})
+    except RuntimeError as e:
+        raise LoRAFileError(f"{source}: module {name} has {kind} tensors whose shapes do not fit together "
+                            f"({shapes(tensors)}): {e}") from None
+
+
+class Unscaled:
+    """For algorithms without a rank or an alpha (iA3, norm layers): the file's rank is 1, its scale 1."""
+
+    @classmethod
+    def file_rank(cls, tensors):
+        return 1
+
+    @classmethod
+    def file_scale(cls, tensors, alpha):
+        return 1.0
+
+
 def shapes(tensors: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()))
 

@@ -12,10 +12,10 @@ layer changes nothing. The update depends on the base weight: merging keeps it, 
 import torch
 from torch import nn
 
-from .base import TensorLayer, shapes
+from .base import TensorLayer, Unscaled, shapes
 
 
-class IA3Layer(TensorLayer):
+class IA3Layer(Unscaled, TensorLayer):
     kind = "ia3"
     label = "iA3"
     file_keys = ("weight", "on_input")
@@ -84,14 +84,6 @@ class IA3Layer(TensorLayer):
         if not (weight.dim() == 1 or (weight.dim() == 4 and weight.shape[0] == 1 and weight.shape[2:] == (1, 1))):
             raise LoRAFileError(f"{source}: {name}.weight is {tuple(weight.shape)}; an iA3 weight is [n] (Linear) or "
                                 f"[1, n, 1, 1] (conv)")
-
-    @classmethod
-    def file_rank(cls, tensors):
-        return 1
-
-    @classmethod
-    def file_scale(cls, tensors, alpha):
-        return 1.0
 
     def load_file(self, weights, source):
         from ..kohya import LoRAFileError

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .base import TensorLayer, shapes, tucker
+from .base import TensorLayer, check_product_tensors, tucker
 
 
 class LoHaLayer(TensorLayer):
@@ -68,18 +68,9 @@ class LoHaLayer(TensorLayer):
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
         tucker_keys = ["hada_t1", "hada_t2"] if "hada_t1" in tensors or "hada_t2" in tensors else []
-        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + tucker_keys
-        from ..kohya import LoRAFileError
-
-        if sorted(need) != sorted(tensors):
-            raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; a LoHa module has "
-                                f"hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (+ hada_t1, hada_t2 for Tucker)")
-        try:
-            with torch.device("meta"):  # shapes only, no arithmetic
-                loha_product({k: v.to("meta") for k, v in tensors.items()})
-        except RuntimeError as e:
-            raise LoRAFileError(f"{source}: module {name} has LoHa tensors whose shapes do not fit together "
-                                f"({shapes(tensors)}): {e}") from None
+        check_product_tensors(name, tensors, source, need=["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] +
+                              tucker_keys, product=loha_product, kind="LoHa",
+                              expected="hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (+ hada_t1, hada_t2 for Tucker)")
 
     @classmethod
     def file_rank(cls, tensors):

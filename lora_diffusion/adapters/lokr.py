@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .base import TensorLayer, kaiming, shapes, tucker
+from .base import TensorLayer, check_product_tensors, kaiming, tucker
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -112,17 +112,9 @@ class LoKrLayer(TensorLayer):
         need = ["lokr_w1"] if "lokr_w1" in tensors else ["lokr_w1_a", "lokr_w1_b"]
         need += ["lokr_w2"] if "lokr_w2" in tensors else ["lokr_w2_a", "lokr_w2_b"] + (
             ["lokr_t2"] if "lokr_t2" in tensors else [])
-        from ..kohya import LoRAFileError
-
-        if sorted(need) != sorted(tensors):
-            raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; a LoKr module has "
-                                f"lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b (+ lokr_t2)")
-        try:
-            with torch.device("meta"):  # shapes only, no arithmetic
-                kron_product({k: v.to("meta") for k, v in tensors.items()})
-        except RuntimeError as e:
-            raise LoRAFileError(f"{source}: module {name} has LoKr tensors whose shapes do not fit together "
-                                f"({shapes(tensors)}): {e}") from None
+        check_product_tensors(name, tensors, source, need=need, product=kron_product, kind="LoKr",
+                              expected="lokr_w1 or lokr_w1_a + lokr_w1_b, and lokr_w2 or lokr_w2_a + lokr_w2_b "
+                                       "(+ lokr_t2)")
 
     @classmethod
     def file_rank(cls, tensors):

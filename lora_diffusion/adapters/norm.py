@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TensorLayer, shapes
+from .base import TensorLayer, Unscaled, shapes
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
-class NormLayer(TensorLayer):
+class NormLayer(Unscaled, TensorLayer):
     kind = "norm"
     label = "norm"
     file_keys = ("w_norm", "b_norm")
@@ -99,14 +99,6 @@ class NormLayer(TensorLayer):
                 ("b_norm" in tensors and tensors["b_norm"].shape != tensors["w_norm"].shape):
             raise LoRAFileError(f"{source}: module {name} has {shapes(tensors)}; a norm module has w_norm (and "
                                 f"b_norm) of the norm layer's [channels]")
-
-    @classmethod
-    def file_rank(cls, tensors):
-        return 1
-
-    @classmethod
-    def file_scale(cls, tensors, alpha):
-        return 1.0
 
     @classmethod
     def from_file(cls, base, weights, *, multiplier, source):

@@ -140,10 +140,9 @@ NETWORK = group(
     Option("base_weights", str, None, "LoRA files merged into the model for good before training (a new LoRA on "
            "top of them)", nargs="*"),
     Option("base_weights_multiplier", float, None, "their multipliers (missing ones: 1)", nargs="*"),
-    Option("fp8_base", SWITCH, False, "store the frozen weights in float8", refused="float8 storage of the base "
-           "weights is not implemented yet"),
-    Option("fp8_base_unet", SWITCH, False, "store the frozen U-Net weights in float8", refused="float8 storage of "
-           "the base weights is not implemented yet"),
+    *[Option(name, SWITCH, False, f"store the frozen {part} weights in float8 (upcast per layer)",
+             refused="float8 storage of the base weights is not implemented yet")
+      for name, part in (("fp8_base", "base"), ("fp8_base_unet", "U-Net"))],
 )
 
 PIVOTAL = group(

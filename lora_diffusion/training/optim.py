@@ -27,7 +27,7 @@ class MissingPackageError(ImportError, ValueError):
     """An optional package an option needs is not installed (the message says how to install it)."""
 
 
-def parse_optimizer_args(optimizer_args):
+def parse_optimizer_args(optimizer_args, flag="--optimizer_args"):
     """kohya's --optimizer_args: ["k=v", ...] (or one "k=v k=v" string, or a dict) -> dict.
 
     Values are Python literals (0.01, True, (0.9, 0.99); "0.9,0.99" reads as a tuple as in kohya);
@@ -43,14 +43,14 @@ def parse_optimizer_args(optimizer_args):
     for item in optimizer_args:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--optimizer_args: expected key=value items such as weight_decay=0.01, got {item!r}")
+            raise ValueError(f"{flag}: expected key=value items such as weight_decay=0.01, got {item!r}")
         try:
             kwargs[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             kwargs[key.strip()] = value.strip()
         numbers = kwargs[key.strip()] if isinstance(kwargs[key.strip()], tuple) else (kwargs[key.strip()],)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            raise ValueError(f"--optimizer_args {item!r}: expected a finite number")
+            raise ValueError(f"{flag} {item!r}: expected a finite number")
     return kwargs
 
 
@@ -271,20 +271,6 @@ def _uses_relative_step(optimizer):
     return type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step", False)
 
 
-def _scheduler_args(items) -> dict:
-    """--lr_scheduler_args k=v as Python literals (kohya's)."""
-    kwargs = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--lr_scheduler_args: expected key=value items such as T_max=100, got {item!r}")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            kwargs[key.strip()] = value.strip()
-    return kwargs
-
-
 def _scheduler_class(path):
     if "." not in path:
         cls = getattr(torch.optim.lr_scheduler, path, None)
@@ -333,7 +319,7 @@ def create_lr_scheduler(
         raise ValueError(f"--lr_scheduler {name!r} is not known. Use one of {', '.join(LR_SCHEDULERS)}")
     if not isinstance(num_training_steps, int) or num_training_steps < 1:
         raise ValueError(f"create_lr_scheduler: num_training_steps must be a positive int, got {num_training_steps!r}")
-    extra = _scheduler_args(lr_scheduler_args)
+    extra = parse_optimizer_args(lr_scheduler_args or [], flag="--lr_scheduler_args")
     if lr_scheduler_type:
         if warmup_steps(lr_warmup_steps, num_training_steps):
             raise ValueError(f"--lr_scheduler_type {lr_scheduler_type} takes no --lr_warmup_steps (give its own "
