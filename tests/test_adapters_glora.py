@@ -19,6 +19,7 @@ from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.adapters import GLoRALayer  # noqa: E402
 from lora_diffusion.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from lora_diffusion.network import LoRANetwork, layer_from_file  # noqa: E402
+from test_adapters_ia3 import run  # noqa: E402  (base(x) with a module applied)
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x"
@@ -38,14 +39,6 @@ def expected_delta(weight, t, alpha):
     wa = (w.permute(0, 2, 1) @ a).permute(0, 2, 1).reshape(weight.shape)
     wb = (t["b1.weight"].reshape(out_dim, rank) @ t["b2.weight"].reshape(rank, -1)).reshape(weight.shape)
     return (wa + wb) * alpha / rank
-
-
-def run(base, x, module):
-    module.apply_to()
-    with torch.no_grad():
-        y = base(x)
-    module.restore() if isinstance(module, GLoRAModule) else module.remove()
-    return y
 
 
 @pytest.mark.parametrize("base_kind", list(BASES))

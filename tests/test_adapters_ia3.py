@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from conftest import build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
 
@@ -20,14 +19,9 @@ from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.adapters import ALGORITHMS, IA3Layer  # noqa: E402
 from lora_diffusion.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from lora_diffusion.network import LoRANetwork, layer_from_file  # noqa: E402
+from test_lycoris import BASES, NAME  # noqa: E402  (the same bases as the other LyCORIS algorithms)
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
-NAME = "lora_unet_x"
-BASES = {
-    "linear": (lambda: nn.Linear(24, 40), (3, 5, 24)),
-    "conv3x3": (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 6, 6)),
-    "conv1x1": (lambda: nn.Conv2d(16, 24, 1), (2, 16, 6, 6)),
-}
 CASES = [(b, on_input) for b in BASES for on_input in (False, True)]
 
 
@@ -42,12 +36,13 @@ def expected_weight(weight, w, on_input, multiplier):
 
 
 def run(base, x, module=None):
+    """base(x), with `module` applied (a LyCORIS module or one of ours) and taken off again."""
     if module is not None:
         module.apply_to()
     with torch.no_grad():
         y = base(x)
     if module is not None:
-        module.restore() if isinstance(module, IA3Module) else module.remove()
+        module.restore() if hasattr(module, "restore") else module.remove()
     return y
 
 

@@ -20,6 +20,7 @@ from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.adapters import NormLayer  # noqa: E402
 from lora_diffusion.kohya import parse_state_dict  # noqa: E402
 from lora_diffusion.network import LoRANetwork, layer_from_file  # noqa: E402
+from test_adapters_ia3 import run  # noqa: E402  (base(x) with a module applied)
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x_norm"
@@ -32,14 +33,6 @@ def expected(base, x, w, b, multiplier):
     if isinstance(base, nn.LayerNorm):
         return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
     return F.group_norm(x, base.num_groups, weight, bias, base.eps)
-
-
-def run(base, x, module):
-    module.apply_to()
-    with torch.no_grad():
-        y = base(x)
-    module.restore() if isinstance(module, NormModule) else module.remove()
-    return y
 
 
 @pytest.mark.parametrize("kind", list(BASES))

@@ -263,6 +263,12 @@ class TensorLayer(AdapterLayer):
 
     PARAMS: tuple[str, ...] = ()
 
+    def _finish_tensor_init(self, base, tensors, rank, alpha, source, **options):
+        """The parameters from `tensors`, then the common set-up; an alpha of None or 0 means alpha = rank."""
+        self._set_params(tensors)
+        self._finish_init(base, rank, float(rank if alpha is None or alpha == 0 else alpha), **options)
+        self._check_shape(source)
+
     def _set_params(self, tensors: dict[str, torch.Tensor]):
         for name, tensor in tensors.items():
             setattr(self, name, nn.Parameter(tensor.detach().float().clone()))

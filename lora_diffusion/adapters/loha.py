@@ -35,13 +35,9 @@ class LoHaLayer(TensorLayer):
             tensors = self._init(rank, in_dim, out_dim, kernel, use_tucker and math.prod(kernel) > 1)
             if use_scalar:  # LyCORIS: the scalar starts at 0 instead of w2_a
                 tensors["hada_w2_a"] = torch.randn_like(tensors["hada_w2_a"]) * 0.1
-        rank = tensors["hada_w1_b"].shape[0]
-        self._set_params(tensors)
-        alpha = float(rank if alpha is None or alpha == 0 else alpha)
-        self._finish_init(base, rank, alpha, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                          module_dropout=module_dropout, dora_wd=dora_wd, use_scalar=use_scalar,
-                          rank_dropout_scale=rank_dropout_scale)
-        self._check_shape(source)
+        self._finish_tensor_init(base, tensors, tensors["hada_w1_b"].shape[0], alpha, source, multiplier=multiplier,
+                                 dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                                 dora_wd=dora_wd, use_scalar=use_scalar, rank_dropout_scale=rank_dropout_scale)
 
     @staticmethod
     def _init(rank, in_dim, out_dim, kernel, use_tucker) -> dict[str, torch.Tensor]:

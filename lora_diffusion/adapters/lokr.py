@@ -68,13 +68,9 @@ class LoKrLayer(TensorLayer):
             if use_scalar:  # LyCORIS: the scalar starts at 0 instead of w2 (or w2_b)
                 zero = "lokr_w2" if "lokr_w2" in tensors else "lokr_w2_b"
                 tensors[zero] = kaiming(*tensors[zero].shape)
-        self._set_params(tensors)
-        rank = lokr_rank(tensors) or rank
-        alpha = float(rank if alpha is None or alpha == 0 else alpha)
-        self._finish_init(base, rank, alpha, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                          module_dropout=module_dropout, dora_wd=dora_wd, use_scalar=use_scalar,
-                          rank_dropout_scale=rank_dropout_scale)
-        self._check_shape(source)
+        self._finish_tensor_init(base, tensors, lokr_rank(tensors) or rank, alpha, source, multiplier=multiplier,
+                                 dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                                 dora_wd=dora_wd, use_scalar=use_scalar, rank_dropout_scale=rank_dropout_scale)
 
     @property
     def scaling(self) -> float:
