@@ -326,17 +326,6 @@ def make_accelerator(args):
     return accelerator
 
 
-def cpu_threads(args, device) -> int | None:
-    """--threads, or 1 for a builtin:* model on a CPU when the environment sets none (OMP_NUM_THREADS): their
-    layers are too small to share between cores, and two threads fighting another job ran 9x slower."""
-    if args.threads is not None:
-        return args.threads
-    if device.type == "cpu" and str(args.pretrained_model_name_or_path).startswith("builtin:") and \
-            "OMP_NUM_THREADS" not in os.environ:
-        return 1
-    return None
-
-
 def tracker_names(args) -> list[str] | None:
     """--log_with (default: TensorBoard when --logging_dir is given); wandb runs offline without a network."""
     if args.log_with is None:
@@ -438,7 +427,10 @@ def load_vae(name, like):
 
     path = Path(name).expanduser()
     if path.is_dir():
-        return AutoencoderKL.from_pretrained(str(path), torch_dtype=like.dtype, local_files_only=True).to(like.device)
+        from lora_diffusion.models import DIFFUSERS_DTYPE_KWARG
+
+        return AutoencoderKL.from_pretrained(str(path), local_files_only=True,
+                                             **{DIFFUSERS_DTYPE_KWARG: like.dtype}).to(like.device)
     if not path.is_file():
         raise TrainingError(f"--vae {name}: not found (a diffusers VAE folder or a VAE .safetensors/.ckpt)")
     reader = CheckpointReader(path, like.dtype)
@@ -655,11 +647,10 @@ def train(args):
             root.addHandler(logging.FileHandler(args.console_log_file, encoding="utf-8"))
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, MIXED_PRECISION_DTYPES[args.mixed_precision]
-    threads = cpu_threads(args, device)
-    if threads:
-        torch.set_num_threads(threads)
-        accelerator.print(f"{threads} CPU thread{'s' * (threads > 1)} for {args.pretrained_model_name_or_path} "
-                          f"(--threads N to change)")
+    if device.type == "cpu":  # the rule of every command: the cores free now, unless told
+        from lora_diffusion.cli import set_cpu_threads
+
+        set_cpu_threads(args.threads, "train")
     output_dir = Path(args.output_dir)
     resumed, network_shape, session_id = check_outputs_and_resume(args, output_dir, accelerator)
     check_optimizer_settings(args)

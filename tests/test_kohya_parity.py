@@ -414,8 +414,9 @@ def test_save_last_n_steps_keeps_the_files_of_the_last_n_steps(tmp_path):
 def test_save_n_epoch_ratio_sets_the_epoch_interval(tmp_path):
     from test_train import base_flags, make_dataset
 
-    data = make_dataset(tmp_path, n=2)  # 2 images x 5 repeats, batch 2: 5 steps an epoch
-    argv = base_flags(tmp_path, data, max_train_epochs=6, max_train_steps=None, save_n_epoch_ratio=3)
+    data = make_dataset(tmp_path, n=2)  # 2 images x 5 repeats, batch 10: a step an epoch
+    argv = base_flags(tmp_path, data, max_train_epochs=6, max_train_steps=None, save_n_epoch_ratio=3,
+                      train_batch_size=10)
     assert train_lora.main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("t-0*.safetensors")) == \
         ["t-000002.safetensors", "t-000004.safetensors"]  # every 6 // 3 = 2 epochs; the last is t.safetensors

@@ -20,10 +20,10 @@ PRESETS = Path(__file__).resolve().parents[2] / "shared" / "kohya_ss_presets"
 FILES = sorted(PRESETS.glob("*.json")) if PRESETS.is_dir() else []
 pytestmark = pytest.mark.skipif(not FILES, reason=f"no kohya_ss presets at {PRESETS}")
 ALGO = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "LyCORIS/iA3": "ia3"}
-# One SD preset of each kind (LoRA_type, optimizer) trains here. The SDXL ones take minutes each on a CPU, beyond
+# One SD preset of each algorithm trains here (LoRA + AdamW8bit, LoHa, LoKr + Prodigy, LoKr with train_norm and
+# rank_dropout_scale, iA3). The SDXL ones take minutes each on a CPU, beyond
 # the suite's budget: they are read above, and trained by benchmarks/kohya_coverage.py --run.
-TRAINED = ["sd15 - EDG_LoraOptiSettings", "sd15 - EDG_LoConOptiSettings", "sd15 - EDG_LoHaOptiSettings",
-           "loha-sd15", "lokr-sd15", "sd15 - LoKr v1.1", "ia3-sd15"]
+TRAINED = ["sd15 - EDG_LoraOptiSettings", "sd15 - EDG_LoHaOptiSettings", "lokr-sd15", "sd15 - LoKr v1.1", "ia3-sd15"]
 
 
 @pytest.fixture(scope="module")

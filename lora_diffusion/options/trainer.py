@@ -71,9 +71,8 @@ MODEL = group(
            "reads tensors by offset either way (no effect)"),
     Option("lowram", SWITCH, False, "kohya loads the models straight onto the GPU; ours load lazily from the "
            "file (no effect)"),
-    Option("threads", int, None, "CPU threads of PyTorch's operations (default: 1 for the small builtin:* models on a "
-           "CPU, which gain nothing from more and slow to a crawl on a busy machine; else PyTorch's own choice)",
-           kohya=False),
+    Option("threads", int, None, "CPU threads of PyTorch's operations on a CPU (default: the cores not busy now, at "
+           "least 1, unless OMP_NUM_THREADS is set: a thread per core spin-waits against other jobs)", kohya=False),
     Option("highvram", SWITCH, False, "keep the VAE and text encoders on the device after caching (default: "
            "moved to the CPU to free memory)"),
 )
