@@ -43,6 +43,8 @@ ZERO_UNSET = {
     "v_pred_like_loss", "vae_batch_size", "unet_lr", "stop_text_encoder_training", "adaptive_noise_scale",
     "noise_offset", "multires_noise_iterations", "scale_weight_norms", "text_encoder_lr", "lr_scheduler_num_cycles",
 }
+NUMBERS = ("conv_dim", "conv_alpha", "factor", "unit", "network_dim", "network_alpha", "rank_dropout", "module_dropout",
+           "constrain", "lr_warmup", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # LoRA_type -> (network_module, the GUI keys that become --network_args, the algo).
 _LYCORIS_COMMON = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "rank_dropout_scale", "train_norm")
 NETWORKS = {
@@ -107,6 +109,9 @@ def gui_flags(document: dict, path: Path, flag_names) -> tuple[dict, list[str], 
         bad(f"LoRA_type {lora_type!r} is a {family} LoRA; this trainer trains Stable Diffusion 1.x, 2.x and SDXL")
     if lora_type not in NETWORKS:
         bad(f"LoRA_type {lora_type!r} is not known; expected one of {', '.join(NETWORKS)}")
+    for key in NUMBERS:  # the GUI's number fields, whichever LoRA_type reads them
+        if not unset(document.get(key)) and _number(document[key]) is None:
+            bad(f"{key} = {document[key]!r}; expected a number")
     values, unused = {}, []
     for key, value in document.items():
         name = RENAMES.get(key, key)
