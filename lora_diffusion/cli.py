@@ -44,16 +44,18 @@ def cpu_threads(requested=None) -> int | None:
     return max(1, min(cores, round(cores - load)))
 
 
-def set_cpu_threads(requested=None, command="") -> int:
-    """torch.set_num_threads(cpu_threads(requested)); says on stderr when it chose fewer threads than cores."""
+def set_cpu_threads(requested=None, command="", say=None) -> int:
+    """torch.set_num_threads(cpu_threads(requested)); says when it chose fewer threads than cores, with `say`
+    (default: a line on stderr)."""
     import torch
 
     threads = cpu_threads(requested)
     if threads is not None:
         torch.set_num_threads(threads)
         if not requested and threads < (os.cpu_count() or 1):
-            print(f"{command}: {threads} CPU thread(s): the machine is busy (load {os.getloadavg()[0]:.1f}); "
-                  f"--threads N to choose", file=sys.stderr)
+            (say or (lambda line: print(line, file=sys.stderr)))(
+                f"{command}: {threads} CPU thread(s): the machine is busy (load {os.getloadavg()[0]:.1f}); "
+                f"--threads N to choose")
     return torch.get_num_threads()
 
 

@@ -650,7 +650,7 @@ def train(args):
     if device.type == "cpu":  # the rule of every command: the cores free now, unless told
         from lora_diffusion.cli import set_cpu_threads
 
-        set_cpu_threads(args.threads, "train")
+        set_cpu_threads(args.threads, "train", say=accelerator.print)  # stdout: stderr is for errors
     output_dir = Path(args.output_dir)
     resumed, network_shape, session_id = check_outputs_and_resume(args, output_dir, accelerator)
     check_optimizer_settings(args)
