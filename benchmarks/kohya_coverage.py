@@ -28,28 +28,20 @@ def flag_coverage() -> dict:
                 refused=refused, unknown=[n for n in kohya if n not in ours])
 
 
-def preset_run(preset: Path, data: Path, out: Path, run: bool) -> tuple[bool, str]:
-    """Read (and with run=True train) one GUI preset with only the model and data replaced."""
+def preset_run(preset: Path, data: Path, out: Path, start_files: Path, run: bool) -> tuple[bool, str]:
+    """Read (and with run=True train) one GUI preset with only the model and data replaced, as the tests do."""
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
     import train_lora
+    from test_kohya_presets import with_our_model_and_data
 
-    document = json.loads(preset.read_text(encoding="utf-8"))
-    document.update(pretrained_model_name_or_path="builtin:tiny-xl" if document.get("sdxl") else "builtin:tiny",
-                    train_data_dir=str(data), reg_data_dir="", dataset_config="", output_dir=str(out),
-                    output_name="preset", epoch=1, max_train_steps=2, max_resolution="64,64", min_bucket_reso=64,
-                    max_bucket_reso=128, sample_every_n_epochs=0, sample_every_n_steps=0, save_every_n_epochs=0,
-                    save_every_n_steps=0, logging_dir="", train_batch_size=1, max_data_loader_n_workers=0)
-    config = out.with_suffix(".json")
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps(document), encoding="utf-8")
+    config = with_our_model_and_data(preset, data, out, start_files)
     argv = ["--config_file", str(config), "--overwrite"] + ([] if run else ["--output_config"])
-    with warnings.catch_warnings():
+    err = StringIO()
+    with warnings.catch_warnings(), redirect_stdout(StringIO()), redirect_stderr(err):
         warnings.simplefilter("ignore")
-        from contextlib import redirect_stderr, redirect_stdout
-        from io import StringIO
-
-        err = StringIO()
-        with redirect_stdout(StringIO()), redirect_stderr(err):
-            code = train_lora.main(argv)
+        code = train_lora.main(argv)
     return code == 0, err.getvalue().strip().splitlines()[-1] if code else ""
 
 
@@ -67,14 +59,16 @@ def main():
         print(f"  unknown --{name}")
     if args.presets:
         sys.path.insert(0, str(ROOT / "tests"))
+        from test_kohya_presets import write_start_files
         from test_train import make_dataset
 
         presets = sorted(Path(args.presets).glob("*.json"))
         ok = 0
         with tempfile.TemporaryDirectory() as tmp:
-            data = make_dataset(Path(tmp), n=2)
+            (Path(tmp) / "start").mkdir()
+            data, start_files = make_dataset(Path(tmp), n=2), write_start_files(Path(tmp) / "start")
             for preset in presets:
-                good, why = preset_run(preset, data, Path(tmp) / "out" / preset.stem, args.run)
+                good, why = preset_run(preset, data, Path(tmp) / "out" / preset.stem, start_files, args.run)
                 ok += good
                 print(f"  {'ok ' if good else 'NO '} {preset.name}{': ' + why if why else ''}")
         print(f"kohya_ss GUI presets {'trained' if args.run else 'read'}: {ok} of {len(presets)}")

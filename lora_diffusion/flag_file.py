@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .io import TOMLDecodeError, atomic_write, loads_toml
+from .options.trainer import int_or_float
 
 
 class ConfigFileError(ValueError):
@@ -90,7 +91,7 @@ def _typed(key: str, value, action: argparse.Action, path: Path):
         return items
     if action.type in (int, float):
         return _number(value, action.type, bad)
-    if getattr(action.type, "__name__", "") == "int_or_float" and not isinstance(value, str):
+    if action.type is int_or_float and not isinstance(value, str):
         number = _number(value, float, bad)
         return int(number) if isinstance(value, int) else number
     if isinstance(value, list) and key in NUMBER_AS_STRING and 1 <= len(value) <= 2 and \

@@ -67,10 +67,6 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
     if not args.output_config and not args.pretrained_model_name_or_path:
         bad("--pretrained_model_name_or_path is required (a diffusers folder, an SD checkpoint, or builtin:tiny)")
     check_model_path(args.pretrained_model_name_or_path, bad)
-    from lora_diffusion.network import LoRANetwork
-
-    if args.scale_weight_norms and not hasattr(LoRANetwork, "apply_max_norm"):
-        bad("--scale_weight_norms is not implemented yet in this trainer")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         bad(f"--seed {args.seed}: expected a whole number from 0 to 2**32 - 1 ({2**32 - 1})")
     if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:

@@ -34,9 +34,12 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def start_files(tmp_path_factory):
     """What a preset's lora_network_weights names (phase 2 of a two-phase recipe): a LoRA of each family."""
+    return write_start_files(tmp_path_factory.mktemp("start"))
+
+
+def write_start_files(folder: Path) -> Path:
     from lora_diffusion import create_network
 
-    folder = tmp_path_factory.mktemp("start")
     for name in ("builtin:tiny", "builtin:tiny-xl"):
         models = load_models(name)
         create_network(models.unet, models.text_encoders, rank=4, alpha=2).save_weights(
