@@ -2,15 +2,21 @@
 
     python train_lora.py --config_file examples/quickstart/config.toml
 
-The trainer is lora_diffusion/train.py (installed: `lora-diffusion train --flags`, the same flags). Run, this file
-starts it; imported (`import train_lora`), it is that module object itself, so its functions and a test's
-monkeypatch are the trainer's.
+The trainer is lora_diffusion/training/trainer.py (installed: `lora-diffusion train --flags`, the same flags); this
+file runs it, and `import train_lora` gives its entry points.
 """
 
 import sys
 
-import lora_diffusion.train
+from lora_diffusion.training.trainer import (  # noqa: F401  the entry points of `import train_lora`
+    TrainingError,
+    build_parser,
+    command,
+    load_base_models,
+    main,
+    network_options,
+    parse_args,
+)
 
 if __name__ == "__main__":
-    sys.exit(lora_diffusion.train.command())
-sys.modules[__name__] = lora_diffusion.train
+    sys.exit(command())

@@ -25,7 +25,7 @@ sys.modules["lora_diffusion"] = package
 from lora_diffusion.data.dataset_config import read_dataset_config  # noqa: E402
 from lora_diffusion.data.errors import DatasetError  # noqa: E402
 from lora_diffusion.data.subset import FLAG_DEFAULTS  # noqa: E402
-from lora_diffusion.flag_file import ConfigFileError, read_config_file  # noqa: E402
+from lora_diffusion.options.flag_file import ConfigFileError, read_config_file  # noqa: E402
 
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)

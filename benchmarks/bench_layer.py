@@ -3,7 +3,7 @@
     python benchmarks/bench_layer.py --json layer.json
     python benchmarks/bench_layer.py --quick
 
-The levers of lora_diffusion/layer.py, each as a small function of (layer, x), timed A B C ... after a warm-up:
+The levers of lora_diffusion/core/adapters.py, each as a small function of (layer, x), timed A B C ... after a warm-up:
   scale_output  out + up(down(x)) * scale          (a full-size product, then a full-size sum)
   scale_rank    out + up(down(x) * scale)          (the scale on the rank-r tensor, r << out features)
   inplace_add   out.add_(up(down(x) * scale))      (no new full-size tensor for the sum)
@@ -60,7 +60,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
-    from lora_diffusion.layer import LoRALayer
+    from lora_diffusion.core.adapters import LoRALayer
 
     shapes = [(n, t // 16, i // 4, o // 4) for n, t, i, o in SHAPES] if args.quick else SHAPES
     repeats = 2 if args.quick else args.repeats

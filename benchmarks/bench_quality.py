@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from lora_diffusion import quality, world  # noqa: E402
+from lora_diffusion import world  # noqa: E402
+from lora_diffusion.world import quality  # noqa: E402
 
 TOKEN = "sks"  # pivotal tuning: a new token in the captions, in place of the word "star"
 LOCON = ["--network_args", "conv_dim=16", "conv_alpha=8"]

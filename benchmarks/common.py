@@ -249,7 +249,7 @@ def unet_inputs(unet, resolution: int, batch_size: int = 1, dtype=torch.float32,
 def sd15_diffusers_folder(quick: bool = False) -> Path:
     """A diffusers folder of an SD1.5-architecture pipeline with random weights, saved in fp32 safetensors (about
     4 GB), written once under CACHE_DIR and reused. quick: the tiny pipeline."""
-    from lora_diffusion.io import build_folder_atomically
+    from lora_diffusion.formats.io import build_folder_atomically
     from lora_diffusion.models import (
         deterministic_state_dict,
         empty_modules,
@@ -257,7 +257,7 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
         make_noise_scheduler,
         save_tiny_diffusers_folder,
     )
-    from lora_diffusion.tokenizer import save_tokenizer
+    from lora_diffusion.models.tokenizer import save_tokenizer
 
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     path = CACHE_DIR / ("tiny-diffusers" if quick else "sd15-diffusers-fp32")
@@ -281,7 +281,7 @@ def sd15_diffusers_folder(quick: bool = False) -> Path:
                  "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    build_folder_atomically(path, fill)  # lora_diffusion.io: the folder replacer of the library
+    build_folder_atomically(path, fill)  # lora_diffusion.formats.io: the folder replacer of the library
     return path
 
 
@@ -289,15 +289,15 @@ def sdxl_diffusers_folder(quick: bool = False) -> Path:
     """A diffusers folder of an SDXL-base-architecture pipeline (the shipped configs, assets/sdxl) with random
     weights in fp32 safetensors, one file per part as Stability's repository has them (about 14 GB), written once
     under CACHE_DIR and reused. quick: builtin:tiny-xl's folder."""
-    from lora_diffusion.io import build_folder_atomically
+    from lora_diffusion.formats.io import build_folder_atomically
     from lora_diffusion.models import deterministic_state_dict, make_noise_scheduler
-    from lora_diffusion.sdxl import (
+    from lora_diffusion.models.sdxl import (
         empty_sdxl_modules,
         save_tiny_xl_diffusers_folder,
         shipped_tokenizers,
         write_sdxl_model_index,
     )
-    from lora_diffusion.tokenizer import save_tokenizer
+    from lora_diffusion.models.tokenizer import save_tokenizer
 
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     path = CACHE_DIR / ("tiny-xl-diffusers" if quick else "sdxl-diffusers-fp32")

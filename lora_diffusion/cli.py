@@ -12,13 +12,15 @@ import os
 import sys
 
 SUBCOMMANDS = [
-    ("train", "lora_diffusion.train", "train a LoRA: the flags of `python train_lora.py` (kohya sd-scripts' names)"),
+    ("train", "lora_diffusion.training.trainer",
+     "train a LoRA: the flags of `python train_lora.py` (kohya sd-scripts' names)"),
     ("excise", "lora_diffusion.tools.excise", "remove words or phrases from every caption (writes a copy)"),
     ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
     ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
-    ("generate", "lora_diffusion.generate", "images from a base model plus LoRA files with multipliers"),
-    ("evaluate", "lora_diffusion.evaluate", "score LoRA files (every epoch, multipliers): judge, FID/KID, CLIP, grid"),
-    ("pretrain-mini", "lora_diffusion.pretrain_mini", "pretrain builtin:mini from scratch on the shapes world"),
+    ("generate", "lora_diffusion.tools.generate", "images from a base model plus LoRA files with multipliers"),
+    ("evaluate", "lora_diffusion.tools.evaluate",
+     "score LoRA files (every epoch, multipliers): judge, FID/KID, CLIP, grid"),
+    ("pretrain-mini", "lora_diffusion.world.pretrain_mini", "pretrain builtin:mini from scratch on the shapes world"),
     ("convert", "lora_diffusion.tools.model_convert", "single-file SD1.x/2.x/SDXL checkpoint <-> diffusers folder"),
     ("merge", "lora_diffusion.tools.merge", "LoRA files into a base model, or several LoRA files into one"),
     ("resize", "lora_diffusion.tools.resize", "a LoRA to a lower rank by SVD (fixed or kohya's dynamic methods)"),

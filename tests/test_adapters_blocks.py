@@ -8,7 +8,7 @@ import pytest
 
 from conftest import build_tiny_text_encoder, build_tiny_unet
 from lora_diffusion import create_network
-from lora_diffusion.adapters import blocks
+from lora_diffusion.core.adapters import blocks
 
 
 def sd_block(path: str) -> int:

@@ -14,9 +14,9 @@ pytest.importorskip("lycoris")
 from lycoris.modules import DyLoraModule, LoConModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
-from lora_diffusion.adapters import DyLoRALayer, LoRALayer  # noqa: E402
-from lora_diffusion.kohya import parse_state_dict  # noqa: E402
-from lora_diffusion.network import LoRANetwork  # noqa: E402
+from lora_diffusion.core.adapters import DyLoRALayer, LoRALayer  # noqa: E402
+from lora_diffusion.core.network import LoRANetwork  # noqa: E402
+from lora_diffusion.formats.kohya import parse_state_dict  # noqa: E402
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x"
@@ -53,7 +53,7 @@ def test_dylora_files_are_lycoris_dylora_files(make_base):
     saved = {f"{NAME}.{k}": v.detach().clone() for k, v in theirs.custom_state_dict().items()}
     weights = parse_state_dict(saved)[NAME]
     assert weights.kind in ("LoRA", "LoCon") and (weights.rank, weights.alpha) == (8, 4)
-    from lora_diffusion.network import layer_from_file
+    from lora_diffusion.core.network import layer_from_file
     mine = layer_from_file(base, weights, NAME, "test")
     up, down = saved[f"{NAME}.lora_up.weight"], saved[f"{NAME}.lora_down.weight"]
     by_formula = (up.flatten(1) @ down.flatten(1)).reshape(base.weight.shape) * 4 / 8

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_diffusion.adapters import IA3Layer, LoHaLayer, LoKrLayer, LoRALayer
-from lora_diffusion.network import LoRANetwork
+from lora_diffusion.core.adapters import IA3Layer, LoHaLayer, LoKrLayer, LoRALayer
+from lora_diffusion.core.network import LoRANetwork
 
 
 def kohya_updown(up, down, alpha):
@@ -77,8 +77,8 @@ def test_lokr_matches_lycoris_apply_max_norm():
     lycoris = pytest.importorskip("lycoris")
     from lycoris.modules import LokrModule
 
-    from lora_diffusion.kohya import parse_state_dict
-    from lora_diffusion.network import layer_from_file
+    from lora_diffusion.core.network import layer_from_file
+    from lora_diffusion.formats.kohya import parse_state_dict
 
     torch.manual_seed(1)
     base = nn.Linear(32, 48)

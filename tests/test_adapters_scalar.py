@@ -14,9 +14,9 @@ pytest.importorskip("lycoris")
 from lycoris.modules import LoConModule, LohaModule, LokrModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network  # noqa: E402
-from lora_diffusion.adapters import LoHaLayer, LoKrLayer, LoRALayer  # noqa: E402
-from lora_diffusion.kohya import parse_state_dict  # noqa: E402
-from lora_diffusion.network import LoRANetwork  # noqa: E402
+from lora_diffusion.core.adapters import LoHaLayer, LoKrLayer, LoRALayer  # noqa: E402
+from lora_diffusion.core.network import LoRANetwork  # noqa: E402
+from lora_diffusion.formats.kohya import parse_state_dict  # noqa: E402
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x"

@@ -19,16 +19,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import text_ids, unet_inputs
-from lora_diffusion import (
-    LoRAFileError,
+from lora_diffusion import LoRAFileError, inject_trainable_lora, load_network
+from lora_diffusion.lora import (
     LoraInjectedConv2d,
     LoraInjectedLinear,
     apply_learned_embed_in_clip,
     collapse_lora,
     extract_lora_ups_down,
-    inject_trainable_lora,
     inject_trainable_lora_extended,
-    load_network,
     lora_network,
     monkeypatch_add_lora,
     monkeypatch_lora,
@@ -301,7 +299,7 @@ def test_patch_pipe_with_pt_files_and_the_new_token(tmp_path, pipe):
 
 
 def test_apply_learned_embed_renames_or_replaces(tiny_text_encoder):
-    from lora_diffusion.tokenizer import load_clip_tokenizer
+    from lora_diffusion.models.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer(v2=False)
     size = tiny_text_encoder.config.hidden_size

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from lora_diffusion import evaluate, world
+from lora_diffusion import world
 from lora_diffusion.cli import main
-from lora_diffusion.world_features import load_world_features
+from lora_diffusion.tools import evaluate
+from lora_diffusion.world.features import load_world_features
 
 
 def renders(n, seed, blur=0.0):
@@ -70,7 +71,7 @@ def test_world_fid_ranks_a_blur_below_the_real_thing():
 def test_clip_score_equals_cosine_similarity(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from lora_diffusion.tokenizer import load_clip_tokenizer
+    from lora_diffusion.models.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -105,8 +106,8 @@ def test_lora_files_come_in_epoch_order(tmp_path):
 
 
 def test_evaluate_command_end_to_end(tmp_path, capsys):
+    from lora_diffusion.core.network import create_network
     from lora_diffusion.models import load_models
-    from lora_diffusion.network import create_network
 
     models = load_models("builtin:mini")
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_diffusion import create_network
 from lora_diffusion.cli import main
-from lora_diffusion.generate import generate, parse_lora_spec
 from lora_diffusion.models import load_models
+from lora_diffusion.tools.generate import generate, parse_lora_spec
 
 
 def test_lora_spec_parsing():

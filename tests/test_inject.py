@@ -7,13 +7,8 @@ import torch
 from torch import nn
 
 from conftest import unet_inputs
-from lora_diffusion import (
-    TEXT_ENCODER_DEFAULT_TARGET_REPLACE,
-    create_network,
-    inject_trainable_lora,
-    lora_network,
-    remove_lora,
-)
+from lora_diffusion import create_network, inject_trainable_lora
+from lora_diffusion.lora import TEXT_ENCODER_DEFAULT_TARGET_REPLACE, lora_network, remove_lora
 
 
 def test_unet_default_targets(tiny_unet):
@@ -100,7 +95,7 @@ def test_nothing_matched_is_a_clear_error():
 
 def test_merge_and_unload_bakes_every_algorithm(tiny_unet):
     """peft's merge_and_unload for LyCORIS' algorithms too (LoHa, and iA3, whose update depends on the weight)."""
-    from lora_diffusion.inject import merge_and_unload
+    from lora_diffusion.core.inject import merge_and_unload
 
     keys = set(tiny_unet.state_dict())
     g = torch.Generator().manual_seed(0)

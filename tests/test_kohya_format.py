@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
-from lora_diffusion import LoRAFileError, create_network, kohya, load_network
+from lora_diffusion import LoRAFileError, create_network, load_network
+from lora_diffusion.formats import kohya
 
 
 def randomize(network, seed=0, std=0.05):

@@ -354,8 +354,8 @@ def test_schedule_free_run_trains_and_saves(tmp_path):
 def test_a_separate_vae_file_in_the_original_naming_replaces_the_models(tmp_path):
     from safetensors.torch import save_file
 
-    from lora_diffusion.convert import vae_original_name
     from lora_diffusion.models import load_models
+    from lora_diffusion.models.convert import vae_original_name
 
     vae = load_models("builtin:tiny").vae
     levels = len(vae.config.up_block_types)

@@ -102,7 +102,7 @@ def lycoris_ia3_outputs(tensors, models):
     from lycoris.modules import IA3Module
 
     from conftest import unet_inputs
-    from lora_diffusion.network import all_named_modules
+    from lora_diffusion.core.network import all_named_modules
 
     available = all_named_modules(models.unet, models.text_encoder)
     modules = []

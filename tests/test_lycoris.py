@@ -18,9 +18,9 @@ from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights  # no
 from lycoris.modules import LoConModule, LohaModule, LokrModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
-from lora_diffusion.kohya import LoRAFileError, parse_state_dict  # noqa: E402
-from lora_diffusion.network import LoRANetwork, layer_from_file  # noqa: E402
-from lora_diffusion.targets import text_encoder_targets, unet_targets  # noqa: E402
+from lora_diffusion.core.network import LoRANetwork, layer_from_file  # noqa: E402
+from lora_diffusion.core.targets import text_encoder_targets, unet_targets  # noqa: E402
+from lora_diffusion.formats.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x"
@@ -318,7 +318,7 @@ def test_lokr_factor_must_be_minus_one_or_at_least_one(factor):
         create_network(unet, None, rank=4, algo="lokr", factor=factor)
     assert all(p.requires_grad for p in unet.parameters())  # refused before anything was changed
     create_network(unet, None, rank=4, algo="lokr", factor=8.0)  # a whole number written as a float is fine
-    from lora_diffusion.lycoris_layers import LoKrLayer
+    from lora_diffusion.core.adapters import LoKrLayer
     layer = LoKrLayer(nn.Linear(64, 128), rank=4, factor=8)
     assert tuple(layer.lokr_w1.shape) == (8, 8)  # out 128 = 8 x 16, in 64 = 8 x 8: w1 [8, 8]
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from child_process import run
-from lora_diffusion import create_network, quality, world
+from lora_diffusion import create_network, world
 from lora_diffusion.models import MINI_FOLDER, load_models
+from lora_diffusion.world import quality
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_short_lora_run_on_stars_raises_the_star_rate(tmp_path, diffusers_pipe):
 
 
 def test_pretraining_smoke_runs_and_resumes(tmp_path):
-    from lora_diffusion.pretrain_mini import PretrainSettings, pretrain
+    from lora_diffusion.world.pretrain_mini import PretrainSettings, pretrain
 
     settings = PretrainSettings(out=str(tmp_path / "mini"), work_dir=str(tmp_path / "work"), vae_steps=2, steps=2,
                                 decoder_steps=1, vae_batch_size=2, batch_size=2, checkpoint_every=1, eval_every=100,

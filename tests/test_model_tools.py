@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_diffusion import create_network, load_network
-from lora_diffusion.base_checkpoint import SafetensorsFile
 from lora_diffusion.cli import main
-from lora_diffusion.convert import original_names
 from lora_diffusion.models import ASSETS, build_tiny_models, empty_modules, load_models, save_tiny_diffusers_folder
+from lora_diffusion.models.checkpoint import SafetensorsFile
+from lora_diffusion.models.convert import original_names
 from lora_diffusion.tools.extract import extract_lora
 from lora_diffusion.tools.inspect import inspect_lora
 from lora_diffusion.tools.merge import merge_into_model, merge_loras

@@ -25,7 +25,7 @@ from lora_diffusion.models import (
     load_models,
     save_tiny_diffusers_folder,
 )
-from lora_diffusion.tokenizer import load_clip_tokenizer
+from lora_diffusion.models.tokenizer import load_clip_tokenizer
 
 TINY = ASSETS / "tiny-sd"
 
@@ -237,7 +237,7 @@ def test_saved_tokenizer_folder_loads_in_transformers_4_and_5(tmp_path, v2):
     save_pretrained writes tokenizer.json alone. Our folders carry the former, and they give the same ids."""
     from transformers import CLIPTokenizer
 
-    from lora_diffusion.tokenizer import save_tokenizer
+    from lora_diffusion.models.tokenizer import save_tokenizer
 
     folder = save_tokenizer(load_clip_tokenizer(v2=v2), tmp_path / "tokenizer")
     assert {"vocab.json", "merges.txt"} <= {f.name for f in folder.iterdir()}
@@ -366,8 +366,8 @@ def test_single_file_matches_diffusers_own_converter(sd1):
 @pytest.mark.parametrize("family", ["v1", "v2", "v2-v"])
 def test_shipped_configs_cover_every_original_key(family):
     """At full size (on the meta device): every key of an original-layout file of this family has a place."""
-    from lora_diffusion.convert import clip_names, unet_names, vae_names
     from lora_diffusion.models import empty_modules
+    from lora_diffusion.models.convert import clip_names, unet_names, vae_names
 
     text_encoder, vae, unet = empty_modules(ASSETS / family)
     ckpt = original_checkpoint(text_encoder, vae, unet, open_clip=family != "v1")
@@ -425,7 +425,7 @@ def test_single_file_sd2(tmp_path, no_network):
 def test_safetensors_reader_matches_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from lora_diffusion.base_checkpoint import SafetensorsFile
+    from lora_diffusion.models.checkpoint import SafetensorsFile
 
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
                "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4),

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import build_tiny_unet, unet_inputs
-from lora_diffusion import create_network, inject_trainable_lora, lora_network, remove_lora
+from lora_diffusion import create_network, inject_trainable_lora
+from lora_diffusion.lora import lora_network, remove_lora
 
 
 def test_research_flow_sees_the_lora_in_the_model(tiny_unet):

@@ -240,8 +240,8 @@ def test_new_token_names_as_other_tools_write_them(tiny_text_encoder):
     """<V>, <v> (cloneofsimo, diffusers textual inversion, Mix-of-Show) are tokens: any name without whitespace that
     the tokenizer reads back as one new token. CLIP lower-cases prompts, so <V> is read as <v>."""
     from lora_diffusion import TokenEmbeddings
-    from lora_diffusion.network import check_token_name
-    from lora_diffusion.tokenizer import load_clip_tokenizer
+    from lora_diffusion.core.network import check_token_name
+    from lora_diffusion.models.tokenizer import load_clip_tokenizer
 
     for name in ("<V>", "<v>", "<s1>", "sks", "Sks", "a-b"):
         check_token_name(name)

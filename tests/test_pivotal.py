@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import train_lora
-from lora_diffusion import kohya
+from lora_diffusion.core.network import load_network
+from lora_diffusion.formats import kohya
 from lora_diffusion.models import load_models
-from lora_diffusion.network import load_network
 from lora_diffusion.training import encode_prompts
 from test_train import base_flags, make_dataset, read
 
@@ -215,7 +215,7 @@ def test_two_processes_end_with_the_same_embedding(tmp_path, data):
 
 def test_network_weights_start_the_token_from_the_files_vectors(tmp_path):
     from lora_diffusion import create_network
-    from lora_diffusion.network import TokenEmbeddings
+    from lora_diffusion.core.network import TokenEmbeddings
 
     def network_with_token(init_word):
         models = load_models("builtin:tiny")

@@ -32,8 +32,8 @@ def test_the_shipped_mini_folder_draws_in_a_plain_pipeline():
 
 
 def test_pretrain_mini_writes_fp16_weights_that_draw_in_a_plain_pipeline(tmp_path):
-    from lora_diffusion.pretrain_mini import build_models, write_folder
-    from lora_diffusion.tokenizer import load_clip_tokenizer
+    from lora_diffusion.models.tokenizer import load_clip_tokenizer
+    from lora_diffusion.world.pretrain_mini import build_models, write_folder
 
     folder = write_folder(tmp_path / "mini", load_clip_tokenizer(v2=False), *build_models(0))
     from safetensors import safe_open

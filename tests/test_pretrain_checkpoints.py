@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_diffusion import pretrain_mini
-from lora_diffusion.pretrain_mini import PretrainSettings, finetune_decoder, load_checkpoint, read_checkpoint
+from lora_diffusion.world import pretrain_mini
+from lora_diffusion.world.pretrain_mini import PretrainSettings, finetune_decoder, load_checkpoint, read_checkpoint
 
 
 class Killed(BaseException):

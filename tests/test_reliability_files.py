@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from lora_diffusion.io import atomic_write
+from lora_diffusion.formats.io import atomic_write
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, umask_022):
 
 
 def test_one_folder_replacer_keeps_a_complete_version_and_ordinary_modes(tmp_path, umask_022):
-    from lora_diffusion.io import build_folder_atomically, new_staging_folder, old_folder_names, replace_folder
+    from lora_diffusion.formats.io import build_folder_atomically, new_staging_folder, old_folder_names, replace_folder
     from lora_diffusion.models import save_tiny_diffusers_folder
 
     target = tmp_path / "out"

@@ -282,7 +282,7 @@ def hook_optimizer_step(monkeypatch, fire):
 
 
 def hook_between_steps(monkeypatch, fire):
-    import dataset
+    from lora_diffusion.data import dataset
 
     real = dataset.collate_fn
 

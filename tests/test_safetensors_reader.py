@@ -10,9 +10,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lora_diffusion.base_checkpoint import ModelLoadError, SafetensorsFile
 from lora_diffusion.cli import main
 from lora_diffusion.models import load_models
+from lora_diffusion.models.checkpoint import ModelLoadError, SafetensorsFile
 
 
 def raw_file(path, header, data, header_size=None):

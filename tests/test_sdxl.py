@@ -13,9 +13,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lora_diffusion import create_network, load_network
 from lora_diffusion.cli import main
-from lora_diffusion.kohya import LoRAFileError, read_lora_file
+from lora_diffusion.formats.kohya import LoRAFileError, read_lora_file
 from lora_diffusion.models import ASSETS, load_models
-from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
+from lora_diffusion.models.sdxl import build_tiny_xl_models, sdxl_pipeline
 from test_models import assert_same_weights, flat_clip_key, randomize, unet_to_original, vae_to_original
 
 TINY_XL = ASSETS / "tiny-xl"
@@ -26,7 +26,7 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LORA_DIFFUSION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-# --- kohya's naming rules, written here independently of lora_diffusion.targets -----------------------------------
+# --- kohya's naming rules, written here independently of lora_diffusion.core.targets -----------------------------
 
 
 def sgm_path(unet, path):
@@ -282,7 +282,7 @@ def test_single_file_sdxl_is_detected_and_loads(tmp_path):
 
 
 def test_tiny_xl_diffusers_folder_round_trip(tmp_path):
-    from lora_diffusion.sdxl import save_tiny_xl_diffusers_folder
+    from lora_diffusion.models.sdxl import save_tiny_xl_diffusers_folder
 
     folder = save_tiny_xl_diffusers_folder(tmp_path / "xl", seed=2)
     models = load_models(folder)

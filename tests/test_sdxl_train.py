@@ -11,7 +11,7 @@ from PIL import Image
 import train_lora
 from lora_diffusion import create_network, load_network
 from lora_diffusion.models import build_tiny_models
-from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
+from lora_diffusion.models.sdxl import build_tiny_xl_models, sdxl_pipeline
 from test_sdxl import assert_outputs_close, outputs
 from test_train import base_flags, make_dataset, read
 
@@ -152,7 +152,7 @@ def test_time_ids_of_every_sample_follow_from_its_file_and_crop(tmp_path, monkey
 def test_cached_text_outputs_train_as_uncached_and_the_disk_cache_is_reused(tmp_path, data, monkeypatch):
     import lora_diffusion.training as training
     import lora_diffusion.training.loop as loop
-    from lora_diffusion.dataset import LoRADataset
+    from lora_diffusion.data.dataset import LoRADataset
 
     flags = dict(max_train_steps=3, network_train_unet_only=True)
     calls = {"n": 0}

@@ -163,7 +163,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, data):
 
 
 def test_the_lora_trains_with_its_dropout_after_each_sampling(tmp_path, data, monkeypatch):
-    from lora_diffusion.layer import LoRALayer
+    from lora_diffusion.core.adapters import LoRALayer
 
     modes, real = [], LoRALayer.lora_delta
 

@@ -3,7 +3,7 @@
 import pytest
 
 import train_lora
-from lora_diffusion.dataset import LoRADataset
+from lora_diffusion.data.dataset import LoRADataset
 from lora_diffusion.training.validation import best_epoch
 from test_train import base_flags, make_dataset
 
@@ -130,7 +130,7 @@ def test_sdxl_validation_gives_the_unet_diffusers_conditioning(tmp_path):
     from PIL import Image
 
     from lora_diffusion import create_network
-    from lora_diffusion.sdxl import build_tiny_xl_models, sdxl_pipeline
+    from lora_diffusion.models.sdxl import build_tiny_xl_models, sdxl_pipeline
     from lora_diffusion.training.validation import build_validation_set, caption_encoder, validation_loss
     from test_sdxl import randomize_network
     from test_sdxl_train import make_sized_dataset

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from lora_diffusion import create_network, io
+from lora_diffusion import create_network
 from lora_diffusion.cli import main
+from lora_diffusion.formats import io
 from lora_diffusion.models import build_tiny_models
 
 

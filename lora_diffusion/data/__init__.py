@@ -1,6 +1,6 @@
-"""The pieces of lora_diffusion.dataset's LoRADataset, one idea per module: errors, subset (the declaration of every
-dataset option: one folder's settings), buckets, images (decoding, resize, crop, masks, colour and face crop),
-captions, layout (kohya concept folders, repeats and mask folders), metadata (kohya's fine-tuning JSON),
-dataset_config (kohya's dataset config file; config_file is its old name), latents (the latent cache) and debug
-(debug_dataset). lora_diffusion/dataset.py puts them together (and dataset.py at the repository root is that
-module)."""
+"""The training data, one idea per module: dataset.py (LoRADataset, BucketBatchSampler, collate_fn: the pieces put
+together), subset.py (the declaration of every dataset option: one folder's settings), layout.py (kohya's concept
+folders, repeats, regularization and mask folders), dataset_config.py (kohya's dataset config file), metadata.py
+(kohya's fine-tuning JSON), captions.py, images.py (decoding, resize, crop, masks, colour and face crop),
+buckets.py, latents.py (the latent cache), debug.py (debug_dataset), files.py and errors.py.
+`import dataset` at the repository root gives dataset.py's names."""

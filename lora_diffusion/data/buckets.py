@@ -2,7 +2,7 @@
 
 import math
 
-from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset
+from .subset import FLAG_DEFAULTS, Subset
 
 
 def bucket_resolutions(resolution, min_reso=None, max_reso=None, steps=None):

@@ -6,8 +6,8 @@ import random
 import re
 from pathlib import Path
 
-from lora_diffusion.data.errors import DatasetError, warn
-from lora_diffusion.data.subset import Subset
+from .errors import DatasetError, warn
+from .subset import Subset
 
 
 def read_caption(path, *, verbatim=False, all_lines=False, error=DatasetError) -> str:

@@ -4,8 +4,10 @@ validated into Subsets."""
 import json
 from pathlib import Path
 
-from lora_diffusion.data.errors import DatasetError, warn
-from lora_diffusion.data.subset import (
+from lora_diffusion.formats.io import loads_toml
+
+from .errors import DatasetError, warn
+from .subset import (
     DATASET_KEYS,
     FLAG_DEFAULTS,
     FLAG_ONLY_KEYS,
@@ -17,7 +19,6 @@ from lora_diffusion.data.subset import (
     parse_face_crop_range,
     parse_resolution,
 )
-from lora_diffusion.io import loads_toml
 
 _KEY_TYPES = {**KEY_TYPES, "batch_size": int, "subsets": list}
 _LEVEL_KEYS = {

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_diffusion.data.buckets import cover_size
-from lora_diffusion.data.errors import DatasetError
+from .buckets import cover_size
+from .errors import DatasetError
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from lora_diffusion.data.buckets import cover_size
-from lora_diffusion.data.errors import warn
-from lora_diffusion.io import atomic_write
+from lora_diffusion.formats.io import atomic_write
+
+from .buckets import cover_size
+from .errors import warn
 
 
 def encode_latents(vae, images, *, device="cpu", dtype=torch.float32):

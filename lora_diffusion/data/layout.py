@@ -4,12 +4,12 @@ them, and how many times each image repeats per epoch (regularization images inc
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_diffusion.data.buckets import select_bucket
-from lora_diffusion.data.captions import read_caption
-from lora_diffusion.data.errors import DatasetError, warn
-from lora_diffusion.data.files import CONCEPT_FOLDER, MAX_REPEATS, is_image_file
-from lora_diffusion.data.images import image_size
-from lora_diffusion.data.subset import Subset
+from .buckets import select_bucket
+from .captions import read_caption
+from .errors import DatasetError, warn
+from .files import CONCEPT_FOLDER, MAX_REPEATS, is_image_file
+from .images import image_size
+from .subset import Subset
 
 
 @dataclass

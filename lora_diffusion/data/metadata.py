@@ -4,11 +4,11 @@ each image's caption and tags, instead of caption files and concept folders."""
 import json
 from pathlib import Path
 
-from lora_diffusion.data.buckets import select_bucket
-from lora_diffusion.data.errors import DatasetError, warn
-from lora_diffusion.data.files import IMAGE_EXTENSIONS, MAX_REPEATS
-from lora_diffusion.data.images import image_size
-from lora_diffusion.data.subset import Subset
+from .buckets import select_bucket
+from .errors import DatasetError, warn
+from .files import IMAGE_EXTENSIONS, MAX_REPEATS
+from .images import image_size
+from .subset import Subset
 
 
 def metadata_subset(train_data_dir, reg_data_dir, options) -> Subset:
@@ -82,7 +82,7 @@ def _caption(record: dict, subset: Subset, where: str) -> str:
 
 def scan_metadata(subset: Subset, subset_index: int):
     """The ImageEntry of every image the subset's metadata file names."""
-    from lora_diffusion.data.layout import ImageEntry, attach_masks, face_box
+    from .layout import ImageEntry, attach_masks, face_box
 
     path = Path(subset.metadata_file)
     metadata = read_metadata(path)

@@ -4,8 +4,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from lora_diffusion.data.errors import DatasetError
-from lora_diffusion.data.files import MAX_REPEATS, dotted_extension
+from .errors import DatasetError
+from .files import MAX_REPEATS, dotted_extension
 
 # kohya's --resize_interpolation names (linear = bilinear, cubic = bicubic)
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")

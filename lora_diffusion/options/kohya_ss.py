@@ -9,7 +9,7 @@ stops at once with one line."""
 
 from pathlib import Path
 
-from lora_diffusion.io import atomic_write
+from lora_diffusion.formats.io import atomic_write
 
 # The GUI's keys under another name.
 RENAMES = {"epoch": "max_train_epochs", "max_resolution": "resolution", "optimizer": "optimizer_type",

@@ -7,8 +7,10 @@ that `lora_diffusion.cli` registers as a subcommand.
 import os
 from pathlib import Path
 
-from ..data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS
-from ..io import build_folder_atomically  # the tools write their output folders through it (io.replace_folder)
+from lora_diffusion.data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS
+from lora_diffusion.formats.io import (
+    build_folder_atomically,  # the tools write their output folders through it (io.replace_folder)
+)
 
 __all__ = ["ToolError", "list_images", "split_concept_name", "check_output_apart", "build_folder_atomically"]
 

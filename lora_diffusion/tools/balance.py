@@ -14,7 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.files import MAX_REPEATS
+from lora_diffusion.data.files import MAX_REPEATS
+
 from . import ToolError, build_folder_atomically, check_output_folder, list_images, require_folder, split_concept_name
 
 

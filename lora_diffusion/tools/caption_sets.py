@@ -15,8 +15,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.captions import read_caption
-from ..data.files import dotted_extension
+from lora_diffusion.data.captions import read_caption
+from lora_diffusion.data.files import dotted_extension
+
 from . import ToolError, build_folder_atomically, check_output_folder, list_images, require_folder
 
 

@@ -94,7 +94,7 @@ def inspect_lora(path):
         tags = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except json.JSONDecodeError:
         tags = {}
-    from ..kohya import read_lora_file
+    from lora_diffusion.formats.kohya import read_lora_file
     embeddings = read_lora_file(path, warn_embeddings=False)[0].embeddings
     return {
         "file": str(path),

@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..kohya import EMBEDDING_PREFIX, LoRAFileWarning, network_metadata, write_lora_file
+from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileWarning, network_metadata, write_lora_file
+
 from .model_files import (
     ModelToolError,
     addressable_weights,

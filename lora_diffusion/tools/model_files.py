@@ -21,11 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import convert
-from ..base_checkpoint import PRECISION_DTYPES, SAFETENSORS_DTYPES, CheckpointReader, release_file_pages
-from ..io import atomic_write
-from ..kohya import EMBEDDING_PREFIX, LoRAFileError, LoRAModules, ModuleWeights
-from ..targets import (
+from lora_diffusion.core.targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
@@ -35,6 +31,11 @@ from ..targets import (
     sdxl_unet_module_name,
     written_kohya_name,
 )
+from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileError, LoRAModules, ModuleWeights
+from lora_diffusion.models import convert
+from lora_diffusion.models.checkpoint import PRECISION_DTYPES, SAFETENSORS_DTYPES, CheckpointReader, release_file_pages
+
 from . import build_folder_atomically, check_output_apart
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -133,7 +134,7 @@ def diffusers_key(part, key):
 
 
 def open_folder(path):
-    from ..sdxl import is_sdxl_folder
+    from lora_diffusion.models.sdxl import is_sdxl_folder
 
     if not (path / "model_index.json").is_file():
         raise ModelToolError(f"'{path}' is a folder but not a diffusers model (model_index.json is missing)")
@@ -172,8 +173,14 @@ def stored_shape(reader, name):
 
 
 def open_single_file(path, config_dir, v2):
-    from ..models import ASSETS, empty_modules
-    from ..sdxl import SDXL_CONFIGS, check_sdxl_parts, empty_sdxl_modules, is_sdxl_checkpoint, text_encoder_names
+    from lora_diffusion.models import ASSETS, empty_modules
+    from lora_diffusion.models.sdxl import (
+        SDXL_CONFIGS,
+        check_sdxl_parts,
+        empty_sdxl_modules,
+        is_sdxl_checkpoint,
+        text_encoder_names,
+    )
 
     reader = CheckpointReader(path, torch.float32)
     sdxl = is_sdxl_checkpoint(reader.names)
@@ -334,9 +341,9 @@ def write_single_file(path, model, get, dtype=None, keep_extras=False, metadata=
 def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=False):
     """A diffusers folder (configs, weights per part, tokenizer, scheduler, model_index.json), staged next to
     `path` and renamed into place."""
-    from ..models import declare_fp32_load, make_noise_scheduler, write_model_index
-    from ..sdxl import folder_tokenizers, write_sdxl_model_index
-    from ..tokenizer import load_clip_tokenizer, save_tokenizer
+    from lora_diffusion.models import declare_fp32_load, make_noise_scheduler, write_model_index
+    from lora_diffusion.models.sdxl import folder_tokenizers, write_sdxl_model_index
+    from lora_diffusion.models.tokenizer import load_clip_tokenizer, save_tokenizer
 
     def fill(folder):
         for part in model.parts:
@@ -427,7 +434,7 @@ def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multi
     if weights.algo == "lora":
         delta = weights.up.float().flatten(1) @ weights.down.float().flatten(1)
     else:
-        from ..lycoris_layers import kron_product, loha_product
+        from lora_diffusion.core.adapters import kron_product, loha_product
         delta = (loha_product if weights.algo == "loha" else kron_product)(weights.tensors)
     delta = delta.reshape(delta.shape[0], -1) * weights.scale
     if weights.dora_scale is None:
@@ -520,7 +527,7 @@ def lora_file_tensors(modules, shapes, dtype=torch.float16, sdxl=False):
 
 def read_loras(specs):
     """[(path, ratio)] from `path` or `path:ratio` strings, with each file's modules (canonical names)."""
-    from ..kohya import read_lora_file
+    from lora_diffusion.formats.kohya import read_lora_file
 
     loaded = []
     for spec in specs:

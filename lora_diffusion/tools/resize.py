@@ -13,7 +13,8 @@ retained Frobenius norm of param). The retained Frobenius fraction of each modul
 import torch
 from tqdm import tqdm
 
-from ..kohya import network_metadata, write_lora_file
+from lora_diffusion.formats.kohya import network_metadata, write_lora_file
+
 from .model_files import (
     ModelToolError,
     bundled_embedding_tensors,

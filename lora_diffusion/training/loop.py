@@ -152,7 +152,7 @@ def _sample(run: Run, state: RunState, epoch=None):
     # submodule its own mode back: the frozen base stays in eval, the LoRA in train mode.
     args, models = run.args, run.models
     if getattr(models, "sdxl", False):
-        from lora_diffusion.sdxl import generate_sdxl_samples
+        from lora_diffusion.models.sdxl import generate_sdxl_samples
 
         state.last_samples = generate_sdxl_samples(
             models, prompts=run.prompts, out_dir=run.output_dir / "sample", step=state.step, epoch=epoch,

@@ -60,7 +60,7 @@ def check_free_space(output_dir: Path, network, args):
 
 def save_lora(run, path, *, epoch, step, final=False):
     """One LoRA file with the whole run's settings in its metadata, written by the main process only."""
-    from lora_diffusion.training import training_metadata
+    from . import training_metadata
 
     if not run.accelerator.is_main_process:
         return
@@ -88,8 +88,8 @@ def summarize_last_samples(paths, grid_path) -> list[str]:
     """The last sampling's images in one grid, and the shapes world judge's verdict when the prompts are its own."""
     from PIL import Image
 
-    from lora_diffusion.quality import fmt, summarize_samples
     from lora_diffusion.world import parse_caption
+    from lora_diffusion.world.quality import fmt, summarize_samples
 
     grid_path, accuracy = summarize_samples(paths, grid_path)
     lines = [f"samples of the last sampling in one grid: {grid_path}"]

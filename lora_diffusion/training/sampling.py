@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write
+from lora_diffusion.formats.io import atomic_write
+
 from .text import encode_prompts
 
 SAMPLERS = {
@@ -148,7 +149,7 @@ def read_prompts(path, *, width=512, height=512, scale=7.5, steps=30, seed=None,
             if path.suffix.lower() == ".json":
                 entries = json.loads(path.read_text(encoding="utf-8"))
             else:
-                from ..io import loads_toml
+                from lora_diffusion.formats.io import loads_toml
 
                 table = loads_toml(path.read_text(encoding="utf-8")).get("prompt", {})
                 entries = table.pop("subset", [])

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..io import atomic_write, new_staging_folder, old_folder_names, replace_folder
+from lora_diffusion.formats.io import atomic_write, new_staging_folder, old_folder_names, replace_folder
 
 TRAIN_STATE_FILE = "train_state.json"
 STATE_FORMAT = 2

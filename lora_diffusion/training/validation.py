@@ -86,7 +86,7 @@ class Validation:
 
     @classmethod
     def create(cls, images, prompts_spec, metrics, *, seeds, size):
-        from lora_diffusion import evaluate
+        from lora_diffusion.tools import evaluate
 
         from .errors import TrainingError
 
@@ -127,13 +127,13 @@ def text_encoders(models):
 def validation_pipeline(models):
     """The pipeline that draws the validation prompts: builtin:mini's world pipeline (DPM-Solver++), or on SDXL a
     StableDiffusionXLPipeline with the same scheduler."""
-    from lora_diffusion import quality
+    from lora_diffusion.world import quality
 
     if not getattr(models, "sdxl", False):
         return quality.world_pipeline(models)
     from diffusers import DPMSolverMultistepScheduler
 
-    from lora_diffusion.sdxl import sdxl_pipeline
+    from lora_diffusion.models.sdxl import sdxl_pipeline
 
     pipe = sdxl_pipeline(models, DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config,
                                                                          algorithm_type="dpmsolver++"))
@@ -180,7 +180,7 @@ def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=N
 def validate(run, state, epoch):
     """The validation loss and metrics after `epoch`: printed, logged (TensorBoard `loss/validation`,
     `validation/<metric>`) and kept in state.validations."""
-    from lora_diffusion.evaluate import score_images
+    from lora_diffusion.tools.evaluate import score_images
 
     args, models, validation = run.args, run.models, run.validation
     result = {"epoch": epoch, "step": state.step}

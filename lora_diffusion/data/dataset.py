@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lora_diffusion.data import files as image_files
-from lora_diffusion.data.buckets import bucket_resolutions, select_bucket
-from lora_diffusion.data.captions import caption_varies, process_caption
-from lora_diffusion.data.dataset_config import read_dataset_config
-from lora_diffusion.data.debug import debug_dataset
-from lora_diffusion.data.errors import DatasetError, DatasetWarning, warn
-from lora_diffusion.data.images import center_crop, face_crop_box, load_example, load_image
-from lora_diffusion.data.latents import (
+from . import files as image_files
+from .buckets import bucket_resolutions, select_bucket
+from .captions import caption_varies, process_caption
+from .dataset_config import read_dataset_config
+from .debug import debug_dataset
+from .errors import DatasetError, DatasetWarning, warn
+from .images import center_crop, face_crop_box, load_example, load_image
+from .latents import (
     encode_latents,
     latent_cache_key,
     latent_file_path,
@@ -46,9 +46,9 @@ from lora_diffusion.data.latents import (
     vae_fingerprint,
     write_latent_file,
 )
-from lora_diffusion.data.layout import assign_repeats, caption_file, concept_subsets, scan_subset
-from lora_diffusion.data.metadata import metadata_subset, scan_metadata
-from lora_diffusion.data.subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
+from .layout import assign_repeats, caption_file, concept_subsets, scan_subset
+from .metadata import metadata_subset, scan_metadata
+from .subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
            "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption", "debug_dataset"]

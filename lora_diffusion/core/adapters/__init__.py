@@ -16,12 +16,12 @@ only, so a new algorithm is one module and one line below.
     norm   trained norm layers (LyCORIS train_norm=True)          norm.py (beside any algo=, not one itself)
 """
 
-from .base import AdapterLayer, TensorLayer, freeze_base
+from .base import AdapterLayer, TensorLayer, freeze_base, in_dtype_of, kaiming, row_norms, tucker
 from .dylora import DyLoRALayer
 from .glora import GLoRALayer
 from .ia3 import IA3Layer
-from .loha import LoHaLayer
-from .lokr import LoKrLayer
+from .loha import LoHaLayer, loha_product
+from .lokr import LoKrLayer, check_factor, factorization, kron_product, lokr_rank
 from .lora import LoRALayer
 from .norm import NormLayer
 
@@ -53,4 +53,7 @@ def detect(keys) -> list[type[AdapterLayer]]:
 
 
 __all__ = ["ALGORITHMS", "AdapterLayer", "DyLoRALayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer",
-           "LoRALayer", "NormLayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base"]
+           "LoRALayer", "NormLayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base",
+           # the algorithms' shared math
+           "check_factor", "factorization", "in_dtype_of", "kaiming", "kron_product", "loha_product", "lokr_rank",
+           "row_norms", "tucker"]

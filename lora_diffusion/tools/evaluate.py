@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import quality, world
-from .io import atomic_write
+from lora_diffusion import world
+from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.world import quality
 
 WORLD_PROMPTS = ("world:star", "world:held-out", "world:seen")
 GRID_ROWS = 16  # prompt x seed rows in grid.png; results.csv and .json score every row
@@ -108,7 +109,7 @@ def read_prompts(spec, extra):
 def feature_network(name):
     """The nn.Module that FID/KID compare images in (uint8 [N, 3, H, W] -> [N, d])."""
     if name == "world":
-        from .world_features import load_world_features
+        from lora_diffusion.world.features import load_world_features
 
         return load_world_features()
     if name == "inception" or name.startswith("inception:"):
@@ -202,7 +203,7 @@ def reference_images(folder, scenes, n, size):
     """Images of --reference, or for world prompts renders of the asked scenes (fresh sizes and places)."""
     from PIL import Image
 
-    from .data.files import is_image_file
+    from lora_diffusion.data.files import is_image_file
 
     if folder:
         paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p))
@@ -229,7 +230,7 @@ def reference_images(folder, scenes, n, size):
 def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, size, progress=None):
     """One image per (prompt, seed) with the variant's LoRA applied (and removed afterwards); progress(n) after
     each batch of n images."""
-    from .network import load_network
+    from lora_diffusion.core.network import load_network
 
     network = None
     if variant.path:
@@ -254,7 +255,7 @@ def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, gui
              metrics=("judge", "fid", "kid"), features="world", reference=None, clip_model=None):
     """Scores per variant: a list of dicts (label, file, multiplier, and each metric), and the images per variant.
     A progress bar on stderr counts the images."""
-    from .models import load_models
+    from lora_diffusion.models import load_models
 
     seeds = list(seeds)
     if not seeds or not prompts or not variants:
@@ -446,7 +447,7 @@ def check_flags(args):
 
 def run(args) -> int:
     check_flags(args)
-    from .cli import set_cpu_threads
+    from lora_diffusion.cli import set_cpu_threads
 
     set_cpu_threads(args.threads, "evaluate")
     from .generate import check_multiplier

@@ -19,7 +19,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import adapters, kohya
+from lora_diffusion.formats import kohya
+
+from . import adapters
 from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
 from .adapters.base import shapes as _shapes
 from .adapters.lokr import check_factor
@@ -754,7 +756,7 @@ class TokenEmbeddings(nn.Module):
         """A textual-inversion .safetensors (see file_tensors), with the token in its metadata."""
         from safetensors.torch import save as save_safetensors_bytes
 
-        from .io import atomic_write
+        from lora_diffusion.formats.io import atomic_write
 
         tensors = {k: v.float().cpu().contiguous() for k, v in self.file_tensors(bundled=False).items()}
         data = save_safetensors_bytes(tensors, {"token": self.name, **(metadata or {})})

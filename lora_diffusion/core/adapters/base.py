@@ -308,7 +308,7 @@ class TensorLayer(AdapterLayer):
                    tensors=weights.tensors, source=source)
 
     def load_file(self, weights, source):
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         own = self._tensors()
         if sorted(own) != sorted(weights.tensors) or any(own[k].shape != weights.tensors[k].shape for k in own):
@@ -336,7 +336,7 @@ class TensorLayer(AdapterLayer):
 def check_product_tensors(name, tensors, source, *, need, product, kind, expected):
     """A file module of a product algorithm (LoHa, LoKr): exactly the `need` keys, and shapes that `product` can
     combine (checked on meta tensors: no arithmetic)."""
-    from ..kohya import LoRAFileError
+    from lora_diffusion.formats.kohya import LoRAFileError
 
     if sorted(need) != sorted(tensors):
         raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; a {kind} module has "

@@ -73,7 +73,7 @@ class IA3Layer(Unscaled, TensorLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         if sorted(tensors) != sorted(cls.file_keys):
             raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; an iA3 module has weight "
@@ -86,7 +86,7 @@ class IA3Layer(Unscaled, TensorLayer):
                                 f"[1, n, 1, 1] (conv)")
 
     def load_file(self, weights, source):
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         theirs = bool(float(weights.tensors["on_input"]))
         if theirs != self.train_on_input or weights.tensors["weight"].shape != self.weight.shape:

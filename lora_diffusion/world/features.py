@@ -6,7 +6,7 @@ images) to tell shape, colour and background and to read size and position; its 
 FID/KID compare.
 
     features = load_world_features()           # nn.Module: uint8 images [N, 3, H, W] -> [N, 64]
-    python -m lora_diffusion.world_features    # retrain it (about 5 minutes on one CPU core) and write the asset
+    python -m lora_diffusion.world.features    # retrain it (about 5 minutes on one CPU core) and write the asset
 """
 
 import random
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import world
+from . import scenes as world
 
-WEIGHTS = Path(__file__).parent / "assets" / "world_features.safetensors"
+WEIGHTS = Path(__file__).parents[1] / "assets" / "world_features.safetensors"
 FEATURES = 64
 
 
@@ -52,7 +52,7 @@ def load_world_features(path=WEIGHTS) -> WorldFeatures:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: the world feature network is missing; rebuild it with "
-                                f"`python -m lora_diffusion.world_features`")
+                                f"`python -m lora_diffusion.world.features`")
     net = WorldFeatures()
     net.load_state_dict(load_file(str(path)))
     return net.eval().requires_grad_(False)
@@ -79,7 +79,7 @@ def train(steps=2000, batch_size=64, seed=0, out=WEIGHTS):
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    from .io import atomic_write
+    from lora_diffusion.formats.io import atomic_write
 
     torch.manual_seed(seed)
     rng, nrng = random.Random(seed), np.random.default_rng(seed)

@@ -25,15 +25,16 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .base_checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
+from lora_diffusion.formats.io import build_folder_atomically
+
+from .checkpoint import CheckpointReader, ModelLoadError, SafetensorsFile
 from .convert import check_is_sd_checkpoint, clip_names, detect_v2, unet_names, vae_names
-from .io import build_folder_atomically
 from .tokenizer import load_clip_tokenizer, save_tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_MINI = "builtin:mini"
-BUILTIN_TINY_XL = "builtin:tiny-xl"  # SDXL topology, lora_diffusion/sdxl.py
+BUILTIN_TINY_XL = "builtin:tiny-xl"  # SDXL topology, lora_diffusion/models/sdxl.py
 MINI_FOLDER = ASSETS / "mini"  # written by `lora-diffusion pretrain-mini`
 DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 # diffusers took `dtype=` for the deprecated `torch_dtype=` with _resolve_dtype; older ones know only torch_dtype

@@ -1,4 +1,4 @@
-"""Pretrain `builtin:mini` from scratch on the shapes world (lora_diffusion/world.py): VAE, CLIP text encoder and
+"""Pretrain `builtin:mini` from scratch on the shapes world (lora_diffusion/world/scenes.py): VAE, CLIP text encoder and
 an SD1.x-topology U-Net, written as a diffusers folder.
 
     lora-diffusion pretrain-mini                        # 87 min measured on 2 CPU cores; minutes on a GPU
@@ -37,9 +37,11 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from . import quality, world
-from .io import atomic_write
-from .tokenizer import load_clip_tokenizer, save_tokenizer
+from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.models.tokenizer import load_clip_tokenizer, save_tokenizer
+
+from . import quality
+from . import scenes as world
 
 RESOLUTION = 64
 # The VAE sees every shape and colour pair, as SD's VAE saw every kind of image; only the denoiser has a held-out set.
@@ -317,7 +319,7 @@ def finetune_decoder(vae, settings: PretrainSettings, work: Path):
 
 
 def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSettings, work: Path):
-    from .models import make_noise_scheduler
+    from lora_diffusion.models import make_noise_scheduler
 
     noise_scheduler = make_noise_scheduler()
     params = list(text_encoder.parameters()) + list(unet.parameters())
@@ -395,8 +397,8 @@ def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
 
 def write_folder(out, tokenizer, text_encoder, vae, unet):
     """The diffusers folder, fp16 safetensors, built beside `out` and renamed into place."""
-    from .io import build_folder_atomically
-    from .models import declare_fp32_load, write_model_index
+    from lora_diffusion.formats.io import build_folder_atomically
+    from lora_diffusion.models import declare_fp32_load, write_model_index
 
     def fill(staging):
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
@@ -416,7 +418,7 @@ def write_folder(out, tokenizer, text_encoder, vae, unet):
 def warm_start(folder, text_encoder, vae, unet, settings, work):
     """Continue from a written folder (a later session, another machine) rather than from scratch: its weights
     start every stage that has no checkpoint yet, and its VAE counts as trained, so the latents stay the same."""
-    from .models import load_models
+    from lora_diffusion.models import load_models
 
     shipped = load_models(folder)
     text_encoder.load_state_dict(shipped.text_encoder.state_dict())
@@ -445,7 +447,7 @@ def pretrain(settings: PretrainSettings, stage="all"):
     vae = finetune_decoder(vae, settings, work)
     out = write_folder(settings.out or work / "model", tokenizer, ema_te, vae, ema_unet)
     print(f"wrote {out} in {(time.time() - start) / 60:.1f} min of this run; judging it ...")
-    from .models import load_models
+    from lora_diffusion.models import load_models
 
     mini = load_models(out)
     scheduler = DPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
@@ -468,7 +470,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from .cli import set_cpu_threads
+    from lora_diffusion.cli import set_cpu_threads
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected an integer >= 1")

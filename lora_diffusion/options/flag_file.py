@@ -13,8 +13,9 @@ import shlex
 import warnings
 from pathlib import Path
 
-from .io import TOMLDecodeError, atomic_write, loads_toml
-from .options.trainer import int_or_float
+from lora_diffusion.formats.io import TOMLDecodeError, atomic_write, loads_toml
+
+from .trainer import int_or_float
 
 
 class ConfigFileError(ValueError):
@@ -53,7 +54,7 @@ NUMBER_AS_STRING = {"resolution"}
 def _checked(values: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
     """The values typed as their flags. A key that is no flag is dropped with a warning naming the nearest flag
     (kohya itself keeps unknown keys without a word); on the command line the same typo is an error."""
-    from lora_diffusion.options import nearest
+    from . import nearest
 
     actions = flag_dests(parser)
     for key in sorted(k for k in values if k not in actions):
@@ -125,7 +126,7 @@ def _number(value, kind, bad):
 def _from_gui_json(document, path: Path, parser: argparse.ArgumentParser) -> dict:
     """A kohya_ss GUI config: its keys read by the GUI's own rules (options.kohya_ss), then
     `additional_parameters` parsed as flags (they win, as on the GUI's command line)."""
-    from lora_diffusion.options.kohya_ss import GuiConfigError, gui_flags
+    from .kohya_ss import GuiConfigError, gui_flags
 
     if not isinstance(document, dict):
         raise ConfigFileError(f"--config_file {path}: expected a JSON object of settings (a kohya_ss GUI config), "

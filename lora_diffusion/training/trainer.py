@@ -3,8 +3,9 @@
     python train_lora.py --config_file examples/quickstart/config.toml
 
 Reads top to bottom: flags -> accelerator -> models -> data -> network -> optimizer -> the loop -> files.
-The pieces live in the package (lora_diffusion.training, lora_diffusion.network, lora_diffusion.dataset); this file
-wires them. `python train_lora.py` (the repository root) and `lora-diffusion train` both run main().
+The pieces live in the package (lora_diffusion.training, lora_diffusion.core.network,
+lora_diffusion.data.dataset); this file wires them. `python train_lora.py` (the repository root) and
+`lora-diffusion train` both run main().
 """
 
 import argparse
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lora_diffusion.training.errors import TrainingError
-from lora_diffusion.training.outputs import check_free_space, outputs_of_other_runs, prepare_output_dir
+from .errors import TrainingError
+from .outputs import check_free_space, outputs_of_other_runs, prepare_output_dir
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
 
@@ -39,7 +40,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
-    from lora_diffusion.flag_file import read_config_file
+    from lora_diffusion.options.flag_file import read_config_file
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -55,7 +56,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
     """The run's settings from the flags as given: checked (every error names its flag, before any work) and with
     the values that follow from others filled in. `given` is left as it was."""
     from lora_diffusion.options import trainer_options
-    from lora_diffusion.training.sampling import SAMPLERS
+
+    from .sampling import SAMPLERS
 
     def bad(message):
         raise TrainingError(message)
@@ -154,7 +156,7 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
             if getattr(args, name) != default:
                 bad(f"--{name} needs --token_string (the new word whose embedding trains)")
     else:
-        from lora_diffusion.network import check_token_name
+        from lora_diffusion.core.network import check_token_name
 
         try:
             check_token_name(args.token_string)
@@ -216,8 +218,8 @@ def looks_like_sdxl(name) -> bool:
     if path.is_dir():
         return (path / "text_encoder_2").is_dir()
     if path.is_file() and path.suffix == ".safetensors":
-        from lora_diffusion.base_checkpoint import SafetensorsFile
-        from lora_diffusion.sdxl import is_sdxl_checkpoint
+        from lora_diffusion.models.checkpoint import SafetensorsFile
+        from lora_diffusion.models.sdxl import is_sdxl_checkpoint
 
         try:
             return is_sdxl_checkpoint(SafetensorsFile(path).entries)
@@ -242,7 +244,7 @@ def resolve_model_defaults(args):
 
 def network_options(args) -> dict:
     """--network_args k=v pairs as create_network keywords (options.network_args declares each key)."""
-    from lora_diffusion.network import ALGOS
+    from lora_diffusion.core.network import ALGOS
     from lora_diffusion.options.network_args import NetworkArgsError, network_keywords
 
     try:
@@ -262,8 +264,8 @@ def network_options(args) -> dict:
 
 
 def build_dataset(args):
+    from lora_diffusion.data.dataset import LoRADataset
     from lora_diffusion.data.subset import FLAG_DEFAULTS
-    from lora_diffusion.dataset import LoRADataset
 
     options = {name: getattr(args, name) for name in FLAG_DEFAULTS}  # the dataset options are flags of one name
     if args.dataset_config:
@@ -277,8 +279,8 @@ def held_out_entries(args, dataset) -> list:
     if args.validation_split is not None:
         return dataset.split_validation(args.validation_split, args.validation_seed)
     if args.validation_data_dir:
+        from lora_diffusion.data.dataset import LoRADataset
         from lora_diffusion.data.subset import FLAG_DEFAULTS
-        from lora_diffusion.dataset import LoRADataset
 
         options = {name: getattr(args, name) for name in FLAG_DEFAULTS}
         options["in_json"] = None  # the training images' metadata names none of the validation images
@@ -288,7 +290,7 @@ def held_out_entries(args, dataset) -> list:
 
 def build_validation(args, held_out, models, device, weight_dtype, resolution):
     """The encoded validation images and, for --validation_prompts, what scoring generated images needs."""
-    from lora_diffusion.training.validation import Validation, build_validation_set
+    from .validation import Validation, build_validation_set
 
     if not held_out and not args.validation_prompts:
         return None
@@ -340,7 +342,7 @@ def tracker_names(args) -> list[str] | None:
 def check_outputs_and_resume(args, output_dir: Path, accelerator):
     """The output folder, the state to resume and other runs' files, before any work. Returns (the resumed
     state's extra record or {}, the network's shape, the run's session id)."""
-    from lora_diffusion.training import read_train_state
+    from . import read_train_state
 
     prepare_output_dir(output_dir)
     resumed = read_train_state(args.resume)["extra"] if args.resume else {}
@@ -368,7 +370,7 @@ def check_outputs_and_resume(args, output_dir: Path, accelerator):
 
 def check_optimizer_settings(args):
     """A bad --optimizer_type/--optimizer_args fails now, not after minutes of model loading."""
-    from lora_diffusion.training import create_optimizer
+    from . import create_optimizer
 
     quiet = logging.getLogger("lora_diffusion.training.optim")
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # its advice is given once, for the real optimizer
@@ -418,8 +420,8 @@ def load_vae(name, like):
     without the checkpoint's first_stage_model. prefix, or in diffusers' naming; it replaces `like` (same config)."""
     from diffusers import AutoencoderKL
 
-    from lora_diffusion.base_checkpoint import CheckpointReader
-    from lora_diffusion.convert import VAE_PREFIX, vae_name
+    from lora_diffusion.models.checkpoint import CheckpointReader
+    from lora_diffusion.models.convert import VAE_PREFIX, vae_name
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -495,7 +497,7 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
                                                            device=device, clip_skip=args.clip_skip,
                                                            max_token_length=args.max_token_length)
         if args.cache_text_encoder_outputs_to_disk:
-            from lora_diffusion.training.text_cache import cache_text_outputs_on_disk, encoders_fingerprint
+            from .text_cache import cache_text_outputs_on_disk, encoders_fingerprint
 
             fields = dict(encoders=encoders_fingerprint(encoders), sdxl=bool(models.sdxl),
                           max_token_length=args.max_token_length, clip_skip=args.clip_skip,
@@ -518,8 +520,9 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
 def build_loader(args, dataset, accelerator):
     """The bucket batches of this process and the run's length: (loader, batch_sampler, batch_size,
     batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs)."""
-    from lora_diffusion.dataset import BucketBatchSampler, collate_fn
-    from lora_diffusion.training.loop import ShardedBatches
+    from lora_diffusion.data.dataset import BucketBatchSampler, collate_fn
+
+    from .loop import ShardedBatches
 
     device = accelerator.device
     batch_size = getattr(dataset, "batch_size", None) or args.train_batch_size  # a dataset config's batch_size wins
@@ -553,12 +556,12 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
 
     unet, text_encoder = models.unet, models.text_encoder
     if args.base_weights:  # kohya's: merged into the base for good before the new network
-        from lora_diffusion.network import merge_base_weights
+        from lora_diffusion.core.network import merge_base_weights
 
         merge_base_weights(args.base_weights, unet, models.text_encoders, args.base_weights_multiplier)
         accelerator.print(f"merged into the model: {', '.join(args.base_weights)}")
     if args.dim_from_weights:  # kohya's: every module with the rank and alpha it has in --network_weights
-        from lora_diffusion.network import dim_from_weights
+        from lora_diffusion.core.network import dim_from_weights
 
         network = dim_from_weights(args.network_weights, unet, models.text_encoders, dropout=args.network_dropout)
         network.set_trainable(unet=train_unet, text_encoder=train_text_encoder)
@@ -568,7 +571,7 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
                                  train_text_encoder=train_text_encoder, **network_options(args))
     embedding, embedding_steps = None, 0
     if args.token_string:
-        from lora_diffusion.network import TokenEmbeddings
+        from lora_diffusion.core.network import TokenEmbeddings
 
         embedding = network.add_embedding(TokenEmbeddings.create(models.tokenizers, models.text_encoders,
                                                                  args.token_string, args.init_word,
@@ -600,7 +603,7 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
 
 def build_optimizer(args, network, max_train_steps, accelerator):
     """(optimizer prepared by accelerate, lr scheduler, the optimizer's name for ss_optimizer, the parameters)."""
-    from lora_diffusion.training import create_lr_scheduler, create_optimizer, describe_optimizer
+    from . import create_lr_scheduler, create_optimizer, describe_optimizer
 
     param_groups = network.param_groups(unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr,
                                         default_lr=args.learning_rate, embedding_lr=args.embedding_lr)
@@ -632,8 +635,8 @@ def build_optimizer(args, network, max_train_steps, accelerator):
 
 
 def train(args):
-    from lora_diffusion.training import load_state, read_prompts, run_metadata
-    from lora_diffusion.training.loop import Run, RunState, save_final_files, train_epochs
+    from . import load_state, read_prompts, run_metadata
+    from .loop import Run, RunState, save_final_files, train_epochs
 
     # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
     if args.console_log_level or args.console_log_file:
@@ -674,7 +677,7 @@ def train(args):
     # --- models, caches, batches, network, optimizer -----------------------------------------------------------
     models = load_base_models(args, weight_dtype, device)
     if args.zero_terminal_snr:
-        from lora_diffusion.training import with_zero_terminal_snr
+        from . import with_zero_terminal_snr
 
         models.noise_scheduler = with_zero_terminal_snr(models.noise_scheduler)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
@@ -714,7 +717,7 @@ def train(args):
     if run.log_with:
         init_kwargs = {}
         if args.log_tracker_config:
-            from lora_diffusion.io import loads_toml
+            from lora_diffusion.formats.io import loads_toml
 
             init_kwargs = loads_toml(Path(args.log_tracker_config).read_text(encoding="utf-8"))
         if args.wandb_run_name and "wandb" in run.log_with:
@@ -739,7 +742,7 @@ def train(args):
     accelerator.print(f"done: {state.step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
                       (f"; samples: {output_dir / 'sample'}" if prompts else "") +
                       (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
-    from lora_diffusion.training.validation import best_epoch
+    from .validation import best_epoch
 
     for line in lines + [best_epoch(state.validations) or ""]:
         if line:
@@ -748,7 +751,7 @@ def train(args):
 
 
 def main(argv=None, prog=None) -> int:
-    from lora_diffusion.flag_file import write_config_file
+    from lora_diffusion.options.flag_file import write_config_file
 
     try:
         args = parse_args(argv, prog)

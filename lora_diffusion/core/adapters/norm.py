@@ -93,7 +93,7 @@ class NormLayer(Unscaled, TensorLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         if "w_norm" not in tensors or any(t.dim() != 1 for t in tensors.values()) or \
                 ("b_norm" in tensors and tensors["b_norm"].shape != tensors["w_norm"].shape):

@@ -25,12 +25,13 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from lora_diffusion.formats.io import build_folder_atomically
+
 from . import convert
-from .base_checkpoint import ModelLoadError
-from .io import build_folder_atomically
+from .checkpoint import ModelLoadError
 from .tokenizer import load_clip_tokenizer, save_tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 BUILTIN_TINY_XL = "builtin:tiny-xl"
 TINY_XL = ASSETS / "tiny-xl"
 SDXL_CONFIGS = ASSETS / "sdxl"
@@ -50,7 +51,7 @@ def is_sdxl_folder(folder) -> bool:
 
 def empty_sdxl_modules(config_dir):
     """Text encoders, VAE and U-Net from `config_dir`'s configs, on the meta device (no memory)."""
-    from .models import read_config
+    from .sd import read_config
 
     config_dir = Path(config_dir)
     for part in PARTS:
@@ -69,7 +70,7 @@ def empty_sdxl_modules(config_dir):
 
 def assemble_sdxl(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, *, dtype, device,
                   v_parameterization, name):
-    from .models import assemble, finish
+    from .sd import assemble, finish
 
     models = assemble(tokenizer, text_encoder, vae, unet, dtype=dtype, device=device, v2=False,
                       v_parameterization=v_parameterization, name=name)
@@ -109,7 +110,7 @@ def write_sdxl_model_index(folder):
 def build_tiny_xl_models(seed=0, dtype=torch.float32, device="cpu"):
     """The `builtin:tiny-xl` pipeline from assets/tiny-xl: SDXL's topology (two text encoders, text_time added
     embeddings, 3 levels, linear projections), narrow channels, random but reproducible weights."""
-    from .models import deterministic_state_dict
+    from .sd import deterministic_state_dict
 
     modules = empty_sdxl_modules(TINY_XL)
     for offset, module in enumerate(modules):
@@ -143,7 +144,7 @@ def save_tiny_xl_diffusers_folder(path, seed=0):
 
 def load_sdxl_folder(folder, *, v_parameterization=None, dtype=torch.float32, device="cpu"):
     """An SDXL diffusers folder: unet/, vae/, text_encoder/, text_encoder_2/ (tokenizer/, tokenizer_2/ optional)."""
-    from .models import DTYPE_KWARG, load_part_lean, read_config, weights_variant
+    from .sd import DTYPE_KWARG, load_part_lean, read_config, weights_variant
 
     folder = Path(folder)
     for part in PARTS:
@@ -211,7 +212,7 @@ def text_encoder_names(names, text_encoder, text_encoder_2):
 
 def load_sdxl_single_file(path, reader, *, v_parameterization=None, dtype=torch.float32, device="cpu",
                           config_dir=None):
-    from .models import convert_into, read_config
+    from .sd import convert_into, read_config
 
     check_sdxl_parts(path, reader.names)
     config_dir = Path(config_dir) if config_dir else SDXL_CONFIGS
@@ -247,7 +248,7 @@ def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, outpu
     projection of the second, the original size / crop / target size as time ids; a multi-vector token written
     out by diffusers' maybe_convert_prompt from the tokenizers' added tokens). Leaves the modules' modes and
     devices and the RNG as it found them."""
-    from .training.sampling import (
+    from lora_diffusion.training.sampling import (
         _save_png,
         draw,
         make_sample_scheduler,

@@ -102,7 +102,7 @@ class LoRALayer(AdapterLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         missing = [k for k in cls.file_keys if k not in tensors]
         if missing:
@@ -129,7 +129,7 @@ class LoRALayer(AdapterLayer):
 
     def load_file(self, weights, source):
         """The file's alpha is folded into lora_up when this layer's differs (the product is what counts)."""
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         down = fit_shape(weights.down, self.lora_down.weight.shape)
         up = fit_shape(weights.up, self.lora_up.weight.shape)

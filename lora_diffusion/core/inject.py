@@ -11,12 +11,16 @@ class name of an ancestor, with the renames that diffusers and transformers made
 class. cloneofsimo's file formats and monkeypatch_* functions are in cloneofsimo.py.
 """
 
+import os
 import re
 
 import torch
 from torch import nn
 
-from .layer import AdapterLayer, LoRALayer, freeze_base
+from lora_diffusion.formats.cloneofsimo import check_pairs, is_safeloras, open_file, parse_safeloras, tensor_list
+from lora_diffusion.formats.kohya import LoRAFileError
+
+from .adapters import AdapterLayer, LoRALayer, freeze_base
 from .network import LoRANetwork
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, canonical_text_encoder_path, kohya_name
 
@@ -171,8 +175,6 @@ def _inject(model, target_replace_module, r, loras, verbose, dropout_p, scale, c
         raise ValueError(f"inject_trainable_lora found no nn.{kinds} under modules of class "
                          f"{sorted(target_replace_module)} in {type(model).__name__}; classes present include "
                          f"{sorted({type(m).__name__ for m in model.modules()})[:20]}")
-    from .cloneofsimo import check_pairs, lora_tensor_list  # the file formats live there
-
     tensors = lora_tensor_list(loras, model) if loras is not None else None
     if tensors is not None:
         check_pairs(tensors, found, loras)
@@ -243,3 +245,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         object.__setattr__(layer, "_merged_delta", None)
     _networks(model).clear()
     return model
+
+
+def lora_tensor_list(loras, model: nn.Module) -> list[torch.Tensor] | None:
+    """What `loras=` of inject_trainable_lora denotes for `model`: the [up, down, ...] list of a `.pt` file, a list
+    or a safeloras file ("unet" or "text_encoder" entry), or None for a kohya-format `.safetensors`."""
+    if isinstance(loras, (list, tuple)) or not os.fspath(loras).endswith(".safetensors"):
+        return tensor_list(loras)[0]
+    path = os.fspath(loras)
+    with open_file(path) as f:
+        if not is_safeloras(f):
+            return None
+        parsed = parse_safeloras(f, source=path)
+    name = "text_encoder" if _is_text_encoder(model) else "unet"
+    if name not in parsed and len(parsed) == 1:
+        name = next(iter(parsed))
+    if name not in parsed:
+        raise LoRAFileError(f"{path} holds LoRAs for {sorted(parsed)}, none named {name!r}")
+    return [t.detach() for t in parsed[name][0]]

@@ -6,7 +6,7 @@ recognising it, and renaming its keys to diffusers' names and back.
 
 import re
 
-from .base_checkpoint import ModelLoadError
+from .checkpoint import ModelLoadError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

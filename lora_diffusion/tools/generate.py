@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .base_checkpoint import PRECISION_DTYPES  # --dtype's names
+from lora_diffusion.models.checkpoint import PRECISION_DTYPES  # --dtype's names
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
@@ -39,9 +39,9 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
              name: str = "generate") -> list[Path]:
     """Images for prompt dicts (see lora_diffusion.training.read_prompts) with the LoRAs applied or merged, and the
     textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer."""
-    from .models import load_models
-    from .network import load_network
-    from .training.sampling import generate_samples
+    from lora_diffusion.core.network import load_network
+    from lora_diffusion.models import load_models
+    from lora_diffusion.training.sampling import generate_samples
 
     for path, multiplier in loras:
         check_multiplier(multiplier, path)
@@ -61,7 +61,7 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
         return text
 
     if models.sdxl:
-        from .sdxl import generate_sdxl_samples
+        from lora_diffusion.models.sdxl import generate_sdxl_samples
 
         return generate_sdxl_samples(models, prompts=prompts, out_dir=out_dir, output_name=name, device=device,
                                      dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed)
@@ -96,7 +96,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from .training.sampling import parse_prompt_line, read_prompts
+    from lora_diffusion.training.sampling import parse_prompt_line, read_prompts
 
     defaults = dict(width=args.width, height=args.height, steps=args.steps, scale=args.scale,
                     negative_prompt=args.negative)

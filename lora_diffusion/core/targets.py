@@ -98,7 +98,7 @@ def unet_module_name(unet: nn.Module, path: str) -> str:
 
 def sdxl_unet_module_name(config, path: str) -> str:
     """kohya's name of an SDXL U-Net module from the U-Net's config (a mapping, as config.json holds it)."""
-    from .convert import unet_original_name
+    from lora_diffusion.models.convert import unet_original_name
 
     original = unet_original_name(path + ".weight", config["layers_per_block"],
                                   ["Attn" in t for t in config["up_block_types"]])
@@ -123,7 +123,7 @@ def _addressable(module: nn.Module) -> bool:
 
 def base_modules(model: nn.Module):
     """named_modules() without the LoRAs already applied to the model (and their own Linear/Conv2d inside)."""
-    from .layer import AdapterLayer
+    from .adapters import AdapterLayer
 
     return model.named_modules(memo={m for layer in model.modules() if isinstance(layer, AdapterLayer)
                                      for m in layer.modules()})

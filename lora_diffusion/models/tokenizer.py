@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 BPE_FILE = ASSETS / "clip_tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 256 - 256 - 2  # 48894

@@ -3,7 +3,7 @@
 Defined once here, used for writing and reading. See docs/format.md for the contract.
 Per module `<name>`: `<name>.lora_down.weight` [r, in(, kh, kw)], `<name>.lora_up.weight` [out, r(, 1, 1)],
 `<name>.alpha` (0-dim); or LyCORIS' LoHa (`hada_*`), LoKr (`lokr_*`), iA3 (`weight`, `on_input`) tensors;
-`dora_scale` for DoRA. Which keys make which algorithm is declared by each algorithm (lora_diffusion/adapters/).
+`dora_scale` for DoRA. Which keys make which algorithm is declared by each algorithm (lora_diffusion/core/adapters/).
 Every metadata value is a string.
 """
 
@@ -20,8 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
+from lora_diffusion.core.targets import KNOWN_PREFIXES, canonical_kohya_name
+
 from .io import atomic_write
-from .targets import KNOWN_PREFIXES, canonical_kohya_name
 
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -62,7 +63,7 @@ class LoRAFileError(ValueError):
 @dataclass
 class ModuleWeights:
     """One module of a file. algo "lora": down/up (and `tensors` holds them by key); the others ("loha", "lokr",
-    "ia3", see lora_diffusion/adapters/): `tensors` holds LyCORIS' tensors by key (hada_w1_a, ..., lokr_w1, ...,
+    "ia3", see lora_diffusion/core/adapters/): `tensors` holds LyCORIS' tensors by key (hada_w1_a, ..., lokr_w1, ...,
     weight/on_input) and down/up are None. `dora_scale` [out, 1(, 1, 1)] makes any of them DoRA."""
     down: torch.Tensor | None
     up: torch.Tensor | None
@@ -94,7 +95,7 @@ class ModuleWeights:
 
 
 def _algorithm(name: str):
-    from .adapters import ALGORITHMS  # the adapters import this module (LoRAFileError)
+    from lora_diffusion.core.adapters import ALGORITHMS  # the adapters import this module (LoRAFileError)
 
     return ALGORITHMS[name]
 
@@ -137,7 +138,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
     """Group flat kohya keys into modules, validating names, suffixes, shapes and values."""
     if not tensors:
         raise LoRAFileError(f"{source} holds no tensors")
-    from . import adapters
+    from lora_diffusion.core import adapters
 
     suffixes = adapters.file_keys()
     grouped: dict[str, dict[str, torch.Tensor]] = {}

@@ -88,7 +88,7 @@ class GLoRALayer(TensorLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from ..kohya import LoRAFileError
+        from lora_diffusion.formats.kohya import LoRAFileError
 
         if "bm.weight" in tensors:
             raise LoRAFileError(f"{source}: module {name} is a Tucker GLoRA (bm.weight), which is not supported")
