@@ -51,8 +51,8 @@ from lora_diffusion.formats.cloneofsimo import (
     read_pt,
     tensor_list,
 )
+from lora_diffusion.formats.errors import LoRAFileError
 from lora_diffusion.formats.io import atomic_write
-from lora_diffusion.formats.kohya import LoRAFileError
 
 logger = logging.getLogger(__name__)
 safetensors_available = True

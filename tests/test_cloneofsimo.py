@@ -322,7 +322,8 @@ def test_import_paths():
 
 
 def test_merge_and_unload_is_final(tiny_unet):
-    from lora_diffusion import create_network, merge_and_unload
+    from lora_diffusion import create_network
+    from lora_diffusion.lora import merge_and_unload
 
     keys = set(tiny_unet.state_dict())
     network = create_network(tiny_unet, None, rank=4, alpha=2, multiplier=0.7)

@@ -288,3 +288,15 @@ def test_crash_mid_save_keeps_the_last_good_file(tmp_path, tiny_unet, monkeypatc
         network.save_weights(path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+
+
+def test_file_errors_live_at_the_bottom_and_import_from_their_old_homes():
+    import ast
+
+    import lora_diffusion
+    from lora_diffusion.formats import errors, kohya
+
+    assert kohya.LoRAFileError is errors.LoRAFileError is lora_diffusion.LoRAFileError
+    assert kohya.LoRAFileWarning is errors.LoRAFileWarning
+    tree = ast.parse(open(errors.__file__, encoding="utf-8").read())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lora_diffusion.formats.cloneofsimo import check_pairs, is_safeloras, open_file, parse_safeloras, tensor_list
-from lora_diffusion.formats.kohya import LoRAFileError
+from lora_diffusion.formats.errors import LoRAFileError
 
 from .adapters import AdapterLayer, LoRALayer, freeze_base
 from .network import LoRANetwork

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lora_diffusion.formats.kohya import LoRAFileError
+from lora_diffusion.formats.errors import LoRAFileError
 from lora_diffusion.models.checkpoint import _pickle_detail
 
 EMBED_FLAG = "<embed>"

@@ -20,8 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors_bytes
 
+from lora_diffusion.core import adapters
 from lora_diffusion.core.targets import KNOWN_PREFIXES, canonical_kohya_name
 
+from .errors import LoRAFileError, LoRAFileWarning
 from .io import atomic_write
 
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -54,10 +56,6 @@ def _format_of(key: str, tensor: torch.Tensor) -> str | None:
     if last in ("w_norm", "b_norm"):
         return "a norm-layer (LyCORIS w_norm/b_norm)"
     return None
-
-
-class LoRAFileError(ValueError):
-    """A file that is not a LoRA this library can read or write."""
 
 
 @dataclass
@@ -95,9 +93,7 @@ class ModuleWeights:
 
 
 def _algorithm(name: str):
-    from lora_diffusion.core.adapters import ALGORITHMS  # the adapters import this module (LoRAFileError)
-
-    return ALGORITHMS[name]
+    return adapters.ALGORITHMS[name]
 
 
 class LoRAModules(dict):
@@ -107,10 +103,6 @@ class LoRAModules(dict):
     def __init__(self, modules=(), embeddings=None):
         super().__init__(modules)
         self.embeddings = embeddings or {}
-
-
-class LoRAFileWarning(UserWarning):
-    """Part of a LoRA file was not used; the message says which and why."""
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -138,8 +130,6 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
     """Group flat kohya keys into modules, validating names, suffixes, shapes and values."""
     if not tensors:
         raise LoRAFileError(f"{source} holds no tensors")
-    from lora_diffusion.core import adapters
-
     suffixes = adapters.file_keys()
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     embeddings: dict[str, dict[str, torch.Tensor]] = {}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_diffusion.formats.errors import LoRAFileError
+
 
 class AdapterLayer(nn.Module):
     """What every algorithm (LoRA here, LoHa/LoKr in lycoris_layers.py) shares: it wraps one nn.Linear or nn.Conv2d
@@ -308,8 +310,6 @@ class TensorLayer(AdapterLayer):
                    tensors=weights.tensors, source=source)
 
     def load_file(self, weights, source):
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         own = self._tensors()
         if sorted(own) != sorted(weights.tensors) or any(own[k].shape != weights.tensors[k].shape for k in own):
             raise LoRAFileError(f"{source} has {shapes(weights.tensors)}, this network's module has {shapes(own)}")
@@ -336,8 +336,6 @@ class TensorLayer(AdapterLayer):
 def check_product_tensors(name, tensors, source, *, need, product, kind, expected):
     """A file module of a product algorithm (LoHa, LoKr): exactly the `need` keys, and shapes that `product` can
     combine (checked on meta tensors: no arithmetic)."""
-    from lora_diffusion.formats.kohya import LoRAFileError
-
     if sorted(need) != sorted(tensors):
         raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; a {kind} module has "
                             f"{expected}")

@@ -13,6 +13,8 @@ lycoris-lora 4.1.3 (its use_tucker test contradicts itself) and is not read here
 import torch
 from torch import nn
 
+from lora_diffusion.formats.errors import LoRAFileError
+
 from .base import TensorLayer, kaiming
 
 
@@ -88,8 +90,6 @@ class GLoRALayer(TensorLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         if "bm.weight" in tensors:
             raise LoRAFileError(f"{source}: module {name} is a Tucker GLoRA (bm.weight), which is not supported")
         need = [f"{n}.weight" for n in cls.FACTORS]

@@ -12,6 +12,8 @@ layer changes nothing. The update depends on the base weight: merging keeps it, 
 import torch
 from torch import nn
 
+from lora_diffusion.formats.errors import LoRAFileError
+
 from .base import TensorLayer, Unscaled, shapes
 
 
@@ -73,8 +75,6 @@ class IA3Layer(Unscaled, TensorLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         if sorted(tensors) != sorted(cls.file_keys):
             raise LoRAFileError(f"{source}: module {name} has {', '.join(sorted(tensors))}; an iA3 module has weight "
                                 f"and on_input")
@@ -86,8 +86,6 @@ class IA3Layer(Unscaled, TensorLayer):
                                 f"[1, n, 1, 1] (conv)")
 
     def load_file(self, weights, source):
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         theirs = bool(float(weights.tensors["on_input"]))
         if theirs != self.train_on_input or weights.tensors["weight"].shape != self.weight.shape:
             raise LoRAFileError(f"{source} has {shapes(weights.tensors)} (on_input={int(theirs)}), this network's "

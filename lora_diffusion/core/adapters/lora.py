@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_diffusion.formats.errors import LoRAFileError
+
 from .base import AdapterLayer, in_dtype_of
 
 
@@ -102,8 +104,6 @@ class LoRALayer(AdapterLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         missing = [k for k in cls.file_keys if k not in tensors]
         if missing:
             raise LoRAFileError(f"{source}: module {name} lacks {', '.join(name + '.' + m for m in missing)}")
@@ -129,8 +129,6 @@ class LoRALayer(AdapterLayer):
 
     def load_file(self, weights, source):
         """The file's alpha is folded into lora_up when this layer's differs (the product is what counts)."""
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         down = fit_shape(weights.down, self.lora_down.weight.shape)
         up = fit_shape(weights.up, self.lora_up.weight.shape)
         if down is None or up is None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_diffusion.formats.errors import LoRAFileError
+
 from .base import TensorLayer, Unscaled, shapes
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -93,8 +95,6 @@ class NormLayer(Unscaled, TensorLayer):
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):
-        from lora_diffusion.formats.kohya import LoRAFileError
-
         if "w_norm" not in tensors or any(t.dim() != 1 for t in tensors.values()) or \
                 ("b_norm" in tensors and tensors["b_norm"].shape != tensors["w_norm"].shape):
             raise LoRAFileError(f"{source}: module {name} has {shapes(tensors)}; a norm module has w_norm (and "
