@@ -241,3 +241,27 @@ def test_a_jpeg_mask_is_decoded_at_the_size_its_image_needs(tmp_path):
                       "conditioning_data_dir = 'mask'\n", encoding="utf-8")
     item = LoRADataset.from_config(config)[0]
     assert (item["alpha_mask"] * 255 - pixels(item)).abs().mean() < 2  # decoded at 1/8: about 40
+
+
+def test_conditioning_data_dir_flag_is_the_parent_of_mask_folders_named_as_the_concepts(tmp_path):
+    """kohya's --conditioning_data_dir: train/10_x/ finds its masks in masks/10_x/; reg images have none."""
+    images, masks = mask_folders(tmp_path, [(64, 64), (96, 64)])
+    (tmp_path / "train").mkdir()
+    (tmp_path / "cond").mkdir()
+    images.rename(tmp_path / "train" / "2_x")
+    masks.rename(tmp_path / "cond" / "2_x")
+    reg = tmp_path / "reg" / "1_y"
+    reg.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(reg / "r.png")
+    ds = LoRADataset(tmp_path / "train", tmp_path / "reg", resolution=64, conditioning_data_dir=tmp_path / "cond")
+    assert ds.has_masks
+    for i in range(len(ds)):
+        item = ds[i]
+        if item["path"].endswith("r.png"):
+            assert item["alpha_mask"] is None  # collate_fn gives it a mask of ones
+        elif item["path"].endswith("p0.png"):  # 64x64 at 64x64: the mask is the image's own gray, exactly
+            gray = np.asarray(Image.open(tmp_path / "train" / "2_x" / "p0.png"), dtype=np.float32)
+            assert torch.equal(item["alpha_mask"], torch.from_numpy(gray / 255))
+    (tmp_path / "cond" / "2_x").rename(tmp_path / "cond" / "2_z")
+    with pytest.raises(DatasetError, match=r"--conditioning_data_dir .*cond' has no mask folder for 2_x"):
+        LoRADataset(tmp_path / "train", resolution=64, conditioning_data_dir=tmp_path / "cond")

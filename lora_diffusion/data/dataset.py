@@ -46,7 +46,7 @@ from .latents import (
     vae_fingerprint,
     write_latent_file,
 )
-from .layout import assign_repeats, caption_file, concept_subsets, scan_subset
+from .layout import assign_repeats, caption_file, concept_subsets, mask_folders, scan_subset
 from .metadata import metadata_subset, scan_metadata
 from .subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
 
@@ -72,9 +72,12 @@ class LoRADataset(torch.utils.data.Dataset):
         if options["in_json"]:
             subsets = [metadata_subset(train_data_dir, reg_data_dir, options)]
         else:
-            subsets = concept_subsets(train_data_dir, "train_data_dir", False, options)
-            if reg_data_dir is not None:
-                subsets += concept_subsets(reg_data_dir, "reg_data_dir", True, options)
+            folder_options = {**options, "conditioning_data_dir": None}
+            subsets = concept_subsets(train_data_dir, "train_data_dir", False, folder_options)
+            if options["conditioning_data_dir"] is not None:
+                subsets = mask_folders(subsets, options["conditioning_data_dir"])
+            if reg_data_dir is not None:  # regularization images have no masks: all of each is learned
+                subsets += concept_subsets(reg_data_dir, "reg_data_dir", True, folder_options)
         self._setup(subsets, seed, sources=[f"train_data_dir '{train_data_dir}'"] +
                     ([f"reg_data_dir '{reg_data_dir}'"] if reg_data_dir is not None else []))
 
@@ -83,9 +86,11 @@ class LoRADataset(torch.utils.data.Dataset):
         """A dataset from kohya's dataset config file (TOML or JSON). `defaults` are the flag values
         (LoRADataset keyword names); values in the file win. train_data_dir/reg_data_dir are ignored."""
         path = Path(toml_path).expanduser()
-        ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json") if defaults.pop(k, None) is not None]
+        ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+                   if defaults.pop(k, None) is not None]
         if ignored:
-            warn(f"{' and '.join(ignored)} ignored: the dataset config '{path}' lists the image folders")
+            warn(f"{' and '.join(ignored)} ignored: the dataset config '{path}' lists the image folders (and each "
+                 f"subset's mask folder as its conditioning_data_dir)")
         seed = defaults.pop("seed", 0)
         unknown = sorted(set(defaults) - set(FLAG_DEFAULTS))
         if unknown:

@@ -138,6 +138,7 @@ def read_dataset_config(path, defaults):
             values = {**defaults, "num_repeats": defaults.get("dataset_repeats", 1)}
             for level in (general, dataset, table):
                 values.update({k: v for k, v in level.items() if k in FLAG_DEFAULTS or k == "num_repeats"})
+            values.pop("conditioning_data_dir", None)  # a subset's own key, read above (the flag is not one)
             subset = Subset(image_dir=image_dir, is_reg=table.get("is_reg", False),
                             class_tokens=table.get("class_tokens"), conditioning_data_dir=conditioning or None,
                             metadata_file=metadata_file or None, **values)

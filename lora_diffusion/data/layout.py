@@ -1,7 +1,7 @@
 """kohya's folder layout: concept folders named <repeats>_<class tokens>, the images and captions in
 them, and how many times each image repeats per epoch (regularization images included)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .buckets import select_bucket
@@ -60,6 +60,20 @@ def concept_subsets(parent, flag, is_reg, options):
             message += f" Folders without a repeat prefix were skipped: {', '.join(skipped)}."
         raise DatasetError(message)
     return subsets
+
+
+def mask_folders(subsets, parent):
+    """kohya's --conditioning_data_dir: each concept folder's masks are in the folder of the same name under
+    `parent` (train/10_sks dog/ -> masks/10_sks dog/)."""
+    parent = Path(parent).expanduser()
+    if not parent.is_dir():
+        raise DatasetError(f"--conditioning_data_dir '{parent}' is not a folder; expected the parent of mask folders "
+                           f"named as the concept folders (e.g. '{parent / subsets[0].image_dir.name}')")
+    missing = [s.image_dir.name for s in subsets if not (parent / s.image_dir.name).is_dir()]
+    if missing:
+        raise DatasetError(f"--conditioning_data_dir '{parent}' has no mask folder for {', '.join(missing)}: each "
+                           f"concept folder's masks go in a folder of the same name (e.g. '{parent / missing[0]}')")
+    return [replace(s, conditioning_data_dir=parent / s.image_dir.name) for s in subsets]
 
 
 def caption_file(path: Path, ext: str) -> Path:

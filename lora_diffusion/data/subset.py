@@ -68,7 +68,11 @@ class Subset:
                                "learned; opaque: learned); images without one get a full mask")
     conditioning_data_dir: Path | None = _option(None, str, "folder", "a folder of loss-mask images, one per image "
                                                  "of the same stem and size: its red channel is the mask (white: "
-                                                 "learned, black: not)")
+                                                 "learned, black: not)",
+                                                 flag_help="loss masks for --masked_loss: the parent of mask "
+                                                 "folders named as the concept folders of --train_data_dir "
+                                                 "(masks/10_sks dog/ for train/10_sks dog/), one image of the same "
+                                                 "stem and size per image, its red channel the mask")
     metadata_file: Path | None = _option(None, str, "folder", "kohya's fine-tuning metadata JSON ({image: "
                                          "{caption, tags}}) instead of caption files")
     in_json: str | None = _option(None, str, "flag", "kohya's fine-tuning metadata JSON: train_data_dir holds the "
@@ -94,6 +98,9 @@ KEY_TYPES = {f.name: f.metadata["kind"] for f in fields(Subset)}  # the type of 
 # the options that are also flags (and LoRADataset keywords), with their defaults
 FLAG_DEFAULTS = {f.name: f.default for f in fields(Subset) if f.name in SUBSET_KEYS + DATASET_KEYS + FLAG_ONLY_KEYS}
 FLAG_DEFAULTS.pop("num_repeats")
+# a folder option with a "flag_help" is also a flag that means the parent of such folders, one per concept folder
+# (kohya's --conditioning_data_dir: masks/10_sks dog/ for train/10_sks dog/)
+FLAG_DEFAULTS.update({f.name: f.default for f in fields(Subset) if "flag_help" in f.metadata})
 
 
 def parse_resolution(value, where="resolution"):
@@ -204,6 +211,8 @@ def option_table() -> str:
         where = _WHERE[meta["level"]] + (f" (config: `{meta['config_key']}`)" if "config_key" in meta else "")
         if f.name not in FLAG_DEFAULTS:
             where = where.replace("flag, ", "")
+        if "flag_help" in meta:
+            where = "flag (their parent folder), " + where
         kind = "one of " + ", ".join(meta["choices"]) if "choices" in meta else _KIND_WORDS[meta["kind"]]
         default = "required" if f.name == "image_dir" else "unset" if f.default is None else f"`{f.default!r}`"
         text = meta["help"].replace("|", "\\|")  # '{a|b}' inside a table cell

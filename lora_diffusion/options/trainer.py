@@ -29,7 +29,7 @@ def _dataset_options() -> list[Option]:
         meta = declared[name].metadata
         kind = meta["kind"]
         kind = SWITCH if kind is bool else str if kind in ("resolution", list, tuple) else kind
-        options.append(Option(name, kind, default, meta.get("help", ""),
+        options.append(Option(name, kind, default, meta.get("flag_help", meta.get("help", "")),
                               choices=meta.get("choices"), dataset=True, metadata=meta.get("metadata", False),
                               kohya=meta.get("kohya", True)))
     return options
@@ -95,8 +95,6 @@ DATA = group(
     Option("cache_latents_to_disk", SWITCH, False, "keep the latents next to the images for later runs"),
     Option("cache_info", SWITCH, False, "kohya caches the images' sizes in a JSON for the next start; ours reads "
            "image headers only (no effect)"),
-    Option("conditioning_data_dir", str, None, "mask images for --masked_loss", refused="give the mask folder of "
-           "each image folder as conditioning_data_dir in a --dataset_config (one per subset)"),
     Option("skip_cache_check", SWITCH, False, "kohya skips checking disk caches; ours checks a small header (no "
            "effect)"),
     Option("vae_batch_size", int, 1, "images a VAE call while caching"),
