@@ -109,17 +109,17 @@ def expected_pixels(path, bucket, left, top, flip):
 
 @pytest.mark.parametrize("crop", ["center-cached", "center", "random"])
 def test_time_ids_of_every_sample_follow_from_its_file_and_crop(tmp_path, monkeypatch, crop):
-    import lora_diffusion.training as training
+    import lora_diffusion.models.sdxl as family  # the SDXL family's time ids, which the loop asks for
 
     data = make_sized_dataset(tmp_path)
-    seen, real = [], training.sdxl_time_ids
+    seen, real = [], family.sdxl_time_ids
 
     def recording(batch, **kwargs):
         ids = real(batch, **kwargs)
         seen.append((batch, ids))
         return ids
 
-    monkeypatch.setattr(training, "sdxl_time_ids", recording)
+    monkeypatch.setattr(family, "sdxl_time_ids", recording)
     flags = dict(enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, flip_aug=True,
                  max_train_steps=4, train_batch_size=1, random_crop=crop == "random",
                  cache_latents=crop == "center-cached", no_cache_latents=crop == "center")
@@ -150,19 +150,19 @@ def test_time_ids_of_every_sample_follow_from_its_file_and_crop(tmp_path, monkey
 
 
 def test_cached_text_outputs_train_as_uncached_and_the_disk_cache_is_reused(tmp_path, data, monkeypatch):
-    import lora_diffusion.training as training
+    import lora_diffusion.models.sdxl as family  # the SDXL family's text encoding, which the loop asks for
     import lora_diffusion.training.loop as loop
     from lora_diffusion.data.dataset import LoRADataset
 
     flags = dict(max_train_steps=3, network_train_unet_only=True)
     calls = {"n": 0}
-    real = training.encode_prompts_sdxl
+    real = family.encode_prompts_sdxl
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "encode_prompts_sdxl", counted)
+    monkeypatch.setattr(family, "encode_prompts_sdxl", counted)
     losses, real_loss = [], loop.compute_loss
     monkeypatch.setattr(loop, "compute_loss", lambda run, batch: losses.append(real_loss(run, batch)) or losses[-1])
     assert train_lora.main(xl_flags(tmp_path / "cached", data, **flags)) == 0
@@ -184,7 +184,7 @@ def test_cached_text_outputs_train_as_uncached_and_the_disk_cache_is_reused(tmp_
     assert len(files) == 4
     stored, _ = read(files[0])
     assert set(stored) == {"context", "pooled"} and stored["context"].shape[-1] == 64
-    monkeypatch.setattr(training, "encode_prompts_sdxl", lambda *a, **k: pytest.fail("the disk cache was not used"))
+    monkeypatch.setattr(family, "encode_prompts_sdxl", lambda *a, **k: pytest.fail("the disk cache was not used"))
     assert train_lora.main(xl_flags(tmp_path / "again", data, **disk)) == 0
     for name in ("disk", "again"):
         tensors, _ = read(tmp_path / name / "out" / "t.safetensors")

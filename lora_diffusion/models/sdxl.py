@@ -1,7 +1,8 @@
-"""SDXL, offline: the built-in tiny SDXL, SDXL diffusers folders, single files in the original (SGM) layout, and
-drawing images with diffusers' StableDiffusionXLPipeline.
+"""The SDXL family, offline: the built-in tiny SDXL, SDXL diffusers folders, single files in the original (SGM)
+layout; its conditioning (both text encoders' penultimate states, the pooled projection, the size / crop time ids)
+and StableDiffusionXLPipeline for sampling.
 
-    models = load_models("builtin:tiny-xl")                    # models.py dispatches SDXL here
+    models = load_models("builtin:tiny-xl")                    # models.family is this module's SDXL
     models.text_encoder, models.text_encoder_2                 # CLIP ViT-L, OpenCLIP ViT-bigG (with projection)
     models.tokenizer, models.tokenizer_2                       # the CLIP tokenizer, padding with <|endoftext|> / "!"
     pipe = sdxl_pipeline(models)                               # a StableDiffusionXLPipeline of the same modules
@@ -9,10 +10,18 @@ drawing images with diffusers' StableDiffusionXLPipeline.
 A single SDXL file holds `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE),
 `conditioner.embedders.0.transformer.*` (CLIP ViT-L in transformers' layout) and `conditioner.embedders.1.model.*`
 (OpenCLIP bigG: fused in_proj q/k/v, `text_projection` [width, proj] used as x @ P). Configs ship in assets/sdxl.
+
+In training (kohya's sdxl_train_network semantics, diffusers' StableDiffusionXLPipeline's numbers):
+
+- the context is the penultimate layer of both text encoders, joined along the width (768 + 1280 = 2048 on SDXL),
+  without the final layer norm; --clip_skip does not apply;
+- the pooled text embedding is the second encoder's projected `text_embeds` (of the first 75-token window when
+  --max_token_length makes several);
+- the time ids, per sample: [original height, original width, crop top, crop left, target height, target width],
+  with the image's size as displayed, the bucket window's offset in the resized (and flipped) image, the bucket.
 """
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -29,9 +38,20 @@ from lora_diffusion.formats.io import build_folder_atomically
 
 from . import convert
 from .checkpoint import ModelLoadError
+from .family import ModelFamily, assemble_models, family_named, register
+from .loading import (
+    ASSETS,
+    convert_into,
+    deterministic_state_dict,
+    folder_predicts_v,
+    load_part,
+    make_noise_scheduler,
+    read_config,
+)
+from .sampling import sample_images
+from .text import tokenize_captions
 from .tokenizer import load_clip_tokenizer, save_tokenizer
 
-ASSETS = Path(__file__).parents[1] / "assets"
 BUILTIN_TINY_XL = "builtin:tiny-xl"
 TINY_XL = ASSETS / "tiny-xl"
 SDXL_CONFIGS = ASSETS / "sdxl"
@@ -51,8 +71,6 @@ def is_sdxl_folder(folder) -> bool:
 
 def empty_sdxl_modules(config_dir):
     """Text encoders, VAE and U-Net from `config_dir`'s configs, on the meta device (no memory)."""
-    from .sd import read_config
-
     config_dir = Path(config_dir)
     for part in PARTS:
         if not (config_dir / part / "config.json").is_file():
@@ -70,14 +88,10 @@ def empty_sdxl_modules(config_dir):
 
 def assemble_sdxl(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, *, dtype, device,
                   v_parameterization, name):
-    from .sd import assemble, finish
-
-    models = assemble(tokenizer, text_encoder, vae, unet, dtype=dtype, device=device, v2=False,
-                      v_parameterization=v_parameterization, name=name)
-    models.text_encoder_2 = finish(text_encoder_2, dtype, device)
-    models.tokenizer_2 = tokenizer_2
-    models.sdxl = True
-    return models
+    """The loaded SDXL parts, cast and moved, in eval mode, with SD's training noise schedule."""
+    return assemble_models(family_named("sdxl"), tokenizer, text_encoder, vae, unet, dtype=dtype, device=device,
+                           v2=False, v_parameterization=v_parameterization, name=name, tokenizer_2=tokenizer_2,
+                           text_encoder_2=text_encoder_2)
 
 
 def shipped_tokenizers():
@@ -110,8 +124,6 @@ def write_sdxl_model_index(folder):
 def build_tiny_xl_models(seed=0, dtype=torch.float32, device="cpu"):
     """The `builtin:tiny-xl` pipeline from assets/tiny-xl: SDXL's topology (two text encoders, text_time added
     embeddings, 3 levels, linear projections), narrow channels, random but reproducible weights."""
-    from .sd import deterministic_state_dict
-
     modules = empty_sdxl_modules(TINY_XL)
     for offset, module in enumerate(modules):
         module.load_state_dict(deterministic_state_dict(module, seed * 1000 + 100 + offset), assign=True)
@@ -144,29 +156,18 @@ def save_tiny_xl_diffusers_folder(path, seed=0):
 
 def load_sdxl_folder(folder, *, v_parameterization=None, dtype=torch.float32, device="cpu"):
     """An SDXL diffusers folder: unet/, vae/, text_encoder/, text_encoder_2/ (tokenizer/, tokenizer_2/ optional)."""
-    from .sd import DTYPE_KWARG, load_part_lean, read_config, weights_variant
-
     folder = Path(folder)
     for part in PARTS:
         if not (folder / part).is_dir():
             raise ModelLoadError(f"SDXL diffusers folder {folder} has no {part}/ subfolder")
     try:
-        unet = load_part_lean(folder / "unet", dtype) or UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", torch_dtype=dtype, variant=weights_variant(folder / "unet"),
-            local_files_only=True)
-        vae = load_part_lean(folder / "vae", dtype) or AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", torch_dtype=dtype, variant=weights_variant(folder / "vae"), local_files_only=True)
-        text_encoder = load_part_lean(folder / "text_encoder", dtype) or CLIPTextModel.from_pretrained(
-            str(folder / "text_encoder"), variant=weights_variant(folder / "text_encoder"), local_files_only=True,
-            **{DTYPE_KWARG: dtype})
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            str(folder / "text_encoder_2"), variant=weights_variant(folder / "text_encoder_2"), local_files_only=True,
-            **{DTYPE_KWARG: dtype})
+        unet = load_part(folder, "unet", UNet2DConditionModel, dtype)
+        vae = load_part(folder, "vae", AutoencoderKL, dtype)
+        text_encoder = load_part(folder, "text_encoder", CLIPTextModel, dtype)
+        text_encoder_2 = load_part(folder, "text_encoder_2", CLIPTextModelWithProjection, dtype, lean=False)
         tokenizers = folder_tokenizers(folder)
         if v_parameterization is None:
-            config = folder / "scheduler" / "scheduler_config.json"
-            v_parameterization = config.is_file() and \
-                read_config(folder / "scheduler", "scheduler_config.json").get("prediction_type") == "v_prediction"
+            v_parameterization = folder_predicts_v(folder)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"could not load the SDXL diffusers folder {folder}: {error}") from error
     return assemble_sdxl(*tokenizers, text_encoder, text_encoder_2, vae, unet, dtype=dtype, device=device,
@@ -212,8 +213,6 @@ def text_encoder_names(names, text_encoder, text_encoder_2):
 
 def load_sdxl_single_file(path, reader, *, v_parameterization=None, dtype=torch.float32, device="cpu",
                           config_dir=None):
-    from .sd import convert_into, read_config
-
     check_sdxl_parts(path, reader.names)
     config_dir = Path(config_dir) if config_dir else SDXL_CONFIGS
     text_encoder, text_encoder_2, vae, unet = empty_sdxl_modules(config_dir)
@@ -243,40 +242,104 @@ def sdxl_pipeline(models, scheduler=None):
 
 def generate_sdxl_samples(models, *, prompts, out_dir, step=0, epoch=None, output_name="", device="cpu",
                           dtype=torch.float32, sampler="ddim", clip_skip=None, seed=None):
-    """SDXL's generate_samples (training/sampling.py): one PNG per prompt dict, with the same file names, PNG text
-    and seeds; the prompts go through diffusers' SDXL encoding (both encoders' penultimate layers, the pooled
-    projection of the second, the original size / crop / target size as time ids; a multi-vector token written
-    out by diffusers' maybe_convert_prompt from the tokenizers' added tokens). Leaves the modules' modes and
-    devices and the RNG as it found them."""
-    from lora_diffusion.training.sampling import (
-        _save_png,
-        draw,
-        make_sample_scheduler,
-        prompt_seed,
-        sample_filename,
-        sampling_session,
-    )
+    """sample_images (sampling.py) of an SDXL model: one PNG per prompt dict, kohya's file names, PNG text and seeds;
+    the prompts go through diffusers' SDXL encoding (a multi-vector token written out by diffusers'
+    maybe_convert_prompt from the tokenizers' added tokens)."""
+    return sample_images(models, prompts=prompts, out_dir=out_dir, step=step, epoch=epoch, output_name=output_name,
+                         device=device, dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed)
 
-    if clip_skip not in (None, 1, 2):  # kohya: SDXL always reads the penultimate layer; --clip_skip does not apply
-        warnings.warn(f"clip_skip={clip_skip} is ignored for SDXL, which always uses the penultimate layer")
-    device = torch.device(device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with sampling_session([models.text_encoder, models.text_encoder_2, models.vae, models.unet], device):
-        pipeline = sdxl_pipeline(models)
-        pipeline.set_progress_bar_config(disable=True)
-        for index, prompt in enumerate(prompts):
-            pipeline.scheduler = make_sample_scheduler(prompt.get("sampler") or sampler, models.noise_scheduler,
-                                                       v_parameterization=models.v_parameterization)
-            prompt = dict(prompt, seed=prompt_seed(prompt, index, seed))
-            generator = torch.Generator(device="cpu" if device.type == "mps" else device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-                image = draw(pipeline, prompt=prompt["prompt"], negative_prompt=prompt["negative_prompt"] or None,
-                             width=prompt["width"], height=prompt["height"], num_inference_steps=prompt["steps"],
-                             guidance_scale=prompt["scale"], generator=generator.manual_seed(prompt["seed"]))[0]
-            path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
-            _save_png(image, path, prompt)
-            paths.append(path)
-        del pipeline
-    return paths
+
+# -- the family ---------------------------------------------------------------------------------------------------
+
+
+def encode_prompts_sdxl(tokenizers, text_encoders, captions, *, max_token_length=None):
+    """Captions -> (context (B, 77 | 152 | 227, D1 + D2), pooled (B, P)). Gradients flow when an encoder trains;
+    call it under torch.no_grad() otherwise."""
+    states, pooled = [], None
+    for index, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders)):
+        ids = tokenize_captions(tokenizer, captions, max_token_length=max_token_length)
+        b, n_windows, window = ids.shape
+        flat = ids.reshape(b * n_windows, window).to(next(encoder.parameters()).device)
+        out = encoder(flat, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-2]
+        hidden = hidden.reshape(b, n_windows, window, hidden.shape[-1])
+        if n_windows == 1:
+            states.append(hidden[:, 0])
+        else:  # the first window's BOS, the 75 inner states of every window, the last window's EOS (as SD1.x)
+            inner = hidden[:, :, 1:-1].reshape(b, n_windows * (window - 2), hidden.shape[-1])
+            states.append(torch.cat([hidden[:, 0, :1], inner, hidden[:, -1, -1:]], dim=1))
+        if index == 1:
+            pooled = out.text_embeds.reshape(b, n_windows, -1)[:, 0]
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_time_ids(batch, *, device=None, dtype=torch.float32):
+    """The U-Net's `time_ids` (B, 6) of a collated batch: per sample [orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w] from its "original_sizes" (w, h), "crops" (left, top) and "buckets" (w, h)."""
+    rows = [[oh, ow, top, left, th, tw] for (ow, oh), (left, top), (tw, th)
+            in zip(batch["original_sizes"], batch["crops"], batch["buckets"])]
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+@register
+class StableDiffusionXL(ModelFamily):
+    """SDXL base: two text encoders (CLIP ViT-L, OpenCLIP bigG with projection), a U-Net with text_time added
+    embeddings (the pooled text embedding and six size / crop ids per sample)."""
+
+    name = "sdxl"
+    title = "SDXL"
+    builtin_names = (BUILTIN_TINY_XL,)
+    text_encoder_parts = ("text_encoder", "text_encoder_2")
+    tokenizer_parts = ("tokenizer", "tokenizer_2")
+    default_resolution = 1024  # kohya's SDXL recommendation
+    bucket_range = (512, 2048)
+    v2_applies = False
+    clip_skip_note = "which always uses the penultimate layer of both text encoders"
+    text_cache_tag = {"sdxl": True}
+
+    def recognises_folder(self, folder):
+        return is_sdxl_folder(folder)
+
+    def recognises_checkpoint(self, names):
+        return is_sdxl_checkpoint(names)
+
+    def load_builtin(self, name, *, v2, v_parameterization, dtype, device):
+        if v2:
+            raise ModelLoadError(f"{name} is an SDXL model; --v2 does not apply to it")
+        models = build_tiny_xl_models(seed=0, dtype=dtype, device=device)
+        models.v_parameterization = bool(v_parameterization)
+        models.noise_scheduler = make_noise_scheduler(models.v_parameterization)
+        return models
+
+    def load_folder(self, folder, *, v2, v_parameterization, dtype, device):
+        if v2:
+            raise ModelLoadError(f"{folder} is an SDXL model (it has text_encoder_2/); --v2 does not apply to it")
+        return load_sdxl_folder(folder, v_parameterization=v_parameterization, dtype=dtype, device=device)
+
+    def load_single_file(self, path, reader, *, v2, v_parameterization, dtype, device, config_dir=None):
+        if v2:
+            raise ModelLoadError(f"{path} holds SDXL weights (conditioner.embedders.* keys) but --v2 was given; "
+                                 "drop the flag")
+        return load_sdxl_single_file(path, reader, v_parameterization=v_parameterization, dtype=dtype,
+                                     device=device, config_dir=config_dir)
+
+    def encode_prompts(self, models, captions, *, clip_skip=None, max_token_length=None):
+        """(context, pooled); --clip_skip does not apply."""
+        return encode_prompts_sdxl(models.tokenizers, models.text_encoder_list, captions,
+                                   max_token_length=max_token_length)
+
+    def time_ids(self, batch, *, device=None, dtype=torch.float32):
+        return sdxl_time_ids(batch, device=device, dtype=dtype)
+
+    def unet_conditioning(self, encoded, time_ids, *, device, dtype):
+        context, pooled = encoded
+        return context.to(device), {"added_cond_kwargs": {"text_embeds": pooled.to(device, dtype),
+                                                          "time_ids": time_ids}}
+
+    def pipeline(self, models, scheduler):
+        return sdxl_pipeline(models, scheduler)
+
+    def prompt_inputs(self, models, prompt, negative_prompt, *, expand, clip_skip=None, max_token_length=None,
+                      device="cpu"):
+        """The prompts as text: the pipeline encodes them (and writes out a multi-vector token itself)."""
+        return dict(prompt=prompt, negative_prompt=negative_prompt or None)

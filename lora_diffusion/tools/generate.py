@@ -41,7 +41,7 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
     textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer."""
     from lora_diffusion.core.network import load_network
     from lora_diffusion.models import load_models
-    from lora_diffusion.training.sampling import generate_samples
+    from lora_diffusion.models.sampling import sample_images
 
     for path, multiplier in loras:
         check_multiplier(multiplier, path)
@@ -60,16 +60,8 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
             text = network.expand_prompt(text)
         return text
 
-    if models.sdxl:
-        from lora_diffusion.models.sdxl import generate_sdxl_samples
-
-        return generate_sdxl_samples(models, prompts=prompts, out_dir=out_dir, output_name=name, device=device,
-                                     dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed)
-    return generate_samples(tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae,
-                            unet=models.unet, noise_scheduler=models.noise_scheduler, prompts=prompts,
-                            out_dir=out_dir, step=0, output_name=name, device=device, dtype=dtype, sampler=sampler,
-                            v_parameterization=models.v_parameterization, clip_skip=clip_skip, seed=seed,
-                            expand_prompt=expand_prompt)
+    return sample_images(models, prompts=prompts, out_dir=out_dir, step=0, output_name=name, device=device,
+                         dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed, expand_prompt=expand_prompt)
 
 
 def add_arguments(parser):

@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from lora_diffusion.models.family import rebatch
+from lora_diffusion.models.sampling import sample_images
+
 from .errors import TrainingError
 from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
 
@@ -143,28 +146,17 @@ def sample(run: Run, state: RunState, epoch=None):
 
 def _sample(run: Run, state: RunState, epoch=None):
     """Pictures of --sample_prompts with the LoRA as it is now (main process)."""
-    from lora_diffusion import training
-
     state.last_sampled_step = state.step
     if not run.prompts or not run.accelerator.is_main_process:
         return
     # generate_samples puts every module (the LoRA too: no dropout in the pictures) in eval mode and gives each
     # submodule its own mode back: the frozen base stays in eval, the LoRA in train mode.
     args, models = run.args, run.models
-    if getattr(models, "sdxl", False):
-        from lora_diffusion.models.sdxl import generate_sdxl_samples
-
-        state.last_samples = generate_sdxl_samples(
-            models, prompts=run.prompts, out_dir=run.output_dir / "sample", step=state.step, epoch=epoch,
-            output_name=args.output_name, device=run.device, dtype=run.weight_dtype, sampler=args.sample_sampler,
-            seed=args.seed)
-        return
-    state.last_samples = training.generate_samples(
-        tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae, unet=models.unet,
-        noise_scheduler=models.noise_scheduler, prompts=run.prompts, out_dir=run.output_dir / "sample",
-        step=state.step, epoch=epoch, output_name=args.output_name, device=run.device, dtype=run.weight_dtype,
-        sampler=args.sample_sampler, v_parameterization=models.v_parameterization, clip_skip=args.clip_skip,
-        max_token_length=args.max_token_length, seed=args.seed, expand_prompt=run.network.expand_prompt)
+    state.last_samples = sample_images(
+        models, prompts=run.prompts, out_dir=run.output_dir / "sample", step=state.step, epoch=epoch,
+        output_name=args.output_name, device=run.device, dtype=run.weight_dtype, sampler=args.sample_sampler,
+        clip_skip=args.clip_skip, max_token_length=args.max_token_length, seed=args.seed,
+        expand_prompt=run.network.expand_prompt)
 
 
 def compute_loss(run: Run, batch):
@@ -197,7 +189,7 @@ def compute_loss(run: Run, batch):
     if args.reg_target == "base_model" and is_reg.any():
         target = torch.where(is_reg[:, None, None, None], base_model_prediction(run, batch, noisy, timesteps), target)
     with accelerator.autocast():
-        pred = models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
+        pred = models.family.call_unet(models.unet, noisy, timesteps, context.to(run.weight_dtype), added)
     mask = batch.get("alpha_masks")  # kohya: whenever images have masks (alpha_mask, conditioning_data_dir)
     return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
                                    min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
@@ -211,17 +203,13 @@ def compute_loss(run: Run, batch):
 
 def text_conditioning(run: Run, batch):
     """The U-Net's text inputs for a batch: the encoder states (cached, or encoded with the text-encoder LoRA and
-    the new token) and, for SDXL, the pooled embedding and the size/crop ids."""
-    from lora_diffusion import training
-
+    the new token) and the family's added conditioning (SDXL: the pooled embedding and the size/crop ids)."""
     from .validation import caption_encoder
 
     args, models, device = run.args, run.models, run.device
-    sdxl = getattr(models, "sdxl", False)
+    family = models.family
     if run.text_cache is not None:
-        cached = [run.text_cache[c] for c in batch["captions"]]
-        encoded = (torch.stack([c[0] for c in cached]), torch.stack([c[1] for c in cached])) if sdxl \
-            else torch.stack(cached)
+        encoded = rebatch([run.text_cache[c] for c in batch["captions"]])
     else:
         grad = torch.is_grad_enabled() and (run.train_text_encoder or (run.embedding is not None and
                                                                        run.embedding.trainable))
@@ -229,12 +217,8 @@ def text_conditioning(run: Run, batch):
                                  max_token_length=args.max_token_length)
         with torch.set_grad_enabled(grad), run.accelerator.autocast():
             encoded = encode(batch["captions"])
-    if not sdxl:
-        return encoded.to(device), {}
-    context, pooled = encoded  # both encoders' states, the pooled embedding; size and crop per sample
-    return context.to(device), {"added_cond_kwargs": {
-        "text_embeds": pooled.to(device, run.weight_dtype),
-        "time_ids": training.sdxl_time_ids(batch, device=device, dtype=run.weight_dtype)}}
+    time_ids = family.time_ids(batch, device=device, dtype=run.weight_dtype)
+    return family.unet_conditioning(encoded, time_ids, device=device, dtype=run.weight_dtype)
 
 
 @torch.no_grad()
@@ -248,7 +232,8 @@ def base_model_prediction(run: Run, batch, noisy, timesteps):
     try:
         context, added = text_conditioning(run, batch)
         with run.accelerator.autocast():
-            return run.models.unet(noisy, timesteps, context.to(run.weight_dtype), **added).sample
+            return run.models.family.call_unet(run.models.unet, noisy, timesteps, context.to(run.weight_dtype),
+                                               added)
     finally:
         for layer, multiplier in zip(layers, multipliers):
             layer.multiplier = multiplier

@@ -5,44 +5,28 @@ A prompt file has one prompt a line (blank lines and # comments skipped), with i
 (--n negative prompt, --w/--h size, --d seed, --l guidance scale, --s steps, --ss sampler). kohya's
 .toml ([prompt] defaults + [[prompt.subset]] entries) and .json (a list of objects) files are read too.
 
-generate_samples builds a diffusers StableDiffusionPipeline around the modules being trained, encodes
-prompts with the training text path (clip_skip, max_token_length), writes PNGs, and leaves the training
-RNG, the modules' train/eval modes and devices as it found them.
+The images are drawn by the one sampling loop, lora_diffusion.models.sampling.sample_images, which asks the
+model's family for its pipeline and prompt inputs; generate_samples is that loop for SD1.x/2.x modules passed one
+by one.
 """
 
 import json
-import random
 import re
-import secrets
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from lora_diffusion.formats.io import atomic_write
-
-from .text import encode_prompts
-
-SAMPLERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "k_lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "k_euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-}
+from lora_diffusion.models.family import SDModels, family_named
+from lora_diffusion.models.sampling import (  # noqa: F401  the names of this module before sampling moved down
+    SAMPLERS,
+    draw,
+    make_sample_scheduler,
+    prompt_seed,
+    sample_filename,
+    sample_images,
+    sampling_session,
+)
+from lora_diffusion.models.sampling import save_png as _save_png  # noqa: F401
 
 # inline option -> (prompt dict key, parser)
 PROMPT_OPTIONS = {
@@ -170,67 +154,6 @@ def read_prompts(path, *, width=512, height=512, scale=7.5, steps=30, seed=None,
     return prompts
 
 
-def make_sample_scheduler(sampler, noise_scheduler, *, v_parameterization=False):
-    """An inference scheduler (kohya --sample_sampler name) with the training scheduler's betas."""
-    import diffusers
-
-    if sampler.lower() not in SAMPLERS:
-        raise ValueError(f"--sample_sampler {sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
-    class_name, extra = SAMPLERS[sampler.lower()]
-    config = dict(getattr(noise_scheduler, "config", noise_scheduler))
-    if v_parameterization:
-        config["prediction_type"] = "v_prediction"
-    return getattr(diffusers, class_name).from_config(config, **extra)
-
-
-def sample_filename(output_name, *, step, epoch, index, seed):
-    """kohya's name: <output_name>_<step:06d | e<epoch:06d>>_<index:02d>_<YYYYmmddHHMMSS>_<seed>.png."""
-    position = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-    prefix = f"{output_name}_" if output_name else ""
-    return f"{prefix}{position}_{index:02d}_{stamp}_{seed}.png"
-
-
-def _save_png(image, path, prompt):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key in ("prompt", "negative_prompt", "seed", "scale", "steps", "sampler"):
-        info.add_text(key, str(prompt[key]))
-    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
-
-
-@contextmanager
-def sampling_session(modules, device):
-    """Every module in eval mode on `device` while sampling; afterwards each submodule's own mode (a LoRA inside the
-    model trains while its frozen base is in eval mode, and `m.train(flag)` would set both alike), each module's
-    device, and the python, numpy and CUDA random states as they were."""
-    was_training = [[(sub, sub.training) for sub in m.modules()] for m in modules]
-    devices = [next(m.parameters()).device for m in modules]
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
-            for m in modules:
-                m.eval().to(device)
-            yield
-    finally:
-        for m, flags, original_device in zip(modules, was_training, devices):
-            m.to(original_device)
-            for sub, training in flags:
-                sub.training = training
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def prompt_seed(prompt, index, seed):
-    """A prompt's --d, else seed + index when a run seed is given, else a random seed."""
-    if prompt.get("seed") is not None:
-        return prompt["seed"]
-    return seed + index if seed is not None else secrets.randbelow(2**32)
-
-
 @torch.no_grad()
 def generate_samples(
     *,
@@ -261,53 +184,9 @@ def generate_samples(
     float16/bfloat16 weights. expand_prompt: applied to the prompts before encoding (a multi-vector token
     `sks` -> `sks sks_1`, LoRANetwork.expand_prompt); the PNG records the prompt as written.
     """
-    from diffusers import StableDiffusionPipeline
-
-    device = torch.device(device)
-    expand = expand_prompt or (lambda text: text)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with sampling_session([text_encoder, vae, unet], device):
-        pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=make_sample_scheduler(sampler, noise_scheduler, v_parameterization=v_parameterization),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        for index, prompt in enumerate(prompts):
-            pipeline.scheduler = make_sample_scheduler(
-                prompt.get("sampler") or sampler, noise_scheduler, v_parameterization=v_parameterization
-            )
-            prompt = dict(prompt, seed=prompt_seed(prompt, index, seed))
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
-                embeds = encode_prompts(
-                    tokenizer, text_encoder, [expand(prompt["prompt"]), expand(prompt["negative_prompt"])],
-                    clip_skip=clip_skip, max_token_length=max_token_length,
-                ).to(device=device, dtype=unet.dtype)
-                generator = torch.Generator(device="cpu" if device.type == "mps" else device)
-                image = draw(
-                    pipeline,
-                    prompt_embeds=embeds[:1],
-                    negative_prompt_embeds=embeds[1:],
-                    width=prompt["width"],
-                    height=prompt["height"],
-                    num_inference_steps=prompt["steps"],
-                    guidance_scale=prompt["scale"],
-                    generator=generator.manual_seed(prompt["seed"]),
-                )[0]
-            path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
-            _save_png(image, path, prompt)
-            paths.append(path)
-        del pipeline
-    return paths
-
-
-def draw(pipe, **kwargs):
-    """A diffusers pipeline's images, with the latents decoded in the VAE's own dtype (fp32, or bf16) and outside
-    any autocast: under fp16 the U-Net's latents would meet the fp32 VAE's weights, and SD's VAEs overflow in fp16."""
-    latents = pipe(output_type="latent", **kwargs).images
-    vae = pipe.vae
-    with torch.no_grad(), torch.autocast(device_type=latents.device.type, enabled=False):
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image.float(), output_type="pil")
+    models = SDModels(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                      noise_scheduler=noise_scheduler, v2=False, v_parameterization=v_parameterization, name="",
+                      family=family_named("sd"))
+    return sample_images(models, prompts=prompts, out_dir=out_dir, step=step, epoch=epoch, output_name=output_name,
+                         device=device, dtype=dtype, sampler=sampler, clip_skip=clip_skip,
+                         max_token_length=max_token_length, seed=seed, expand_prompt=expand_prompt)

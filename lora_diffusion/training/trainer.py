@@ -208,38 +208,29 @@ def one_or_pair(values, flag, bad):
 
 
 def looks_like_sdxl(name) -> bool:
-    """Is the model SDXL? From its name, folder or safetensors header only (no weights read); a .ckpt says False
-    (then the SD defaults apply and load_base_models warns)."""
-    from lora_diffusion.models import BUILTIN_TINY_XL
+    """Is the model SDXL? From its name, folder or safetensors header only (no weights read); a .ckpt says False.
+    (Kept for code that asks; the trainer asks the family: detect_family.)"""
+    from lora_diffusion.models import detect_family
 
-    if name == BUILTIN_TINY_XL:
-        return True
-    path = Path(str(name)).expanduser()
-    if path.is_dir():
-        return (path / "text_encoder_2").is_dir()
-    if path.is_file() and path.suffix == ".safetensors":
-        from lora_diffusion.models.checkpoint import SafetensorsFile
-        from lora_diffusion.models.sdxl import is_sdxl_checkpoint
-
-        try:
-            return is_sdxl_checkpoint(SafetensorsFile(path).entries)
-        except (OSError, ValueError):
-            return False  # the loader names the problem
-    return False
+    return detect_family(name).name == "sdxl"
 
 
 def resolve_model_defaults(args):
-    """The flags whose defaults depend on the model: --resolution 512 (SDXL: 1024, with buckets from 512 to 2048
-    px unless --min/--max_bucket_reso are given; kohya's SDXL recommendation), buckets from 256 to 1024 px."""
-    sdxl = args.resolution is None and args.pretrained_model_name_or_path and \
-        looks_like_sdxl(args.pretrained_model_name_or_path)
+    """The flags whose defaults depend on the model's family (detected from its name, folder or file header):
+    --resolution (SD 512; SDXL 1024, kohya's SDXL recommendation), and when --resolution is not given either, the
+    family's bucket range unless --min/--max_bucket_reso are given (SD 256 to 1024 px, SDXL 512 to 2048 px)."""
+    from lora_diffusion.models import detect_family
+    from lora_diffusion.models.family import fallback_family
+
+    name = args.pretrained_model_name_or_path
+    family = detect_family(name) if args.resolution is None and name else fallback_family()
     args.resolution_defaulted = args.resolution is None
     if args.resolution is None:
-        args.resolution = "1024" if sdxl else "512"
+        args.resolution = str(family.default_resolution)
     if args.min_bucket_reso is None:
-        args.min_bucket_reso = 512 if sdxl else 256
+        args.min_bucket_reso = family.bucket_range[0]
     if args.max_bucket_reso is None:
-        args.max_bucket_reso = 2048 if sdxl else 1024
+        args.max_bucket_reso = family.bucket_range[1]
 
 
 def network_options(args) -> dict:
@@ -276,27 +267,36 @@ def build_dataset(args):
 def held_out_entries(args, dataset) -> list:
     """The images of the validation loss: --validation_split of the training images (taken out of training), or
     those of --validation_data_dir (same layout and options as --train_data_dir)."""
+    return held_out_images(args, dataset)[0]
+
+
+def held_out_images(args, dataset) -> tuple[list, list]:
+    """held_out_entries and each one's --resize_interpolation (its subset's, in the dataset it comes from)."""
     if args.validation_split is not None:
-        return dataset.split_validation(args.validation_split, args.validation_seed)
-    if args.validation_data_dir:
+        entries = dataset.split_validation(args.validation_split, args.validation_seed)
+    elif args.validation_data_dir:
         from lora_diffusion.data.dataset import LoRADataset
         from lora_diffusion.data.subset import FLAG_DEFAULTS
 
         options = {name: getattr(args, name) for name in FLAG_DEFAULTS}
         options["in_json"] = None  # the training images' metadata names none of the validation images
-        return LoRADataset(args.validation_data_dir, **options, seed=args.seed).entries
-    return []
+        dataset = LoRADataset(args.validation_data_dir, **options, seed=args.seed)
+        entries = dataset.entries
+    else:
+        return [], []
+    return entries, [dataset.subsets[entry.subset].resize_interpolation for entry in entries]
 
 
-def build_validation(args, held_out, models, device, weight_dtype, resolution):
-    """The encoded validation images and, for --validation_prompts, what scoring generated images needs."""
+def build_validation(args, held_out, models, device, weight_dtype, resolution, interpolations=None):
+    """The encoded validation images (each resized with `interpolations`' filter, its subset's
+    --resize_interpolation) and, for --validation_prompts, what scoring generated images needs."""
     from .validation import Validation, build_validation_set
 
     if not held_out and not args.validation_prompts:
         return None
     seed = args.seed if args.validation_seed is None else args.validation_seed
     images = build_validation_set(held_out, models.vae, seed=seed, device=device, dtype=weight_dtype,
-                                  sdxl=models.sdxl) if held_out else None
+                                  family=models.family, interpolations=interpolations) if held_out else None
     return Validation.create(images, args.validation_prompts, args.validation_metrics.split(","),
                              seeds=args.validation_seeds, size=resolution[0])
 
@@ -390,18 +390,12 @@ def load_base_models(args, weight_dtype, device):
     if args.vae:
         models.vae = load_vae(args.vae, models.vae)
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
-    if models.sdxl:
-        check_sdxl_args(args, models)
-    elif isinstance(args.text_encoder_lr, list):
-        raise TrainingError(f"--text_encoder_lr {' '.join(map(str, args.text_encoder_lr))}: two values are for "
-                            f"SDXL's two text encoders (TE1, TE2), but {models.name} is SD1.x/2.x, with one; give "
-                            f"one value")
+    check_family_args(args, models)
     layers = text_encoder.config.num_hidden_layers
     if args.clip_skip is not None and args.clip_skip > layers:
         raise TrainingError(f"--clip_skip {args.clip_skip}: this text encoder has {layers} layers (2 = penultimate)")
-    for model in (unet, text_encoder, vae, models.text_encoder_2):
-        if model is not None:
-            model.requires_grad_(False).eval()
+    for model in (unet, *models.text_encoder_list, vae):
+        model.requires_grad_(False).eval()
     if vae.dtype == torch.float16 or (args.no_half_vae and vae.dtype != torch.float32):
         # SD1.x's and SDXL's VAEs overflow into NaN latents in fp16 (diffusers' force_upcast); bf16 is kept (2x
         # faster) unless --no_half_vae
@@ -455,25 +449,33 @@ def load_vae(name, like):
     return vae.to(like.device)
 
 
-def check_sdxl_args(args, models):
-    """What does not apply to SDXL, named before any work on it."""
-    if args.clip_skip is not None:  # as kohya's sdxl_train_network: a warning, and the penultimate layers
-        print(f"warning: --clip_skip {args.clip_skip} is ignored for SDXL, which always uses the penultimate layer "
-              f"of both text encoders", file=sys.stderr)
+def check_family_args(args, models):
+    """What does not apply to the model's family, named before any work on it."""
+    family = models.family
+    if family.clip_skip_note and args.clip_skip is not None:  # as kohya's sdxl_train_network: a warning
+        print(f"warning: --clip_skip {args.clip_skip} is ignored for {family.title}, {family.clip_skip_note}",
+              file=sys.stderr)
         args.clip_skip = None
-    if args.v2:
-        raise TrainingError(f"{models.name} is an SDXL model; --v2 does not apply to it")
-    if getattr(args, "resolution_defaulted", False) and args.resolution == "512":
-        print(f"warning: {models.name} is SDXL but --resolution defaulted to 512 (SDXL was not detected from the "
-              f"file name); SDXL trains at --resolution 1024", file=sys.stderr)
+    if args.v2 and not family.v2_applies:
+        raise TrainingError(f"{models.name} is an {family.title} model; --v2 does not apply to it")
+    encoders = len(family.text_encoder_parts)
+    if isinstance(args.text_encoder_lr, list) and encoders != 2:
+        raise TrainingError(f"--text_encoder_lr {' '.join(map(str, args.text_encoder_lr))}: two values are for "
+                            f"SDXL's two text encoders (TE1, TE2), but {models.name} is {family.title}, with "
+                            f"{('one', 'two', 'three')[encoders - 1]}; give one value")
+    if getattr(args, "resolution_defaulted", False) and args.resolution != str(family.default_resolution):
+        print(f"warning: {models.name} is {family.title} but --resolution defaulted to {args.resolution} "
+              f"({family.title} was not detected from the file name); {family.title} trains at --resolution "
+              f"{family.default_resolution}", file=sys.stderr)
+
+
+check_sdxl_args = check_family_args  # its name before the families
 
 
 def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
     """Latents (--cache_latents) and, for frozen text encoders and fixed captions, the text encoders' outputs
     (--cache_text_encoder_outputs asks for them and fails when they cannot be cached; _to_disk keeps them next to
     the images); then the models that are no longer needed leave the device. Returns the text cache or None."""
-    from lora_diffusion import training
-
     device = accelerator.device
     if args.cache_latents:
         with accelerator.main_process_first():
@@ -484,22 +486,16 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
     if args.cache_text_encoder_outputs and not cacheable:
         raise TrainingError("--cache_text_encoder_outputs: the captions of the dataset config change from epoch to "
                             "epoch (shuffle_caption or caption dropout in a subset); drop those or the flag")
-    encoders = [e for e in (models.text_encoder, models.text_encoder_2) if e is not None]
+    encoders = models.text_encoder_list
     if cacheable:
-        if models.sdxl:
-            def encode(captions):
-                return training.cache_text_encoder_outputs_sdxl(
-                    captions, (models.tokenizer, models.tokenizer_2), encoders, device=device,
-                    max_token_length=args.max_token_length)
-        else:
-            def encode(captions):
-                return training.cache_text_encoder_outputs(captions, models.tokenizer, models.text_encoder,
-                                                           device=device, clip_skip=args.clip_skip,
-                                                           max_token_length=args.max_token_length)
+        def encode(captions):
+            return models.family.cache_text_outputs(models, captions, device=device, clip_skip=args.clip_skip,
+                                                    max_token_length=args.max_token_length)
+
         if args.cache_text_encoder_outputs_to_disk:
             from .text_cache import cache_text_outputs_on_disk, encoders_fingerprint
 
-            fields = dict(encoders=encoders_fingerprint(encoders), sdxl=bool(models.sdxl),
+            fields = dict(encoders=encoders_fingerprint(encoders), **models.family.text_cache_tag,
                           max_token_length=args.max_token_length, clip_skip=args.clip_skip,
                           dtype=str(encoders[0].dtype))
             with accelerator.main_process_first():
@@ -554,7 +550,7 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
 
     from lora_diffusion import create_network
 
-    unet, text_encoder = models.unet, models.text_encoder
+    unet = models.unet
     if args.base_weights:  # kohya's: merged into the base for good before the new network
         from lora_diffusion.core.network import merge_base_weights
 
@@ -592,8 +588,7 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        encoders = [e for e in (text_encoder, models.text_encoder_2) if e is not None]
-        for encoder in encoders:
+        for encoder in models.text_encoder_list:
             if train_text_encoder:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             encoder.train(train_text_encoder)
@@ -668,7 +663,7 @@ def train(args):
         args = argparse.Namespace(**{**vars(args), "cache_latents": False})
         accelerator.print(f"latents are encoded every step: {', '.join(dataset.uncacheable_options)} change the "
                           f"images from epoch to epoch")
-    held_out = held_out_entries(args, dataset)
+    held_out, interpolations = held_out_images(args, dataset)
     accelerator.print(dataset.summary())
     resolution = dataset.resolution
     prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
@@ -682,7 +677,7 @@ def train(args):
         models.noise_scheduler = with_zero_terminal_snr(models.noise_scheduler)
     train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
     train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
-    validation = build_validation(args, held_out, models, device, weight_dtype, resolution)
+    validation = build_validation(args, held_out, models, device, weight_dtype, resolution, interpolations)
     text_cache = cache_inputs(args, dataset, models, accelerator, train_text_encoder)
     loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs = \
         build_loader(args, dataset, accelerator)

@@ -4,8 +4,9 @@ metrics on generated images (the engine of `lora-diffusion evaluate`).
 The validation loss is the plain MSE of the U-Net's prediction (no min-SNR weights, no noise offset) on the
 held-out images at fixed timesteps (100, 300, 500, 700, 900 of 1,000) with fixed noise per image and timestep: the
 same numbers go in at every epoch, so only the LoRA changes the result. Images are encoded with the VAE's mean
-(no sampling) and their captions used as written. On SDXL the U-Net also gets each image's size and center crop
-(time ids) and the pooled text embedding, as in training; prompts are drawn with StableDiffusionXLPipeline.
+(no sampling, resized with their subset's --resize_interpolation) and their captions used as written. The model's
+family gives the U-Net its added conditioning as in training (SDXL: each image's size and center crop as time ids,
+and the pooled text embedding) and the pipeline that draws the prompts (SDXL: StableDiffusionXLPipeline).
 """
 
 from contextlib import contextmanager
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .sampling import draw
+from lora_diffusion.models.family import ModelFamily, family_named
+from lora_diffusion.models.sampling import draw
 
 TIMESTEP_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -24,41 +26,47 @@ class ValidationSet:
     latents: list  # one [1, c, h, w] tensor per image
     captions: list
     seed: int
-    time_ids: list | None = None  # SDXL: one [1, 6] tensor per image (size, center crop, bucket)
+    time_ids: list | None = None  # the family's added ids, one per image (SDXL: [1, 6], size, center crop, bucket)
+    family: ModelFamily | None = None  # None: SDXL's when time_ids are given, else SD1.x/2.x (sets built by hand)
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = family_named("sdxl" if self.time_ids is not None else "sd")
 
 
 @torch.no_grad()
-def build_validation_set(entries, vae, *, seed, device, dtype, sdxl=False) -> ValidationSet:
-    """Encode held-out dataset entries (LoRADataset.split_validation or a validation dataset's entries) once."""
+def build_validation_set(entries, vae, *, seed, device, dtype, sdxl=False, family=None,
+                         interpolations=None) -> ValidationSet:
+    """Encode held-out dataset entries (LoRADataset.split_validation or a validation dataset's entries) once.
+    family: the model's (models.family; `sdxl=True` names SDXL's); interpolations: each entry's
+    --resize_interpolation (its subset's), None for the default."""
     from lora_diffusion.data.images import center_crop, load_image
 
-    from .sdxl import sdxl_time_ids
-
+    family = family or family_named("sdxl" if sdxl else "sd")
+    interpolations = interpolations or [None] * len(entries)
     latents = []
-    for entry in entries:
-        image = load_image(entry.path, entry.bucket)[None].to(device, vae.dtype)
+    for entry, interpolation in zip(entries, interpolations):
+        image = load_image(entry.path, entry.bucket, interpolation=interpolation)[None].to(device, vae.dtype)
         latents.append((vae.encode(image).latent_dist.mean * vae.config.scaling_factor).to("cpu", dtype))
-    time_ids = [sdxl_time_ids({"original_sizes": [e.size], "crops": [center_crop(e.size, e.bucket)],
-                               "buckets": [e.bucket]}) for e in entries] if sdxl else None
-    return ValidationSet(latents, [e.caption for e in entries], seed, time_ids)
+    time_ids = [family.image_time_ids(e.size, center_crop(e.size, e.bucket), e.bucket) for e in entries]
+    time_ids = None if all(ids is None for ids in time_ids) else time_ids
+    return ValidationSet(latents, [e.caption for e in entries], seed, time_ids, family)
 
 
 @torch.no_grad()
 def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler, v_parameterization, device,
                     dtype) -> float:
-    """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states (SDXL: the states
-    and the pooled embedding)."""
+    """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states as the family's
+    encode_prompts does (SDXL: the states and the pooled embedding)."""
     from lora_diffusion import training
 
     total, count = 0.0, 0
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = [int(share * steps) for share in TIMESTEP_SHARES]
+    family = validation.family
     for index, (latents, caption) in enumerate(zip(validation.latents, validation.captions)):
-        context, added = encode([caption]), {}
-        if validation.time_ids is not None:
-            context, pooled = context
-            added = {"added_cond_kwargs": {"text_embeds": pooled.to(device, dtype),
-                                           "time_ids": validation.time_ids[index].to(device, dtype)}}
+        time_ids = validation.time_ids[index].to(device, dtype) if validation.time_ids is not None else None
+        context, added = family.unet_conditioning(encode([caption]), time_ids, device=device, dtype=dtype)
         context = context.to(device, dtype)
         latents = latents.to(device, dtype)
         for t in timesteps:
@@ -66,7 +74,7 @@ def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler,
             noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
             timestep = torch.tensor([t], device=device)
             noisy, target = training.training_target(noise_scheduler, latents, noise, timestep, v_parameterization)
-            prediction = unet(noisy, timestep, context, **added).sample
+            prediction = family.call_unet(unet, noisy, timestep, context, added)
             total += torch.nn.functional.mse_loss(prediction.float(), target.float()).item()
             count += 1
     return total / max(1, count)
@@ -121,22 +129,16 @@ def eval_mode(*models):
 
 
 def text_encoders(models):
-    return [e for e in (models.text_encoder, getattr(models, "text_encoder_2", None)) if e is not None]
+    return models.text_encoder_list
 
 
 def validation_pipeline(models):
-    """The pipeline that draws the validation prompts: builtin:mini's world pipeline (DPM-Solver++), or on SDXL a
-    StableDiffusionXLPipeline with the same scheduler."""
-    from lora_diffusion.world import quality
-
-    if not getattr(models, "sdxl", False):
-        return quality.world_pipeline(models)
+    """The family's pipeline that draws the validation prompts, with DPM-Solver++ on the model's schedule (for
+    builtin:mini, its world pipeline)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from lora_diffusion.models.sdxl import sdxl_pipeline
-
-    pipe = sdxl_pipeline(models, DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config,
-                                                                         algorithm_type="dpmsolver++"))
+    pipe = models.family.pipeline(models, DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config,
+                                                                                algorithm_type="dpmsolver++"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -162,17 +164,13 @@ def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
 
 
 def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=None):
-    """captions -> what the U-Net takes: the text-encoder states (SDXL: the states and the pooled embedding), new
-    tokens expanded by `expand_prompt`."""
-    from lora_diffusion import training
+    """captions -> the family's encoded text (SDXL: the states and the pooled embedding), new tokens expanded by
+    `expand_prompt`."""
+    family = models.family
 
     def encode(captions):
-        captions = [expand_prompt(c) for c in captions]
-        if getattr(models, "sdxl", False):
-            return training.encode_prompts_sdxl((models.tokenizer, models.tokenizer_2), text_encoders(models),
-                                                captions, max_token_length=max_token_length)
-        return training.encode_prompts(models.tokenizer, models.text_encoder, captions, clip_skip=clip_skip,
-                                       max_token_length=max_token_length)
+        return family.encode_prompts(models, [expand_prompt(c) for c in captions], clip_skip=clip_skip,
+                                     max_token_length=max_token_length)
 
     return encode
 
