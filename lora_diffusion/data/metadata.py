@@ -8,6 +8,7 @@ from .buckets import select_bucket
 from .errors import DatasetError, warn
 from .files import IMAGE_EXTENSIONS, MAX_REPEATS
 from .images import image_size
+from .layout import ImageEntry, attach_masks, face_box
 from .subset import Subset
 
 
@@ -82,7 +83,6 @@ def _caption(record: dict, subset: Subset, where: str) -> str:
 
 def scan_metadata(subset: Subset, subset_index: int):
     """The ImageEntry of every image the subset's metadata file names."""
-    from .layout import ImageEntry, attach_masks, face_box
 
     path = Path(subset.metadata_file)
     metadata = read_metadata(path)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lora_diffusion.formats.io import TOMLDecodeError, atomic_write, loads_toml
 
+from .kohya_ss import GuiConfigError, gui_flags
+from .parser import nearest
 from .trainer import int_or_float
 
 
@@ -54,7 +56,6 @@ NUMBER_AS_STRING = {"resolution"}
 def _checked(values: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
     """The values typed as their flags. A key that is no flag is dropped with a warning naming the nearest flag
     (kohya itself keeps unknown keys without a word); on the command line the same typo is an error."""
-    from . import nearest
 
     actions = flag_dests(parser)
     for key in sorted(k for k in values if k not in actions):
@@ -126,7 +127,6 @@ def _number(value, kind, bad):
 def _from_gui_json(document, path: Path, parser: argparse.ArgumentParser) -> dict:
     """A kohya_ss GUI config: its keys read by the GUI's own rules (options.kohya_ss), then
     `additional_parameters` parsed as flags (they win, as on the GUI's command line)."""
-    from .kohya_ss import GuiConfigError, gui_flags
 
     if not isinstance(document, dict):
         raise ConfigFileError(f"--config_file {path}: expected a JSON object of settings (a kohya_ss GUI config), "

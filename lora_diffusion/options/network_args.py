@@ -6,6 +6,8 @@ import inspect
 import math
 from dataclasses import dataclass
 
+from lora_diffusion.core.network import create_network
+
 
 @dataclass(frozen=True)
 class NetworkArg:
@@ -80,8 +82,6 @@ def network_keywords(network_module: str, items: list[str], accepted=None) -> di
     """create_network keywords of --network_args for this --network_module; `accepted`: the keywords
     create_network takes (default: read from its signature)."""
     if accepted is None:
-        from lora_diffusion import create_network
-
         accepted = set(inspect.signature(create_network).parameters)
     lycoris = network_module in LYCORIS
     options = {"algo": "lora"} if lycoris else {}

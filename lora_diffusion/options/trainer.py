@@ -5,6 +5,8 @@ options come from lora_diffusion.data.subset.Subset (the one declaration of thos
 
 from dataclasses import fields
 
+from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset
+
 from .declare import SWITCH, Option, group
 
 LATER = "not implemented yet in this trainer"
@@ -21,7 +23,6 @@ def int_or_float(text):
 
 def _dataset_options() -> list[Option]:
     """The dataset options that are also flags, from their one declaration (Subset's fields)."""
-    from lora_diffusion.data.subset import FLAG_DEFAULTS, Subset
 
     declared = {f.name: f for f in fields(Subset)}
     options = []

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_diffusion.formats.io import atomic_write
+
 from . import scenes as world
 
 WEIGHTS = Path(__file__).parents[1] / "assets" / "world_features.safetensors"
@@ -79,7 +81,6 @@ def train(steps=2000, batch_size=64, seed=0, out=WEIGHTS):
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    from lora_diffusion.formats.io import atomic_write
 
     torch.manual_seed(seed)
     rng, nrng = random.Random(seed), np.random.default_rng(seed)

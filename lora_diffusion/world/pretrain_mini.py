@@ -37,7 +37,9 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.cli import set_cpu_threads
+from lora_diffusion.formats.io import atomic_write, build_folder_atomically
+from lora_diffusion.models import declare_fp32_load, load_models, make_noise_scheduler, write_model_index
 from lora_diffusion.models.tokenizer import load_clip_tokenizer, save_tokenizer
 
 from . import quality
@@ -319,7 +321,6 @@ def finetune_decoder(vae, settings: PretrainSettings, work: Path):
 
 
 def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSettings, work: Path):
-    from lora_diffusion.models import make_noise_scheduler
 
     noise_scheduler = make_noise_scheduler()
     params = list(text_encoder.parameters()) + list(unet.parameters())
@@ -397,8 +398,6 @@ def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
 
 def write_folder(out, tokenizer, text_encoder, vae, unet):
     """The diffusers folder, fp16 safetensors, built beside `out` and renamed into place."""
-    from lora_diffusion.formats.io import build_folder_atomically
-    from lora_diffusion.models import declare_fp32_load, write_model_index
 
     def fill(staging):
         for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
@@ -418,7 +417,6 @@ def write_folder(out, tokenizer, text_encoder, vae, unet):
 def warm_start(folder, text_encoder, vae, unet, settings, work):
     """Continue from a written folder (a later session, another machine) rather than from scratch: its weights
     start every stage that has no checkpoint yet, and its VAE counts as trained, so the latents stay the same."""
-    from lora_diffusion.models import load_models
 
     shipped = load_models(folder)
     text_encoder.load_state_dict(shipped.text_encoder.state_dict())
@@ -447,7 +445,6 @@ def pretrain(settings: PretrainSettings, stage="all"):
     vae = finetune_decoder(vae, settings, work)
     out = write_folder(settings.out or work / "model", tokenizer, ema_te, vae, ema_unet)
     print(f"wrote {out} in {(time.time() - start) / 60:.1f} min of this run; judging it ...")
-    from lora_diffusion.models import load_models
 
     mini = load_models(out)
     scheduler = DPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
@@ -470,7 +467,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from lora_diffusion.cli import set_cpu_threads
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected an integer >= 1")

@@ -10,6 +10,8 @@ import random
 
 import torch
 
+from lora_diffusion.formats.io import atomic_write
+
 from . import scenes as world
 
 SIZE = 64  # builtin:mini's resolution
@@ -91,7 +93,6 @@ def summarize_samples(paths, grid_path):
     accuracy on those whose prompt is a world prompt (None when none is). Returns (grid_path, accuracy)."""
     from PIL import Image
 
-    from lora_diffusion.formats.io import atomic_write
 
     if not paths:
         return None, None
