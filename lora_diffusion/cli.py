@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     ("excise", "lora_diffusion.tools.excise", "remove words or phrases from every caption (writes a copy)"),
     ("balance", "lora_diffusion.tools.balance", "set each concept folder's repeats from a target steps per epoch"),
     ("caption-sets", "lora_diffusion.tools.caption_sets", "build 10_empty/ 10_wd/ ... folders from caption sources"),
+    ("caption", "lora_diffusion.tools.caption", "caption images: wd14, kosmos2, blip, florence2, vlm, world"),
     ("generate", "lora_diffusion.tools.generate", "images from a base model plus LoRA files with multipliers"),
     ("evaluate", "lora_diffusion.tools.evaluate",
      "score LoRA files (every epoch, multipliers): judge, FID/KID, CLIP, grid"),
