@@ -183,3 +183,41 @@ def test_sdxl_training_validates_held_out_images_and_prompts(tmp_path, capsys):
     losses = losses_printed(out)
     assert len(losses) == 2 and losses[0] != losses[1]
     assert "judge_shape" in next(line for line in out.splitlines() if line.startswith("epoch 1"))
+
+
+def test_max_validation_steps_scores_only_the_first_images(monkeypatch):
+    """kohya's --max_validation_steps: one held-out image is one validation batch here. With the target made the
+    latents themselves and a U-Net that predicts zeros, each image's loss is mean(latents**2): the formula."""
+    import torch
+
+    from lora_diffusion import training
+    from lora_diffusion.training.validation import ValidationSet, validation_loss
+
+    values = [1.0, 2.0, 3.0]
+    validation = ValidationSet([torch.full((1, 4, 2, 2), v) for v in values], ["a", "b", "c"], seed=0)
+    monkeypatch.setattr(training, "training_target", lambda scheduler, latents, noise, t, v: (latents, latents))
+
+    class Scheduler:
+        config = type("Config", (), {"num_train_timesteps": 1000})
+
+    def unet(noisy, timestep, encoder_hidden_states=None, **kwargs):
+        return type("Output", (), {"sample": torch.zeros_like(noisy)})
+
+    def loss(max_images):
+        return validation_loss(validation, unet=unet, encode=lambda captions: torch.zeros(1, 3, 8),
+                               noise_scheduler=Scheduler, v_parameterization=False, device="cpu",
+                               dtype=torch.float32, max_images=max_images)
+
+    assert loss(None) == pytest.approx(sum(v * v for v in values) / 3)
+    assert loss(2) == pytest.approx((1 + 4) / 2)
+    assert loss(1) == pytest.approx(1.0)
+
+
+def test_validate_every_n_steps_adds_a_validation_within_the_epoch(tmp_path, capsys):
+    data = make_dataset(tmp_path, n=8)
+    argv = base_flags(tmp_path, data, max_train_steps=None, max_train_epochs=1, train_batch_size=4,
+                      validation_split=0.25, validate_every_n_steps=4, max_validation_steps=1)
+    assert train_lora.main(argv) == 0
+    out = capsys.readouterr().out
+    steps = [int(line.split("(step ")[1].split(")")[0]) for line in out.splitlines() if "validation_loss " in line]
+    assert steps[:2] == [4, 8] and len(steps) == 3  # steps 4 and 8 (of 8), then the epoch's own at its end

@@ -326,10 +326,10 @@ VALIDATION = group(
     Option("validation_every_n_epochs", int, 1, "validate every N epochs", kohya=False),
     Option("validate_every_n_epochs", int, None, "kohya's name of --validation_every_n_epochs",
            dest="validation_every_n_epochs"),
-    Option("validate_every_n_steps", int, None, "validate every N steps too",
-           refused="validation every N steps is not implemented yet; use --validation_every_n_epochs"),
-    Option("max_validation_steps", int, None, "at most this many validation batches",
-           refused="--max_validation_steps is not implemented yet"),
+    Option("validate_every_n_steps", int, None, "validate every N steps too (the loss and metrics of the epoch's "
+           "validation, logged at that step)"),
+    Option("max_validation_steps", int, None, "at most this many validation batches: the validation loss over the "
+           "first N held-out images (one image a batch)"),
     Option("validation_seed", int, None, "the fixed noise's seed (default: --seed)"),
     Option("validation_prompts", str, None, "also score generated images: world:star, world:held-out, world:seen, "
            "or a prompts file (as lora-diffusion evaluate)", kohya=False),

@@ -281,6 +281,11 @@ def after_step(run: Run, state: RunState, loss, progress):
                 rotate_own(run, [run.output_dir / f"{f}{suffix}" for f in state.step_files], recent)
     if args.sample_every_n_steps and state.step % args.sample_every_n_steps == 0:
         sample(run, state)
+    if run.validation is not None and args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
+        from .validation import validate
+
+        with eval_weights(run):
+            validate(run, state, state.epoch + 1)  # the epoch in progress
 
 
 def rotate_own(run: Run, paths, keep: int):

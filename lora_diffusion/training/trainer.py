@@ -134,7 +134,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
                  "max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
                  "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size", "validation_every_n_epochs",
                  "validation_seeds", "save_n_epoch_ratio", "save_last_n_epochs_state", "save_last_n_steps",
-                 "save_last_n_steps_state", "ddp_timeout", "lr_scheduler_timescale", "threads"):
+                 "save_last_n_steps_state", "ddp_timeout", "lr_scheduler_timescale", "threads",
+                 "validate_every_n_steps", "max_validation_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:

@@ -55,9 +55,10 @@ def build_validation_set(entries, vae, *, seed, device, dtype, sdxl=False, famil
 
 @torch.no_grad()
 def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler, v_parameterization, device,
-                    dtype) -> float:
+                    dtype, max_images=None) -> float:
     """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states as the family's
-    encode_prompts does (SDXL: the states and the pooled embedding)."""
+    encode_prompts does (SDXL: the states and the pooled embedding). `max_images`: only the first ones (kohya's
+    --max_validation_steps; one image is one validation batch here)."""
     from lora_diffusion import training
 
     total, count = 0.0, 0
@@ -65,6 +66,8 @@ def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler,
     timesteps = [int(share * steps) for share in TIMESTEP_SHARES]
     family = validation.family
     for index, (latents, caption) in enumerate(zip(validation.latents, validation.captions)):
+        if max_images is not None and index >= max_images:
+            break
         time_ids = validation.time_ids[index].to(device, dtype) if validation.time_ids is not None else None
         context, added = family.unet_conditioning(encode([caption]), time_ids, device=device, dtype=dtype)
         context = context.to(device, dtype)
@@ -193,7 +196,8 @@ def validate(run, state, epoch):
                     encoder.to(run.device)
                 result["validation_loss"] = validation_loss(
                     validation.images, unet=models.unet, encode=encode, noise_scheduler=models.noise_scheduler,
-                    v_parameterization=models.v_parameterization, device=run.device, dtype=run.weight_dtype)
+                    v_parameterization=models.v_parameterization, device=run.device, dtype=run.weight_dtype,
+                    max_images=args.max_validation_steps)
                 for encoder in encoders:
                     encoder.to(text_device)
         if validation.prompts:
