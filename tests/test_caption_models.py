@@ -290,4 +290,4 @@ def test_missing_model_is_one_line(tmp_path, monkeypatch, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert rc == 2 and len(err) == 1 and model in err[0] and captioner in err[0], err
         if "/" in model and not model.startswith(str(tmp_path)):
-            assert "huggingface-cli download" in err[0]
+            assert "hf download" in err[0]

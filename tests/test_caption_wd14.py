@@ -158,13 +158,13 @@ def kohya_tags(prob, o):
     return sep.join(combined)
 
 
-def make_images(folder, seed=1):
+def make_images(folder, seed=1, count=None):
     """Blocky random images in several sizes and modes: padding, shrinking by non-integer and integer factors,
     growing (Lanczos), transparency, grey and palette images."""
     rng = np.random.default_rng(seed)
     specs = [("wide.png", (500, 380), "RGB"), ("big.jpg", (896, 896), "RGB"), ("tall.png", (300, 460), "RGB"),
              ("alpha.png", (200, 150), "RGBA"), ("grey.png", (120, 200), "L"), ("pal.png", (160, 160), "P"),
-             ("exact.png", (448, 448), "RGB")]
+             ("exact.png", (448, 448), "RGB")][:count]
     for name, (w, h), mode in specs:
         cells = rng.integers(0, 256, (rng.integers(3, 9), rng.integers(3, 9), 4), dtype=np.uint8)
         image = Image.fromarray(cells, "RGBA").resize((w, h), Image.NEAREST)
@@ -246,7 +246,7 @@ def test_tagger_sees_the_options(tagger):
 
 def test_fixed_batch_model_and_frequencies(tmp_path):
     weight, bias = build_tagger(tmp_path / "fixed", seed=3, batch=2)
-    images = make_images(tmp_path, seed=5)[:3]
+    images = make_images(tmp_path, seed=5, count=3)
     tagger = wd14.WD14Tagger(tmp_path / "fixed", device="cpu")
     assert tagger.model_batch == 2
     got = tagger.caption_batch([Image.open(p) for p in images])

@@ -28,16 +28,17 @@ def require(module: str, command: str, extra: str = "caption", package: str | No
         raise CaptionError(f"{command} needs {package or module} ({error}); install it with `{pip}`") from None
 
 
-def resolve_model(spec, command: str, *, files=None, how_to_get: str = "") -> Path:
+def resolve_model(spec, command: str, *, files=None, ignore=None, how_to_get: str = "") -> Path:
     """The local folder of model `spec`: a folder as given, else the Hugging Face cache's snapshot of the repo id
     `spec` (fetched with huggingface_hub unless HF_HUB_OFFLINE is set). `files`: the files the captioner needs
-    (only those are fetched). A CaptionError names the model and how to get it when it is not there."""
+    (only those are fetched), `ignore`: files not to fetch. A CaptionError names the model and how to get it
+    when it is not there."""
     if spec is None or not str(spec).strip():
         raise CaptionError(f"{command}: no model given; pass --model FOLDER_OR_HF_ID")
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    get = how_to_get or f"`huggingface-cli download {spec}` (or pass a local folder with --model)"
+    get = how_to_get or f"`hf download {spec}` (huggingface_hub's CLI) or pass a local folder with --model"
     if not REPO_ID.match(str(spec)):
         raise CaptionError(f"{command}: model '{spec}' is not a folder (nor a Hugging Face repo id such as "
                            f"'owner/name')")
@@ -48,13 +49,13 @@ def resolve_model(spec, command: str, *, files=None, how_to_get: str = "") -> Pa
                            f"pass a local folder with --model") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(str(spec), allow_patterns=files, local_files_only=True))
+        return Path(snapshot_download(str(spec), allow_patterns=files, ignore_patterns=ignore, local_files_only=True))
     except Exception as cached_error:  # not in the cache (huggingface_hub's errors vary by version)
         if offline:
             raise CaptionError(f"{command}: model '{spec}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
                                f"; get it with {get}") from None
         try:
-            return Path(snapshot_download(str(spec), allow_patterns=files))
+            return Path(snapshot_download(str(spec), allow_patterns=files, ignore_patterns=ignore))
         except Exception as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CaptionError(f"{command}: model '{spec}' is not a local folder or in the Hugging Face cache, and "

@@ -16,6 +16,9 @@ def model_type(folder) -> str:
         return ""
 
 
+NOT_FOR_TORCH = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.gguf", "*.tflite", "coreml/*"]  # other runtimes
+
+
 class TransformersCaptioner(Captioner):
     """caption_batch: prompts(images) -> processor(images, text) -> model.generate -> decode -> clean."""
 
@@ -75,7 +78,7 @@ class TransformersCaptioner(Captioner):
         get = lambda key, default=None: getattr(options, key, default)  # noqa: E731
         from . import default_model
 
-        folder = resolve_model(get("model") or default_model(cls.name), cls.command())
+        folder = resolve_model(get("model") or default_model(cls.name), cls.command(), ignore=NOT_FOR_TORCH)
         model, processor = cls.load(folder, device=get("device", "auto"), dtype=get("dtype", "auto"),
                                     trust_remote_code=get("trust_remote_code", False))
         return cls(model, processor, **cls.extra_options(options), prompt=get("prompt"),

@@ -181,7 +181,9 @@ class WD14Tagger(Captioner):
     @classmethod
     def from_options(cls, options):
         get = lambda key, default=None: getattr(options, key, default)  # noqa: E731
-        folder = resolve_model(get("model") or "SmilingWolf/wd-v1-4-convnext-tagger-v2", COMMAND, files=FILES)
+        spec = get("model") or "SmilingWolf/wd-v1-4-convnext-tagger-v2"
+        folder = resolve_model(spec, COMMAND, files=FILES, how_to_get=f"`hf download {spec} {' '.join(FILES)}` "
+                               f"or pass a folder holding those two files with --model")
         return cls(folder, thresh=get("thresh", 0.35), general_threshold=get("general_threshold"),
                    character_threshold=get("character_threshold"), undesired_tags=get("undesired_tags", ""),
                    always_first_tags=get("always_first_tags"), caption_separator=get("caption_separator", ", "),
