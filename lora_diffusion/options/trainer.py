@@ -241,11 +241,13 @@ TRAINING = group(
            "conditioning_data_dir, or the images' alpha with --alpha_mask)"),
     Option("min_timestep", int, 0, "smallest timestep trained"),
     Option("max_timestep", int, 1000, "largest timestep trained (exclusive)"),
-    Option("initial_epoch", int, None, "start counting epochs here", refused="starting at another epoch is not "
-           "implemented yet; use --resume with a --save_state folder"),
-    Option("initial_step", int, None, "start counting steps here", refused="starting at another step is not "
-           "implemented yet; use --resume with a --save_state folder"),
-    Option("skip_until_initial_step", SWITCH, False, "skip the data of the steps before --initial_step"),
+    Option("initial_epoch", int, None, "start counting at this epoch (1 = the first): step (E - 1) x steps per "
+           "epoch, as --initial_step"),
+    Option("initial_step", int, None, "start counting steps here (file names, schedules; --max_train_steps counts "
+           "from 0), e.g. to go on from a --network_weights file; the LR schedule restarts unless --resume; wins "
+           "over --initial_epoch"),
+    Option("skip_until_initial_step", SWITCH, False, "skip the data of the steps before --initial_step (else the "
+           "data starts at the beginning of that epoch)"),
 )
 
 DISTRIBUTED = group(

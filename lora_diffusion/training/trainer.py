@@ -135,7 +135,7 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
                  "sample_every_n_epochs", "sample_every_n_steps", "vae_batch_size", "validation_every_n_epochs",
                  "validation_seeds", "save_n_epoch_ratio", "save_last_n_epochs_state", "save_last_n_steps",
                  "save_last_n_steps_state", "ddp_timeout", "lr_scheduler_timescale", "threads",
-                 "validate_every_n_steps", "max_validation_steps"):
+                 "validate_every_n_steps", "max_validation_steps", "initial_epoch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.min_timestep < args.max_timestep <= 1000:
@@ -450,6 +450,30 @@ def load_vae(name, like):
     return vae.to(like.device)
 
 
+def start_at_initial_step(args, run, state, dataset, accelerator) -> int:
+    """kohya's --initial_step / --initial_epoch (E: step (E - 1) x steps per epoch): the step and epoch counters
+    start there (file names, the saving and sampling schedules, --max_train_steps counts from 0), over a state read
+    with --resume too; the LR schedule starts at its beginning unless --resume restored it. With
+    --skip_until_initial_step the data of the steps before it is skipped (the same batches a run from step 0 would
+    have trained next); without, the data starts at the beginning of that epoch. Returns the batches to skip."""
+    step = args.initial_step if args.initial_step is not None else (args.initial_epoch - 1) * run.steps_per_epoch
+    flag = "--initial_step" if args.initial_step is not None else "--initial_epoch"
+    if step < 0:
+        raise TrainingError(f"--initial_step must be >= 0, got {step}")
+    if step >= run.max_train_steps:
+        raise TrainingError(f"{flag} starts at step {step}, which leaves nothing of --max_train_steps "
+                            f"{run.max_train_steps} to train")
+    if args.resume and step != state.step:
+        accelerator.print(f"{flag}: starting at step {step}, not the state's step {state.step}")
+    state.step, state.epoch = step, step // run.steps_per_epoch
+    skip = (step % run.steps_per_epoch) * args.gradient_accumulation_steps if args.skip_until_initial_step else 0
+    state.batch_in_epoch = skip
+    dataset.set_current_step(step)
+    accelerator.print(f"starting at step {step} (epoch {state.epoch + 1}"
+                      + (f", {skip} batches of it skipped)" if skip else ", from its first batch)"))
+    return skip
+
+
 def check_family_args(args, models):
     """What does not apply to the model's family, named before any work on it."""
     family = models.family
@@ -708,6 +732,8 @@ def train(args):
         dataset.set_current_step(state.step)
         accelerator.print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1}, "
                           f"batch {skip_batches})")
+    if args.initial_step is not None or args.initial_epoch is not None:
+        skip_batches = start_at_initial_step(args, run, state, dataset, accelerator)
     run.metadata = run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch, max_train_steps,
                                 num_epochs, optimizer_name, session_id, num_processes=accelerator.num_processes)
     if run.log_with:
