@@ -332,3 +332,28 @@ def test_tucker_lokr_network_builds_and_runs():
     x, t, context = unet_inputs()
     unet(x, t, context).sample.square().mean().backward()
     assert all(layer.lokr_t2.grad is not None for layer in tucker)
+
+
+@pytest.mark.parametrize("alpha", [8, 4])
+def test_loha_merge_on_a_geglu_shaped_module(alpha):
+    """A GEGLU proj's shape (out 8x in, as SD1.5's ff.net.0.proj 1280 -> 10240, scaled down): our merge equals
+    LyCORIS' forward and the LoHa formula (alpha / r once); lycoris-lora 4.1.3's merge_to equals it at alpha = r and
+    applies alpha / r twice otherwise (get_weight scales, get_diff_weight scales again): see docs/format.md."""
+    torch.manual_seed(0)
+    base, x = nn.Linear(40, 320), torch.randn(3, 40)
+    theirs = LohaModule(NAME, base, 1.0, lora_dim=8, alpha=alpha)
+    state = {k: v if k == "alpha" else torch.randn_like(v) * 0.3 for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(state)
+    formula = (state["hada_w1_a"] @ state["hada_w1_b"]) * (state["hada_w2_a"] @ state["hada_w2_b"]) * (alpha / 8)
+    with torch.no_grad():
+        plain = base(x)
+    ours = layer_from_file(base, parse_state_dict({f"{NAME}.{k}": v for k, v in state.items()})[NAME], NAME, "test")
+    assert_same_outputs(lycoris_output(theirs, base, x, 1.0), our_output(ours, base, x, 1.0), plain)
+    original = base.weight.detach().clone()
+    ours.merge()
+    ours_merged = base.weight.detach().clone()
+    ours.unmerge()
+    torch.testing.assert_close(ours_merged - original, formula, rtol=1e-5, atol=1e-6)
+    theirs.merge_to(1.0)
+    lycoris_merged = base.weight.detach().clone()
+    torch.testing.assert_close(lycoris_merged - original, formula * (alpha / 8), rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from lora_diffusion.formats import kohya
 
 from . import adapters
 from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
+from .adapters.base import dora_on_input
 from .adapters.base import shapes as _shapes
 from .adapters.lokr import check_factor
 from .adapters.lora import fit_shape as _fit
@@ -302,6 +303,10 @@ def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, sou
                                   f"network (a network made with other options?)")
     layer.load_file(weights, f"{source}: {name}")
     if weights.dora_scale is not None:
+        if dora_on_input(weights.dora_scale, layer.base.weight.shape):  # LyCORIS' wd_on_out=False: [1, in, ...]
+            layer.dora_scale = nn.Parameter(torch.empty_like(weights.dora_scale, dtype=torch.float32,
+                                                             device=layer.dora_scale.device),
+                                            requires_grad=layer.dora_scale.requires_grad)
         scale = _fit(weights.dora_scale, layer.dora_scale.shape)
         if scale is None:
             raise kohya.LoRAFileError(f"{source}: {name}.dora_scale is {tuple(weights.dora_scale.shape)}, expected "
@@ -343,7 +348,8 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                    loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
                    loraplus_text_encoder_lr_ratio: float | None = None, block_size: int | None = None,
                    dylora_unit: int | None = None, train_norm: bool = False, use_scalar: bool = False,
-                   rank_dropout_scale: bool = False, bypass_mode: bool = False) -> LoRANetwork:
+                   rank_dropout_scale: bool = False, bypass_mode: bool = False,
+                   wd_on_output: bool = True) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
     `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
     models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
@@ -356,12 +362,14 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     lycoris.kohya) as `lycoris.kohya.create_network` does: its targets (kohya's with the convs, plus conv_in,
     conv_out and the time embedding), convs always (conv_rank defaults to rank, conv_alpha to alpha), and its
     options: `dora_wd` (DoRA), `use_tucker` (Tucker form of kxk convs, LoHa/LoKr), `factor`, `decompose_both`,
-    `full_matrix` (LoKr), `train_on_input` (iA3: scale the input channels, not the output ones), `train_norm` (also
-    train the U-Net blocks' LayerNorm/GroupNorm weights and biases, adapters.NormLayer), `use_scalar` and
-    `rank_dropout_scale` (LoRA, LoHa, LoKr; see AdapterLayer), `bypass_mode` (accepted and recorded: LyCORIS' other
-    way to compute the same outputs; the forward here is already the input-side one for LoRA). An algorithm takes
-    the options it declares (`OPTIONS`) and ignores the others, as LyCORIS does; `dropout` applies to LoRA only
-    (LyCORIS has none for LoHa/LoKr; iA3 refuses it).
+    `full_matrix` (LoKr), `wd_on_output` (DoRA's magnitude per output row, True: LyCORIS' default and the DoRA
+    authors'; False: per input column, dora_scale [1, in(, 1, 1)], the only kind ComfyUI's loader applies as
+    trained, see docs/format.md), `train_on_input` (iA3: scale the input channels, not the output ones),
+    `train_norm` (also train the U-Net blocks' LayerNorm/GroupNorm weights and biases, adapters.NormLayer),
+    `use_scalar` and `rank_dropout_scale` (LoRA, LoHa, LoKr; see AdapterLayer), `bypass_mode` (accepted and
+    recorded: LyCORIS' other way to compute the same outputs; the forward here is already the input-side one for
+    LoRA). An algorithm takes the options it declares (`OPTIONS`) and ignores the others, as LyCORIS does; `dropout`
+    applies to LoRA only (LyCORIS has none for LoHa/LoKr; iA3 refuses it).
 
     kohya networks.lora's network options, in kohya's `--network_args` string forms or as lists (adapters/blocks.py):
     `block_dims`/`block_alphas` (rank/alpha per U-Net block, 25 values on SD1.x/2.x, 23 on SDXL),
@@ -408,6 +416,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
             options["block_size"] = dylora_unit
         given = [k for k in ("dora_wd", "train_norm", *_ALGO_OPTIONS)
                  if {**options, "dora_wd": dora_wd, "train_norm": train_norm}[k] not in (False, -1)]
+        given += [] if wd_on_output else ["wd_on_output"]
         if given:
             raise ValueError(f"{', '.join(given)}: LyCORIS options; pass algo= (network_module lycoris.kohya), e.g. "
                              f"algo='lora' or algo='{'ia3' if 'train_on_input' in given else 'lokr'}'")
@@ -442,6 +451,11 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                 continue  # kohya: rank 0, or a block whose lr weight is 0, has no module
         layers[target.name] = cls(target.module, r, a, multiplier=multiplier, rank_dropout=rank_dropout,
                                   module_dropout=module_dropout, dora_wd=dora_wd, **own)
+    if not wd_on_output:
+        if not dora_wd:
+            raise ValueError("wd_on_output=False is DoRA's option (the axis of its magnitude): pass dora_wd=True too")
+        for layer in layers.values():
+            layer.dora_scale = nn.Parameter(adapters.column_norms(layer.base.weight.detach().float()))
     if train_norm and unet is not None and train_unet:
         for target in filter_targets(unet_norm_targets(unet), include, exclude):
             layers[target.name] = adapters.NormLayer(target.module, multiplier=multiplier,
@@ -459,6 +473,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
                        ("block_size", options["block_size"] if algo == "dylora" else None),
                        ("unit", dylora_unit), ("train_norm", train_norm), ("use_scalar", use_scalar),
                        ("rank_dropout_scale", rank_dropout_scale), ("bypass_mode", bypass_mode),
+                       ("wd_on_output", "False" if not wd_on_output else None),
                        *block_options.items(),
                        ("block_lr_zero_threshold", block_lr_zero_threshold if lr_weights else None),
                        ("loraplus_lr_ratio", loraplus_lr_ratio), ("loraplus_unet_lr_ratio", loraplus_unet_lr_ratio),

@@ -70,25 +70,27 @@ class ModuleWeights:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     dora_scale: torch.Tensor | None = None
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        if self.algo == "lora":
+    @property
+    def module_tensors(self) -> dict[str, torch.Tensor]:
+        """The algorithm's tensors by file key (alpha and dora_scale aside)."""
+        if self.down is not None:
             return {"lora_down.weight": self.down, "lora_up.weight": self.up}
         return self.tensors
 
     @property
     def rank(self) -> int:
         """The rank (r of alpha / r); 1 for a LoKr whose factors are both full (its scale is 1) and for iA3."""
-        return _algorithm(self.algo).file_rank(self._tensors())
+        return _algorithm(self.algo).file_rank(self.module_tensors)
 
     @property
     def scale(self) -> float:
         """alpha / rank, or the algorithm's own rule (1 for a LoKr with both factors full, as LyCORIS; 1 for iA3)."""
-        return _algorithm(self.algo).file_scale(self._tensors(), self.alpha)
+        return _algorithm(self.algo).file_scale(self.module_tensors, self.alpha)
 
     @property
     def kind(self) -> str:
         """LoRA, LoCon (a kxk conv), LoHa, LoKr, iA3; "DoRA " before it for DoRA."""
-        name = _algorithm(self.algo).file_label(self._tensors())
+        name = _algorithm(self.algo).file_label(self.module_tensors)
         return ("DoRA " if self.dora_scale is not None else "") + name
 
 
@@ -179,9 +181,11 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
         else:
             weights = ModuleWeights(None, None, 0.0, cls.kind, tensors)
         if dora is not None:
-            if dora.dim() not in (2, 4) or dora.shape[1:].numel() != 1:
+            per_output = dora.dim() in (2, 4) and dora.shape[1:].numel() == 1
+            per_input = dora.dim() in (2, 4) and dora.shape[0] == 1 and dora.shape[2:].numel() == 1
+            if not (per_output or per_input):
                 raise LoRAFileError(f"{source}: {name}.dora_scale is {tuple(dora.shape)}; expected [out, 1(, 1, 1)] "
-                                    f"(LyCORIS' default wd_on_out=True)")
+                                    f"(LyCORIS' default wd_on_out=True) or [1, in(, 1, 1)] (wd_on_out=False)")
             weights.dora_scale = dora
         weights.alpha = alpha_value or float(weights.rank)  # kohya: alpha 0 means alpha = rank
         modules[name] = weights

@@ -4,13 +4,16 @@ its update per block, and which loaders read it.
     lora-diffusion inspect my_lora.safetensors [--modules] [--json]
 
 The per-block numbers are Frobenius norms of the updates alpha/rank * up @ down (computed from the factors,
-without forming full matrices), summed in quadrature over the modules of the block.
+without forming full matrices), summed in quadrature over the modules of the block; iA3 and GLoRA modules, whose
+update is a function of the base weight (not in the file), have no norm here (None in --json).
 """
 
 import json
 import re
 from collections import Counter
 from dataclasses import replace
+
+from lora_diffusion.core.adapters import ALGORITHMS
 
 from .model_files import factored_svd, is_sdxl_lora, module_delta, read_loras
 
@@ -85,11 +88,15 @@ def inspect_lora(path):
             _, s, _ = factored_svd(w.up.flatten(1), w.down.flatten(1))
             norm = float(s.square().sum().sqrt()) * w.alpha / w.rank
             shape = [w.up.shape[0], *w.down.shape[1:]]
-        else:  # LoHa/LoKr: the norm of the full update (DoRA: of its direction update, without the base weight)
+        elif not ALGORITHMS[w.algo].delta_depends_on_base:
+            # LoHa/LoKr/norm: the norm of the full update (DoRA: of its direction update, without the base weight)
             delta = module_delta(replace(w, dora_scale=None))
             norm, shape = float(delta.norm()), list(delta.shape)
+        else:  # iA3, GLoRA: the update is a function of the base weight, which a LoRA file does not hold
+            norm, shape = None, None
         rows[name] = {"rank": w.rank, "alpha": w.alpha, "algorithm": algorithm_of(w), "norm": norm, "shape": shape}
-        blocks[block_of(name)] = blocks.get(block_of(name), 0.0) + norm ** 2
+        if norm is not None:
+            blocks[block_of(name)] = blocks.get(block_of(name), 0.0) + norm ** 2
     try:
         tags = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except json.JSONDecodeError:
@@ -125,7 +132,8 @@ def format_report(info, show_modules=False, top_tags=20):
     lines += [f"  {block:24s} {norm:10.4f}" for block, norm in info["blocks"].items()]
     if show_modules:
         lines.append("modules:")
-        lines += [f"  {n:80s} {r['algorithm']:5s} rank {r['rank']:3d} alpha {r['alpha']:g} norm {r['norm']:.4f}"
+        lines += [f"  {n:80s} {r['algorithm']:5s} rank {r['rank']:3d} alpha {r['alpha']:g} norm "
+                  + ("(depends on the base weight)" if r["norm"] is None else f"{r['norm']:.4f}")
                   for n, r in info["modules"].items()]
     if info["embeddings"]:
         lines.append(f"bundled embeddings: {', '.join(info['embeddings'])}")

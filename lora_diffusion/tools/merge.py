@@ -7,31 +7,36 @@
 
 SD1.x, SD2.x and SDXL (a U-Net named by kohya's SGM paths or by diffusers', both text encoders lora_te1/lora_te2).
 
-Into a model: W' = W + sum(ratio * alpha/rank * up @ down) (LoHa/LoKr: their products; DoRA: LyCORIS' formula on
-the weight merged so far, with the ratio as its multiplier), computed in fp32 one weight at a time and cast to
+Into a model: W' = W + sum(ratio * alpha/rank * up @ down), each module's update computed by its algorithm
+(adapters.ALGORITHMS: LoHa/LoKr their products, iA3 W * w, GLoRA W @ a1 @ a2 + b1 @ b2 on the weight merged so far,
+norm layers w_norm and b_norm into the weight and bias; DoRA: LyCORIS' formula on the weight merged so far, with
+the ratio as its multiplier), computed in fp32 one weight at a time and cast to
 --precision; only one tensor of the model is in memory at once. LoRA + LoRA: the ranks are concatenated (exact:
 the result's update is the sum of the updates), or with --rank the sum is reduced by SVD to its best rank-r
-approximation per module.
+approximation per module. LoRA + LoRA and --rank take plain LoRA/LoCon files only: the other algorithms' updates
+are no up @ down pair (iA3, GLoRA and DoRA depend on the base weight), so they are refused with that reason.
 """
 
 import warnings
-from dataclasses import replace
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from lora_diffusion.core import adapters
 from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileWarning, network_metadata, write_lora_file
 
 from .model_files import (
     ModelToolError,
     addressable_weights,
     bundled_embedding_tensors,
+    check_module_fits,
     check_output,
     factored_svd,
     fit,
     is_sdxl_lora,
     lora_file_tensors,
+    module_bias_delta,
     module_delta,
     open_model,
     precision,
@@ -60,41 +65,43 @@ def merge_into_model(model_path, loras, output, *, dtype=None, config_dir=None, 
             raise ModelToolError(f"{path}: {len(unplaced)} module(s) match no weight of {model.describe()} "
                                  f"(e.g. {', '.join(unplaced[:3])}); a LoRA for another model family?")
         for name, w in modules.items():
-            shape = model.entries[weights[name]][0]
-            out, flat_in = update_shape(w)
-            if flat_in * out != torch.Size(shape).numel() or out != shape[0]:
-                raise ModelToolError(f"{path}: module {name} is [out {out}, in {flat_in}] but the base weight is "
-                                     f"{tuple(shape)}; a LoRA for another model family?")
-            updates.setdefault(weights[name], []).append((name, ratio, w, path))
+            part, key = weights[name]
+            check_module_fits(w, model.entries[(part, key)][0], name, path)
+            updates.setdefault((part, key), []).append((name, ratio, w, path, module_delta))
+            bias = (part, key.removesuffix(".weight") + ".bias")
+            if module_bias_delta(w) is not None:  # norm layers: b_norm goes into the bias
+                if bias not in model.entries:
+                    raise ModelToolError(f"{path}: module {name} has b_norm but {model.describe()} has no {bias[1]}")
+                updates.setdefault(bias, []).append((name, ratio, w, path, bias_delta))
 
     def get(part, key):
         tensor = model.read(part, key)
         if (part, key) not in updates:
             return tensor
         merged = tensor.float()
-        for name, ratio, w, path in updates[(part, key)]:
-            merged += fit(module_delta(w, base=merged, multiplier=ratio), merged.shape, name, path)
+        for name, ratio, w, path, delta in updates[(part, key)]:
+            merged += fit(delta(w, base=merged, multiplier=ratio), merged.shape, name, path)
         return merged
 
     write_model(output, model, get, dtype, keep_extras=True)
     return {updates_list[0][0]: len(updates_list) for updates_list in updates.values()}
 
 
-def update_shape(w):
-    """(out, in * kh * kw) of a file module's update, from its tensors' shapes (LoHa/LoKr: a meta-device product)."""
-    if w.algo == "lora":
-        return w.up.shape[0], w.down.flatten(1).shape[1]
-    meta = replace(w, tensors={k: v.to("meta") for k, v in w.tensors.items()}, dora_scale=None)
-    delta = module_delta(meta)
-    return delta.shape[0], delta.shape[1]
+def bias_delta(w, base, multiplier):
+    return module_bias_delta(w, multiplier)
 
 
 def only_plain_lora(files, what):
+    """Refuse files with modules that are no up @ down pair (adapters' lowrank_file: LoRA/LoCon; DyLoRA files are
+    LoRA files): LoHa, LoKr, iA3, GLoRA, norm layers and DoRA. Their updates are no low-rank product that SVD
+    or concatenating ranks could keep in a LoRA file (iA3, GLoRA and DoRA depend on the base weight itself)."""
     for path, _, modules, _ in files:
-        other = sorted({w.kind for w in modules.values()} - {"LoRA", "LoCon"})
+        other = sorted({w.kind for w in modules.values()
+                        if not adapters.ALGORITHMS[w.algo].lowrank_file or w.dora_scale is not None})
         if other:
             raise ModelToolError(f"{path} holds {', '.join(other)} modules; {what} works on plain LoRA/LoCon files "
-                                 f"only (merge them into a model with --model instead)")
+                                 f"only (their updates are no up @ down pair; merge them into a model with --model "
+                                 f"instead)")
 
 
 def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16, overwrite=False,

@@ -16,11 +16,14 @@ import os
 import re
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from lora_diffusion.core import adapters
+from lora_diffusion.core.adapters.base import dora_merged
 from lora_diffusion.core.targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -427,28 +430,44 @@ def is_sdxl_lora(modules, metadata):
 
 
 def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-    """The update of one file module as an fp32 matrix [out, in * kh * kw] (reshape it to the base weight's shape),
-    times `multiplier`: (alpha / rank) * up @ down for LoRA (a kxk down followed by a 1x1 up is one kxk conv whose
-    weight is this product), LyCORIS' Hadamard / Kronecker products for LoHa / LoKr, as the layers compute them.
-    DoRA's update depends on the base weight (and not linearly on the multiplier): pass `base`."""
-    if weights.algo == "lora":
-        delta = weights.up.float().flatten(1) @ weights.down.float().flatten(1)
-    else:
-        from lora_diffusion.core.adapters import kron_product, loha_product
-        delta = (loha_product if weights.algo == "loha" else kron_product)(weights.tensors)
-    delta = delta.reshape(delta.shape[0], -1) * weights.scale
+    """The update of one file module's base weight as an fp32 matrix [out, in * kh * kw] (reshape it to the base
+    weight's shape), times `multiplier`, computed by the module's algorithm (adapters.ALGORITHMS: each knows its
+    update, file_delta). iA3's and GLoRA's update is a function of the base weight, and DoRA's too (and not linear
+    in the multiplier): pass `base` for them."""
+    cls = adapters.ALGORITHMS[weights.algo]
+    if base is None and (cls.delta_depends_on_base or weights.dora_scale is not None):
+        what = "a DoRA" if weights.dora_scale is not None else f"an {cls.label}" if cls.label[0] in "iA" else \
+            f"a {cls.label}"
+        raise ModelToolError(f"{what} module's update depends on the base weight; module_delta needs `base`")
+    delta = cls.file_delta(weights.module_tensors, weights.scale, base)
+    delta = delta.reshape(delta.shape[0], -1)
     if weights.dora_scale is None:
         return delta * multiplier
-    if base is None:
-        raise ModelToolError("a DoRA module's update depends on the base weight; module_delta needs `base`")
-    # LyCORIS' formula, as AdapterLayer.dora_weight
-    weight = base.float().reshape(base.shape[0], -1)
-    merged = weight + delta
-    scale = weights.dora_scale.float().reshape(-1, 1) / (merged.norm(dim=1, keepdim=True)
-                                                         + torch.finfo(torch.float32).eps)
-    if multiplier != 1:
-        scale = multiplier * (scale - 1) + 1
-    return merged * scale - weight
+    weight = base.float()
+    return (dora_merged(weight, delta, weights.dora_scale, multiplier) - weight).reshape(delta.shape)
+
+
+def module_bias_delta(weights: ModuleWeights, multiplier: float = 1.0) -> torch.Tensor | None:
+    """The update of the base module's bias (norm layers: b_norm), times `multiplier`; None for the others."""
+    delta = adapters.ALGORITHMS[weights.algo].file_bias_delta(weights.module_tensors)
+    return None if delta is None else delta * multiplier
+
+
+def check_module_fits(weights: ModuleWeights, shape, name, source):
+    """ModelToolError unless the file module's update fits a base weight of `shape` (computed on the meta device:
+    no arithmetic)."""
+    meta = replace(weights, down=None if weights.down is None else weights.down.to("meta"),
+                   up=None if weights.up is None else weights.up.to("meta"),
+                   tensors={k: v if v.dim() == 0 else v.to("meta") for k, v in weights.tensors.items()},
+                   dora_scale=None if weights.dora_scale is None else weights.dora_scale.to("meta"))
+    try:
+        delta = module_delta(meta, base=torch.empty(shape, device="meta"))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ModelToolError(f"{source}: module {name} ({weights.kind}) does not fit the base weight "
+                             f"{tuple(shape)} ({e}); a LoRA for another model family?") from None
+    if delta.shape[0] != shape[0] or delta.numel() != math.prod(shape):
+        raise ModelToolError(f"{source}: module {name} is [out {delta.shape[0]}, in {delta.shape[1]}] but the base "
+                             f"weight is {tuple(shape)}; a LoRA for another model family?")
 
 
 def fit(delta, shape, name, source):

@@ -16,7 +16,18 @@ only, so a new algorithm is one module and one line below.
     norm   trained norm layers (LyCORIS train_norm=True)          norm.py (beside any algo=, not one itself)
 """
 
-from .base import AdapterLayer, TensorLayer, freeze_base, in_dtype_of, kaiming, row_norms, tucker
+from .base import (
+    AdapterLayer,
+    TensorLayer,
+    column_norms,
+    dora_merged,
+    dora_on_input,
+    freeze_base,
+    in_dtype_of,
+    kaiming,
+    row_norms,
+    tucker,
+)
 from .dylora import DyLoRALayer
 from .glora import GLoRALayer
 from .ia3 import IA3Layer
@@ -56,4 +67,4 @@ __all__ = ["ALGORITHMS", "AdapterLayer", "DyLoRALayer", "GLoRALayer", "IA3Layer"
            "LoRALayer", "NormLayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base",
            # the algorithms' shared math
            "check_factor", "factorization", "in_dtype_of", "kaiming", "kron_product", "loha_product", "lokr_rank",
-           "row_norms", "tucker"]
+           "row_norms", "tucker", "column_norms", "dora_merged", "dora_on_input"]

@@ -173,12 +173,7 @@ class AdapterLayer(nn.Module):
         """LyCORIS' DoRA weight (wd_on_out): W' = (W + dW) * (multiplier * (m / |W + dW| - 1) + 1), the norm taken
         per output row, m = dora_scale, dW = delta_weight() (multiplier NOT applied to it). At multiplier 1 this
         is m * (W + dW) / |W + dW|; at 0 it is W + dW, as in LyCORIS (ComfyUI instead blends W + s * (W' - W))."""
-        weight = self.base.weight.float() + self.training_delta()
-        norm = row_norms(weight) + torch.finfo(torch.float32).eps
-        scale = self.dora_scale.float() / norm
-        if multiplier != 1:
-            scale = multiplier * (scale - 1) + 1
-        return weight * scale
+        return dora_merged(self.base.weight.float(), self.training_delta(), self.dora_scale, multiplier)
 
     # -- merging into the base weight ------------------------------------------------------------------------
 
@@ -247,6 +242,23 @@ class AdapterLayer(nn.Module):
         """Copy a file module's tensors into this layer; LoRAFileError when they do not fit it."""
         raise NotImplementedError
 
+    @classmethod
+    def file_delta(cls, tensors: dict[str, torch.Tensor], scale: float,
+                   base: torch.Tensor | None = None) -> torch.Tensor:
+        """The update of the base weight that a file module of this algorithm makes at multiplier 1 (DoRA not
+        applied: see dora_merged), in fp32, as [out, ...] (reshape it to the base weight's shape). `scale` is the
+        file's (ModuleWeights.scale); `base` the base weight, needed where `delta_depends_on_base` (iA3, GLoRA).
+        The model tools (merge, inspect) compute every module's update through this."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_bias_delta(cls, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The update of the base module's bias, for an algorithm that changes it (norm layers), else None."""
+        return None
+
+    # LoRA + LoRA merges and resize work on up @ down factors: the algorithms whose file modules are such a pair
+    lowrank_file = False
+
     def file_tensors(self, dtype: torch.dtype, file_alpha: float) -> dict[str, torch.Tensor]:
         """This layer's tensors under its file keys (alpha included where the algorithm has one; not dora_scale,
         which LoRANetwork adds for every algorithm). `file_alpha` is the network's (see LoRALayer)."""
@@ -290,6 +302,19 @@ class TensorLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.with_scalar(self._raw_delta().reshape(self.base.weight.shape) * self.scaling)
+
+    @staticmethod
+    def product(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The algorithm's update from its named tensors, unscaled (LoHa: loha_product, LoKr: kron_product)."""
+        raise NotImplementedError
+
+    def _raw_delta(self) -> torch.Tensor:
+        return self.product(self._tensors())
+
+    @classmethod
+    def file_delta(cls, tensors, scale, base=None):
+        delta = cls.product(tensors)
+        return delta.reshape(delta.shape[0], -1) * scale
 
     def scalar_key(self) -> str | None:
         """The file key that use_scalar's scalar is folded into (LyCORIS' choice per algorithm)."""
@@ -389,6 +414,36 @@ def freeze_base(model: nn.Module) -> nn.Module:
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each output row, shaped [out, 1(, 1, 1)] (LyCORIS' dora_scale with wd_on_out=True)."""
     return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+
+
+def dora_on_input(dora_scale: torch.Tensor, weight_shape) -> bool:
+    """Whether a dora_scale is LyCORIS' wd_on_out=False kind, [1, in(, 1, 1)]: the norm per input column (over the
+    output rows and kernel), which is what ComfyUI's weight_decompose computes; else it is [out, 1(, 1, 1)], the
+    norm per output row (LyCORIS' default wd_on_out=True, peft's and the DoRA authors' magnitude)."""
+    return len(weight_shape) >= 2 and weight_shape[0] != 1 and dora_scale.dim() >= 2 and dora_scale.shape[0] == 1 \
+        and dora_scale.numel() == weight_shape[1]
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each input column (over the output rows and the kernel), shaped [1, in(, 1, 1)]."""
+    norms = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return norms.reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
+def dora_merged(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor,
+                multiplier: float = 1.0) -> torch.Tensor:
+    """DoRA, the variant every algorithm can take (LyCORIS' weight decomposition): the merged weight
+    W' = (W + dW) * (multiplier * (m / |W + dW| - 1) + 1), m = dora_scale, dW the algorithm's update at multiplier
+    1. The norm is taken along the axis dora_scale has (see dora_on_input): per output row for [out, 1(, 1, 1)], the
+    files this library writes, per input column for [1, in(, 1, 1)]. At multiplier 1 this is m * (W + dW) / |W + dW|
+    (LyCORIS, ComfyUI and this library agree); at 0 it is W + dW, as in LyCORIS (ComfyUI blends
+    W + s * (W' - W) instead)."""
+    merged = weight + delta.reshape(weight.shape)
+    norms = column_norms(merged) if dora_on_input(dora_scale, weight.shape) else row_norms(merged)
+    scale = dora_scale.float().reshape(norms.shape) / (norms + torch.finfo(torch.float32).eps)
+    if multiplier != 1:
+        scale = multiplier * (scale - 1) + 1
+    return merged * scale
 
 
 def _refresh_alpha(layer: AdapterLayer, incompatible_keys):

@@ -71,14 +71,14 @@ class GLoRALayer(TensorLayer):
         return {f"{name}.weight": getattr(self, name).weight for name in self.FACTORS}
 
     def delta_weight(self) -> torch.Tensor:
-        weight = self.base.weight.float()
-        out_dim, in_dim = weight.shape[:2]
-        a1 = self.a1.weight.float().reshape(in_dim, self.rank)
-        a2 = self.a2.weight.float().reshape(self.rank, in_dim)
-        # W @ a1 @ a2 on the input-channel axis (a conv keeps its kernel axes)
-        wa = torch.einsum("oi...,ij->oj...", weight, a1 @ a2)
-        wb = (self.b1.weight.float().reshape(out_dim, self.rank) @ self.b2.weight.float().reshape(self.rank, -1))
-        return (wa + wb.reshape(weight.shape)) * self.scaling
+        return glora_delta(self.base.weight, self._tensors()) * self.scaling
+
+    @classmethod
+    def file_delta(cls, tensors, scale, base=None):
+        if base is None:
+            raise ValueError("a GLoRA module's update W @ a1 @ a2 + b1 @ b2 needs the base weight W")
+        delta = glora_delta(base, tensors) * scale
+        return delta.reshape(delta.shape[0], -1)
 
     def training_delta(self) -> torch.Tensor:
         return self.delta_weight()
@@ -107,3 +107,16 @@ class GLoRALayer(TensorLayer):
     @classmethod
     def file_rank(cls, tensors):
         return tensors["a2.weight"].shape[0]
+
+
+def glora_delta(base: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """W @ a1 @ a2 + b1 @ b2 in fp32, unscaled, shaped like W (a1 @ a2 acts on W's input channels; a conv keeps its
+    kernel axes)."""
+    weight = base.float()
+    out_dim, in_dim = weight.shape[:2]
+    rank = tensors["a2.weight"].shape[0]
+    a1 = tensors["a1.weight"].float().reshape(in_dim, rank)
+    a2 = tensors["a2.weight"].float().reshape(rank, in_dim)
+    wa = torch.einsum("oi...,ij->oj...", weight, a1 @ a2)
+    wb = tensors["b1.weight"].float().reshape(out_dim, rank) @ tensors["b2.weight"].float().reshape(rank, -1)
+    return wa + wb.reshape(weight.shape)

@@ -57,10 +57,14 @@ class IA3Layer(Unscaled, TensorLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """W * w along the input or output axis, in fp32 (multiplier not applied)."""
-        weight = self.base.weight.float()
-        axis = [1] * weight.dim()
-        axis[1 if self.train_on_input else 0] = -1
-        return weight * self.weight.float().reshape(axis)
+        return ia3_delta(self.base.weight, self.weight, self.train_on_input)
+
+    @classmethod
+    def file_delta(cls, tensors, scale, base=None):
+        if base is None:
+            raise ValueError("an iA3 module's update is a scale of the base weight: its delta needs the base weight")
+        delta = ia3_delta(base, tensors["weight"], bool(float(tensors["on_input"])))
+        return delta.reshape(delta.shape[0], -1)
 
     def training_delta(self) -> torch.Tensor:
         return self.delta_weight()
@@ -92,3 +96,11 @@ class IA3Layer(Unscaled, TensorLayer):
                                 f"module has {shapes(self._tensors())} (on_input={int(self.train_on_input)})")
         with torch.no_grad():
             self.weight.copy_(weights.tensors["weight"])
+
+
+def ia3_delta(base: torch.Tensor, weight: torch.Tensor, on_input: bool) -> torch.Tensor:
+    """W * w, w broadcast along W's input columns (`on_input`) or output rows, in fp32."""
+    base = base.float()
+    axis = [1] * base.dim()
+    axis[1 if on_input else 0] = -1
+    return base * weight.float().reshape(axis)

@@ -58,8 +58,9 @@ class LoHaLayer(TensorLayer):
     def scalar_key(self):
         return "hada_w1_a"
 
-    def _raw_delta(self) -> torch.Tensor:
-        return loha_product(self._tensors())
+    @staticmethod
+    def product(tensors):
+        return loha_product(tensors)
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):

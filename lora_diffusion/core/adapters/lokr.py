@@ -100,8 +100,9 @@ class LoKrLayer(TensorLayer):
     def scalar_key(self):
         return "lokr_w1" if self.lokr_w1 is not None else "lokr_w1_a"
 
-    def _raw_delta(self) -> torch.Tensor:
-        return kron_product(self._tensors())
+    @staticmethod
+    def product(tensors):
+        return kron_product(tensors)
 
     @classmethod
     def check_file_tensors(cls, name, tensors, source):

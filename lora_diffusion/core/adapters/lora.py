@@ -127,6 +127,14 @@ class LoRALayer(AdapterLayer):
     def from_file(cls, base, weights, *, multiplier, source):
         return cls(base, weights.rank, weights.alpha, multiplier=multiplier, dora_wd=weights.dora_scale is not None)
 
+    lowrank_file = True
+
+    @classmethod
+    def file_delta(cls, tensors, scale, base=None):
+        """scale * up @ down (a kxk down followed by a 1x1 up is one kxk conv whose weight is this product)."""
+        delta = tensors["lora_up.weight"].float().flatten(1) @ tensors["lora_down.weight"].float().flatten(1)
+        return delta * scale
+
     def load_file(self, weights, source):
         """The file's alpha is folded into lora_up when this layer's differs (the product is what counts)."""
         down = fit_shape(weights.down, self.lora_down.weight.shape)

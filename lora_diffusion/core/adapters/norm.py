@@ -67,6 +67,14 @@ class NormLayer(Unscaled, TensorLayer):
     def max_norm_factors(self):
         return None  # LyCORIS' norm modules have no max norm
 
+    @classmethod
+    def file_delta(cls, tensors, scale, base=None):
+        return tensors["w_norm"].float().reshape(-1, 1)
+
+    @classmethod
+    def file_bias_delta(cls, tensors):
+        return tensors["b_norm"].float() if "b_norm" in tensors else None
+
     @torch.no_grad()
     def merge(self):
         if self.merged:
