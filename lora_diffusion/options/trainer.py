@@ -112,8 +112,8 @@ DATA = group(
            "(ours always do when there are workers)"),
     Option("dataset_class", str, None, "kohya's own Python dataset class", refused="a Python dataset class is "
            "kohya's code; use a --dataset_config instead"),
-    Option("weighted_captions", SWITCH, False, "(word:1.2) weights in captions", refused="weighted captions are "
-           "not implemented yet"),
+    Option("weighted_captions", SWITCH, False, "the web UIs' emphasis in captions: (word:1.2), (word) = x1.1, "
+           "[word] = /1.1, as weights on those tokens' text-encoder states (each caption's mean kept, as kohya)"),
 )
 
 NETWORK = group(

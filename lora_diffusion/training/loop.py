@@ -214,7 +214,7 @@ def text_conditioning(run: Run, batch):
         grad = torch.is_grad_enabled() and (run.train_text_encoder or (run.embedding is not None and
                                                                        run.embedding.trainable))
         encode = caption_encoder(models, run.network.expand_prompt, clip_skip=args.clip_skip,
-                                 max_token_length=args.max_token_length)
+                                 max_token_length=args.max_token_length, weighted=args.weighted_captions)
         with torch.set_grad_enabled(grad), run.accelerator.autocast():
             encoded = encode(batch["captions"])
     time_ids = family.time_ids(batch, device=device, dtype=run.weight_dtype)

@@ -110,6 +110,9 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         if args.token_string:  # first: the advice below would not help here
             bad("--cache_text_encoder_outputs and --token_string exclude each other (the new token's embedding "
                 "trains inside the text encoder); drop --cache_text_encoder_outputs")
+        if args.weighted_captions:
+            bad("--cache_text_encoder_outputs and --weighted_captions exclude each other (the cache holds "
+                "unweighted states); drop one")
         if not args.network_train_unet_only and args.text_encoder_lr != 0:
             bad("--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only (kohya's "
                 "recommendation for SDXL)")

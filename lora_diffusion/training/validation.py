@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lora_diffusion.models.family import ModelFamily, family_named
+from lora_diffusion.models.prompt_weights import apply_token_weights, parse_weights, plain_text, token_weights
 from lora_diffusion.models.sampling import draw
 
 TIMESTEP_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -166,14 +167,22 @@ def generate_for_prompts(run, prompts, seeds, size, steps=20, guidance=5.0):
     return [images[s * len(prompts) + p] for p in range(len(prompts)) for s in range(seeds)]
 
 
-def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=None):
+def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=None, weighted=False):
     """captions -> the family's encoded text (SDXL: the states and the pooled embedding), new tokens expanded by
-    `expand_prompt`."""
+    `expand_prompt`; `weighted` (--weighted_captions): `(word:1.3)` weights on the states of those tokens."""
     family = models.family
 
     def encode(captions):
-        return family.encode_prompts(models, [expand_prompt(c) for c in captions], clip_skip=clip_skip,
-                                     max_token_length=max_token_length)
+        if not weighted:
+            return family.encode_prompts(models, [expand_prompt(c) for c in captions], clip_skip=clip_skip,
+                                         max_token_length=max_token_length)
+        fragments = [[(expand_prompt(text), weight) for text, weight in parse_weights(c)] for c in captions]
+        encoded = family.encode_prompts(models, [plain_text(f) for f in fragments], clip_skip=clip_skip,
+                                        max_token_length=max_token_length)
+        states = encoded[0] if isinstance(encoded, tuple) else encoded  # SDXL: the pooled embedding stays
+        weights = token_weights(models.tokenizer, fragments, states.shape[1])
+        states = apply_token_weights(states, weights)
+        return (states, *encoded[1:]) if isinstance(encoded, tuple) else states
 
     return encode
 
@@ -190,7 +199,7 @@ def validate(run, state, epoch):
         if validation.images is not None:
             text_device = next(models.text_encoder.parameters()).device
             encode = caption_encoder(models, run.network.expand_prompt, clip_skip=args.clip_skip,
-                                     max_token_length=args.max_token_length)
+                                     max_token_length=args.max_token_length, weighted=args.weighted_captions)
             with torch.no_grad():
                 for encoder in encoders:
                     encoder.to(run.device)
