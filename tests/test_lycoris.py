@@ -357,3 +357,26 @@ def test_loha_merge_on_a_geglu_shaped_module(alpha):
     theirs.merge_to(1.0)
     lycoris_merged = base.weight.detach().clone()
     torch.testing.assert_close(lycoris_merged - original, formula * (alpha / 8), rtol=1e-5, atol=1e-6)
+
+
+def test_wd_on_output_false_from_the_command_line_writes_per_input_dora_scales(tmp_path):
+    """--network_args wd_on_output=False reaches create_network: ComfyUI's DoRA convention, a magnitude per input
+    column ([1, in] for a Linear), where the default is LyCORIS' per output row ([out, 1])."""
+    from safetensors.torch import load_file
+
+    import train_lora
+    from test_train import base_flags, make_dataset
+
+    data = make_dataset(tmp_path)
+    shapes = {}
+    for name, extra in (("out", []), ("in", ["wd_on_output=False"])):
+        argv = base_flags(tmp_path / name, data, max_train_steps=1, network_module="lycoris.kohya",
+                          network_args=["algo=lora", "dora_wd=True", *extra])
+        assert train_lora.main(argv) == 0
+        tensors = load_file(str(tmp_path / name / "out" / "t.safetensors"))
+        key = next(k for k in tensors if k.endswith("attn1_to_q.dora_scale"))
+        down = tensors[key.replace("dora_scale", "lora_down.weight")]
+        up = tensors[key.replace("dora_scale", "lora_up.weight")]
+        shapes[name] = (tuple(tensors[key].shape), up.shape[0], down.shape[1])
+    assert shapes["out"][0] == (shapes["out"][1], 1)
+    assert shapes["in"][0] == (1, shapes["in"][2])

@@ -40,6 +40,7 @@ NETWORK_ARGS = {a.key: a for a in [
     NetworkArg("algo", "algo", str, LYCORIS),
     NetworkArg("preset", "preset", str, LYCORIS, "full"),
     NetworkArg("dora_wd", "dora_wd", bool, LYCORIS, False),
+    NetworkArg("wd_on_output", "wd_on_output", bool, LYCORIS, True),  # False: DoRA's magnitude per input (ComfyUI)
     NetworkArg("use_tucker", "use_tucker", bool, LYCORIS, False),
     NetworkArg("use_cp", "use_tucker", bool, LYCORIS, False),
     NetworkArg("factor", "factor", int, LYCORIS, -1),
