@@ -212,8 +212,10 @@ TRAINING = group(
     Option("sdpa", SWITCH, False, "PyTorch's scaled dot-product attention (our default anyway)"),
     Option("mem_eff_attn", SWITCH, False, "kohya's memory-efficient attention: PyTorch SDPA here (which picks its "
            "memory-efficient kernel)"),
-    Option("torch_compile", SWITCH, False, "torch.compile the U-Net", refused=LATER),
-    Option("dynamo_backend", str, "inductor", "the torch.compile backend"),
+    Option("torch_compile", SWITCH, False, "torch.compile the U-Net with its LoRA layers (the first steps and each "
+           "new shape compile first)"),
+    Option("dynamo_backend", str, "inductor", "the torch.compile backend (inductor; eager or aot_eager to check "
+           "tracing without compiling)"),
     Option("noise_offset", float, 0.0, "add a per-channel constant to the noise (dark/bright images)", metadata=True),
     Option("noise_offset_random_strength", SWITCH, False, "draw the offset's strength in [0, noise_offset] per "
            "sample"),

@@ -621,6 +621,8 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             encoder.train(train_text_encoder)
         unet.train()  # diffusers and transformers only checkpoint in training mode; dropout is 0 in SD
+    if args.torch_compile:  # kohya's: the U-Net, LoRA layers included, through torch.compile
+        models.unet = torch.compile(unet, backend=args.dynamo_backend)
     return network, embedding, embedding_steps
 
 
