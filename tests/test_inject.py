@@ -84,7 +84,24 @@ def test_file_from_create_network_loads_into_injected_model(tmp_path, tiny_unet)
     # inject covers attention + GEGLU, not proj_in/proj_out/ff.net.2: only those modules' deltas are missing
     assert (actual - expected).abs().max() > 0
     network_inj = lora_network(tiny_unet)
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in network_inj.layers()
+    injected = network_inj.layers()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in injected
+    # each injected pair is the file's pair (alpha = rank: scale 1), read here with safetensors itself
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "c.safetensors"))
+    for name, layer in injected.items():
+        assert torch.equal(layer.lora_up.weight, tensors[f"{name}.lora_up.weight"].to(layer.lora_up.weight.dtype))
+        assert torch.equal(layer.lora_down.weight, tensors[f"{name}.lora_down.weight"].to(layer.lora_up.weight.dtype))
+    # and the model's output is the full network's with the modules inject does not cover left out
+    remove_lora(tiny_unet)
+    partial = create_network(tiny_unet, None, rank=4, alpha=4)
+    partial.load_weights(tmp_path / "c.safetensors")
+    with torch.no_grad():
+        for name, layer in partial.layers().items():
+            if name not in injected:
+                layer.lora_up.weight.zero_()
+        assert torch.allclose(tiny_unet(x, t, c).sample, actual, atol=1e-5)
 
 
 def test_nothing_matched_is_a_clear_error():

@@ -270,14 +270,25 @@ def one_step(optimizer, params):
     optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("name", ["AdamW", "adamw8bit", "Lion8bit", "PagedAdamW8bit", "SGDNesterov",
-                                  "Adafactor", "torch.optim.RMSprop"])
-def test_each_optimizer_steps(name):
+@pytest.mark.parametrize("name, cls", [("AdamW", "torch.optim.AdamW"), ("adamw8bit", "bitsandbytes.optim.AdamW8bit"),
+                                       ("Lion8bit", "bitsandbytes.optim.Lion8bit"),
+                                       ("PagedAdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"),
+                                       ("SGDNesterov", "torch.optim.SGD"),
+                                       ("Adafactor", "transformers.optimization.Adafactor"),
+                                       ("torch.optim.RMSprop", "torch.optim.RMSprop")])
+def test_each_optimizer_steps(name, cls):
+    import importlib
+
+    module, _, attr = cls.rpartition(".")
+    expected_class = getattr(importlib.import_module(module), attr)
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 80)  # > 4096 weights: bitsandbytes uses its 8-bit state
     before = model.weight.detach().clone()
     groups = [{"params": [model.weight], "lr": 1e-2}, {"params": [model.bias], "lr": 1e-3}]
     optimizer = create_optimizer(name, groups, learning_rate=1e-2)
+    assert type(optimizer) is expected_class
+    if name != "Adafactor":  # Adafactor's default relative_step sets its own lr (test_sgd_nesterov_and_adafactor...)
+        assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-3]  # each group keeps its own rate
     one_step(optimizer, list(model.parameters()))
     assert not torch.equal(before, model.weight)
     assert torch.isfinite(model.weight).all()
