@@ -9,7 +9,7 @@ from PIL import Image
 
 import dataset
 from lora_diffusion import cli
-from lora_diffusion.tools import IMAGE_EXTENSIONS, ToolError
+from lora_diffusion.tools import IMAGE_EXTENSIONS, ToolError, list_images
 from lora_diffusion.tools.balance import apply_balance, plan_balance
 from lora_diffusion.tools.caption_sets import build_caption_sets
 from lora_diffusion.tools.excise import excise_captions
@@ -26,8 +26,20 @@ def image(path, color=(10, 20, 30)):
     Image.new("RGB", (16, 16), color).save(path)
 
 
-def test_image_extensions_agree_with_dataset():
-    assert IMAGE_EXTENSIONS == dataset.IMAGE_EXTENSIONS
+def test_the_tools_and_the_dataset_see_the_same_images(tmp_path):
+    """One folder of real image files in the common formats (any case) and the files beside them that are no
+    images: the tools' listing and the dataset's scan find exactly the images, the set written here."""
+    folder = tmp_path / "data" / "1_x"
+    folder.mkdir(parents=True)
+    images = {"a.png": "PNG", "b.jpg": "JPEG", "c.jpeg": "JPEG", "d.webp": "WEBP", "e.bmp": "BMP", "F.PNG": "PNG",
+              "g.JPG": "JPEG", "h.tif": "TIFF", "i.gif": "GIF"}
+    for name, fmt in images.items():
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / name, format=fmt)
+    for name in ("a.txt", "b.caption", "c.json", "d.npz", "notes.md"):
+        (folder / name).write_text("x")
+    assert {p.name for p in list_images(folder)} == set(images)
+    assert {Path(e.path).name for e in dataset.LoRADataset(tmp_path / "data", resolution=64).entries} == set(images)
+    assert {f".{n.rsplit('.', 1)[1].lower()}" for n in images} <= IMAGE_EXTENSIONS
 
 
 # ---------------------------------------------------------------------------------------------- excise
