@@ -138,9 +138,9 @@ NETWORK = group(
     Option("base_weights", str, None, "LoRA files merged into the model for good before training (a new LoRA on "
            "top of them)", nargs="*"),
     Option("base_weights_multiplier", float, None, "their multipliers (missing ones: 1)", nargs="*"),
-    *[Option(name, SWITCH, False, f"store the frozen {part} weights in float8 (upcast per layer)",
-             refused="float8 storage of the base weights is not implemented yet")
-      for name, part in (("fp8_base", "base"), ("fp8_base_unet", "U-Net"))],
+    *[Option(name, SWITCH, False, f"store the frozen {part} Linear / Conv2d weights in float8 e4m3 (upcast "
+             "per layer to the compute dtype)")
+      for name, part in (("fp8_base", "U-Net and text encoder"), ("fp8_base_unet", "U-Net"))],
 )
 
 PIVOTAL = group(

@@ -584,6 +584,13 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
 
         merge_base_weights(args.base_weights, unet, models.text_encoders, args.base_weights_multiplier)
         accelerator.print(f"merged into the model: {', '.join(args.base_weights)}")
+    if args.fp8_base or args.fp8_base_unet:  # kohya's: the frozen weights in float8, after any merge into them
+        from lora_diffusion.models.float8 import store_in_float8
+
+        stored = store_in_float8(unet, keep=("conv_in",))
+        if args.fp8_base:
+            stored += sum(store_in_float8(encoder) for encoder in models.text_encoder_list)
+        accelerator.print(f"--fp8_base{'' if args.fp8_base else '_unet'}: {stored} base layers stored in float8")
     if args.dim_from_weights:  # kohya's: every module with the rank and alpha it has in --network_weights
         from lora_diffusion.core.network import dim_from_weights
 
