@@ -18,6 +18,7 @@ are no up @ down pair (iA3, GLoRA and DoRA depend on the base weight), so they a
 """
 
 import warnings
+from dataclasses import replace
 
 import torch
 from safetensors import safe_open
@@ -102,6 +103,16 @@ def only_plain_lora(files, what):
             raise ModelToolError(f"{path} holds {', '.join(other)} modules; {what} works on plain LoRA/LoCon files "
                                  f"only (their updates are no up @ down pair; merge them into a model with --model "
                                  f"instead)")
+
+
+def update_shape(w):
+    """(out, in * kh * kw) of a file module's update from its tensors' shapes, for the algorithms whose update needs
+    no base weight (0.1.0's helper; merging checks a module against its base with model_files.check_module_fits)."""
+    if w.algo == "lora":
+        return w.up.shape[0], w.down.flatten(1).shape[1]
+    meta = replace(w, tensors={k: v if v.dim() == 0 else v.to("meta") for k, v in w.tensors.items()}, dora_scale=None)
+    delta = module_delta(meta)
+    return delta.shape[0], delta.shape[1]
 
 
 def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16, overwrite=False,
