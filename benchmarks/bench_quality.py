@@ -18,6 +18,12 @@ locon (conv_dim 16, conv_alpha 8), reg (locon with the regularization images, ko
 (locon with the regularization images learning the base model's prediction: --reg_target base_model), unet_only
 (no text-encoder LoRA), pivotal (captions say `sks` for the star: a new token whose 2 vectors train with the
 LoRA, textual inversion + LoRA).
+Configs (names for --variants, not in the default set): quickstart (examples/quickstart/config.toml, the README's
+main job, trained exactly as the README runs it: only the output folder moves; its files are judged at the epochs
+it saves, and --steps, --lr and --lr_scheduler do not apply), keep_prior (examples/quickstart/keep_prior.toml);
+--config PATH trains another TOML of flags in their place:
+    python benchmarks/bench_quality.py --variants quickstart --images 32 --threads 1
+Each training run's wall and CPU seconds are printed (on a busy machine the CPU seconds are the comparable figure).
 Equal wall-clock: each file's training time is recorded, so ours and diffusers are compared at equal steps and at
 the file closest to equal seconds.
 """
@@ -51,6 +57,10 @@ VARIANTS = {
                 "--embedding_lr", "5e-3"],
     "diffusers": None,
 }
+# The examples' configs, trained exactly as a user runs them (only the output folder moves): their files are judged
+# at the epochs the config saves; --steps, --lr and --lr_scheduler do not apply. --config replaces the TOML.
+CONFIGS = {"quickstart": ROOT / "examples" / "quickstart" / "config.toml",
+           "keep_prior": ROOT / "examples" / "quickstart" / "keep_prior.toml"}
 
 
 def make_data(root: Path, seed=0):
@@ -95,6 +105,13 @@ def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads, lr_sche
     return run_timed(cmd, out, threads)
 
 
+def train_config(name, config, out, threads):
+    """train_lora.py --config_file CONFIG as the README runs it, from the repository root, writing into `out`."""
+    cmd = [sys.executable, str(ROOT / "train_lora.py"), "--config_file", str(config), "--output_dir", str(out),
+           "--output_name", name, "--logging_dir", str(out / "logs"), "--overwrite"]
+    return run_timed(cmd, out, threads)
+
+
 def train_diffusers(train_dir, out, steps, lr, threads):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "diffusers_style_train.py"), "--pretrained_model_name_or_path",
            str(ROOT / "lora_diffusion" / "assets" / "mini"), "--train_data_dir", str(train_dir), "--resolution", "64",
@@ -105,10 +122,12 @@ def train_diffusers(train_dir, out, steps, lr, threads):
 
 
 def run_timed(cmd, out, threads):
-    """Run a trainer; return [(file, steps, seconds since start)] for the LoRA files it wrote, in order."""
+    """Run a trainer; return [(file, steps, seconds since start)] for the LoRA files it wrote, in order. The run's
+    wall and CPU seconds (user + system of the trainer and its children) are printed: on a busy machine the CPU
+    seconds are the comparable figure."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), LORA_DIFFUSION_THREADS=str(threads))
-    start = time.time()
+    start, cpu_start = time.time(), cpu_of_children()
     seen, files = {p for p in out.glob("*_emb.safetensors")}, []
     # the log is a file, not a pipe: an unread pipe fills up and stalls the trainer
     with open(out / "train.log", "w+") as log, common.child(cmd, cwd=ROOT, env=env, stdout=log,
@@ -125,20 +144,41 @@ def run_timed(cmd, out, threads):
         output = log.read()
     if process.returncode:
         raise SystemExit(f"{cmd[1]} failed:\n{output[-3000:]}")
+    RUN_TIMES[str(out)] = {"wall_s": round(time.time() - start, 1), "cpu_s": round(cpu_of_children() - cpu_start, 1)}
+    print(f"{out.name}: trained in {RUN_TIMES[str(out)]['wall_s']:.0f} s wall, "
+          f"{RUN_TIMES[str(out)]['cpu_s']:.0f} s CPU ({threads} thread(s))", flush=True)
     for path in sorted(out.glob("*.safetensors")):
         if path not in seen and not path.name.endswith("_emb.safetensors"):
             files.append([path, time.time() - start])
     rows = [(path, step_of(path), seconds) for path, seconds in files]
     last_step = max((step for _, step, _ in rows if step is not None), default=None)
-    # the final file repeats the last step's file when --steps is a multiple of the saving interval
+    # the final file repeats the last step's file when --steps is a multiple of the saving interval (ours say
+    # their step in the metadata: a later file of the same step is the same weights)
+    rows = [row for i, row in enumerate(rows) if row[1] is None or all(r[1] != row[1] for r in rows[:i])]
     return [row for row in rows if not (row[1] is None and last_step is not None and len(rows) > 1
                                         and any(r[1] == last_step for r in rows))] or rows
+
+
+RUN_TIMES = {}  # output folder -> the training run's wall and CPU seconds
+
+
+def cpu_of_children():
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def step_of(path):
     """The step in `<name>-step00000225` (ours) or `diffusers-000225` (the diffusers loop); None for a final file."""
     import re
 
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # ours write the step they were saved at (epoch files too)
+        steps = (f.metadata() or {}).get("ss_steps")
+    if steps is not None:
+        return int(steps)
     match = re.search(r"-(?:step)?0*(\d+)$", path.stem)
     return int(match[1]) if match else None
 
@@ -169,7 +209,9 @@ def evaluate(pipe, file, n):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"of {', '.join(VARIANTS)} (default: all of these), and the configs {', '.join(CONFIGS)}")
+    p.add_argument("--config", type=Path, help="a TOML of train_lora.py flags the config variants train instead")
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--lr", type=float, default=2e-3, help="U-Net lr (the text encoder's is half)")
     p.add_argument("--images", type=int, default=24, help="images per prompt set and file")
@@ -193,10 +235,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, reg_dir = make_data(Path(tmp))
         for name in args.variants.split(","):
-            if name not in VARIANTS:
-                raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+            if name not in VARIANTS and name not in CONFIGS:
+                raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join([*VARIANTS, *CONFIGS])}")
             out = Path(tmp) / name
-            if VARIANTS[name] is None:
+            if name in CONFIGS:
+                files = train_config(name, args.config or CONFIGS[name], out, args.threads)
+            elif VARIANTS[name] is None:
                 files = train_diffusers(train_dir, out, args.steps, args.lr, args.threads)
             else:
                 files = train_ours(name, VARIANTS[name], train_dir, reg_dir, out, args.steps, args.lr, args.threads,
@@ -207,6 +251,7 @@ def main(argv=None):
                 rows.append({"steps": step, "seconds": round(seconds, 1), **evaluate(pipe, path, args.images)})
                 print(f"{name} step {step} ({seconds:.0f}s):", rows[-1], flush=True)
             results[name] = rows
+            results.setdefault("run_times", {})[name] = RUN_TIMES.get(str(out))
             if args.grid and name == args.grid_variant:
                 write_grid(pipe, files[-1][0], args.grid)
     table = [["base", 0, 0, *fmt_row(results["base"])]]
@@ -214,6 +259,9 @@ def main(argv=None):
         table += [[name, r["steps"], r["seconds"], *fmt_row(r)] for r in results[name]]
     common.print_table("star LoRA on builtin:mini, judged (held-out colour pairs)",
                        ["variant", "steps", "train s", "star rate", "star all", "prior all", "prior shape"], table)
+    for name, times in results.get("run_times", {}).items():
+        if times:
+            print(f"{name}: training run {times['wall_s']:.0f} s wall, {times['cpu_s']:.0f} s CPU")
     if args.json:
         common.write_json(args.json, {"results": results, "settings": vars(args) | {"json": str(args.json)}})
 
