@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_diffusion.data.files import IMAGE_EXTENSIONS
+from lora_diffusion.data.files import is_image_file
 from lora_diffusion.formats.io import atomic_write
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -127,7 +127,7 @@ def find_images(paths, recursive=False) -> list:
         path = Path(spec).expanduser()
         if path.is_dir():
             pattern = path.rglob("*") if recursive else path.iterdir()
-            found += sorted((p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+            found += sorted((p for p in pattern if p.is_file() and is_image_file(p)),
                             key=lambda p: str(p))
         elif path.is_file():
             found.append(path)

@@ -7,7 +7,7 @@ that `lora_diffusion.cli` registers as a subcommand.
 import os
 from pathlib import Path
 
-from lora_diffusion.data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS
+from lora_diffusion.data.files import CONCEPT_FOLDER, IMAGE_EXTENSIONS, is_image_file  # noqa: F401
 from lora_diffusion.formats.io import (
     build_folder_atomically,  # the tools write their output folders through it (io.replace_folder)
 )
@@ -22,7 +22,7 @@ class ToolError(ValueError):
 def list_images(folder) -> list:
     """Image files directly inside `folder` (any extension Pillow reads, in any case), sorted by name."""
     folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+    return sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p)),
                   key=lambda p: p.name)
 
 

@@ -39,6 +39,7 @@ from .model_files import (
     lora_file_tensors,
     module_bias_delta,
     module_delta,
+    on_meta,
     open_model,
     precision,
     read_loras,
@@ -110,8 +111,7 @@ def update_shape(w):
     no base weight (0.1.0's helper; merging checks a module against its base with model_files.check_module_fits)."""
     if w.algo == "lora":
         return w.up.shape[0], w.down.flatten(1).shape[1]
-    meta = replace(w, tensors={k: v if v.dim() == 0 else v.to("meta") for k, v in w.tensors.items()}, dora_scale=None)
-    delta = module_delta(meta)
+    delta = module_delta(replace(on_meta(w), dora_scale=None))
     return delta.shape[0], delta.shape[1]
 
 

@@ -453,15 +453,21 @@ def module_bias_delta(weights: ModuleWeights, multiplier: float = 1.0) -> torch.
     return None if delta is None else delta * multiplier
 
 
+def on_meta(weights: ModuleWeights) -> ModuleWeights:
+    """The file module with its tensors on the meta device (shapes only): its update's shape costs no arithmetic.
+    Scalars (alpha) stay real."""
+    def meta(t):
+        return None if t is None else t if t.dim() == 0 else t.to("meta")
+
+    return replace(weights, down=meta(weights.down), up=meta(weights.up), dora_scale=meta(weights.dora_scale),
+                   tensors={k: meta(v) for k, v in weights.tensors.items()})
+
+
 def check_module_fits(weights: ModuleWeights, shape, name, source):
     """ModelToolError unless the file module's update fits a base weight of `shape` (computed on the meta device:
     no arithmetic)."""
-    meta = replace(weights, down=None if weights.down is None else weights.down.to("meta"),
-                   up=None if weights.up is None else weights.up.to("meta"),
-                   tensors={k: v if v.dim() == 0 else v.to("meta") for k, v in weights.tensors.items()},
-                   dora_scale=None if weights.dora_scale is None else weights.dora_scale.to("meta"))
     try:
-        delta = module_delta(meta, base=torch.empty(shape, device="meta"))
+        delta = module_delta(on_meta(weights), base=torch.empty(shape, device="meta"))
     except (RuntimeError, ValueError, IndexError) as e:
         raise ModelToolError(f"{source}: module {name} ({weights.kind}) does not fit the base weight "
                              f"{tuple(shape)} ({e}); a LoRA for another model family?") from None
