@@ -66,9 +66,7 @@ def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler,
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = [int(share * steps) for share in TIMESTEP_SHARES]
     family = validation.family
-    for index, (latents, caption) in enumerate(zip(validation.latents, validation.captions)):
-        if max_images is not None and index >= max_images:
-            break
+    for index, (latents, caption) in enumerate(zip(validation.latents[:max_images], validation.captions)):
         time_ids = validation.time_ids[index].to(device, dtype) if validation.time_ids is not None else None
         context, added = family.unet_conditioning(encode([caption]), time_ids, device=device, dtype=dtype)
         context = context.to(device, dtype)
@@ -173,10 +171,12 @@ def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=N
     family = models.family
 
     def encode(captions):
-        if not weighted:
-            return family.encode_prompts(models, [expand_prompt(c) for c in captions], clip_skip=clip_skip,
+        fragments = [parse_weights(c) for c in captions] if weighted else None
+        if fragments is None or all(weight == 1.0 for f in fragments for _, weight in f):  # nothing to weigh
+            texts = captions if fragments is None else [plain_text(f) for f in fragments]
+            return family.encode_prompts(models, [expand_prompt(t) for t in texts], clip_skip=clip_skip,
                                          max_token_length=max_token_length)
-        fragments = [[(expand_prompt(text), weight) for text, weight in parse_weights(c)] for c in captions]
+        fragments = [[(expand_prompt(text), weight) for text, weight in f] for f in fragments]
         encoded = family.encode_prompts(models, [plain_text(f) for f in fragments], clip_skip=clip_skip,
                                         max_token_length=max_token_length)
         states = encoded[0] if isinstance(encoded, tuple) else encoded  # SDXL: the pooled embedding stays
