@@ -48,7 +48,7 @@ from .latents import (
 )
 from .layout import assign_repeats, caption_file, concept_subsets, mask_folders, scan_subset
 from .metadata import metadata_subset, scan_metadata
-from .subset import FLAG_DEFAULTS, SUBSET_KEYS, Subset, check_subset
+from .subset import FLAG_DEFAULTS, PARENT_FLAGS, SUBSET_KEYS, Subset, check_subset
 
 __all__ = ["LoRADataset", "BucketBatchSampler", "collate_fn", "DatasetError", "DatasetWarning",
            "Subset", "bucket_resolutions", "select_bucket", "load_image", "process_caption", "debug_dataset"]
@@ -72,7 +72,7 @@ class LoRADataset(torch.utils.data.Dataset):
         if options["in_json"]:
             subsets = [metadata_subset(train_data_dir, reg_data_dir, options)]
         else:
-            folder_options = {**options, "conditioning_data_dir": None}
+            folder_options = {**options, **dict.fromkeys(PARENT_FLAGS)}  # each subset gets its own folder below
             subsets = concept_subsets(train_data_dir, "train_data_dir", False, folder_options)
             if options["conditioning_data_dir"] is not None:
                 subsets = mask_folders(subsets, options["conditioning_data_dir"])
@@ -86,7 +86,7 @@ class LoRADataset(torch.utils.data.Dataset):
         """A dataset from kohya's dataset config file (TOML or JSON). `defaults` are the flag values
         (LoRADataset keyword names); values in the file win. train_data_dir/reg_data_dir are ignored."""
         path = Path(toml_path).expanduser()
-        ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+        ignored = [k for k in ("train_data_dir", "reg_data_dir", "in_json", *PARENT_FLAGS)
                    if defaults.pop(k, None) is not None]
         if ignored:
             warn(f"{' and '.join(ignored)} ignored: the dataset config '{path}' lists the image folders (and each "

@@ -13,6 +13,7 @@ from .subset import (
     FLAG_ONLY_KEYS,
     FOLDER_KEYS,
     KEY_TYPES,
+    PARENT_FLAGS,
     SUBSET_KEYS,
     Subset,
     check_subset,
@@ -138,7 +139,8 @@ def read_dataset_config(path, defaults):
             values = {**defaults, "num_repeats": defaults.get("dataset_repeats", 1)}
             for level in (general, dataset, table):
                 values.update({k: v for k, v in level.items() if k in FLAG_DEFAULTS or k == "num_repeats"})
-            values.pop("conditioning_data_dir", None)  # a subset's own key, read above (the flag is not one)
+            for name in PARENT_FLAGS:  # the flag means a parent folder; the subset's own key was read above
+                values.pop(name, None)
             subset = Subset(image_dir=image_dir, is_reg=table.get("is_reg", False),
                             class_tokens=table.get("class_tokens"), conditioning_data_dir=conditioning or None,
                             metadata_file=metadata_file or None, **values)

@@ -100,7 +100,8 @@ FLAG_DEFAULTS = {f.name: f.default for f in fields(Subset) if f.name in SUBSET_K
 FLAG_DEFAULTS.pop("num_repeats")
 # a folder option with a "flag_help" is also a flag that means the parent of such folders, one per concept folder
 # (kohya's --conditioning_data_dir: masks/10_sks dog/ for train/10_sks dog/)
-FLAG_DEFAULTS.update({f.name: f.default for f in fields(Subset) if "flag_help" in f.metadata})
+PARENT_FLAGS = tuple(f.name for f in fields(Subset) if "flag_help" in f.metadata)
+FLAG_DEFAULTS.update(dict.fromkeys(PARENT_FLAGS))
 
 
 def parse_resolution(value, where="resolution"):
