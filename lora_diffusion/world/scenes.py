@@ -9,6 +9,14 @@ and a judge that reads shape, colour and background back from any image by measu
 
 The star is drawn like any shape but held out of pretraining: it is the concept a LoRA learns. Eight
 colour/background pairs (HELD_OUT_PAIRS) are held out too, so the model can be asked for combinations it never saw.
+The ring (NEW_SHAPES) is a second held-out concept, kept out of SHAPES so that builtin:mini's VAE, its feature
+network and their figures stay as they were; the judge knows it by the hole at its centre.
+
+Two-object scenes put one shape on the left and one on the right of a shared background (TwoObjectScene):
+
+    scene = sample_two_object_scene(rng)             # left red star, right blue ring, white background, ...
+    two_object_caption(scene)    # 'a red star on the left and a blue ring on the right on a white background'
+    judge_two_objects(render_two_objects(scene))     # {'left': ('star', 'red'), 'right': ('ring', 'blue'), ...}
 """
 
 import math
@@ -35,11 +43,14 @@ PRETRAIN_SHAPES = ("circle", "square", "triangle")
 # Each colour once as a shape and once as a background: (red on yellow), (green on purple), ...
 HELD_OUT_PAIRS = tuple((COLORS[i], COLORS[(i + 3) % len(COLORS)]) for i in range(len(COLORS)))
 CAPTION_STYLES = ("sentence", "tags", "empty")
+NEW_SHAPES = ("ring",)  # held out of builtin:mini and outside SHAPES (see the module's docstring)
+ALL_SHAPES = SHAPES + NEW_SHAPES
 
 SIZE_RANGE = (0.35, 0.75)  # the shape's extent, as a share of the image side
 CENTER_JITTER = 0.15  # the centre's largest offset from the middle, as a share of the side
 MAX_ROTATION = 15.0  # degrees, either way
 STAR_INNER_RATIO = 0.45  # inner/outer radius of the five-pointed star
+RING_INNER_RATIO = 0.5  # hole/outer radius of the ring
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,8 @@ def caption(scene: Scene, style="sentence") -> str:
 
 
 _COLOR = "|".join(COLORS)
-_CAPTION = re.compile(rf"\b({_COLOR}) ({'|'.join(SHAPES)})\b.*?\b({_COLOR}) background\b")
+_SHAPE = "|".join(ALL_SHAPES)
+_CAPTION = re.compile(rf"\b({_COLOR}) ({_SHAPE})\b.*?\b({_COLOR}) background\b")
 
 
 def parse_caption(text):
@@ -97,7 +109,7 @@ def outline(scene: Scene, side: float):
         return [(cx + r * math.cos(start + turn + i * step), cy + r * math.sin(start + turn + i * step))
                 for i, r in enumerate(radii)]
 
-    if scene.shape == "circle":
+    if scene.shape in ("circle", "ring"):
         return [(cx - radius, cy - radius), (cx + radius, cy + radius)]
     if scene.shape == "square":  # `size` is the side of the square
         return polygon([radius * math.sqrt(2)] * 4, math.pi / 4)
@@ -105,7 +117,7 @@ def outline(scene: Scene, side: float):
         return polygon([radius] * 3, -math.pi / 2)
     if scene.shape == "star":  # five points, pointing up
         return polygon([radius, radius * STAR_INNER_RATIO] * 5, -math.pi / 2)
-    raise ValueError(f"shape {scene.shape!r} is not one of {', '.join(SHAPES)}")
+    raise ValueError(f"shape {scene.shape!r} is not one of {', '.join(ALL_SHAPES)}")
 
 
 def render(scene: Scene, size=64, noise=0.0, rng=None, supersample=4) -> Image.Image:
@@ -113,12 +125,25 @@ def render(scene: Scene, size=64, noise=0.0, rng=None, supersample=4) -> Image.I
     noise of that standard deviation (0-255 scale) from `rng` (a numpy Generator)."""
     big = size * supersample
     image = Image.new("RGB", (big, big), PALETTE[scene.background])
-    draw = ImageDraw.Draw(image)
-    shape = outline(scene, big)
-    if scene.shape == "circle":
+    draw_shape(ImageDraw.Draw(image), scene, big)
+    return finish(image, size, noise, rng)
+
+
+def draw_shape(draw, scene: Scene, side):
+    """Fill the scene's shape on a canvas `side` pixels wide (a ring's hole shows the background)."""
+    shape = outline(scene, side)
+    if scene.shape in ("circle", "ring"):
         draw.ellipse(shape, fill=PALETTE[scene.color])
     else:
         draw.polygon(shape, fill=PALETTE[scene.color])
+    if scene.shape == "ring":
+        (x0, y0), (x1, y1) = shape
+        cx, cy, inset = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2 * RING_INNER_RATIO
+        draw.ellipse([(cx - inset, cy - inset), (cx + inset, cy + inset)], fill=PALETTE[scene.background])
+
+
+def finish(image, size, noise, rng):
+    """The supersampled canvas box-filtered down to `size` pixels, with Gaussian pixel noise when asked."""
     image = image.resize((size, size), Image.Resampling.BOX)
     if noise:
         rng = rng if rng is not None else np.random.default_rng()
@@ -153,23 +178,45 @@ def judge(image):
     colour than the background, classified by its points (classify_mask).
     Returns None for the shape when there is no shape to measure."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    labels = np.argmin(((pixels[:, :, None, :] - _PALETTE_ARRAY) ** 2).sum(-1), axis=-1)
-    side = min(labels.shape)
-    ring = max(1, side // 32)
-    border = np.concatenate([labels[:ring].ravel(), labels[-ring:].ravel(), labels[:, :ring].ravel(),
-                             labels[:, -ring:].ravel()])
-    background = np.bincount(border, minlength=len(COLORS)).argmax()
-    # Count only pixels whose four neighbours share their label: anti-aliased edges blend two colours into a third.
+    labels = palette_labels(pixels)
+    background = border_label(labels)
+    shape, color = judge_object(pixels, core_labels(labels), background)
+    return shape, color, COLORS[background]
+
+
+def palette_labels(pixels):
+    """Each pixel's nearest palette colour, as an index into COLORS."""
+    return np.argmin(((pixels[:, :, None, :] - _PALETTE_ARRAY) ** 2).sum(-1), axis=-1)
+
+
+def border_label(labels):
+    """The palette colour that holds the image's border: the background."""
+    width = max(1, min(labels.shape) // 32)
+    border = np.concatenate([labels[:width].ravel(), labels[-width:].ravel(), labels[:, :width].ravel(),
+                             labels[:, -width:].ravel()])
+    return np.bincount(border, minlength=len(COLORS)).argmax()
+
+
+def core_labels(labels):
+    """The labels with -1 where a pixel's four neighbours do not all share its label: anti-aliased edges blend two
+    colours into a third."""
     core = labels.copy()
     core[1:-1, 1:-1][(labels[1:-1, 1:-1] != labels[:-2, 1:-1]) | (labels[1:-1, 1:-1] != labels[2:, 1:-1])
                      | (labels[1:-1, 1:-1] != labels[1:-1, :-2]) | (labels[1:-1, 1:-1] != labels[1:-1, 2:])] = -1
+    return core
+
+
+def judge_object(pixels, core, background, min_share=0.01):
+    """(shape, colour) of the one object in `pixels` on palette colour `background`; (None, None) when fewer than
+    `min_share` of the area's pixels (of the smaller side squared) hold another colour."""
     counts = np.bincount(core[core >= 0].ravel(), minlength=len(COLORS))
     counts[background] = 0
-    if counts.sum() < side * side * 0.01:
-        return None, None, COLORS[background]
+    side = min(core.shape)
+    if counts.sum() < side * side * min_share:
+        return None, None
     color = counts.argmax()
     mask = shape_mask(pixels, _PALETTE_ARRAY[color], _PALETTE_ARRAY[background])
-    return classify_mask(mask), COLORS[color], COLORS[background]
+    return classify_mask(mask), COLORS[color]
 
 
 def shape_mask(pixels, color, background):
@@ -190,16 +237,24 @@ PEAK_SWING = 0.2  # a point rises and falls by at least this share of the profil
 def classify_mask(mask):
     """The shape by its points, as a person counts them: the mask's radial profile (farthest mask point from the
     centroid per angle) rises once per corner: 3 for a triangle, 4 for a square, 5 for the star; a profile flatter
-    than FLAT is a circle. Unlike convexity, this holds for the bowed sides and rounded corners of generated shapes.
+    than FLAT is a circle, or a ring when its centre is a hole. Unlike convexity, this holds for the bowed sides
+    and rounded corners of generated shapes.
     None when the mask is too small or its point count fits no shape."""
     if mask.sum() < 8:
         return None
     profile = radial_profile(mask)
     top, low = profile.max(), profile.min()
     if (top - low) / top < FLAT:
-        return "circle"
+        return "ring" if has_hole(mask) else "circle"
     points = count_rises(profile, swing=PEAK_SWING * (top - low))
     return {3: "triangle", 4: "square"}.get(points, "star" if points >= 5 else None)
+
+
+def has_hole(mask):
+    """Whether the 3x3 pixels around the mask's centroid are all outside it (a ring's hole, never a filled shape)."""
+    ys, xs = np.nonzero(mask)
+    y, x = int(ys.mean()), int(xs.mean())
+    return not mask[max(0, y - 1):y + 2, max(0, x - 1):x + 2].any()
 
 
 def radial_profile(mask, upsample=4):
@@ -242,4 +297,105 @@ def judge_accuracy(images, scenes):
         for key, ok in zip(("shape", "color", "background"), right):
             hits[key] += ok
         hits["all"] += all(right)
+    return {key: value / max(1, len(scenes)) for key, value in hits.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two objects side by side: the multi-concept world (Mix-of-Show's regional prompts).
+
+TWO_SIZE_RANGE = (0.22, 0.34)  # each shape's extent, as a share of the image side: it stays in its half
+TWO_JITTER = (0.03, 0.12)  # the largest horizontal and vertical offset from its half's centre
+SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class TwoObjectScene:
+    """A shape on the left and one on the right (Scenes in whole-image coordinates) of one background."""
+
+    left: Scene
+    right: Scene
+
+    @property
+    def background(self):
+        return self.left.background
+
+
+def two_object_scene(left_shape, left_color, right_shape, right_color, background, size=0.3, cy=0.5):
+    """The scene with both shapes centred in their halves (no jitter)."""
+    return TwoObjectScene(Scene(left_shape, left_color, background, size, 0.25, cy),
+                          Scene(right_shape, right_color, background, size, 0.75, cy))
+
+
+def sample_two_object_scene(rng: random.Random, shapes=ALL_SHAPES, colors=COLORS) -> TwoObjectScene:
+    """A random two-object scene: each shape and colour drawn from `shapes` and `colors`, the background another
+    palette colour than both."""
+    left_color, right_color = rng.choice(colors), rng.choice(colors)
+    background = rng.choice([c for c in COLORS if c not in (left_color, right_color)])
+    dx, dy = TWO_JITTER
+
+    def placed(color, middle):
+        return Scene(rng.choice(shapes), color, background, size=rng.uniform(*TWO_SIZE_RANGE),
+                     cx=middle + rng.uniform(-dx, dx), cy=0.5 + rng.uniform(-dy, dy),
+                     rotation=rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+
+    return TwoObjectScene(placed(left_color, 0.25), placed(right_color, 0.75))
+
+
+def two_object_caption(scene: TwoObjectScene) -> str:
+    left, right = scene.left, scene.right
+    return (f"a {left.color} {left.shape} on the left and a {right.color} {right.shape} on the right "
+            f"on a {scene.background} background")
+
+
+_TWO_CAPTION = re.compile(rf"\b({_COLOR}) ({_SHAPE}) on the left and an? ({_COLOR}) ({_SHAPE}) on the right\b"
+                          rf".*?\b({_COLOR}) background\b")
+
+
+def parse_two_object_caption(text):
+    """The TwoObjectScene (centred) a two-object caption or prompt asks for, or None."""
+    match = _TWO_CAPTION.search(text.lower())
+    return two_object_scene(match[2], match[1], match[4], match[3], match[5]) if match else None
+
+
+def render_two_objects(scene: TwoObjectScene, size=64, noise=0.0, rng=None, supersample=4) -> Image.Image:
+    """Both shapes on one canvas, as render draws one."""
+    big = size * supersample
+    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+    draw = ImageDraw.Draw(image)
+    for part in (scene.left, scene.right):
+        draw_shape(draw, part, big)
+    return finish(image, size, noise, rng)
+
+
+def judge_two_objects(image, min_share=0.01):
+    """What each half of an image holds and on what: {'left': (shape, colour), 'right': (shape, colour),
+    'background': colour}, by judge's measurements on each half (shape and colour None for an empty half; an
+    object is placed by the half that holds it). `min_share`: the share of a half's area that another colour must
+    hold to count as an object there."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    labels = palette_labels(pixels)
+    background = border_label(labels)
+    core = core_labels(labels)
+    middle = pixels.shape[1] // 2
+    halves = {"left": np.s_[:, :middle], "right": np.s_[:, middle:]}
+    verdict = {side: judge_object(pixels[cut], core[cut], background, min_share) for side, cut in halves.items()}
+    return dict(verdict, background=COLORS[background])
+
+
+def judge_two_object_accuracy(images, scenes):
+    """Shares of images judged right: each side's shape, colour and both ('left', 'right'), the background, and
+    everything at once ('all')."""
+    keys = [f"{side}_{what}" for side in SIDES for what in ("shape", "color")] + [*SIDES, "background", "all"]
+    hits = dict.fromkeys(keys, 0)
+    for image, scene in zip(images, scenes):
+        verdict = judge_two_objects(image)
+        right = {"background": verdict["background"] == scene.background}
+        for side in SIDES:
+            asked = getattr(scene, side)
+            right[f"{side}_shape"] = verdict[side][0] == asked.shape
+            right[f"{side}_color"] = verdict[side][1] == asked.color
+            right[side] = right[f"{side}_shape"] and right[f"{side}_color"]
+        right["all"] = right["left"] and right["right"] and right["background"]
+        for key in keys:
+            hits[key] += right[key]
     return {key: value / max(1, len(scenes)) for key, value in hits.items()}
