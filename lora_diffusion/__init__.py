@@ -35,12 +35,13 @@ from lora_diffusion.core.network import (
     load_network,
     merge_base_weights,
 )
+from lora_diffusion.core.spec import NetworkSpec
 from lora_diffusion.formats.kohya import LoRAFileError, read_lora_file
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALayer", "LoRANetwork", "TokenEmbeddings", "create_network", "load_network", "dim_from_weights",
+    "LoRALayer", "LoRANetwork", "NetworkSpec", "TokenEmbeddings", "create_network", "load_network", "dim_from_weights",
     "merge_base_weights", "read_lora_file", "LoRAFileError", "inject_trainable_lora",
 ]
 

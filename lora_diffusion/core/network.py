@@ -11,7 +11,6 @@ and `.clip_g` (one per text encoder).
 
 import functools
 import json
-import math
 import os
 import re
 import warnings
@@ -25,8 +24,8 @@ from . import adapters
 from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
 from .adapters.base import dora_on_input
 from .adapters.base import shapes as _shapes
-from .adapters.lokr import check_factor
 from .adapters.lora import fit_shape as _fit
+from .spec import NetworkSpec
 from .targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -332,27 +331,15 @@ def layer_from_file(module: nn.Module, weights: kohya.ModuleWeights, name: str, 
 
 
 ALGOS = tuple(adapters.algo_names())  # lora, loha, lokr, ia3, locon (= lora)
-_ALGO_OPTIONS = ("use_tucker", "factor", "decompose_both", "full_matrix", "train_on_input", "use_scalar",
-                 "rank_dropout_scale", "bypass_mode")
 
 
 def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: float = 1.0,
-                   conv_rank: int | None = None, conv_alpha: float | None = None, *, multiplier: float = 1.0,
-                   dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                   include: list[str] | None = None, exclude: list[str] | None = None,
-                   train_unet: bool = True, train_text_encoder: bool = True, algo: str | None = None,
-                   dora_wd: bool = False, use_tucker: bool = False, factor: int = -1,
-                   decompose_both: bool = False, full_matrix: bool = False, train_on_input: bool = False,
-                   block_dims=None, block_alphas=None, conv_block_dims=None, conv_block_alphas=None,
-                   down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None, block_lr_zero_threshold: float = 0.0,
-                   loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
-                   loraplus_text_encoder_lr_ratio: float | None = None, block_size: int | None = None,
-                   dylora_unit: int | None = None, train_norm: bool = False, use_scalar: bool = False,
-                   rank_dropout_scale: bool = False, bypass_mode: bool = False,
-                   wd_on_output: bool = True) -> LoRANetwork:
+                   conv_rank: int | None = None, conv_alpha: float | None = None, *, spec: NetworkSpec | None = None,
+                   **options) -> LoRANetwork:
     """Inject and activate LoRA on kohya's default targets (SD1.5: 192 U-Net + 72 text-encoder modules; SDXL, with
     `text_encoder=(text_encoder, text_encoder_2)`: 722 U-Net + 72 `lora_te1` + 192 `lora_te2` modules). The given
     models are frozen except for adapters (freeze_base): only the new layers (and adapters already there) train.
+    The options are NetworkSpec's fields, as keywords or as `spec=NetworkSpec(...)`.
 
     `conv_rank` adds LoCon on the ResNet and sampler convs (3x3 convs at conv_rank/conv_alpha; the other modules of
     those blocks at rank/alpha, as kohya). `include`/`exclude` are regexes over module paths or kohya names;
@@ -385,107 +372,58 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
     encoders = text_encoder_list(text_encoder)
     if unet is None and not encoders:
         raise ValueError("create_network needs a unet, a text_encoder, or both")
-    options = dict(dropout=dropout, use_tucker=use_tucker, factor=factor, decompose_both=decompose_both,
-                   full_matrix=full_matrix, train_on_input=train_on_input, block_size=block_size or 4,
-                   use_scalar=use_scalar, rank_dropout_scale=rank_dropout_scale, bypass_mode=bypass_mode)
-    block_options = dict(block_dims=block_dims, block_alphas=block_alphas, conv_block_dims=conv_block_dims,
-                         conv_block_alphas=conv_block_alphas, down_lr_weight=down_lr_weight,
-                         mid_lr_weight=mid_lr_weight, up_lr_weight=up_lr_weight)
-    blockwise = any(value is not None for value in block_options.values())
-    loraplus = _loraplus_ratios(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)
-    lycoris = algo is not None
-    if blockwise and (lycoris or dylora_unit is not None):
-        given = ", ".join(k for k, v in block_options.items() if v is not None)
-        raise ValueError(f"{given}: kohya networks.lora's block-wise options; LyCORIS (algo=) and networks.dylora "
-                         f"have none")
-    if dylora_unit is not None and lycoris:
-        raise ValueError("dylora_unit is kohya's networks.dylora; with LyCORIS use algo='dylora', block_size=")
-    if lycoris:
-        cls = adapters.algorithm(algo)
-        algo = str(algo).lower()
-        conv_rank = conv_rank or rank
-        conv_alpha = conv_alpha or alpha
-        options["factor"] = factor = check_factor(factor)
-    else:
-        cls = LoRALayer
-        if block_size is not None:
-            raise ValueError("block_size is LyCORIS' DyLoRA option (algo='dylora'); kohya's networks.dylora `unit` is "
-                             "dylora_unit=")
-        if dylora_unit is not None:
-            cls = adapters.DyLoRALayer
-            options["block_size"] = dylora_unit
-        given = [k for k in ("dora_wd", "train_norm", *_ALGO_OPTIONS)
-                 if {**options, "dora_wd": dora_wd, "train_norm": train_norm}[k] not in (False, -1)]
-        given += [] if wd_on_output else ["wd_on_output"]
-        if given:
-            raise ValueError(f"{', '.join(given)}: LyCORIS options; pass algo= (network_module lycoris.kohya), e.g. "
-                             f"algo='lora' or algo='{'ia3' if 'train_on_input' in given else 'lokr'}'")
+    if spec is None:
+        spec = NetworkSpec.of(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, **options)
+    elif options or (rank, alpha, conv_rank, conv_alpha) != (4, 1.0, None, None):
+        raise TypeError("create_network: pass the options either as keywords or as spec=, not both")
+    spec = spec.resolved()
     sdxl = is_sdxl(unet, encoders)
-    alpha = alpha or rank  # kohya: an alpha of 0 (or none) means alpha = rank, i.e. scale 1
-    conv_alpha = conv_alpha or conv_rank
     lr_weights = per_block = None
-    if blockwise:
-        threshold = float(block_lr_zero_threshold or 0.0)
-        lr_weights = blocks.parse_lr_weights(down_lr_weight, mid_lr_weight, up_lr_weight, threshold, sdxl=sdxl)
-        per_block = blocks.block_ranks(sdxl, rank, alpha, conv_rank, conv_alpha, block_dims=block_dims,
-                                       block_alphas=block_alphas, conv_block_dims=conv_block_dims,
-                                       conv_block_alphas=conv_block_alphas, lr_weights=lr_weights)
+    if spec.blockwise:
+        lr_weights = blocks.parse_lr_weights(spec.down_lr_weight, spec.mid_lr_weight, spec.up_lr_weight,
+                                             float(spec.block_lr_zero_threshold or 0.0), sdxl=sdxl)
+        per_block = blocks.block_ranks(sdxl, spec.rank, spec.alpha, spec.conv_rank, spec.conv_alpha,
+                                       block_dims=spec.block_dims, block_alphas=spec.block_alphas,
+                                       conv_block_dims=spec.conv_block_dims, conv_block_alphas=spec.conv_block_alphas,
+                                       lr_weights=lr_weights)
+    train_unet = unet is not None and spec.train_unet
     targets: list[Target] = []
-    if unet is not None and train_unet:
-        convs = bool(conv_rank) or (per_block is not None and per_block[2] is not None)
-        targets += unet_targets(unet, conv=convs, lycoris=lycoris)
-    if train_text_encoder:
+    if train_unet:
+        convs = bool(spec.conv_rank) or (per_block is not None and per_block[2] is not None)
+        targets += unet_targets(unet, conv=convs, lycoris=spec.lycoris)
+    if spec.train_text_encoder:
         for prefix, encoder in encoders:
             targets += text_encoder_targets(encoder, prefix=prefix)
-    targets = filter_targets(targets, include, exclude)
+    targets = filter_targets(targets, spec.include, spec.exclude)
     if not targets:
         raise ValueError("create_network matched no module: check the models and the include/exclude patterns")
 
-    own = {key: options[key] for key in cls.OPTIONS}
+    cls, own = spec.layer_class, spec.layer_options()
     layers = {}
     for target in targets:
-        r, a = (conv_rank, conv_alpha) if target.is_conv_kxk else (rank, alpha)
+        r, a = (spec.conv_rank, spec.conv_alpha) if target.is_conv_kxk else (spec.rank, spec.alpha)
         if per_block is not None and target.name.startswith(UNET_PREFIX + "_"):
             r, a = _block_rank(per_block, target, sdxl, r, a)
             if not r:
                 continue  # kohya: rank 0, or a block whose lr weight is 0, has no module
-        layers[target.name] = cls(target.module, r, a, multiplier=multiplier, rank_dropout=rank_dropout,
-                                  module_dropout=module_dropout, dora_wd=dora_wd, **own)
-    if not wd_on_output:
-        if not dora_wd:
-            raise ValueError("wd_on_output=False is DoRA's option (the axis of its magnitude): pass dora_wd=True too")
+        layers[target.name] = cls(target.module, r, a, multiplier=spec.multiplier, rank_dropout=spec.rank_dropout,
+                                  module_dropout=spec.module_dropout, dora_wd=spec.dora_wd, **own)
+    if not spec.wd_on_output:
         for layer in layers.values():
             layer.dora_scale = nn.Parameter(adapters.column_norms(layer.base.weight.detach().float()))
-    if train_norm and unet is not None and train_unet:
-        for target in filter_targets(unet_norm_targets(unet), include, exclude):
-            layers[target.name] = adapters.NormLayer(target.module, multiplier=multiplier,
-                                                     module_dropout=module_dropout)
+    if spec.train_norm and train_unet:
+        for target in filter_targets(unet_norm_targets(unet), spec.include, spec.exclude):
+            layers[target.name] = adapters.NormLayer(target.module, multiplier=spec.multiplier,
+                                                     module_dropout=spec.module_dropout)
     for model in (unet, *(encoder for _, encoder in encoders)):
         if model is not None:
             freeze_base(model)  # only the adapters train (as inject_trainable_lora and peft)
-    args = {"algo": algo} if lycoris else {}
-    if conv_rank:
-        args.update(conv_dim=conv_rank, conv_alpha=conv_alpha)
-    for key, value in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout), ("dora_wd", dora_wd),
-                       ("use_tucker", use_tucker), ("factor", factor if factor != -1 else None),
-                       ("decompose_both", decompose_both), ("full_matrix", full_matrix),
-                       ("train_on_input", train_on_input),
-                       ("block_size", options["block_size"] if algo == "dylora" else None),
-                       ("unit", dylora_unit), ("train_norm", train_norm), ("use_scalar", use_scalar),
-                       ("rank_dropout_scale", rank_dropout_scale), ("bypass_mode", bypass_mode),
-                       ("wd_on_output", "False" if not wd_on_output else None),
-                       *block_options.items(),
-                       ("block_lr_zero_threshold", block_lr_zero_threshold if lr_weights else None),
-                       ("loraplus_lr_ratio", loraplus_lr_ratio), ("loraplus_unet_lr_ratio", loraplus_unet_lr_ratio),
-                       ("loraplus_text_encoder_lr_ratio", loraplus_text_encoder_lr_ratio)):
-        if value:
-            args[key] = value if isinstance(value, (str, int, float)) else ",".join(str(v) for v in value)
     if not layers:
         raise ValueError("create_network made no module: every target's block has rank 0 (block_dims) or lr weight 0")
-    module = "lycoris.kohya" if lycoris else "networks.dylora" if dylora_unit is not None else "networks.lora"
-    network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args, network_module=module, sdxl=sdxl)
+    network = LoRANetwork(layers, rank=spec.rank, alpha=spec.alpha, network_args=spec.network_args(
+        block_lr_weights=lr_weights), network_module=spec.network_module, sdxl=sdxl)
     network.block_lr_weights = lr_weights
-    network.loraplus_ratios = loraplus
+    network.loraplus_ratios = spec.loraplus_ratios()
     return network.apply_to()
 
 
@@ -499,18 +437,6 @@ def _block_rank(per_block, target: Target, sdxl: bool, rank, alpha):
     if target.is_conv_kxk:
         return (conv_dims[index], conv_alphas[index]) if conv_dims is not None else (0, 0)
     return dims[index], alphas[index]
-
-
-def _loraplus_ratios(ratio, unet_ratio, text_encoder_ratio) -> dict[str, float]:
-    """{"unet": ..., "text_encoder": ...} as kohya resolves them (a part's own ratio, else the shared one)."""
-    for option, value in (("loraplus_lr_ratio", ratio), ("loraplus_unet_lr_ratio", unet_ratio),
-                          ("loraplus_text_encoder_lr_ratio", text_encoder_ratio)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
-                                  not math.isfinite(value) or value <= 0):
-            raise ValueError(f"{option}={value!r}: expected a number > 0 (the lora_up weights' lr is lr x ratio; "
-                             f"the LoRA+ paper suggests 16)")
-    ratios = {"unet": unet_ratio or ratio, "text_encoder": text_encoder_ratio or ratio}
-    return {part: float(r) for part, r in ratios.items() if r is not None}
 
 
 def is_sdxl(unet: nn.Module | None, encoders: list[tuple[str, nn.Module]]) -> bool:

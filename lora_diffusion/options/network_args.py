@@ -2,17 +2,16 @@
 lycoris.kohya, the create_network keyword it becomes and its type. A key whose keyword create_network does not
 take (yet) is refused before any work with its name; a key of another module gets a hint."""
 
-import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from lora_diffusion.core.network import create_network
+from lora_diffusion.core.spec import NetworkSpec
 
 
 @dataclass(frozen=True)
 class NetworkArg:
     key: str
-    keyword: str  # of lora_diffusion.create_network
+    keyword: str  # a field of NetworkSpec (create_network's options)
     type: type  # int, float, bool, str (kept as given: kohya's block strings)
     modules: tuple  # network modules that read it
     default: object = None  # the value that means "off": accepted even where not implemented
@@ -81,9 +80,9 @@ def _value(item: str, arg: NetworkArg, text: str):
 
 def network_keywords(network_module: str, items: list[str], accepted=None) -> dict:
     """create_network keywords of --network_args for this --network_module; `accepted`: the keywords
-    create_network takes (default: read from its signature)."""
+    create_network takes (default: NetworkSpec's fields)."""
     if accepted is None:
-        accepted = set(inspect.signature(create_network).parameters)
+        accepted = {f.name for f in fields(NetworkSpec)}
     lycoris = network_module in LYCORIS
     options = {"algo": "lora"} if lycoris else {}
     for item in items:
