@@ -56,7 +56,15 @@ VARIANTS = {
     "pivotal": ["PIVOTAL", "--token_string", TOKEN, "--init_word", "star", "--num_vectors_per_token", "2",
                 "--embedding_lr", "5e-3"],
     "diffusers": None,
+    # kohya's block-wise learning rates against `ours`: the deep, low-resolution blocks (where the outline is
+    # decided) at up to 1.5x the lr, the outer ones at 0.5x
+    "block_lr": ["--network_args", "down_lr_weight=sine+.5", "mid_lr_weight=1.5", "up_lr_weight=cosine+.5"],
+    "loraplus": ["--network_args", "loraplus_lr_ratio=4"],  # LoRA+ against `ours`: lora_up at 4x the lr
+    # masked loss: stars on one background colour (ONE_BACKGROUND), without and with the shape as the loss mask
+    "one_background": LOCON + ["ONE_BACKGROUND"],
+    "masked_loss": LOCON + ["ONE_BACKGROUND", "MASKED", "--masked_loss"],
 }
+ONE_BACKGROUND = "white"  # every training star of the masked-loss variants lies on it
 # The examples' configs, trained exactly as a user runs them (only the output folder moves): their files are judged
 # at the epochs the config saves; --steps, --lr and --lr_scheduler do not apply. --config replaces the TOML.
 CONFIGS = {"quickstart": ROOT / "examples" / "quickstart" / "config.toml",
@@ -70,7 +78,33 @@ def make_data(root: Path, seed=0):
     for caption in (root / "pivotal" / "10_star").glob("*.txt"):
         caption.write_text(caption.read_text().replace(" star ", f" {TOKEN} "))
     world.write_images(root / "reg" / "1_shapes", quickstart_reg(seed + 1))
+    one_background = one_background_stars(seed)
+    world.write_images(root / "one_background" / "10_star", one_background)
+    write_masks(root / "masks" / "10_star", one_background)
     return root / "train", root / "reg"
+
+
+def one_background_stars(seed=0):
+    """Sixteen stars as the quickstart's (large, centred, upright) in the seven other colours, all on
+    ONE_BACKGROUND: what a masked loss is for (product shots on one backdrop)."""
+    rng = random.Random(seed)
+    colors = [c for c in world.COLORS if c != ONE_BACKGROUND]
+    return [world.Scene("star", colors[i % len(colors)], ONE_BACKGROUND, size=rng.uniform(0.6, 0.75))
+            for i in range(16)]
+
+
+def write_masks(folder: Path, scenes, size=64, supersample=4):
+    """kohya's --conditioning_data_dir masks: per image, a picture of the same stem whose red channel is 255 on
+    the shape and 0 on the background (anti-aliased as world.render draws the shape)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes):
+        big = Image.new("RGB", (size * supersample, size * supersample), "black")
+        outline = world.outline(scene, size * supersample)
+        draw = ImageDraw.Draw(big)
+        (draw.ellipse if scene.shape == "circle" else draw.polygon)(outline, fill="white")
+        big.resize((size, size), Image.Resampling.BOX).save(folder / f"{i:02d}_{scene.color}_{scene.shape}.png")
 
 
 def quickstart_stars(seed=0):
@@ -90,16 +124,18 @@ def quickstart_reg(seed=1):
     return [world.sample_scene(rng) for _ in range(160)]
 
 
-def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads, lr_scheduler="constant"):
-    save_every = max(1, steps // 4)
+def train_ours(name, extra, train_dir, reg_dir, out, steps, lr, threads, lr_scheduler="constant", checkpoints=4):
+    save_every = max(1, steps // checkpoints)
     cmd = [sys.executable, str(ROOT / "train_lora.py"), "--pretrained_model_name_or_path", "builtin:mini",
            "--train_data_dir", str(train_dir), "--resolution", "64", "--train_batch_size", "4",
            "--network_dim", "16", "--network_alpha", "8", "--unet_lr", str(lr), "--text_encoder_lr", str(lr / 2),
            "--lr_scheduler", lr_scheduler, "--max_train_steps", str(steps), "--save_every_n_steps", str(save_every),
            "--output_dir", str(out), "--output_name", name, "--seed", "42", "--save_precision", "fp16"]
     for flag in extra:
-        if flag == "PIVOTAL":
-            cmd[cmd.index("--train_data_dir") + 1] = str(train_dir.parent / "pivotal")
+        if flag in ("PIVOTAL", "ONE_BACKGROUND"):
+            cmd[cmd.index("--train_data_dir") + 1] = str(train_dir.parent / flag.lower())
+        elif flag == "MASKED":
+            cmd += ["--conditioning_data_dir", str(train_dir.parent / "masks")]
         else:
             cmd += ["--reg_data_dir", str(reg_dir)] if flag == "REG" else [flag]
     return run_timed(cmd, out, threads)
@@ -203,8 +239,8 @@ def evaluate(pipe, file, n):
         pipe.unload_lora_weights()
         if prompt is not world.caption:
             pipe.unload_textual_inversion()
-    return {"star_rate": stars["shape"], "star_all": stars["all"], "prior_all": prior["all"],
-            "prior_shape": prior["shape"]}
+    return {"star_rate": stars["shape"], "star_all": stars["all"], "star_background": stars["background"],
+            "prior_all": prior["all"], "prior_shape": prior["shape"]}
 
 
 def main(argv=None):
@@ -217,6 +253,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=24, help="images per prompt set and file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr_scheduler", default="constant", help="for train_lora.py's variants")
+    p.add_argument("--checkpoints", type=int, default=4,
+                   help="LoRA files saved and judged per run of train_lora.py's variants, evenly spaced")
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 2 variants, 4 images")
     p.add_argument("--json", type=Path)
     p.add_argument("--grid", type=Path, help="write a base-vs-LoRA picture grid (prompts x seeds) here")
@@ -244,7 +282,7 @@ def main(argv=None):
                 files = train_diffusers(train_dir, out, args.steps, args.lr, args.threads)
             else:
                 files = train_ours(name, VARIANTS[name], train_dir, reg_dir, out, args.steps, args.lr, args.threads,
-                                   args.lr_scheduler)
+                                   args.lr_scheduler, args.checkpoints)
             rows = []
             for path, step, seconds in files:
                 step = step if step is not None else args.steps
@@ -258,7 +296,8 @@ def main(argv=None):
     for name in args.variants.split(","):
         table += [[name, r["steps"], r["seconds"], *fmt_row(r)] for r in results[name]]
     common.print_table("star LoRA on builtin:mini, judged (held-out colour pairs)",
-                       ["variant", "steps", "train s", "star rate", "star all", "prior all", "prior shape"], table)
+                       ["variant", "steps", "train s", "star rate", "star all", "star bg", "prior all", "prior shape"],
+                       table)
     for name, times in results.get("run_times", {}).items():
         if times:
             print(f"{name}: training run {times['wall_s']:.0f} s wall, {times['cpu_s']:.0f} s CPU")
@@ -267,7 +306,7 @@ def main(argv=None):
 
 
 def fmt_row(r):
-    return [f"{r[k]:.0%}" for k in ("star_rate", "star_all", "prior_all", "prior_shape")]
+    return [f"{r[k]:.0%}" for k in ("star_rate", "star_all", "star_background", "prior_all", "prior_shape")]
 
 
 def write_grid(pipe, file, path, seeds=(1, 2, 3, 4)):
