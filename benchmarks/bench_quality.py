@@ -1,6 +1,6 @@
 """Quality of a star LoRA on builtin:mini, judged on generated images (never the training loss).
 
-    python benchmarks/bench_quality.py                       # every variant, ~20 min on 2 CPU cores
+    python benchmarks/bench_quality.py                       # every variant, about an hour on 2 CPU cores
     python benchmarks/bench_quality.py --variants ours,diffusers --steps 300 --json quality.json
     python benchmarks/bench_quality.py --quick               # seconds: a smoke run of the machinery
 
@@ -17,12 +17,16 @@ diffusers-example loop of benchmarks/diffusers_style_train.py, U-Net LoRA rank 1
 locon (conv_dim 16, conv_alpha 8), reg (locon with the regularization images, kohya's noise targets), reg_base
 (locon with the regularization images learning the base model's prediction: --reg_target base_model), unet_only
 (no text-encoder LoRA), pivotal (captions say `sks` for the star: a new token whose 2 vectors train with the
-LoRA, textual inversion + LoRA).
+LoRA, textual inversion + LoRA), block_lr (ours with kohya's down/mid/up_lr_weight), loraplus (ours with
+loraplus_lr_ratio=4), one_background (locon on sixteen stars all on a white background) and masked_loss (the same
+with --masked_loss, each star's shape its mask in kohya's --conditioning_data_dir layout): star prompts are also
+judged for their background (the "star bg" column), which a LoRA trained on one backdrop makes that colour.
 Configs (names for --variants, not in the default set): quickstart (examples/quickstart/config.toml, the README's
 main job, trained exactly as the README runs it: only the output folder moves; its files are judged at the epochs
 it saves, and --steps, --lr and --lr_scheduler do not apply), keep_prior (examples/quickstart/keep_prior.toml);
---config PATH trains another TOML of flags in their place:
+--config PATH [PATH ...] trains other TOMLs of flags in their place, one run each, named after the file:
     python benchmarks/bench_quality.py --variants quickstart --images 32 --threads 1
+    python benchmarks/bench_quality.py --variants quickstart --config a.toml b.toml --images 32 --threads 1
 Each training run's wall and CPU seconds are printed (on a busy machine the CPU seconds are the comparable figure).
 Equal wall-clock: each file's training time is recorded, so ours and diffusers are compared at equal steps and at
 the file closest to equal seconds.
@@ -247,7 +251,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"of {', '.join(VARIANTS)} (default: all of these), and the configs {', '.join(CONFIGS)}")
-    p.add_argument("--config", type=Path, help="a TOML of train_lora.py flags the config variants train instead")
+    p.add_argument("--config", type=Path, nargs="+",
+                   help="TOMLs of train_lora.py flags that a config variant trains in its place, one run each, named "
+                        "after the file")
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--lr", type=float, default=2e-3, help="U-Net lr (the text encoder's is half)")
     p.add_argument("--images", type=int, default=24, help="images per prompt set and file")
@@ -270,14 +276,13 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     results = {"base": {"steps": 0, "seconds": 0.0, **evaluate(pipe, None, args.images)}}
     print("base:", results["base"], flush=True)
+    runs = planned_runs(args.variants.split(","), args.config)
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, reg_dir = make_data(Path(tmp))
-        for name in args.variants.split(","):
-            if name not in VARIANTS and name not in CONFIGS:
-                raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join([*VARIANTS, *CONFIGS])}")
+        for name, config in runs:
             out = Path(tmp) / name
-            if name in CONFIGS:
-                files = train_config(name, args.config or CONFIGS[name], out, args.threads)
+            if config is not None:
+                files = train_config(name, config, out, args.threads)
             elif VARIANTS[name] is None:
                 files = train_diffusers(train_dir, out, args.steps, args.lr, args.threads)
             else:
@@ -293,7 +298,7 @@ def main(argv=None):
             if args.grid and name == args.grid_variant:
                 write_grid(pipe, files[-1][0], args.grid)
     table = [["base", 0, 0, *fmt_row(results["base"])]]
-    for name in args.variants.split(","):
+    for name, _ in runs:
         table += [[name, r["steps"], r["seconds"], *fmt_row(r)] for r in results[name]]
     common.print_table("star LoRA on builtin:mini, judged (held-out colour pairs)",
                        ["variant", "steps", "train s", "star rate", "star all", "star bg", "prior all", "prior shape"],
@@ -303,6 +308,23 @@ def main(argv=None):
             print(f"{name}: training run {times['wall_s']:.0f} s wall, {times['cpu_s']:.0f} s CPU")
     if args.json:
         common.write_json(args.json, {"results": results, "settings": vars(args) | {"json": str(args.json)}})
+
+
+def planned_runs(variants, configs=None):
+    """[(run name, its TOML or None)] for --variants: a config variant with --config is one run per file, named
+    after it."""
+    runs = []
+    for name in variants:
+        if name not in VARIANTS and name not in CONFIGS:
+            raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join([*VARIANTS, *CONFIGS])}")
+        if name in CONFIGS:
+            runs += [(path.stem, path) for path in configs] if configs else [(name, CONFIGS[name])]
+        else:
+            runs.append((name, None))
+    names = [name for name, _ in runs]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--variants/--config: two runs named alike in {', '.join(names)}; rename a --config file")
+    return runs
 
 
 def fmt_row(r):

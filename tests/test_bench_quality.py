@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,13 @@ def test_masked_variant_trains_the_one_background_folder_with_its_masks(tmp_path
     assert "--masked_loss" in masked
     assert sorted(p.name for p in (masks / "10_star").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one_background" / "10_star").glob("*.png"))
+
+
+def test_each_config_file_is_one_run_named_after_it(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "sub" / "b.toml"
+    assert bench_quality.planned_runs(["ours", "quickstart"], [a, b]) == [("ours", None), ("a", a), ("b", b)]
+    assert bench_quality.planned_runs(["keep_prior"]) == [("keep_prior", bench_quality.CONFIGS["keep_prior"])]
+    with pytest.raises(SystemExit, match="named alike"):
+        bench_quality.planned_runs(["quickstart"], [a, tmp_path / "sub" / "a.toml"])
+    with pytest.raises(SystemExit, match="unknown 'nope'"):
+        bench_quality.planned_runs(["nope"])
