@@ -91,3 +91,15 @@ def test_generate_refuses_non_finite_multipliers_and_weights(tmp_path, capsys):
     with pytest.raises(ValueError, match="finite number"):  # the function checks too
         generate("builtin:tiny", [(str(lora), float("nan"))], [{"prompt": "x"}], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing drawn
+
+
+def test_generate_region_over_the_whole_image_draws_its_prompt(tmp_path, capsys):
+    base = ["generate", "--model", "builtin:tiny", "--width", "64", "--height", "64", "--steps", "3"]
+    assert main([*base, "--prompt", "toy, a blue square --d 5", "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--prompt", "toy, a red circle --d 5", "--region", "toy, a blue square@0,0,1,1",
+                 "--out", str(tmp_path / "region")]) == 0
+    assert main([*base, "--prompt", "toy, a red circle --d 5", "--out", str(tmp_path / "global")]) == 0
+    assert np.array_equal(pixels(tmp_path / "region"), pixels(tmp_path / "plain"))
+    assert not np.array_equal(pixels(tmp_path / "global"), pixels(tmp_path / "plain"))
+    assert main([*base, "--prompt", "x", "--region", "a star@0,0,2,1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--region 'a star@0,0,2,1': the box needs four fractions between 0 and 1" in capsys.readouterr().err

@@ -15,6 +15,8 @@ import torch
 
 from lora_diffusion.formats.io import atomic_write
 
+from .regional import encode_regions, regional_attention
+
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
@@ -109,12 +111,14 @@ def draw(pipe, **kwargs):
 
 @torch.no_grad()
 def sample_images(models, *, prompts, out_dir, step=0, epoch=None, output_name="", device="cpu", dtype=torch.float32,
-                  sampler="ddim", clip_skip=None, max_token_length=None, seed=None, expand_prompt=None):
+                  sampler="ddim", clip_skip=None, max_token_length=None, seed=None, expand_prompt=None, regions=()):
     """One PNG per prompt dict (training.read_prompts) into out_dir, with the model as it is now (a LoRA applied);
     returns the paths. The pipeline and each prompt's inputs are the family's (models.family): SD1.x/2.x encodes
     with the training text path (clip_skip, max_token_length, `expand_prompt` writing out a multi-vector token),
     SDXL with diffusers' own. A prompt without --d uses seed + index when `seed` is given, else a random seed;
-    `epoch` set names the files e<epoch>, else <step>. dtype: the autocast dtype for float16/bfloat16 weights."""
+    `epoch` set names the files e<epoch>, else <step>. dtype: the autocast dtype for float16/bfloat16 weights.
+    `regions` (models.regional.Region list): each region's prompt controls its box in every image, the prompt
+    the rest."""
     family = models.family
     if family.clip_skip_note and clip_skip not in (None, 1, 2):  # kohya: a warning, and the family's own layers
         warnings.warn(f"clip_skip={clip_skip} is ignored for {family.title}, {family.clip_skip_note}")
@@ -134,10 +138,16 @@ def sample_images(models, *, prompts, out_dir, step=0, epoch=None, output_name="
             with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
                 inputs = family.prompt_inputs(models, prompt["prompt"], prompt["negative_prompt"], expand=expand,
                                               clip_skip=clip_skip, max_token_length=max_token_length, device=device)
+                contexts = encode_regions(models, pipeline, regions, prompt["negative_prompt"], expand=expand,
+                                          clip_skip=clip_skip, max_token_length=max_token_length, device=device)
+                latent_size = (prompt["height"] // pipeline.vae_scale_factor,
+                               prompt["width"] // pipeline.vae_scale_factor)
                 generator = torch.Generator(device="cpu" if device.type == "mps" else device)
-                image = draw(pipeline, **inputs, width=prompt["width"], height=prompt["height"],
-                             num_inference_steps=prompt["steps"], guidance_scale=prompt["scale"],
-                             generator=generator.manual_seed(prompt["seed"]))[0]
+                with regional_attention(pipeline.unet, contexts, latent_size=latent_size,
+                                        guidance=prompt["scale"] > 1):
+                    image = draw(pipeline, **inputs, width=prompt["width"], height=prompt["height"],
+                                 num_inference_steps=prompt["steps"], guidance_scale=prompt["scale"],
+                                 generator=generator.manual_seed(prompt["seed"]))[0]
             path = out_dir / sample_filename(output_name, step=step, epoch=epoch, index=index, seed=prompt["seed"])
             save_png(image, path, prompt)
             paths.append(path)

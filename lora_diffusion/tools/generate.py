@@ -2,6 +2,9 @@
 
     lora-diffusion generate --model builtin:tiny --lora output/quickstart/quickstart.safetensors:0.8 \\
         --prompt "toy, a red circle on a blue background" --width 128 --height 128 --out output/generate
+
+Regional prompts (models/regional.py): `--region "a red star on a white background@0,0,0.5,1"` makes that prompt
+the one the cross-attention reads inside the box (fractions x0,y0,x1,y1 of the image); repeat for several.
 """
 
 import math
@@ -36,9 +39,10 @@ def check_multiplier(multiplier, path) -> float:
 def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], out_dir: str, *, merge: bool = False,
              v2: bool | None = None, v_parameterization: bool | None = None, dtype: torch.dtype = torch.float32,
              device: str | None = None, sampler: str = "ddim", clip_skip: int | None = None, seed: int | None = None,
-             name: str = "generate") -> list[Path]:
+             name: str = "generate", regions=()) -> list[Path]:
     """Images for prompt dicts (see lora_diffusion.training.read_prompts) with the LoRAs applied or merged, and the
-    textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer."""
+    textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer;
+    `regions` (models.regional.Region list) apply to every prompt."""
     from lora_diffusion.core.network import load_network
     from lora_diffusion.models import load_models
     from lora_diffusion.models.sampling import sample_images
@@ -61,7 +65,8 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
         return text
 
     return sample_images(models, prompts=prompts, out_dir=out_dir, step=0, output_name=name, device=device,
-                         dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed, expand_prompt=expand_prompt)
+                         dtype=dtype, sampler=sampler, clip_skip=clip_skip, seed=seed, expand_prompt=expand_prompt,
+                         regions=regions)
 
 
 def add_arguments(parser):
@@ -72,6 +77,9 @@ def add_arguments(parser):
     parser.add_argument("--prompt", action="append", default=[], help="a prompt, with kohya's inline options "
                         "(--n --w --h --d --l --s); repeat for several")
     parser.add_argument("--prompts", help="a prompts file, one prompt a line (as --sample_prompts)")
+    parser.add_argument("--region", action="append", default=[], metavar="PROMPT@x0,y0,x1,y1",
+                        help="a regional prompt: the cross-attention reads it inside the box (fractions of the "
+                        "image from the top left), every prompt the rest; repeat for several")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
@@ -88,6 +96,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from lora_diffusion.models.regional import parse_region
     from lora_diffusion.training.sampling import parse_prompt_line, read_prompts
 
     defaults = dict(width=args.width, height=args.height, steps=args.steps, scale=args.scale,
@@ -97,10 +106,11 @@ def run(args) -> int:
         prompts += read_prompts(args.prompts, **defaults)
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts file")
+    regions = [parse_region(spec) for spec in args.region]
     paths = generate(args.model, [parse_lora_spec(s) for s in args.lora], prompts, args.out, merge=args.merge,
                      v2=args.v2 or None, v_parameterization=args.v_parameterization or None,
                      dtype=PRECISION_DTYPES[args.dtype], sampler=args.sampler, clip_skip=args.clip_skip,
-                     seed=args.seed)
+                     seed=args.seed, regions=regions)
     for path in paths:
         print(path)
     return 0
