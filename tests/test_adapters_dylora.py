@@ -52,7 +52,7 @@ def test_dylora_files_are_lycoris_dylora_files(make_base):
             p.normal_(0, 0.3)
     saved = {f"{NAME}.{k}": v.detach().clone() for k, v in theirs.custom_state_dict().items()}
     weights = parse_state_dict(saved)[NAME]
-    assert weights.kind in ("LoRA", "LoCon") and (weights.rank, weights.alpha) == (8, 4)
+    assert weights.label in ("LoRA", "LoCon") and (weights.rank, weights.alpha) == (8, 4)
     from lora_diffusion.core.network import layer_from_file
     mine = layer_from_file(base, weights, NAME, "test")
     up, down = saved[f"{NAME}.lora_up.weight"], saved[f"{NAME}.lora_down.weight"]

@@ -54,7 +54,7 @@ def test_glora_module_matches_lycoris_both_ways(base_kind):
     file = {f"{NAME}.{k}": v.clone() for k, v in theirs.state_dict().items()}
     assert set(file) == {f"{NAME}.{k}" for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha")}
     weights = parse_state_dict(file)[NAME]
-    assert weights.kind == "GLoRA" and weights.rank == 4
+    assert weights.label == "GLoRA" and weights.rank == 4
     ours = layer_from_file(base, weights, NAME, "test")
     torch.testing.assert_close(ours.delta_weight(), theirs.get_diff_weight()[0].reshape(base.weight.shape).detach())
     unprefixed = {k.removeprefix(NAME + "."): v.detach() for k, v in file.items()}

@@ -60,7 +60,7 @@ def test_ia3_module_matches_lycoris_both_ways(base_kind, on_input):
     file = {f"{NAME}.{k}": v for k, v in theirs.state_dict().items()}
     assert set(file) == {f"{NAME}.weight", f"{NAME}.on_input"}
     weights = parse_state_dict(file)[NAME]
-    assert weights.kind == "iA3"
+    assert weights.label == "iA3"
     ours = layer_from_file(base, weights, NAME, "test")
     assert isinstance(ours, IA3Layer) and ours.train_on_input == on_input
     for multiplier in (1.0, 0.6):

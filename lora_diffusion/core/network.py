@@ -297,7 +297,7 @@ def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, sou
     """Copy file tensors into a layer of the same algorithm, folding the file's alpha into lora_up (LoRA) when the
     layer's alpha differs."""
     if (layer.file_algo or layer.kind) != weights.algo or layer.is_dora != (weights.dora_scale is not None):
-        raise kohya.LoRAFileError(f"{source}: {name} is a {weights.kind} module in the file, a "
+        raise kohya.LoRAFileError(f"{source}: {name} is a {weights.label} module in the file, a "
                                   f"{'DoRA ' if layer.is_dora else ''}{layer.label} one in this "
                                   f"network (a network made with other options?)")
     layer.load_file(weights, f"{source}: {name}")
@@ -480,7 +480,7 @@ def load_network(path: str, unet: nn.Module | None, text_encoder,
     except json.JSONDecodeError:
         args = {}
     module = metadata.get("ss_network_module") or (
-        "networks.lora" if all(w.kind in ("LoRA", "LoCon") for w in modules.values()) else "lycoris.kohya")
+        "networks.lora" if all(w.label in ("LoRA", "LoCon") for w in modules.values()) else "lycoris.kohya")
     network = LoRANetwork(layers, rank=rank, alpha=alpha, network_args=args, network_module=module,
                           sdxl=is_sdxl(unet, encoders)).apply_to()
     network.bundled_embeddings = {name: bundled_vectors(parts, name, path)
@@ -503,7 +503,7 @@ def dim_from_weights(path: str, unet: nn.Module | None, text_encoder, *, multipl
     nothing); the models are frozen as in create_network. Load the file's weights into it with
     `network.load_weights(path)` (--network_weights). Plain LoRA/LoCon files only, as kohya's networks.lora."""
     modules, metadata = kohya.read_lora_file(path, warn_embeddings=False)
-    other = sorted({w.kind for w in modules.values()} - {"LoRA", "LoCon"})
+    other = sorted({w.label for w in modules.values()} - {"LoRA", "LoCon"})
     if other:
         raise kohya.LoRAFileError(f"{path} holds {', '.join(other)} modules; dim_from_weights takes the ranks of a "
                                   f"plain LoRA/LoCon file (kohya networks.lora)")

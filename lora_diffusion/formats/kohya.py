@@ -88,10 +88,16 @@ class ModuleWeights:
         return _algorithm(self.algo).file_scale(self.module_tensors, self.alpha)
 
     @property
-    def kind(self) -> str:
-        """LoRA, LoCon (a kxk conv), LoHa, LoKr, iA3; "DoRA " before it for DoRA."""
+    def label(self) -> str:
+        """LoRA, LoCon (a kxk conv), LoHa, LoKr, iA3; "DoRA " before it for DoRA (`algo` is the table's key)."""
         name = _algorithm(self.algo).file_label(self.module_tensors)
         return ("DoRA " if self.dora_scale is not None else "") + name
+
+    @property
+    def kind(self) -> str:
+        """0.1.0's name of `label` (an adapter layer's `kind` is its algo key, as `algo` here)."""
+        warnings.warn("ModuleWeights.kind is now ModuleWeights.label", DeprecationWarning, stacklevel=2)
+        return self.label
 
 
 def _algorithm(name: str):

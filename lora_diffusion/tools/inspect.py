@@ -38,12 +38,12 @@ def block_of(name):
 
 
 def algorithm_of(weights):
-    return weights.kind
+    return weights.label
 
 
 def loaders(modules, metadata, embeddings):
     """Which clients load this file, by what is in it (read_lora_file has refused formats nobody here reads)."""
-    lycoris = sorted({w.kind for w in modules.values()} - {"LoRA", "LoCon"})
+    lycoris = sorted({w.label for w in modules.values()} - {"LoRA", "LoCon"})
     if lycoris:
         kinds = ", ".join(lycoris)
         dora_only = all(k.startswith("DoRA Lo") and k[5:] in ("RA", "Con") for k in lycoris)

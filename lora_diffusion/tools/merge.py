@@ -98,7 +98,7 @@ def only_plain_lora(files, what):
     LoRA files): LoHa, LoKr, iA3, GLoRA, norm layers and DoRA. Their updates are no low-rank product that SVD
     or concatenating ranks could keep in a LoRA file (iA3, GLoRA and DoRA depend on the base weight itself)."""
     for path, _, modules, _ in files:
-        other = sorted({w.kind for w in modules.values()
+        other = sorted({w.label for w in modules.values()
                         if not adapters.ALGORITHMS[w.algo].lowrank_file or w.dora_scale is not None})
         if other:
             raise ModelToolError(f"{path} holds {', '.join(other)} modules; {what} works on plain LoRA/LoCon files "

@@ -469,7 +469,7 @@ def check_module_fits(weights: ModuleWeights, shape, name, source):
     try:
         delta = module_delta(on_meta(weights), base=torch.empty(shape, device="meta"))
     except (RuntimeError, ValueError, IndexError) as e:
-        raise ModelToolError(f"{source}: module {name} ({weights.kind}) does not fit the base weight "
+        raise ModelToolError(f"{source}: module {name} ({weights.label}) does not fit the base weight "
                              f"{tuple(shape)} ({e}); a LoRA for another model family?") from None
     if delta.shape[0] != shape[0] or delta.numel() != math.prod(shape):
         raise ModelToolError(f"{source}: module {name} is [out {delta.shape[0]}, in {delta.shape[1]}] but the base "
