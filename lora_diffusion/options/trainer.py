@@ -198,9 +198,10 @@ TRAINING = group(
     Option("max_train_epochs", int, None, "overrides --max_train_steps", gui=("epoch",)),
     Option("seed", int, 42, "seed of everything random", metadata=True),
     Option("mixed_precision", str, "no", "no, fp16 or bf16", choices=("no", "fp16", "bf16"), metadata=True),
-    Option("full_fp16", SWITCH, False, "LoRA weights and gradients in fp16 too", metadata=True,
-           refused="fp16 weights cannot be unscaled by the fp16 GradScaler; use --mixed_precision bf16 "
-           "--full_bf16"),
+    Option("full_fp16", SWITCH, False, "the LoRA's weights, gradients and optimizer state in fp16 too (with "
+           "--mixed_precision fp16; the GradScaler unscales the fp16 gradients; bf16 is safer)", metadata=True),
+    Option("no_tf32", SWITCH, False, "on CUDA, keep fp32 matmuls and convolutions in full fp32 (default: TF32 "
+           "allowed, about 8x faster on Ampere and later GPUs)", kohya=False),
     Option("full_bf16", SWITCH, False, "the LoRA's weights, gradients and optimizer state in bf16 too (with "
            "--mixed_precision bf16; half the memory of the trained weights, coarser updates)"),
     Option("gradient_accumulation_steps", int, 1, "micro-batches an optimizer step", metadata=True),

@@ -20,6 +20,7 @@ from lora_diffusion.models.sampling import sample_images
 
 from .errors import TrainingError
 from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
+from .precision import loss_scale, step_was_skipped
 
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2",
                 "embeddings": "lr/embeddings"}
@@ -83,6 +84,7 @@ class RunState:
     first_step_done: tuple | None = None  # (time, step) after the first step: later steps are the steady pace
     validations: list = field(default_factory=list)  # {"epoch", "step", "validation_loss", metrics...} per check
     norms: tuple | None = None  # --scale_weight_norms: (keys scaled, mean norm, max norm) of the last step
+    skipped_steps: int = 0  # steps whose update the fp16 GradScaler skipped (inf/NaN gradients)
 
 
 def intact(state: RunState) -> str:
@@ -246,7 +248,10 @@ def optimizer_step(run: Run, state: RunState, params):
         run.accelerator.clip_grad_norm_(params, run.args.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.lr_scheduler.step()
+    if step_was_skipped(run.optimizer):  # the fp16 GradScaler found inf/NaN gradients: the weights did not move
+        state.skipped_steps += 1
+    else:
+        run.lr_scheduler.step()
     state.step += 1
     if run.args.scale_weight_norms:  # kohya's max-norm regularization, after the step
         state.norms = run.network.apply_max_norm(run.args.scale_weight_norms)
@@ -266,6 +271,9 @@ def after_step(run: Run, state: RunState, loss, progress):
         state.first_step_done = (time.time(), state.step)  # later steps are the steady pace
     if state.norms is not None:  # kohya's names
         logs.update(zip(("keys_scaled", "average_key_norm", "max_key_norm"), state.norms))
+    scale = loss_scale(run.accelerator)
+    if scale is not None:  # fp16: the GradScaler's scale, and the steps it skipped on inf/NaN gradients
+        logs.update({"amp/loss_scale": scale, "amp/skipped_steps": state.skipped_steps})
     progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
     if run.log_with:
         run.accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=state.step)

@@ -85,6 +85,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad("--dim_from_weights takes the ranks from --network_weights: give that file")
     if args.full_bf16 and args.mixed_precision != "bf16":
         bad("--full_bf16 needs --mixed_precision bf16")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        bad("--full_fp16 needs --mixed_precision fp16")
     if args.use_lion_optimizer:
         args.optimizer_type = "Lion"
     if args.bucket_reso_steps % 8:
@@ -310,6 +312,8 @@ def make_accelerator(args):
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
+    from .precision import allow_tf32, install_grad_scaler
+
     # accelerate keeps its settings in process-wide singletons; a second train() in one process (a notebook, the
     # tests) with another --mixed_precision would be refused without this reset.
     AcceleratorState._reset_state()
@@ -324,6 +328,8 @@ def make_accelerator(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=tracker_names(args),
                               project_dir=args.logging_dir, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=handlers)
+    allow_tf32(accelerator.device, not args.no_tf32)
+    install_grad_scaler(accelerator, full_fp16=args.full_fp16)
     set_seed(args.seed)
     return accelerator
 
@@ -617,8 +623,12 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
         network.load_weights(args.network_weights)
         accelerator.print(f"started from {args.network_weights}")
     network.to(accelerator.device).train()
-    if args.full_bf16:  # kohya's: the LoRA's weights, gradients and optimizer state in bf16 too
-        network.to(torch.bfloat16)
+    if args.full_bf16 or args.full_fp16:  # kohya's: the LoRA's weights, gradients and optimizer state in 16 bits
+        network.to(MIXED_PRECISION_DTYPES[args.mixed_precision])
+    if args.full_fp16 and args.optimizer_type.lower() in ("adamw", "adam", "torch.optim.adamw", "torch.optim.adam"):
+        warnings.warn(f"--full_fp16 with {args.optimizer_type}: its moments and eps ({args.optimizer_type}'s 1e-8 is 0 "
+                      f"in fp16) underflow, so the first steps divide 0 by 0 (NaN); AdamW8bit, Lion or Adafactor "
+                      f"keep fp16 weights finite, or use --mixed_precision bf16 --full_bf16")
     check_free_space(Path(args.output_dir), network, args)
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
