@@ -27,6 +27,7 @@ SUBCOMMANDS = [
     ("resize", "lora_diffusion.tools.resize", "a LoRA to a lower rank by SVD (fixed or kohya's dynamic methods)"),
     ("extract", "lora_diffusion.tools.extract", "a LoRA from the difference of a fine-tuned model and its base"),
     ("inspect", "lora_diffusion.tools.inspect", "a LoRA file's metadata, modules, per-block norms and loaders"),
+    ("studio", "lora_diffusion.studio.command", "a local web UI: dataset, train form, job queue, live progress, tools"),
 ]
 
 
