@@ -380,3 +380,27 @@ def test_wd_on_output_false_from_the_command_line_writes_per_input_dora_scales(t
         shapes[name] = (tuple(tensors[key].shape), up.shape[0], down.shape[1])
     assert shapes["out"][0] == (shapes["out"][1], 1)
     assert shapes["in"][0] == (1, shapes["in"][2])
+
+
+def test_standard_text_encoder_names_place_under_the_transformers_4_module_paths_that_kohya_pins():
+    """Our files name the text encoder `lora_te_text_model_encoder_*` whatever transformers is installed. Loaders
+    that derive names from the model's module paths (LyCORIS here, kohya's networks.lora the same way) place them
+    under transformers 4's `text_model.encoder...` (kohya sd-scripts pins transformers 4.44) and none under 5's flat
+    `encoder...`: the file is right, those loaders need transformers 4 for its text-encoder part."""
+    unet, text_encoder = build_tiny_unet(), build_tiny_text_encoder()
+    network = create_network(None, text_encoder, rank=4, alpha=4, algo="lora")
+    tensors = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    network.remove()
+    modules = {k.split(".")[0] for k in tensors}
+    assert modules and all(m.startswith("lora_te_text_model_encoder_layers_") for m in modules)
+    if hasattr(text_encoder, "text_model"):
+        layout4 = text_encoder  # transformers 4 installed
+    else:
+        layout4 = nn.Module()
+        layout4.text_model = text_encoder  # transformers 4's module paths around 5's modules
+        with sd_preset():
+            flat, _ = create_network_from_weights(1.0, None, None, text_encoder, unet, weights_sd=tensors)
+        assert len(flat.text_encoder_loras) == 0
+    with sd_preset():
+        placed, _ = create_network_from_weights(1.0, None, None, layout4, unet, weights_sd=tensors)
+    assert {lora.lora_name for lora in placed.text_encoder_loras} == modules
