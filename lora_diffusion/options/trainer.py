@@ -274,6 +274,9 @@ DISTRIBUTED = group(
 OUTPUT = group(
     "output",
     Option("output_dir", str, "output", "where the files go"),
+    Option("progress_file", str, None, "where the run appends its progress as JSON lines, one event a line: start, "
+           "step, sample, validation, checkpoint, end (default: <output_dir>/<output_name>.progress.jsonl; "
+           "docs/training.md)", kohya=False),
     Option("output_name", str, "lora", "the files' name"),
     Option("overwrite", SWITCH, False, "replace files of another run that --output_dir holds under this "
            "--output_name (refused without it)", kohya=False),

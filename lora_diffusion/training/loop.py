@@ -21,6 +21,7 @@ from lora_diffusion.models.sampling import sample_images
 from .errors import TrainingError
 from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
 from .precision import loss_scale, step_was_skipped
+from .progress import ProgressFile
 
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2",
                 "embeddings": "lr/embeddings"}
@@ -56,6 +57,7 @@ class Run:
     train_text_encoder: bool = True
     log_with: str | None = None
     validation: Any = None  # training.validation.Validation: held-out images and/or prompts to score
+    progress: ProgressFile = field(default_factory=lambda: ProgressFile(None))  # --progress_file's events
 
     @property
     def device(self):
@@ -134,6 +136,8 @@ def _save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, 
         if with_state:
             training.save_state(state_dir, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, extra=extra,
                                 **run.pieces)
+        run.progress.write("checkpoint", step=step, epoch=epoch + (batch_in_epoch > 0), path=path,
+                           state=state_dir if with_state else None)
     except OSError as e:
         raise TrainingError(f"could not write {target} at step {step}: {e.strerror or e}. Files already "
                             f"there are left as they were (writes are atomic). {intact(state)}") from None
@@ -159,6 +163,9 @@ def _sample(run: Run, state: RunState, epoch=None):
         output_name=args.output_name, device=run.device, dtype=run.weight_dtype, sampler=args.sample_sampler,
         clip_skip=args.clip_skip, max_token_length=args.max_token_length, seed=args.seed,
         expand_prompt=run.network.expand_prompt)
+    for path, prompt in zip(state.last_samples, run.prompts):
+        run.progress.write("sample", step=state.step, epoch=state.epoch + 1 if epoch is None else epoch, path=path,
+                           prompt=prompt["prompt"])
 
 
 def compute_loss(run: Run, batch):
@@ -275,6 +282,9 @@ def after_step(run: Run, state: RunState, loss, progress):
     if scale is not None:  # fp16: the GradScaler's scale, and the steps it skipped on inf/NaN gradients
         logs.update({"amp/loss_scale": scale, "amp/skipped_steps": state.skipped_steps})
     progress.set_postfix(loss=f"{logs['loss/average']:.4f}")
+    run.progress.step_done(step=state.step, epoch=state.epoch + 1, loss=logs["loss/current"],
+                           loss_average=logs["loss/average"], lr=run.lr_scheduler.get_last_lr(),
+                           max_train_steps=run.max_train_steps)
     if run.log_with:
         run.accelerator.log({args.log_prefix + k: v for k, v in logs.items()}, step=state.step)
     if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
@@ -399,6 +409,7 @@ def save_final_files(run: Run, state: RunState) -> tuple[Path, list[str]]:
     if embedding is not None and accelerator.is_main_process:
         emb_path = run.output_dir / f"{args.output_name}_emb.safetensors"
         embedding.save_textual_inversion(emb_path, {"ss_session_id": run.session_id})
+        run.progress.files.append(str(emb_path))
         load = f"load_textual_inversion(path, token={args.token_string!r})"
         if "clip_l" in embedding.vectors:
             load = f"load_textual_inversion of its clip_l and clip_g, token={args.token_string!r}, into each encoder"

@@ -679,6 +679,7 @@ def build_optimizer(args, network, max_train_steps, accelerator):
 def train(args):
     from . import load_state, read_prompts, run_metadata
     from .loop import Run, RunState, save_final_files, train_epochs
+    from .progress import ProgressFile, progress_path
 
     # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
     if args.console_log_level or args.console_log_file:
@@ -695,102 +696,107 @@ def train(args):
     output_dir = Path(args.output_dir)
     resumed, network_shape, session_id = check_outputs_and_resume(args, output_dir, accelerator)
     check_optimizer_settings(args)
+    progress = ProgressFile(progress_path(args), enabled=accelerator.is_main_process)
+    with progress.ending():
 
-    # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
-    dataset = build_dataset(args)
-    if args.debug_dataset:
-        from lora_diffusion.data.debug import debug_dataset
+        # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
+        dataset = build_dataset(args)
+        if args.debug_dataset:
+            from lora_diffusion.data.debug import debug_dataset
 
-        debug_dataset(dataset, 10, out=accelerator.print)
-        return None
-    if args.masked_loss and not dataset.has_masks:
-        raise TrainingError("--masked_loss: no image folder has masks; set alpha_mask (the images' alpha) or a "
-                            "conditioning_data_dir of mask images per subset in --dataset_config, or --alpha_mask")
-    if args.cache_latents and args.cache_latents_defaulted and dataset.uncacheable_options:
-        args = argparse.Namespace(**{**vars(args), "cache_latents": False})
-        accelerator.print(f"latents are encoded every step: {', '.join(dataset.uncacheable_options)} change the "
-                          f"images from epoch to epoch")
-    held_out, interpolations = held_out_images(args, dataset)
-    accelerator.print(dataset.summary())
-    resolution = dataset.resolution
-    prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
-        if args.sample_prompts else None
+            debug_dataset(dataset, 10, out=accelerator.print)
+            return None
+        if args.masked_loss and not dataset.has_masks:
+            raise TrainingError("--masked_loss: no image folder has masks; set alpha_mask (the images' alpha) or a "
+                                "conditioning_data_dir of mask images per subset in --dataset_config, or --alpha_mask")
+        if args.cache_latents and args.cache_latents_defaulted and dataset.uncacheable_options:
+            args = argparse.Namespace(**{**vars(args), "cache_latents": False})
+            accelerator.print(f"latents are encoded every step: {', '.join(dataset.uncacheable_options)} change the "
+                              f"images from epoch to epoch")
+        held_out, interpolations = held_out_images(args, dataset)
+        accelerator.print(dataset.summary())
+        resolution = dataset.resolution
+        prompts = read_prompts(args.sample_prompts, width=resolution[0], height=resolution[1]) \
+            if args.sample_prompts else None
 
-    # --- models, caches, batches, network, optimizer -----------------------------------------------------------
-    models = load_base_models(args, weight_dtype, device)
-    if args.zero_terminal_snr:
-        from . import with_zero_terminal_snr
+        # --- models, caches, batches, network, optimizer -----------------------------------------------------------
+        models = load_base_models(args, weight_dtype, device)
+        if args.zero_terminal_snr:
+            from . import with_zero_terminal_snr
 
-        models.noise_scheduler = with_zero_terminal_snr(models.noise_scheduler)
-    train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
-    train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
-    validation = build_validation(args, held_out, models, device, weight_dtype, resolution, interpolations)
-    text_cache = cache_inputs(args, dataset, models, accelerator, train_text_encoder)
-    loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs = \
-        build_loader(args, dataset, accelerator)
-    dataset.set_max_train_steps(max_train_steps)  # a token_warmup_step below 1 is a share of the run
-    network, embedding, embedding_steps = build_network(args, models, dataset, max_train_steps, accelerator,
-                                                        train_unet, train_text_encoder)
-    optimizer, lr_scheduler, optimizer_name, params = build_optimizer(args, network, max_train_steps, accelerator)
-    if args.save_n_epoch_ratio:  # kohya's: about that many epoch files over the run
-        every = max(1, num_epochs // args.save_n_epoch_ratio)
-        args = argparse.Namespace(**{**vars(args), "save_every_n_epochs": every})
-    run = Run(args=args, accelerator=accelerator, models=models, network=network, optimizer=optimizer,
-              lr_scheduler=lr_scheduler, loader=loader, batch_sampler=batch_sampler,
-              batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps,
-              num_epochs=num_epochs, output_dir=output_dir, session_id=session_id, network_shape=network_shape,
-              metadata={}, resolution=resolution, weight_dtype=weight_dtype, params=params, prompts=prompts,
-              text_cache=text_cache, embedding=embedding, embedding_steps=embedding_steps,
-              train_text_encoder=train_text_encoder, log_with=tracker_names(args),
-              validation=validation)
+            models.noise_scheduler = with_zero_terminal_snr(models.noise_scheduler)
+        train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
+        train_unet = not args.network_train_text_encoder_only and args.unet_lr != 0
+        validation = build_validation(args, held_out, models, device, weight_dtype, resolution, interpolations)
+        text_cache = cache_inputs(args, dataset, models, accelerator, train_text_encoder)
+        loader, batch_sampler, batch_size, batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs = \
+            build_loader(args, dataset, accelerator)
+        dataset.set_max_train_steps(max_train_steps)  # a token_warmup_step below 1 is a share of the run
+        network, embedding, embedding_steps = build_network(args, models, dataset, max_train_steps, accelerator,
+                                                            train_unet, train_text_encoder)
+        optimizer, lr_scheduler, optimizer_name, params = build_optimizer(args, network, max_train_steps, accelerator)
+        if args.save_n_epoch_ratio:  # kohya's: about that many epoch files over the run
+            every = max(1, num_epochs // args.save_n_epoch_ratio)
+            args = argparse.Namespace(**{**vars(args), "save_every_n_epochs": every})
+        run = Run(args=args, accelerator=accelerator, models=models, network=network, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, loader=loader, batch_sampler=batch_sampler,
+                  batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch, max_train_steps=max_train_steps,
+                  num_epochs=num_epochs, output_dir=output_dir, session_id=session_id, network_shape=network_shape,
+                  metadata={}, resolution=resolution, weight_dtype=weight_dtype, params=params, prompts=prompts,
+                  text_cache=text_cache, embedding=embedding, embedding_steps=embedding_steps,
+                  train_text_encoder=train_text_encoder, log_with=tracker_names(args),
+                  validation=validation, progress=progress)
 
-    # --- where we start ---------------------------------------------------------------------------------------
-    state = RunState(epoch_files=list(resumed.get("epoch_files", [])), step_files=list(resumed.get("step_files", [])))
-    skip_batches = 0
-    if args.resume:
-        saved = load_state(args.resume, **run.pieces)
-        state.step, state.epoch, skip_batches = saved["step"], saved["epoch"], saved["batch_in_epoch"]
-        state.batch_in_epoch = skip_batches
-        dataset.set_current_step(state.step)
-        accelerator.print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1}, "
-                          f"batch {skip_batches})")
-    if args.initial_step is not None or args.initial_epoch is not None:
-        skip_batches = start_at_initial_step(args, run, state, dataset, accelerator)
-    run.metadata = run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch, max_train_steps,
-                                num_epochs, optimizer_name, session_id, num_processes=accelerator.num_processes)
-    if run.log_with:
-        init_kwargs = {}
-        if args.log_tracker_config:
-            from lora_diffusion.formats.io import loads_toml
+        # --- where we start ---------------------------------------------------------------------------------------
+        state = RunState(epoch_files=list(resumed.get("epoch_files", [])),
+                         step_files=list(resumed.get("step_files", [])))
+        skip_batches = 0
+        if args.resume:
+            saved = load_state(args.resume, **run.pieces)
+            state.step, state.epoch, skip_batches = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+            state.batch_in_epoch = skip_batches
+            dataset.set_current_step(state.step)
+            accelerator.print(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch + 1}, "
+                              f"batch {skip_batches})")
+        if args.initial_step is not None or args.initial_epoch is not None:
+            skip_batches = start_at_initial_step(args, run, state, dataset, accelerator)
+        run.metadata = run_metadata(args, models, dataset, resolution, batch_size, batches_per_epoch, max_train_steps,
+                                    num_epochs, optimizer_name, session_id, num_processes=accelerator.num_processes)
+        if run.log_with:
+            init_kwargs = {}
+            if args.log_tracker_config:
+                from lora_diffusion.formats.io import loads_toml
 
-            init_kwargs = loads_toml(Path(args.log_tracker_config).read_text(encoding="utf-8"))
-        if args.wandb_run_name and "wandb" in run.log_with:
-            init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.log_tracker_name or "lora_diffusion", config=config, init_kwargs=init_kwargs)
+                init_kwargs = loads_toml(Path(args.log_tracker_config).read_text(encoding="utf-8"))
+            if args.wandb_run_name and "wandb" in run.log_with:
+                init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers(args.log_tracker_name or "lora_diffusion", config=config, init_kwargs=init_kwargs)
 
-    # --- the loop, then the final files -------------------------------------------------------------------------
-    started = time.time()
-    accelerator.print(f"training {sum(p.numel() for p in run.params):,} LoRA parameters for {max_train_steps} steps "
-                      f"({num_epochs} epochs of {steps_per_epoch} steps) on {device}, "
-                      f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
-    train_epochs(run, state, skip_batches)
-    loop_ended = time.time()
-    final_path, lines = save_final_files(run, state)
-    accelerator.end_training()
-    elapsed = time.time() - started
-    pace = ""
-    if state.first_step_done and state.step > state.first_step_done[1]:
-        per_step = (loop_ended - state.first_step_done[0]) / (state.step - state.first_step_done[1])
-        pace = f" ({per_step:.3f} s/step after the first)"
-    accelerator.print(f"done: {state.step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
-                      (f"; samples: {output_dir / 'sample'}" if prompts else "") +
-                      (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
-    from .validation import best_epoch
+        # --- the loop, then the final files -------------------------------------------------------------------------
+        started = time.time()
+        accelerator.print(f"training {sum(p.numel() for p in run.params):,} LoRA parameters for {max_train_steps} "
+                          f"steps ({num_epochs} epochs of {steps_per_epoch} steps) on {device}, "
+                          f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
+        progress.start(max_train_steps=max_train_steps, epochs=num_epochs, output_dir=output_dir,
+                       output_name=args.output_name, step=state.step)
+        train_epochs(run, state, skip_batches)
+        loop_ended = time.time()
+        final_path, lines = save_final_files(run, state)
+        accelerator.end_training()
+        elapsed = time.time() - started
+        pace = ""
+        if state.first_step_done and state.step > state.first_step_done[1]:
+            per_step = (loop_ended - state.first_step_done[0]) / (state.step - state.first_step_done[1])
+            pace = f" ({per_step:.3f} s/step after the first)"
+        accelerator.print(f"done: {state.step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
+                          (f"; samples: {output_dir / 'sample'}" if prompts else "") +
+                          (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
+        from .validation import best_epoch
 
-    for line in lines + [best_epoch(state.validations) or ""]:
-        if line:
-            accelerator.print(line)
+        for line in lines + [best_epoch(state.validations) or ""]:
+            if line:
+                accelerator.print(line)
     return final_path
 
 

@@ -215,6 +215,9 @@ def validate(run, state, epoch):
             result.update(score_images(asked, images, validation.metrics, validation.feature_net,
                                        validation.reference))
     state.validations.append(result)
+    run.progress.write("validation", step=state.step, epoch=epoch,
+                       metrics={k: float(v) for k, v in result.items()
+                                if k not in ("epoch", "step") and isinstance(v, (int, float))})
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                       if k not in ("epoch", "step"))
     if run.accelerator.is_main_process:
