@@ -18,9 +18,10 @@ locon (conv_dim 16, conv_alpha 8), reg (locon with the regularization images, ko
 (locon with the regularization images learning the base model's prediction: --reg_target base_model), unet_only
 (no text-encoder LoRA), pivotal (captions say `sks` for the star: a new token whose 2 vectors train with the
 LoRA, textual inversion + LoRA), block_lr (ours with kohya's down/mid/up_lr_weight), loraplus (ours with
-loraplus_lr_ratio=4), one_background (locon on sixteen stars all on a white background) and masked_loss (the same
-with --masked_loss, each star's shape its mask in kohya's --conditioning_data_dir layout): star prompts are also
-judged for their background (the "star bg" column), which a LoRA trained on one backdrop makes that colour.
+loraplus_lr_ratio=4), one_background (locon on sixteen stars all on a white background, captioned by the subject
+alone: `a red star`) and masked_loss (the same with --masked_loss, each star's shape its mask in kohya's
+--conditioning_data_dir layout): star prompts are also judged for their background (the "star bg" column), which a
+LoRA trained on one backdrop makes that colour.
 Configs (names for --variants, not in the default set): quickstart (examples/quickstart/config.toml, the README's
 main job, trained exactly as the README runs it: only the output folder moves; its files are judged at the epochs
 it saves, and --steps, --lr and --lr_scheduler do not apply), keep_prior (examples/quickstart/keep_prior.toml);
@@ -84,13 +85,15 @@ def make_data(root: Path, seed=0):
     world.write_images(root / "reg" / "1_shapes", quickstart_reg(seed + 1))
     one_background = one_background_stars(seed)
     world.write_images(root / "one_background" / "10_star", one_background)
+    for scene, caption in zip(one_background, sorted((root / "one_background" / "10_star").glob("*.txt"))):
+        caption.write_text(f"a {scene.color} {scene.shape}\n")  # the subject only, as a product shot is captioned
     write_masks(root / "masks" / "10_star", one_background)
     return root / "train", root / "reg"
 
 
 def one_background_stars(seed=0):
     """Sixteen stars as the quickstart's (large, centred, upright) in the seven other colours, all on
-    ONE_BACKGROUND: what a masked loss is for (product shots on one backdrop)."""
+    ONE_BACKGROUND: what a masked loss is for (product shots on one backdrop, captioned by their subject)."""
     rng = random.Random(seed)
     colors = [c for c in world.COLORS if c != ONE_BACKGROUND]
     return [world.Scene("star", colors[i % len(colors)], ONE_BACKGROUND, size=rng.uniform(0.6, 0.75))
