@@ -26,10 +26,10 @@ from lora_diffusion.core.targets import KNOWN_PREFIXES, canonical_kohya_name
 from .errors import LoRAFileError, LoRAFileWarning
 from .io import atomic_write
 
-_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "iA3", "glora": "GLoRA", "norm": "norm"}
+# 0.1.0's names of what each algorithm declares (core/adapters/)
+LOHA_KEYS = adapters.LoHaLayer.file_keys
+LOKR_KEYS = adapters.LoKrLayer.file_keys
+ALGO_NAMES = {name: cls.label for name, cls in adapters.ALGORITHMS.items() if name != "dylora"}  # DyLoRA: LoRA files
 EMBEDDING_PREFIX = "bundle_emb."  # A1111's textual-inversion embeddings bundled in a LoRA file
 
 
