@@ -221,10 +221,6 @@ class LoRADataset(torch.utils.data.Dataset):
         return int(sum(e.repeats for e in self.entries if self.subsets[e.subset].is_reg))
 
     @property
-    def image_paths(self):
-        return [e.path for e in self.entries]
-
-    @property
     def resolution(self) -> tuple[int, int]:
         """(width, height) the dataset trains at: the resolution option, or what a dataset config set."""
         width, height = self.subsets[0].resolution
