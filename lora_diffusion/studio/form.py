@@ -125,6 +125,7 @@ def parse(values: dict) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
 def check(values: dict, root: Path) -> dict:
     """The run the values describe, checked as the CLI checks it: {"toml", "command", "warnings", "output_dir",
     "output_name"}. FormError (or PathRefused) says what is wrong."""
+    from lora_diffusion.training.errors import TrainingError
     from lora_diffusion.training.trainer import resolve
 
     check_paths(values, root)
@@ -133,7 +134,7 @@ def check(values: dict, root: Path) -> dict:
         warnings.simplefilter("always")
         try:
             resolved = resolve(args)
-        except ValueError as e:  # TrainingError is one; each message names its flag
+        except (TrainingError, ValueError) as e:  # each message names its flag, as the CLI prints it
             raise FormError(str(e)) from None
     return {"toml": toml_text(args, parser), "command": command_line(values),
             "warnings": [str(w.message) for w in caught], "output_dir": str(resolved.output_dir or "."),
@@ -141,13 +142,20 @@ def check(values: dict, root: Path) -> dict:
 
 
 def toml_text(args: argparse.Namespace, parser) -> str:
-    """The flags that differ from their defaults, as --config_file reads them (the trainer's own writer)."""
-    from lora_diffusion.options.flag_file import write_config_file
+    """The flags that differ from their defaults, as a flat TOML that --config_file reads back. Not
+    flag_file.write_config_file: it skips a flag whose destination a second spelling shares (--cache_latents,
+    which --no_cache_latents also sets; --validation_every_n_epochs), so those values would be lost."""
+    from lora_diffusion.options import trainer_options
+    from lora_diffusion.options.flag_file import _toml_value
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "run.toml"
-        write_config_file(path, args, parser)
-        return path.read_text(encoding="utf-8")
+    defaults, lines = vars(parser.parse_args([])), []
+    for option in trainer_options():
+        if option.dest or option.name in NOT_IN_FORM:
+            continue  # a second spelling writes nothing of its own
+        value = getattr(args, option.name, None)
+        if value is not None and value != defaults.get(option.name):
+            lines.append(f"{option.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def command_line(values: dict) -> str:
