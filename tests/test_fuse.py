@@ -165,3 +165,32 @@ def test_fuse_errors_name_what_to_fix(concepts, tmp_path, capsys, monkeypatch):
                      "--model", "builtin:tiny", "--out", str(tmp_path / "o")]) == 2
     assert "none.safetensors not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sdxl_concepts_with_their_tokens_fuse_into_a_folder_and_file_that_keep_the_tokens(tmp_path):
+    from safetensors import safe_open
+
+    from lora_diffusion.core.network import TokenEmbeddings
+
+    models = load_models("builtin:tiny-xl")
+    files, prompts = [], []
+    for i, token in enumerate(["<star>", "<ring>"]):
+        network = create_network(models.unet, models.text_encoders, rank=2, alpha=2)
+        network.add_embedding(TokenEmbeddings.create(models.tokenizers, models.text_encoders, token, init_word="star"))
+        generator = torch.Generator().manual_seed(i)
+        for p in network.parameters():
+            p.data = torch.randn(p.shape, generator=generator) * 0.1
+        network.save_weights(tmp_path / f"{i}.safetensors")
+        network.remove()
+        (tmp_path / f"{i}.txt").write_text(f"a red {token}\n", encoding="utf-8")
+        files.append(str(tmp_path / f"{i}.safetensors"))
+        prompts.append(str(tmp_path / f"{i}.txt"))
+    report = fuse_tool.fuse("builtin:tiny-xl", files, prompts, tmp_path / "out", rank=4, steps=1, say=lambda _: None)
+    assert {name.split("_")[1] for name in report} == {"te1", "te2", "unet"}
+    fused = load_models(str(tmp_path / "out"))
+    for tokenizer in fused.tokenizers:
+        assert tokenizer.tokenize("a <star> and a <ring>") == ["a</w>", "<star>", "and</w>", "a</w>", "<ring>"]
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {f"bundle_emb.{t}.{k}" for t in ("<star>", "<ring>") for k in ("clip_l", "clip_g")} <= keys
+    assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
