@@ -1,6 +1,6 @@
 """The `lora-diffusion` tools from the page: each tool's form is made from its own argparse arguments, its values
-become an argv list checked by that parser, and it runs as `python -m lora_diffusion.cli TOOL ...` (no shell) with
-its output kept for the page."""
+become an argv list checked by that parser, and it runs as `lora-diffusion TOOL ...` would (no shell), with
+its output kept for the page (through run_tool, which imports only that tool)."""
 
 import argparse
 import contextlib
@@ -115,7 +115,7 @@ class Tasks:
         self.tasks, self.lock, self.ids = {}, threading.Lock(), itertools.count(1)
 
     def start(self, name: str, values: dict) -> dict:
-        argv = [self.python, "-m", "lora_diffusion.cli", name, *tool_argv(name, values, self.root)]
+        argv = [self.python, "-m", "lora_diffusion.studio.run_tool", name, *tool_argv(name, values, self.root)]
         task = {"id": next(self.ids), "tool": name, "argv": argv[3:], "state": "running", "output": "",
                 "returncode": None, "started": time.time()}
         with self.lock:
