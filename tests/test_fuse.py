@@ -194,3 +194,53 @@ def test_sdxl_concepts_with_their_tokens_fuse_into_a_folder_and_file_that_keep_t
         keys = set(f.keys())
     assert {f"bundle_emb.{t}.{k}" for t in ("<star>", "<ring>") for k in ("clip_l", "clip_g")} <= keys
     assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_ties_and_dare_are_peft_add_weighted_adapters(method, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_diffusion.concepts.baselines import merge_task_vectors
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)),
+                           LoraConfig(r=3, lora_alpha=6, target_modules=["0"], init_lora_weights=False),
+                           adapter_name="first")
+    model.add_adapter("second", LoraConfig(r=3, lora_alpha=3, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    deltas = [layer.get_delta_weight(name).detach() for name in ("first", "second")]  # B A * alpha / r of each
+    weights, density = [0.7, 1.3], 0.4
+    states, bernoulli = [], torch.bernoulli  # DARE's drops: peft draws from the global generator, adapter by adapter
+
+    def spy(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        return bernoulli(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bernoulli", spy)
+    model.add_weighted_adapter(["first", "second"], weights, "merged", combination_type=f"{method}_svd", svd_rank=10,
+                               density=density)
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    assert bool(states) == method.startswith("dare")
+    theirs = layer.get_delta_weight("merged").detach()
+    generator = torch.Generator()
+    if states:  # ours draws from where peft's first draw began
+        generator.set_state(states[0])
+    ours = merge_task_vectors(deltas, weights, method, density, generator=generator)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, sum(w * d for w, d in zip(weights, deltas)), atol=1e-3)  # not a plain sum
+
+
+def test_a_ties_file_holds_the_merged_updates_at_its_rank(concepts, tmp_path):
+    from lora_diffusion.concepts.baselines import merge_concept_files, merge_task_vectors
+
+    report = merge_concept_files([c.path for c in concepts], tmp_path / "ties.safetensors", rank=4, density=0.5,
+                                 dtype=torch.float32)
+    written = load_file(str(tmp_path / "ties.safetensors"))
+    deltas = [merged_weight(c.path, UNET_K, torch.zeros(1)) for c in concepts]
+    expected = merge_task_vectors(deltas, [1.0, 1.0], "ties", 0.5)
+    u, s, vh = torch.linalg.svd(expected)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    up, down = written[f"{UNET_K}.lora_up.weight"].double(), written[f"{UNET_K}.lora_down.weight"].double()
+    got = float(written[f"{UNET_K}.alpha"]) / down.shape[0] * (up @ down)
+    torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-5)
+    assert 0 < report[UNET_K] <= 1
