@@ -47,8 +47,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # -- the worker: one model, steps on request -------------------------------------------------------------------
 
 
-def build(variant: dict, quick: bool, dtype, device, rank: int, resolution: int):
-    unet = common.build_unet(quick, dtype=dtype, device=device)
+def build(variant: dict, quick: bool, dtype, device, rank: int, resolution: int, batch: int = 1,
+          family: str = "v1", compile_backend: str = "inductor"):
+    """(step, count_flops, LoRA parameter count, their dtypes) for one variant on a U-Net of `family` (v1: SD1.5,
+    sdxl: SDXL base, with its pooled embedding and size/crop ids as cached text outputs give them)."""
+    unet = common.build_unet(quick, dtype=dtype, device=device, family=family)
     if variant["impl"] == "ours":
         from lora_diffusion import create_network
 
@@ -75,17 +78,20 @@ def build(variant: dict, quick: bool, dtype, device, rank: int, resolution: int)
         from diffusers.models.attention_processor import AttnProcessor
 
         unet.set_attn_processor(AttnProcessor())
-    latents, timesteps, context = common.unet_inputs(unet, resolution, dtype=dtype, device=device)
+    latents, timesteps, context = common.unet_inputs(unet, resolution, batch_size=batch, dtype=dtype, device=device)
+    added = common.sdxl_added_conditioning(unet, resolution, batch, dtype, device) if family == "sdxl" else None
     target = torch.randn_like(latents, dtype=torch.float32)
-    forward = torch.compile(unet) if variant.get("compile") else unet
+    forward = torch.compile(unet, backend=compile_backend) if variant.get("compile") else unet
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     use_autocast = variant.get("autocast", True) and dtype != torch.float32
 
+    def predict(model, sample):
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=use_autocast):
+            return model(sample, timesteps, context, added_cond_kwargs=added).sample
+
     def step():
         sample = latents.requires_grad_(True) if variant["impl"] == "bare" else latents
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=use_autocast):
-            pred = forward(sample, timesteps, context).sample
-        loss = F.mse_loss(pred.float(), target)
+        loss = F.mse_loss(predict(forward, sample).float(), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -95,9 +101,8 @@ def build(variant: dict, quick: bool, dtype, device, rank: int, resolution: int)
         frozen weights get none, so the backward is less than the usual 2x forward)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=use_autocast):
-            with FlopCounterMode(display=False) as counter:
-                unet(latents, timesteps, context)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            predict(unet, latents)
         forward_flops = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             step()
@@ -113,7 +118,7 @@ def worker(args):
     variant = VARIANTS[args.worker]
     device = torch.device(args.device)
     step, count_flops, n_params, lora_dtypes = build(variant, args.quick, DTYPES[args.dtype], device, args.rank,
-                                                     args.resolution)
+                                                     args.resolution, batch=args.batch)
     reply({"ready": True, "lora_params": n_params, "lora_dtypes": lora_dtypes, "rss": common.rss_bytes()})
     for line in sys.stdin:
         command = line.strip()
@@ -138,7 +143,8 @@ def reply(data: dict):
 class Worker:
     def __init__(self, name, args):
         command = [sys.executable, __file__, "--worker", name, "--dtype", args.dtype, "--rank", str(args.rank),
-                   "--resolution", str(args.resolution), "--threads", str(args.threads), "--device", args.device]
+                   "--resolution", str(args.resolution), "--batch", str(args.batch), "--threads", str(args.threads),
+                   "--device", args.device]
         if args.quick:
             command.append("--quick")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -193,6 +199,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["ours", "peft"], choices=list(VARIANTS))
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -243,8 +250,9 @@ def main(argv=None):
                       ",".join(d.replace("torch.", "") for d in row["lora_dtypes"])])
     size = "tiny" if args.quick else "SD1.5"
     common.print_table(
-        f"LoRA training step, {size} U-Net, {args.resolution} px, batch 1, rank {args.rank}, base {args.dtype}, "
-        f"{args.device}, {args.threads} threads; {args.repeats} alternations after {args.warmup} warm-up; "
+        f"LoRA training step, {size} U-Net, {args.resolution} px, batch {args.batch}, rank {args.rank}, base "
+        f"{args.dtype}, {args.device}, {args.threads} threads; {args.repeats} alternations after {args.warmup} "
+        f"warm-up; "
         f"load {start_load:.2f} at start, {min(results['_load']):.2f}-{max(results['_load']):.2f} during",
         ["variant", "s/step (median)", "s/step (best)", "peak GiB", "step GiB", "time / ref", "best / ref",
          "peak / ref", "step mem / ref",
@@ -253,7 +261,8 @@ def main(argv=None):
           f"({'max allocated' if args.device == 'cuda' else 'RSS'}); step mem = peak during the steps minus the "
           f"memory after building the model (activations, gradients, optimizer state)")
     info = {"benchmark": "train_step", "machine": common.machine(), "quick": args.quick,
-            "resolution": args.resolution, "rank": args.rank, "dtype": args.dtype, "repeats": args.repeats,
+            "resolution": args.resolution, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
+            "repeats": args.repeats,
             "load_start": start_load, "load_during": results["_load"], "busy_processes": busy, "results": rows}
     if flops:
         peak = matmul_peak(DTYPES[args.dtype], args.device)
