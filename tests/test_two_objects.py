@@ -75,3 +75,19 @@ def test_two_object_captions_round_trip():
     for s in scenes(200, seed=6):
         assert s.left.color != s.background and s.right.color != s.background
         assert s.left.cx + s.left.size * 0.62 < 0.5 < s.right.cx - s.right.size * 0.62
+
+
+def test_two_object_prompts_are_drawn_with_their_halves_regional_prompts():
+    from lora_diffusion.models import load_models
+    from lora_diffusion.world import quality
+
+    scenes = quality.two_object_scenes(2)
+    assert all(len({s.left.color, s.right.color, s.background}) == 3 for s in quality.two_object_scenes(50))
+    left, right = quality.two_object_regions(scenes[0])
+    assert left.prompt == world.caption(scenes[0].left) and left.box == (0.0, 0.0, 0.5, 1.0)
+    assert right.prompt == world.caption(scenes[0].right) and right.box == (0.5, 0.0, 1.0, 1.0)
+    models = load_models("builtin:tiny")
+    accuracy, images = quality.judge_two_object_prompts(models, scenes, steps=2)
+    _, plain = quality.judge_two_object_prompts(models, scenes, steps=2, regional=False)
+    assert len(images) == 2 and images[0].size == (64, 64) and set(accuracy) >= {"left", "right", "all"}
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(plain[0]))  # the regions change the image

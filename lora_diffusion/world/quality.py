@@ -101,3 +101,44 @@ def summarize_samples(paths, grid_path):
     sheet = grid(images, columns=min(len(images), 8))
     atomic_write(grid_path, lambda f: sheet.save(f, format="PNG"))
     return grid_path, judge_samples(prompts, images)
+
+
+def two_object_regions(scene: world.TwoObjectScene):
+    """Regional prompts for a two-object scene: each half's one-object caption over that half."""
+    from lora_diffusion.models.regional import Region
+
+    return [Region(world.caption(scene.left), (0.0, 0.0, 0.5, 1.0)),
+            Region(world.caption(scene.right), (0.5, 0.0, 1.0, 1.0))]
+
+
+def two_object_scenes(n, shapes=world.PRETRAIN_SHAPES, seed=1234):
+    """n centred two-object scenes over shape pairs and distinct colours in a seeded order, each background
+    another colour than both shapes."""
+    rng = random.Random(seed)
+    scenes = []
+    while len(scenes) < n:
+        left, right = rng.choice(shapes), rng.choice(shapes)
+        colors = rng.sample(world.COLORS, 3)
+        scenes.append(world.two_object_scene(left, colors[0], right, colors[1], colors[2]))
+    return scenes
+
+
+@torch.no_grad()
+def judge_two_object_prompts(models, scenes, *, regional=True, steps=30, guidance=5.0, seed=0, size=SIZE):
+    """One image per two-object scene from its caption (world.two_object_caption), with its halves' regional
+    prompts when `regional`, judged by world.judge_two_objects; (accuracy, images)."""
+    from lora_diffusion.models.regional import encode_regions, regional_attention
+    from lora_diffusion.models.sampling import draw
+
+    pipe = world_pipeline(models)
+    factor = pipe.vae_scale_factor
+    images = []
+    for i, scene in enumerate(scenes):
+        contexts = encode_regions(models, pipe, two_object_regions(scene), "", expand=lambda text: text,
+                                  device=pipe.device) if regional else []
+        with regional_attention(pipe.unet, contexts, latent_size=(size // factor, size // factor),
+                                guidance=guidance > 1):
+            images += draw(pipe, prompt=world.two_object_caption(scene), height=size, width=size,
+                           num_inference_steps=steps, guidance_scale=guidance,
+                           generator=torch.Generator().manual_seed(seed + i))
+    return world.judge_two_object_accuracy(images, scenes), images
