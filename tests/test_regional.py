@@ -139,3 +139,86 @@ def test_draw_keeps_its_behaviour_without_regions():
         a = draw(pipe, prompt="toy", width=64, height=64, num_inference_steps=2, generator=torch.manual_seed(0))[0]
     b = draw(pipe, prompt="toy", width=64, height=64, num_inference_steps=2, generator=torch.manual_seed(0))[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- layer-wise token embeddings (concepts/layerwise.py): per-layer text states through the same attn2 seam --------
+
+
+def tiny_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    models = load_models("builtin:tiny")
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                   unet=models.unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_layerwise_vectors_alike_in_every_layer_draw_what_a_plain_embedding_draws(tmp_path):
+    from lora_diffusion.concepts.layerwise import LayerwiseEmbeddings, layerwise_pipeline_call
+    from lora_diffusion.core.network import TokenEmbeddings
+
+    vector = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    settings = dict(num_inference_steps=2, height=64, width=64, output_type="np", guidance_scale=5.0)
+    plain_pipe = tiny_pipeline()
+    TokenEmbeddings("<star>", vector).apply_to(plain_pipe.tokenizer, plain_pipe.text_encoder)
+    plain = plain_pipe("a red <star>", generator=torch.Generator().manual_seed(1), **settings).images
+    pipe = tiny_pipeline()
+    layers = LayerwiseEmbeddings.create(pipe.tokenizer, pipe.text_encoder, pipe.unet, "<star>").layers
+    LayerwiseEmbeddings("<star>", layers, vector.expand(len(layers), 1, 32)).save(tmp_path / "star.safetensors")
+    from lora_diffusion.concepts.layerwise import load_layerwise_into_pipeline
+
+    embedding = load_layerwise_into_pipeline(pipe, tmp_path / "star.safetensors")
+    ours = layerwise_pipeline_call(pipe, embedding, "a red <star>", generator=torch.Generator().manual_seed(1),
+                                   **settings).images
+    np.testing.assert_allclose(ours, plain, atol=1e-5)
+    assert not any(type(p).__name__ == "LayerContextProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_each_cross_attention_layer_reads_the_prompt_encoded_with_its_own_vectors():
+    from lora_diffusion.concepts.layerwise import LayerwiseEmbeddings, layerwise_pipeline_call
+
+    pipe = tiny_pipeline()
+    layers = LayerwiseEmbeddings.create(pipe.tokenizer, pipe.text_encoder, pipe.unet, "<v>").layers
+    vectors = torch.randn(len(layers), 1, 32, generator=torch.Generator().manual_seed(2))
+    embedding = LayerwiseEmbeddings("<v>", layers, vectors).apply_to(pipe.tokenizer, pipe.text_encoder)
+    seen = {}
+    hooks = [pipe.unet.get_submodule(layer).to_k.register_forward_pre_hook(
+        lambda m, args, layer=layer: seen.setdefault(layer, args[0].detach().clone())) for layer in layers]
+    layerwise_pipeline_call(pipe, embedding, "a <v> on a white background", num_inference_steps=1, height=64,
+                            width=64, guidance_scale=1.0, output_type="latent")
+    for hook in hooks:
+        hook.remove()
+    embedding.remove()
+    ids = pipe.tokenizer("a <v> on a white background", padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert len(layers) >= 2 and set(seen) == set(layers)
+    for index, layer in enumerate(layers):  # the table's row for <v> set by hand to this layer's vector
+        with torch.no_grad():
+            table[embedding.first_id] = vectors[index, 0]
+            expected = pipe.text_encoder(ids)[0]
+        torch.testing.assert_close(seen[layer], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seen[layers[0]], seen[layers[1]])
+
+
+def test_layerwise_files_name_their_layers_and_refuse_another_unet(tmp_path):
+    from lora_diffusion.concepts.layerwise import LayerwiseEmbeddings
+
+    pipe = tiny_pipeline()
+    embedding = LayerwiseEmbeddings.create(pipe.tokenizer, pipe.text_encoder, pipe.unet, "<v>", init_word="star",
+                                           num_vectors=2)
+    assert embedding.vectors.shape == (len(embedding.layers), 2, 32)
+    assert embedding.expand("a <v> here") == "a <v> <v>_1 here"
+    embedding.save(tmp_path / "v.safetensors")
+    loaded = LayerwiseEmbeddings.load(tmp_path / "v.safetensors", pipe.unet)
+    assert loaded.layers == embedding.layers and torch.equal(loaded.vectors, embedding.vectors)
+    other = load_models("builtin:tiny-xl").unet
+    with pytest.raises(ValueError, match="not this U-Net's"):
+        LayerwiseEmbeddings.load(tmp_path / "v.safetensors", other)
+    with pytest.raises(ValueError, match="not a layer-wise embedding file"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+        LayerwiseEmbeddings.load(tmp_path / "x.safetensors")
