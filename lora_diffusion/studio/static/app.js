@@ -204,7 +204,7 @@ function drawJob(job) {
       loadJobs();
     });
   const stepLine = `step ${p.step ?? 0}${p.max_train_steps ? " / " + p.max_train_steps : ""}, epoch ` +
-    `${(p.epoch ?? 0) + (p.step ? 1 : 0)}${p.epochs ? " / " + p.epochs : ""}` +
+    `${p.epoch || 1}${p.epochs ? " / " + p.epochs : ""}` +
     (p.steps_per_s ? `, ${p.steps_per_s.toFixed(2)} it/s, ETA ${seconds(p.eta_s)}` : "");
   const metrics = p.validations.map((v) => el("tr", {}, el("td", {}, `step ${v.step}`),
     el("td", {}, Object.entries(v.metrics || {}).map(([k, x]) => `${k} ${typeof x === "number" ? x.toFixed(4) : x}`)
