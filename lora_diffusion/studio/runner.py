@@ -99,9 +99,13 @@ class Runner:
         atomic_write(config, lambda f: f.write(toml), mode="w")
         argv = [self.python, "-m", "lora_diffusion.cli", "train", "--config_file", str(config)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path(job["id"]), "ab") as log:
-            child = subprocess.Popen(argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        try:
+            with open(self.log_path(job["id"]), "ab") as log:
+                child = subprocess.Popen(argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        except OSError as e:
+            self.queue.end(job["id"], "failed", error=f"could not start {argv[0]}: {e}")
+            return
         self.children[job["id"]] = child
         self.queue.set_process(job["id"], child.pid, process_start_time(child.pid))
 

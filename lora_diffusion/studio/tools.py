@@ -128,8 +128,9 @@ class Tasks:
         child = subprocess.Popen(argv, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         for line in iter(child.stdout.readline, b""):
+            text = line.decode("utf-8", "replace").split("\r")[-1] or "\n"  # a progress bar's last redraw
             with self.lock:
-                task["output"] = (task["output"] + line.decode("utf-8", "replace"))[-200_000:]
+                task["output"] = (task["output"] + text)[-200_000:]
         returncode = child.wait()
         with self.lock:
             task.update(state="finished" if returncode == 0 else "failed", returncode=returncode)

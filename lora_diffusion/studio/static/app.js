@@ -247,16 +247,19 @@ function watchTask(task, box, resultsFolder) {
     out.textContent = now.output || (now.state === "running" ? "running ..." : "");
     if (now.state === "running") return setTimeout(poll, 700);
     box.append(el("div", {class: `state-${now.state}`}, `${now.state} (exit status ${now.returncode})`));
-    if (resultsFolder && now.state === "finished") showResults(box, resultsFolder);
+    const best = (now.output.match(/^best by \S+: (\S+)/m) || [])[1];  // lora-diffusion evaluate's verdict
+    if (resultsFolder && now.state === "finished") showResults(box, resultsFolder, best);
   };
   setTimeout(poll, 300);
 }
 
-async function showResults(box, folder) {  // lora-diffusion evaluate's results.json and grid.png
+async function showResults(box, folder, best) {  // lora-diffusion evaluate's results.json and grid.png
   const rows = await api(`/api/results?path=${encodeURIComponent(folder + "/results.json")}`);
   const keys = Object.keys(rows[0] || {}).filter((k) => typeof rows[0][k] !== "object");
-  box.append(el("table", {}, el("tr", {}, keys.map((k) => el("th", {}, k))),
-    rows.map((r) => el("tr", {}, keys.map((k) => el("td", {}, typeof r[k] === "number" ? +r[k].toFixed(4) : r[k]))))),
+  box.append(el("table", {class: "results"}, el("tr", {}, keys.map((k) => el("th", {}, k))),
+    rows.map((r) => el("tr", {class: r.label === best ? "best" : ""}, keys.map((k) => el("td", {},
+      typeof r[k] === "number" ? +r[k].toFixed(4) : r[k]))))),
+  best ? el("p", {}, `best: ${best}`) : "",
   el("img", {src: imageUrl(folder + "/grid.png"), class: "grid"}));
 }
 
