@@ -335,7 +335,7 @@ def test_a_second_signal_stops_at_once_without_saving(tmp_path, data, monkeypatc
     hook_forward(monkeypatch, fire_twice_on_second_call)
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when started in the background (&)
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=4)) == 130
-    assert not list((tmp_path / "out").glob("t*"))
+    assert [p.name for p in (tmp_path / "out").glob("t*")] == ["t.progress.jsonl"]  # its end event: stopped
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
 
@@ -361,7 +361,7 @@ def test_output_dir_that_is_a_file_or_unwritable(tmp_path, data, capsys, monkeyp
 def test_too_little_free_space_fails_at_start(tmp_path, data, capsys, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert "MiB free" in error_of(base_flags(tmp_path, data, max_train_steps=2), capsys)
-    assert not list((tmp_path / "out").iterdir())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["t.progress.jsonl"]  # its end event: failed
 
 
 def test_a_write_error_names_the_path_and_keeps_the_last_good_file(tmp_path, data, capsys, monkeypatch):
@@ -377,7 +377,7 @@ def test_a_write_error_names_the_path_and_keeps_the_last_good_file(tmp_path, dat
     err = error_of(base_flags(tmp_path, data, max_train_steps=3, save_every_n_steps=1), capsys)
     out = tmp_path / "out"
     assert f"could not write {out / 't-step00000002.safetensors'} at step 2: No space left on device" in err
-    assert sorted(p.name for p in out.iterdir()) == ["t-step00000001.safetensors"]  # no temp file left either
+    assert sorted(p.name for p in out.iterdir()) == ["t-step00000001.safetensors", "t.progress.jsonl"]  # no temp file
     tensors, meta = read(out / "t-step00000001.safetensors")
     assert meta["ss_steps"] == "1" and all(torch.isfinite(t).all() for t in tensors.values())
 

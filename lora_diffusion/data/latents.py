@@ -144,3 +144,26 @@ def write_latent_file(path: Path, key: str, plain, flipped, mask=None):
     if mask is not None:
         tensors["alpha_mask"] = mask
     write_cache_file(path, key, tensors, "lora_diffusion.latents.1")
+
+
+def cache_latents_in_shares(dataset, vae, *, rank: int, world: int, wait, to_disk: bool, scratch_dir: Path,
+                            **encode_options):
+    """dataset.cache_latents over several processes: process `rank` of `world` encodes every world-th image and
+    writes it to the disk cache (the images' folders with `to_disk`, else `scratch_dir`), `wait()` (a barrier for
+    every process) and then each process caches the whole dataset, reading the others' shares from disk. No
+    process encodes another's share (on several nodes without a shared disk, a node encodes what it cannot read).
+    Afterwards the scratch folder is deleted (rank 0). `encode_options`: batch_size, device, dtype."""
+    import copy
+    import shutil
+
+    cache_dir = None if to_disk else Path(scratch_dir)
+    share = copy.copy(dataset)  # the same dataset, but only this process's images to encode
+    share.entries = dataset.entries[rank::world]
+    try:
+        share.cache_latents(vae, to_disk=True, cache_dir=cache_dir, **encode_options)
+        wait()
+        dataset.cache_latents(vae, to_disk=True, cache_dir=cache_dir, **encode_options)
+        wait()
+    finally:
+        if cache_dir is not None and rank == 0:
+            shutil.rmtree(cache_dir, ignore_errors=True)

@@ -11,8 +11,8 @@ from .declare import SWITCH, Option, group
 
 LATER = "not implemented yet in this trainer"
 NO_NETWORK = "it uploads to the Hugging Face Hub, and this trainer works offline (copy the files yourself)"
-DEEPSPEED = ("DeepSpeed is not wired into this trainer yet (accelerate's DeepSpeed plugin needs the prepared model; "
-             "see docs/guide.md#distributed)")
+DEEPSPEED = ("DeepSpeed is not wired into this trainer yet (the LoRA trains through DDP: accelerate launch "
+             "--multi_gpu; see docs/guide.md#distributed)")
 
 
 def int_or_float(text):
@@ -255,10 +255,12 @@ TRAINING = group(
 
 DISTRIBUTED = group(
     "distributed (accelerate launch)",
-    Option("ddp_timeout", int, None, "minutes a process waits for the others (default: 30 with accelerate)"),
-    Option("ddp_gradient_as_bucket_view", SWITCH, False, "DDP's gradient_as_bucket_view (no effect: the LoRA's "
-           "gradients are averaged in one all-reduce, not by DDP)"),
-    Option("ddp_static_graph", SWITCH, False, "DDP's static_graph (no effect, as above)"),
+    Option("ddp_timeout", int, None, "minutes a process waits for the others at any collective (the latent cache, "
+           "saves; default: torch's, 10 for NCCL)"),
+    Option("ddp_gradient_as_bucket_view", SWITCH, False, "DDP's gradient_as_bucket_view: the LoRA's gradients are "
+           "views of DDP's all-reduce buckets (no copy)"),
+    Option("ddp_static_graph", SWITCH, False, "DDP's static_graph: the same parameters train at every step (not with "
+           "--clip_skip and a trained text encoder, module dropout, or --train_text_encoder_ti_frac below 1)"),
     Option("deepspeed", SWITCH, False, "train with DeepSpeed", refused=DEEPSPEED),
     Option("zero_stage", int, 2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)),
     Option("offload_optimizer_device", str, None, "DeepSpeed: cpu or nvme", choices=("cpu", "nvme"),

@@ -8,8 +8,9 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Run:
     log_with: str | None = None
     validation: Any = None  # training.validation.Validation: held-out images and/or prompts to score
     progress: ProgressFile = field(default_factory=lambda: ProgressFile(None))  # --progress_file's events
+    prepared: Any = None  # NetworkForward as accelerate prepared it (DDP) in a multi-process run, else None
 
     @property
     def device(self):
@@ -168,19 +170,50 @@ def _sample(run: Run, state: RunState, epoch=None):
                            prompt=prompt["prompt"])
 
 
+class NetworkForward(torch.nn.Module):
+    """The network as the module accelerate prepares (DDP in a multi-process run): its parameters are exactly what
+    trains (the LoRA's, a new token's vectors), and its forward is one micro-batch's loss through the models that
+    carry the LoRA, so DDP's hooks all-reduce the LoRA's gradients in buckets while the backward still runs."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, loss_of, batch):
+        return loss_of(batch)
+
+
+def forward_loss(run: Run, batch):
+    """compute_loss of one micro-batch; in a multi-process run through the prepared network (DDP), with the
+    latents encoded first, outside the autocast accelerate puts around it (the VAE keeps its own dtype)."""
+    if run.prepared is None:
+        return compute_loss(run, batch)
+    return run.prepared(partial(compute_loss, run), dict(batch, latents=batch_latents(run, batch)))
+
+
+def gradient_sync(run: Run, sync: bool):
+    """Within a step's micro-batches but its last, DDP only accumulates (no all-reduce): accelerate's no_sync."""
+    if sync or run.prepared is None:
+        return nullcontext()
+    return run.accelerator.no_sync(run.prepared)
+
+
+def batch_latents(run: Run, batch):
+    """The batch's latents: cached, or its images through the VAE (frozen, in its own dtype)."""
+    if "latents" in batch:
+        return batch["latents"].to(run.device)
+    vae = run.models.vae
+    with torch.no_grad():
+        images = batch["images"].to(run.device, vae.dtype)
+        return vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+
+
 def compute_loss(run: Run, batch):
     """One micro-batch: latents, text states, noise, the U-Net's prediction, the loss."""
     from lora_diffusion import training
 
     args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
-    vae = models.vae
-    if "latents" in batch:
-        latents = batch["latents"].to(device)
-    else:
-        with torch.no_grad():
-            images = batch["images"].to(device, vae.dtype)
-            latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-    latents = latents.to(run.weight_dtype)
+    latents = batch_latents(run, batch).to(run.weight_dtype)
     context, added = text_conditioning(run, batch)
     noise = training.make_noise(latents, noise_offset=args.noise_offset,
                                 multires_noise_iterations=args.multires_noise_iterations,
@@ -249,8 +282,7 @@ def base_model_prediction(run: Run, batch, noisy, timesteps):
 
 
 def optimizer_step(run: Run, state: RunState, params):
-    """After the micro-batches of one step: average, clip, step, count."""
-    average_gradients(params, run.accelerator)
+    """After the micro-batches of one step (their gradients averaged over processes by DDP): clip, step, count."""
     if run.args.max_grad_norm:
         run.accelerator.clip_grad_norm_(params, run.args.max_grad_norm)
     run.optimizer.step()
@@ -337,7 +369,8 @@ def after_epoch(run: Run, state: RunState):
 
 def train_epochs(run: Run, state: RunState, skip_batches: int):
     """The loop, from `state` (a resumed run: `skip_batches` of its epoch done) to --max_train_steps. Ctrl-C or
-    SIGTERM stop it at the next step boundary with the LoRA and the state saved (then KeyboardInterrupt)."""
+    SIGTERM (to any process) stop it at the next step boundary with the LoRA and the state saved (then
+    StoppedAndSaved, a KeyboardInterrupt)."""
     from tqdm.auto import tqdm
 
     args, accelerator, embedding = run.args, run.accelerator, run.embedding
@@ -364,13 +397,14 @@ def train_epochs(run: Run, state: RunState, skip_batches: int):
                     group = min(args.gradient_accumulation_steps, run.batches_per_epoch - state.batch_in_epoch)
                     if embedding is not None and state.step >= run.embedding_steps and embedding.trainable:
                         embedding.freeze()  # --train_text_encoder_ti_frac: kept from here on
-                loss = compute_loss(run, batch)
-                if not loss_is_finite(loss, accelerator):
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); stopping "
-                        f"before a broken file is written. {intact(state)} Try a lower --learning_rate, "
-                        f"--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
-                accelerator.backward(loss / group)
+                with gradient_sync(run, sync=micro + 1 == group):
+                    loss = forward_loss(run, batch)
+                    if not loss_is_finite(loss, accelerator):
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); stopping "
+                            f"before a broken file is written. {intact(state)} Try a lower --learning_rate, "
+                            f"--mixed_precision bf16 instead of fp16, or --max_grad_norm 1.0")
+                    accelerator.backward(loss / group)
                 micro, state.batch_in_epoch = micro + 1, state.batch_in_epoch + 1
                 if micro < group:
                     continue
@@ -392,7 +426,7 @@ def train_epochs(run: Run, state: RunState, skip_batches: int):
         stem = f"{args.output_name}-step{state.step:08d}"
         save_checkpoint(run, state, stem, state.epoch, state.batch_in_epoch, with_state=True)  # a 2nd signal aborts
         accelerator.print(f"resume with: --resume {run.output_dir / (stem + '-state')}")
-        raise KeyboardInterrupt from None
+        raise StoppedAndSaved(accelerator.num_processes) from None
     finally:
         stop.__exit__()
         progress.close()  # an error message then starts on a line of its own
@@ -451,7 +485,8 @@ def loss_is_finite(loss, accelerator) -> bool:
 
 
 def average_gradients(params, accelerator):
-    """Mean of the LoRA gradients over processes, in one flat all-reduce."""
+    """Mean of the LoRA gradients over processes, in one flat all-reduce after the backward: for a loop of one's
+    own that does not prepare its network (the trainer's loop lets DDP do it during the backward)."""
     if accelerator.num_processes == 1:
         return
     params = [p for p in params if p.requires_grad]  # a frozen embedding keeps no gradient: the optimizer skips it
@@ -510,3 +545,11 @@ def stop_requested(stop: DeferredStop, accelerator) -> bool:
 
 class StopAtBoundary(Exception):
     """Raised inside the loop after a whole step when a signal asked to stop."""
+
+
+class StoppedAndSaved(KeyboardInterrupt):
+    """The run stopped at a step boundary on a signal, with the LoRA and the state saved on every process."""
+
+    def __init__(self, processes: int = 1):
+        super().__init__()
+        self.processes = processes

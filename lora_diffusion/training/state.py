@@ -6,8 +6,10 @@ A state folder holds exactly:
     network.safetensors   the network's state_dict
     optimizer.safetensors the optimizer's state tensors, as "<param index>/<name>"
     rng-<i>.safetensors   process i's torch CPU/CUDA generator states; python and numpy states in its header
-Nothing in it is ever unpickled, so a state folder from anywhere cannot run code: a folder holding any other file
-(a .pkl, accelerate's optimizer.bin ...) is refused, and so is one with a missing or garbled file. It is written
+The main process writes every file (the other processes' random states are gathered to it); resuming on several
+nodes needs the folder where every node can read it (a shared disk, or a copy on each node). Nothing in it is
+ever unpickled, so a state folder from anywhere cannot run code: a folder holding any other file (a .pkl,
+accelerate's optimizer.bin ...) is refused, and so is one with a missing or garbled file. It is written
 to `<dir>.tmp` and renamed into place (io.replace_folder), so a crash mid-save leaves the previous state as it was.
 """
 
@@ -112,7 +114,7 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
     state_dir = Path(state_dir)
     tmp_dir = state_dir.with_name(state_dir.name + ".tmp")  # what new_staging_folder(fixed_name=True) makes
     main = accelerator is None or accelerator.is_main_process
-    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    world = 1 if accelerator is None else accelerator.num_processes
     weights = network.state_dict()
     optimizer_tensors, optimizer_rest = _optimizer_parts(optimizer)
     bad = non_finite(weights) + [f"optimizer {k}" for k in non_finite(optimizer_tensors)]
@@ -124,20 +126,28 @@ def save_state(state_dir, *, network, optimizer, lr_scheduler, step, epoch, batc
                   lr_scheduler=_to_json(lr_scheduler.state_dict(), "the lr scheduler"),
                   scaler=None if scaler is None else _to_json(scaler.state_dict(), "the GradScaler"))
     text = json.dumps(record, indent=1)  # every check above runs on every process, before any of them waits
+    # Every process's random states go to the main process, which writes the whole folder: on several nodes each
+    # rng-<i> file lands in the one folder that is renamed into place, whichever disk the other nodes write to.
+    rng_states = _gather(accelerator, _rng_state())
     if main:
         new_staging_folder(state_dir, fixed_name=True)  # a leftover of an interrupted save there is deleted
-    _wait(accelerator)
-    rng_tensors, rng_header = _rng_state()
-    _write_tensors(tmp_dir / f"rng-{rank}.safetensors", rng_tensors, rng_header)
-    if main:
+        for i, (rng_tensors, rng_header) in enumerate(rng_states):
+            _write_tensors(tmp_dir / f"rng-{i}.safetensors", rng_tensors, rng_header)
         _write_tensors(tmp_dir / "network.safetensors", weights)
         _write_tensors(tmp_dir / "optimizer.safetensors", optimizer_tensors)
-    _wait(accelerator)  # every rng file is there before train_state.json marks the folder complete
-    if main:
-        atomic_write(tmp_dir / TRAIN_STATE_FILE, lambda f: f.write(text), mode="w")
+        atomic_write(tmp_dir / TRAIN_STATE_FILE, lambda f: f.write(text), mode="w")  # last: the folder is whole
         replace_folder(tmp_dir, state_dir)
-    _wait(accelerator)
+    _wait(accelerator)  # no process goes on (to rotate, to resume) before the folder is in place
     return state_dir
+
+
+def _gather(accelerator, value) -> list:
+    """`value` of every process, in rank order (on the main process; the others get theirs too)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def _wait(accelerator):

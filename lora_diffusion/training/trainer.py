@@ -318,7 +318,7 @@ def make_accelerator(args):
     # tests) with another --mixed_precision would be refused without this reset.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    handlers = []
+    handlers = [ddp_settings(args)]
     if args.ddp_timeout:
         from datetime import timedelta
 
@@ -328,10 +328,52 @@ def make_accelerator(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=tracker_names(args),
                               project_dir=args.logging_dir, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=handlers)
+    check_distribution(accelerator)
     allow_tf32(accelerator.device, not args.no_tf32)
     install_grad_scaler(accelerator, full_fp16=args.full_fp16)
     set_seed(args.seed)
     return accelerator
+
+
+def ddp_settings(args):
+    """DDP's settings for the prepared network: --ddp_gradient_as_bucket_view, --ddp_static_graph (kohya's). Some
+    LoRA parameters can sit out a step (a text encoder's last layer under --clip_skip, a token's vectors once
+    frozen, module dropout), so DDP looks for unused ones unless the graph is declared static."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(find_unused_parameters=not args.ddp_static_graph,
+                                         gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
+                                         static_graph=args.ddp_static_graph)
+
+
+def check_distribution(accelerator):
+    """The launch configurations this trainer runs: one process, or DDP over several (accelerate launch
+    --multi_gpu, torchrun, several CPUs with gloo). Others stop here, before any work, in one line."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        raise TrainingError("accelerate's FSDP config: not supported by this trainer (FSDP shards parameters that "
+                            "train, and the LoRA's are a few MB while the frozen base is not sharded); launch with "
+                            "--multi_gpu (DDP), and --gradient_checkpointing or --fp8_base for memory")
+    if kind == DistributedType.DEEPSPEED:
+        raise TrainingError("accelerate's DeepSpeed config: not supported by this trainer yet (the --deepspeed "
+                            "flags are refused too); launch with --multi_gpu (DDP)")
+    if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        raise TrainingError(f"accelerate's {kind.value} launch: not supported by this trainer; use one process or "
+                            f"--multi_gpu (DDP)")
+
+
+def prepare_network(network, accelerator):
+    """The network prepared by accelerate (DDP) when several processes train, else None (one process runs the
+    loss directly: the same operations as always)."""
+    from accelerate.utils import DistributedType
+
+    from .loop import NetworkForward
+
+    if accelerator.distributed_type == DistributedType.NO:
+        return None
+    return accelerator.prepare_model(NetworkForward(network))
 
 
 def tracker_names(args) -> list[str] | None:
@@ -512,9 +554,17 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
     the images); then the models that are no longer needed leave the device. Returns the text cache or None."""
     device = accelerator.device
     if args.cache_latents:
-        with accelerator.main_process_first():
-            dataset.cache_latents(models.vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                                  device=device, dtype=models.vae.dtype)
+        encode_options = dict(batch_size=args.vae_batch_size, device=device, dtype=models.vae.dtype)
+        if accelerator.num_processes == 1:
+            dataset.cache_latents(models.vae, to_disk=args.cache_latents_to_disk, **encode_options)
+        else:  # each process its share (through the disk cache); the barriers wait --ddp_timeout at most
+            from lora_diffusion.data.latents import cache_latents_in_shares
+
+            cache_latents_in_shares(dataset, models.vae, rank=accelerator.process_index,
+                                    world=accelerator.num_processes, wait=accelerator.wait_for_everyone,
+                                    to_disk=args.cache_latents_to_disk,
+                                    scratch_dir=Path(args.output_dir) / f".{args.output_name}-latents-cache",
+                                    **encode_options)
     text_cache = None
     cacheable = not train_text_encoder and not args.token_string and dataset.captions_are_fixed()
     if args.cache_text_encoder_outputs and not cacheable:
@@ -660,13 +710,9 @@ def build_optimizer(args, network, max_train_steps, accelerator):
                                        lr_scheduler_args=args.lr_scheduler_args, lr_decay_steps=args.lr_decay_steps,
                                        lr_scheduler_timescale=args.lr_scheduler_timescale,
                                        lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio)
-    # Only the optimizer goes through accelerate (GradScaler for fp16, skipped steps while accumulating). The
-    # scheduler is stepped by hand once per optimizer step. The gradients are averaged across processes by hand
-    # (average_gradients), not by DDP, although the LoRA is in the models' trees and DDP(unet) works: one flat
-    # all-reduce per optimizer step covers the LoRA of both models and a new token's embedding (which is outside
-    # them), with no no_sync() for accumulation and no wrapping to undo for sampling and saving. Measured on 2 gloo
-    # CPU processes, builtin:tiny, LoRA on U-Net + text encoder, 15 steps x 4 runs each: 227-322 ms/step by hand,
-    # 286-309 ms/step with DDP over the U-Net and the text encoder (the same within noise).
+    # The optimizer goes through accelerate (the GradScaler for fp16); the scheduler is stepped by the loop once
+    # per optimizer step that updated (not on a step the scaler skipped). In a multi-process run the network is
+    # prepared too (prepare_network: DDP all-reduces the gradients during the backward).
     optimizer_name = describe_optimizer(optimizer, args.optimizer_args)
     params = [p for group in param_groups for p in group["params"]]
     return accelerator.prepare(optimizer), lr_scheduler, optimizer_name, params
@@ -735,6 +781,7 @@ def train(args):
         network, embedding, embedding_steps = build_network(args, models, dataset, max_train_steps, accelerator,
                                                             train_unet, train_text_encoder)
         optimizer, lr_scheduler, optimizer_name, params = build_optimizer(args, network, max_train_steps, accelerator)
+        prepared = prepare_network(network, accelerator)
         if args.save_n_epoch_ratio:  # kohya's: about that many epoch files over the run
             every = max(1, num_epochs // args.save_n_epoch_ratio)
             args = argparse.Namespace(**{**vars(args), "save_every_n_epochs": every})
@@ -745,7 +792,7 @@ def train(args):
                   metadata={}, resolution=resolution, weight_dtype=weight_dtype, params=params, prompts=prompts,
                   text_cache=text_cache, embedding=embedding, embedding_steps=embedding_steps,
                   train_text_encoder=train_text_encoder, log_with=tracker_names(args),
-                  validation=validation, progress=progress)
+                  validation=validation, progress=progress, prepared=prepared)
 
         # --- where we start ---------------------------------------------------------------------------------------
         state = RunState(epoch_files=list(resumed.get("epoch_files", [])),
@@ -818,8 +865,10 @@ def main(argv=None, prog=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        # Several processes (torchrun, accelerate launch): a stop that saved on every rank ends them all with 0, as
+        # a non-zero status makes the launcher report the run as failed. One process: 130, the shell's Ctrl-C.
+        return 0 if getattr(e, "processes", 1) > 1 else 130
     except SystemExit as e:  # argparse's one-line answer to a bad command line (or --help)
         return e.code if isinstance(e.code, int) else 2
 
