@@ -72,8 +72,8 @@ def fuse(model, concept_files, prompt_files, out, *, lora_out=None, rank=16, con
             raise ModelToolError(f"concept file {path} not found")
     out = Path(out)
     lora_out = Path(lora_out) if lora_out else out.with_name(out.name + ".safetensors")
-    check_output(out, concept_files, overwrite)
-    check_output(lora_out, concept_files, overwrite)
+    check_output(out, [*concept_files, model], overwrite)
+    check_output(lora_out, [*concept_files, model], overwrite)
     concepts = [Concept(str(path), read_prompt_file(prompts)) for path, prompts in zip(concept_files, prompt_files)]
     models = load_models(model, device=device)
     with tempfile.TemporaryDirectory(prefix="lora_diffusion_fuse_") as scratch:
