@@ -316,3 +316,34 @@ def test_tools_run_from_checked_argv(root, tmp_path, studios):
     assert run_tool.main(["excise", *argv]) == 0
     assert (root / "excised" / "10_star" / "a.txt").read_text().strip() == "a star"
     assert run_tool.main(["excise", *argv]) == 2  # the tool's own refusal (no --overwrite), as one line
+
+
+def test_the_command_prints_the_token_once_and_refuses_bad_flags(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import uvicorn
+
+    from lora_diffusion.studio import command
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.append((host, port)))
+    monkeypatch.chdir(tmp_path)
+
+    def run(*flags):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        return command.run(parser.parse_args(list(flags)))
+
+    assert run("--host", "0.0.0.0", "--port", "7999") == 0
+    token = (tmp_path / ".studio" / "token").read_text().strip()
+    first = capsys.readouterr().out
+    assert f"http://0.0.0.0:7999/?token={token}" in first and "printed this once" in first
+    assert run("--host", "0.0.0.0", "--port", "7999") == 0
+    again = capsys.readouterr().out
+    assert token not in again and "the token in" in again
+    assert run() == 0 and "http://127.0.0.1:7860/" in capsys.readouterr().out
+    assert served == [("0.0.0.0", 7999), ("0.0.0.0", 7999), ("127.0.0.1", 7860)]
+    for flags, message in ((["--root", "nowhere"], "--root nowhere: not a folder"),
+                           (["--max_jobs", "0"], "--max_jobs 0"), (["--port", "70000"], "--port 70000")):
+        with pytest.raises(ValueError, match=message):
+            run(*flags)
