@@ -43,11 +43,7 @@ def scan(root: Path, train_data_dir: str, reg_data_dir: str | None = None, **giv
 
 def save_caption(root: Path, image: str, caption_extension: str, text: str) -> str:
     """Writes the image's caption file (<stem><ext> beside it), atomically; returns its path under the root."""
-    from lora_diffusion.data.files import is_image_file
-
-    path = inside_root(root, image, "image")
-    if not path.is_file() or not is_image_file(path):
-        raise ValueError(f"image {image!r}: no such image under the studio's root")
+    path = image_file(root, image)
     extension = caption_extension or ".txt"
     if "/" in extension or "\\" in extension or not extension.startswith("."):
         raise ValueError(f"caption_extension {extension!r}: expected an extension such as .txt")
@@ -63,12 +59,7 @@ def thumbnail(root: Path, image: str, size: int = 192) -> bytes:
 
     from PIL import Image
 
-    from lora_diffusion.data.files import is_image_file
-
-    path = inside_root(root, image, "image")
-    if not path.is_file() or not is_image_file(path):
-        raise ValueError(f"image {image!r}: no such image under the studio's root")
-    with Image.open(path) as img:
+    with Image.open(image_file(root, image)) as img:
         img = img.convert("RGB")
         img.thumbnail((size, size))
         buffer = BytesIO()
@@ -77,6 +68,7 @@ def thumbnail(root: Path, image: str, size: int = 192) -> bytes:
 
 
 def image_file(root: Path, image: str) -> Path:
+    """An image file under the root (the only files the studio serves, besides evaluation results)."""
     from lora_diffusion.data.files import is_image_file
 
     path = inside_root(root, image, "image")

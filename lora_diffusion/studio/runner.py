@@ -141,17 +141,16 @@ class Runner:
     # -- what a job wrote ----------------------------------------------------------------------------------
 
     def resume_state(self, job: dict) -> str | None:
-        """The newest state folder of the job (from its checkpoint records, else the -state folders of its output
-        name), relative to the root."""
-        states = [c["state"] for c in self.events(job) if c["event"] == "checkpoint" and c.get("state")]
+        """The newest state folder of the job, as the page names it (relative to the root): from its checkpoint
+        records, else the newest -state folder of its output name."""
+        states = [Path(e["state"]) for e in self.events(job) if e["event"] == "checkpoint" and e.get("state")]
         if not states:
             output = self.root / job["output_dir"]
-            found = sorted(output.glob(f"{glob.escape(job['output_name'])}*-state"), key=lambda p: p.stat().st_mtime)
-            states = [str(p) for p in found if p.is_dir()]
+            states = sorted(output.glob(f"{glob.escape(job['output_name'])}*-state"), key=lambda p: p.stat().st_mtime)
         for state in reversed(states):
-            path = Path(state) if Path(state).is_absolute() else self.root / state
-            if path.is_dir():
-                return str(path.resolve().relative_to(self.root)) if self.root in path.resolve().parents else state
+            path = (self.root / state).resolve()  # an absolute record stays itself
+            if path.is_dir() and self.root in path.parents:
+                return str(path.relative_to(self.root))
         return None
 
     def written(self, job: dict) -> list[Path]:
