@@ -19,12 +19,6 @@ from .paths import PathRefused, inside_root
 from .progress import read_events, written_paths
 
 
-def trainer_has_progress_flag() -> bool:
-    from lora_diffusion.options import trainer_options
-
-    return any(o.name == "progress_file" for o in trainer_options())
-
-
 class Runner:
     def __init__(self, queue: JobQueue, data_dir: Path, root: Path, max_running: int = 1, python=sys.executable):
         self.queue, self.data_dir, self.root = queue, Path(data_dir), Path(root).resolve()

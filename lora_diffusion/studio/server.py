@@ -19,7 +19,7 @@ from . import dataset, form, tools
 from .jobs import JobError, JobQueue
 from .paths import PathRefused, inside_root, relative_to_root
 from .progress import summarize
-from .runner import Runner, trainer_has_progress_flag
+from .runner import Runner
 from .security import Guard
 
 STATIC = Path(__file__).parent / "static"
@@ -70,7 +70,7 @@ class Studio:
         checked = form.check(values, self.root)
         job_id = self.queue.add(name or checked["output_name"], values, checked["output_dir"],
                                 checked["output_name"], resume_of)
-        if trainer_has_progress_flag() and not values.get("progress_file"):
+        if not values.get("progress_file"):  # each job its own, beside its log (a resumed run gets a new one)
             self.queue.set_options(job_id, {**values, "progress_file": str(self.runner.job_dir(job_id) /
                                                                              "progress.jsonl")})
         self.tick()
@@ -306,7 +306,7 @@ async def get_task(request):
 async def info(request):
     studio = studio_of(request)
     return {"root": str(studio.root), "data_dir": str(studio.data_dir), "max_jobs": studio.runner.max_running,
-            "progress_file_flag": trainer_has_progress_flag(), "time": time.time()}
+            "time": time.time()}
 
 
 def create_app(root, data_dir, *, host="127.0.0.1", port=7860, token=None, max_running=1, run_jobs=True):
