@@ -39,16 +39,19 @@ def make_noise(latents, **options):
 def sample_timesteps(batch_size, *, device=None, **options):
     return torch.full((batch_size,), 500, dtype=torch.long, device=device)
 
-encoded, real_encode = [], dataset.encode_latents
+encoded, timeouts, real_encode = [], [], dataset.encode_latents
 def counting_encode(vae, images, **options):
     encoded.append(images.shape[0])
+    if torch.distributed.is_initialized():  # the process group's timeout, which the cache's barriers obey
+        backend = torch.distributed.group.WORLD._get_backend(torch.device("cpu"))
+        timeouts.append(backend.options._timeout.total_seconds())
     return real_encode(vae, images, **options)
 
 training.make_noise, training.sample_timesteps, dataset.encode_latents = make_noise, sample_timesteps, counting_encode
 import train_lora
 code = train_lora.command(sys.argv[1:])
 with open(os.environ["COUNTS"] + os.environ.get("RANK", "0"), "w") as f:
-    json.dump({"encoded": sum(encoded), "code": code}, f)
+    json.dump({"encoded": sum(encoded), "timeouts": sorted(set(timeouts)), "code": code}, f)
 sys.exit(code)
 '''
 
@@ -88,9 +91,9 @@ def counts(tmp_path, processes):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """1 process at batch 4, and 2 processes x batch 1 x 2 accumulated micro-batches (the same 4 images a step),
-    4 steps, the state saved at step 2; the text encoder's LoRA trains with --clip_skip 2, so its last layer's LoRA
-    gets no gradient (DDP must find it unused)."""
+    """1 process at batch 4, and 2 processes x batch 1 x 2 accumulated micro-batches (the same 4 images a step;
+    --ddp_timeout 7), 4 steps, the state saved at step 2; the text encoder's LoRA trains with --clip_skip 2, so
+    its last layer's LoRA gets no gradient (DDP must find it unused)."""
     root = tmp_path_factory.mktemp("ddp")
     data = images(root, 4)
     common = dict(max_train_steps=4, clip_skip=2, save_every_n_steps=2, save_state=True, **SGD)
@@ -98,7 +101,8 @@ def two_process_run(tmp_path_factory):
     one.mkdir(), two.mkdir()
     code, output = launch(one, base_flags(one, data, train_batch_size=4, **common), 1)
     assert code == 0, output[-3000:]
-    code, output = launch(two, base_flags(two, data, train_batch_size=1, gradient_accumulation_steps=2, **common), 2)
+    code, output = launch(two, base_flags(two, data, train_batch_size=1, gradient_accumulation_steps=2, ddp_timeout=7,
+                                          **common), 2)
     assert code == 0, output[-3000:]
     return root, data, one, two, output
 
@@ -121,6 +125,7 @@ def test_each_process_encodes_its_share_of_the_latents(two_process_run):
     root, data, one, two, output = two_process_run
     assert [c["encoded"] for c in counts(one, 1)] == [4]
     assert [c["encoded"] for c in counts(two, 2)] == [2, 2]  # not 4 + 4
+    assert [c["timeouts"] for c in counts(two, 2)] == [[7 * 60.0]] * 2  # --ddp_timeout 7 (minutes)
     assert not list((two / "out").glob(".*latents*"))  # the scratch cache is gone
     assert not list(data.rglob("*.safetensors"))  # no --cache_latents_to_disk: nothing next to the images
 
