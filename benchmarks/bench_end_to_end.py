@@ -7,6 +7,12 @@ diffusers_sdxl_style_train.py (train_text_to_image_lora_sdxl.py).
     python benchmarks/bench_end_to_end.py --steps 8 --repeats 1 --runs ours diffusers
     python benchmarks/bench_end_to_end.py --family sdxl --resolution 512 --steps 6 --repeats 1
     python benchmarks/bench_end_to_end.py --quick [--family sdxl]          # tiny model folder
+    python benchmarks/bench_end_to_end.py --breakdown --steps 12           # where ours' step time goes
+
+--breakdown runs train_lora.py (the "ours+cache" flags) in one process with timers around the loop's pieces: the
+U-Net forward, the rest of compute_loss (noise, timesteps, text states, the loss), the backward, the optimizer step
+and after_step (logs, saving); "other" is the step's wall time less those (the loader, the loss check). Steps after
+the first, median of each piece: the shares are from one process, so a busy machine slows all of them alike.
 
 Every run is its own process (python start, imports, model loading, the loop, saving): the wall time is measured
 from outside, the peak memory is that process's max RSS (os.wait4), so the runs never share memory. Runs alternate
@@ -72,6 +78,65 @@ def run_measured(cmd, threads) -> dict:
             "loop_s": float(done.group(2)), "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
+PIECES = ["unet_forward", "compute_loss", "backward", "optimizer_step", "after_step"]
+
+
+def timed_training(train_args: list[str]) -> dict:
+    """train_lora.py's main(train_args) in this process with a timer around each piece of the step (the loop looks
+    its functions up when it calls them); the seconds of each piece per step, the first step left out."""
+    import accelerate
+
+    from lora_diffusion.models.family import ModelFamily
+    from lora_diffusion.training import loop, trainer
+
+    seconds = {name: [] for name in PIECES}
+    step_ends = []
+
+    def wrap(owner, attribute, name):
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[name].append(time.perf_counter() - start)
+                if name == "after_step":
+                    step_ends.append(time.perf_counter())
+        setattr(owner, attribute, timed)
+
+    wrap(ModelFamily, "call_unet", "unet_forward")
+    wrap(loop, "compute_loss", "compute_loss")
+    wrap(accelerate.Accelerator, "backward", "backward")
+    wrap(loop, "optimizer_step", "optimizer_step")
+    wrap(loop, "after_step", "after_step")
+    if trainer.main(train_args) != 0:
+        raise SystemExit("train_lora.py failed")
+    steps = len(step_ends)
+    pieces = {name: values[1:steps] for name, values in seconds.items()}  # step 2 onwards, as the walls
+    pieces["compute_loss"] = [c - u for c, u in zip(pieces["compute_loss"], pieces["unet_forward"])]  # the rest
+    pieces["step"] = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    pieces["other"] = [wall - sum(pieces[name][i] for name in PIECES) for i, wall in enumerate(pieces["step"])]
+    per_step = {name: common.median(values) for name, values in pieces.items()}
+    return {"steps": steps, "per_step": per_step, "pieces": pieces}
+
+
+def breakdown(args, model, data, out_dir) -> dict:
+    flags = command("ours+cache", args, model, data, out_dir)[2:]
+    env_threads = str(args.threads)
+    os.environ.update(OMP_NUM_THREADS=env_threads, MKL_NUM_THREADS=env_threads)
+    common.set_threads(args.threads)
+    result = timed_training(flags)
+    shares = result["per_step"]
+    common.print_table(
+        f"Where a step of train_lora.py goes: {args.family}, {args.resolution} px, rank {args.rank}, "
+        f"{args.mixed_precision}, {args.threads} threads, median of steps 2-{result['steps']} (load "
+        f"{common.loadavg():.2f} at the end)",
+        ["piece", "s/step", "share of the step"],
+        [[name, shares[name], shares[name] / shares["step"]] for name in ["step", *PIECES, "other"]])
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model folder (a smoke test)")
@@ -87,8 +152,20 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ours_flags", nargs=argparse.REMAINDER, default=[],
                         help="more train_lora.py flags (last on the line)")
+    parser.add_argument("--breakdown", action="store_true", help="ours' step, piece by piece, in this process")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.breakdown:
+        if args.quick:
+            args.resolution, args.steps = min(args.resolution, 64), min(args.steps, 4)
+        model = (common.sdxl_diffusers_folder if args.family == "sdxl" else common.sd15_diffusers_folder)(args.quick)
+        with tempfile.TemporaryDirectory() as temp:
+            data = common.make_captioned_images(Path(temp) / "data", args.images, size=args.resolution)
+            result = breakdown(args, model, data, Path(temp) / "out")
+        common.write_json(args.json, {"benchmark": "end_to_end_breakdown", "machine": common.machine(),
+                                      "family": args.family, "resolution": args.resolution, "rank": args.rank,
+                                      "mixed_precision": args.mixed_precision, "steps": args.steps, **result})
+        return result
     if args.runs is None:
         args.runs = ["ours", "ours+cache", "diffusers"] + (["diffusers+cache"] if args.family == "v1" else [])
     if args.family == "sdxl" and "diffusers+cache" in args.runs:

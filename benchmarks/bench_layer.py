@@ -7,6 +7,8 @@ The levers of lora_diffusion/core/adapters.py, each as a small function of (laye
   scale_output  out + up(down(x)) * scale          (a full-size product, then a full-size sum)
   scale_rank    out + up(down(x) * scale)          (the scale on the rank-r tensor, r << out features)
   inplace_add   out.add_(up(down(x) * scale))      (no new full-size tensor for the sum)
+  addmm_fused   out.addmm_(down(x) * scale, up^T)  (the up projection accumulates into the base output: no
+                                                   full-size delta tensor at all)
   peft_like     x.to(fp32), out + up(down(x)) * scale, .to(out dtype)   (what peft's Linear does)
   layer         LoRALayer.forward as it is in the package now
 """
@@ -37,6 +39,13 @@ def inplace_add(layer, x):
     return layer.base.forward(x).add_(layer.lora_up(layer.lora_down(x) * layer.scaling))
 
 
+def addmm_fused(layer, x):
+    out = layer.base.forward(x)
+    h = layer.lora_down(x) * layer.scaling
+    up = layer.lora_up.weight.to(h.dtype)  # autocast does not cast for an in-place op
+    return out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up.t()).view(out.shape)
+
+
 def peft_like(layer, x):
     out = layer.base.forward(x)
     dtype = out.dtype
@@ -48,7 +57,7 @@ def package_layer(layer, x):
 
 
 VARIANTS = {"scale_output": scale_output, "scale_rank": scale_rank, "inplace_add": inplace_add,
-            "peft_like": peft_like, "layer": package_layer}
+            "addmm_fused": addmm_fused, "peft_like": peft_like, "layer": package_layer}
 
 
 def main(argv=None):
