@@ -25,7 +25,13 @@ class ConfigFileError(ValueError):
 
 
 def flag_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {action.dest: action for action in parser._actions if action.dest != "help"}
+    """{destination: its flag}: the first flag of each (a second spelling, --no_cache_latents or
+    --caption_extention, shares the destination and has no default of its own)."""
+    dests = {}
+    for action in parser._actions:
+        if action.dest != "help":
+            dests.setdefault(action.dest, action)
+    return dests
 
 
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
