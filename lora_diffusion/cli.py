@@ -26,6 +26,8 @@ SUBCOMMANDS = [
     ("merge", "lora_diffusion.tools.merge", "LoRA files into a base model, or several LoRA files into one"),
     ("resize", "lora_diffusion.tools.resize", "a LoRA to a lower rank by SVD (fixed or kohya's dynamic methods)"),
     ("extract", "lora_diffusion.tools.extract", "a LoRA from the difference of a fine-tuned model and its base"),
+    ("fuse", "lora_diffusion.tools.fuse",
+     "several concept LoRAs into one model by gradient fusion (Mix-of-Show): a diffusers folder and a kohya LoRA"),
     ("inspect", "lora_diffusion.tools.inspect", "a LoRA file's metadata, modules, per-block norms and loaders"),
     ("studio", "lora_diffusion.studio.command", "a local web UI: dataset, train form, job queue, live progress, tools"),
 ]
@@ -68,35 +70,53 @@ def register(name, add_arguments, run, help=""):
     SUBCOMMANDS.append((name, (add_arguments, run), help))
 
 
-def build_parser():
+def _functions(name):
+    """(add_arguments, run, description) of a subcommand, importing only its module; None for a module with a
+    parser of its own (`command`)."""
+    target, help = {n: (t, h) for n, t, h in SUBCOMMANDS}[name]
+    if not isinstance(target, str):
+        return (*target, help)
+    module = importlib.import_module(target)
+    return None if hasattr(module, "command") else (module.add_arguments, module.run, module.__doc__)
+
+
+def subcommand_parser(name, subparsers=None) -> argparse.ArgumentParser:
+    """The parser of one subcommand's flags: in `subparsers`, or on its own (prog `lora-diffusion NAME`)."""
+    add_arguments, run, description = _functions(name)
+    options = dict(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if subparsers is None:
+        parser = argparse.ArgumentParser(prog=f"lora-diffusion {name}", **options)
+    else:
+        parser = subparsers.add_parser(name, help={n: h for n, _, h in SUBCOMMANDS}[name], **options)
+    add_arguments(parser)
+    parser.set_defaults(_run=run)
+    return parser
+
+
+def build_parser(only=None):
+    """The `lora-diffusion` parser. A subcommand's module is imported only when its flags are needed: `only` (a
+    name) builds just that one's (what main() runs); None builds them all (the full reference)."""
     parser = argparse.ArgumentParser(prog="lora-diffusion", description="LoRA for Stable Diffusion: training and "
-                                     "tools")
+                                     "tools", allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, target, help in SUBCOMMANDS:
-        if isinstance(target, str):
-            module = importlib.import_module(target)
-            if hasattr(module, "command"):  # parses its own flags: listed here, run by main() before parsing
-                subparsers.add_parser(name, help=help, add_help=False)
-                continue
-            add_arguments, run, description = module.add_arguments, module.run, module.__doc__
-        else:
-            (add_arguments, run), description = target, help
-        sub = subparsers.add_parser(name, help=help, description=description,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(sub)
-        sub.set_defaults(_run=run)
+    for name, _, help in SUBCOMMANDS:
+        if (only is None or name == only) and _functions(name) is not None:
+            subcommand_parser(name, subparsers)
+        else:  # listed in the help; a module with its own parser is run by main() before parsing
+            subparsers.add_parser(name, help=help, add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    for name, target, _ in SUBCOMMANDS:
-        if argv[:1] == [name] and isinstance(target, str):
-            module = importlib.import_module(target)
-            if hasattr(module, "command"):
-                return int(module.command(argv[1:], prog=f"lora-diffusion {name}") or 0)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    names = [name for name, _, _ in SUBCOMMANDS]
+    chosen = argv[0] if argv[:1] and argv[0] in names else ""  # "": the help, or an error naming the commands
+    target = dict((name, target) for name, target, _ in SUBCOMMANDS).get(chosen)
+    if isinstance(target, str):
+        module = importlib.import_module(target)
+        if hasattr(module, "command"):
+            return int(module.command(argv[1:], prog=f"lora-diffusion {chosen}") or 0)
+    args = build_parser(only=chosen).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, OSError) as e:  # the tools' errors say what to fix; no traceback

@@ -151,9 +151,7 @@ def test_fuse_writes_a_folder_and_a_lora_file_that_diffusers_loads_with_the_fuse
     assert oct((tmp_path / "fused.safetensors").stat().st_mode & 0o777) == "0o644"
 
 
-def test_fuse_errors_name_what_to_fix(concepts, tmp_path, capsys, monkeypatch):
-    if not any(name == "fuse" for name, _, _ in cli.SUBCOMMANDS):
-        monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, ("fuse", "lora_diffusion.tools.fuse", "fuse")])
+def test_fuse_errors_name_what_to_fix(concepts, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a red circle\n", encoding="utf-8")
     (tmp_path / "empty.txt").write_text("\n# nothing\n", encoding="utf-8")
     base = ["fuse", concepts[0].path, concepts[1].path, "--model", "builtin:tiny", "--out", str(tmp_path / "o")]

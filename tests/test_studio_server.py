@@ -17,7 +17,7 @@ pytest.importorskip("httpx", reason="Starlette's test client needs httpx")
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from lora_diffusion.studio import run_tool  # noqa: E402
+from lora_diffusion import cli  # noqa: E402
 from lora_diffusion.studio.security import load_or_create_token  # noqa: E402
 from lora_diffusion.studio.server import create_app  # noqa: E402
 from lora_diffusion.studio.tools import tool_argv  # noqa: E402
@@ -306,13 +306,13 @@ def test_tools_run_from_checked_argv(root, tmp_path, studios):
     flag_like = client.post("/api/tools/excise", json={"values": {"input_dir": "data", "output_dir": "--overwrite",
                                                                   "words": ["star"]}}, headers=POST)
     assert flag_like.status_code == 400 and "would be a flag" in flag_like.json()["error"]
-    # what a task runs: `python -m lora_diffusion.studio.run_tool excise ARGV` (here in this process: a child would
+    # what a task runs: `python -m lora_diffusion excise ARGV` (here in this process: a child would
     # spend its time importing torch)
     argv = tool_argv("excise", {"input_dir": "data", "output_dir": "excised", "words": ["red"]}, root)
     assert argv == ["--words", "red", "--", "data", "excised"]
-    assert run_tool.main(["excise", *argv]) == 0
+    assert cli.main(["excise", *argv]) == 0
     assert (root / "excised" / "10_star" / "a.txt").read_text().strip() == "a star"
-    assert run_tool.main(["excise", *argv]) == 2  # the tool's own refusal (no --overwrite), as one line
+    assert cli.main(["excise", *argv]) == 2  # the tool's own refusal (no --overwrite), as one line
 
 
 def test_the_command_prints_the_token_once_and_refuses_bad_flags(tmp_path, monkeypatch, capsys):

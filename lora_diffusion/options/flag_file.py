@@ -172,6 +172,12 @@ def _additional_parameters(value, path: Path, parser: argparse.ArgumentParser):
 
 def write_config_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Every flag that differs from its default, as a flat TOML that --config_file reads back."""
+    text = config_text(args, parser)
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def config_text(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The text of write_config_file."""
     lines = []
     for dest, action in flag_dests(parser).items():
         if dest in ("config_file", "output_config") or action.default is argparse.SUPPRESS:
@@ -180,8 +186,7 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
         if value is None or value == action.default:
             continue
         lines.append(f"{dest} = {_toml_value(value)}")
-    text = "\n".join(lines) + "\n"
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    return "\n".join(lines) + "\n"
 
 
 def _toml_value(value) -> str:

@@ -142,20 +142,10 @@ def check(values: dict, root: Path) -> dict:
 
 
 def toml_text(args: argparse.Namespace, parser) -> str:
-    """The flags that differ from their defaults, as a flat TOML that --config_file reads back. Not
-    flag_file.write_config_file: it skips a flag whose destination a second spelling shares (--cache_latents,
-    which --no_cache_latents also sets; --validation_every_n_epochs), so those values would be lost."""
-    from lora_diffusion.options import trainer_options
-    from lora_diffusion.options.flag_file import _toml_value
+    """The flags that differ from their defaults, as a flat TOML that --config_file reads back (--output_config's)."""
+    from lora_diffusion.options.flag_file import config_text
 
-    defaults, lines = vars(parser.parse_args([])), []
-    for option in trainer_options():
-        if option.dest or option.name in NOT_IN_FORM:
-            continue  # a second spelling writes nothing of its own
-        value = getattr(args, option.name, None)
-        if value is not None and value != defaults.get(option.name):
-            lines.append(f"{option.name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    return config_text(args, parser)
 
 
 def command_line(values: dict) -> str:

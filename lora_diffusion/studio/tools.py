@@ -1,10 +1,9 @@
 """The `lora-diffusion` tools from the page: each tool's form is made from its own argparse arguments, its values
 become an argv list checked by that parser, and it runs as `lora-diffusion TOOL ...` would (no shell), with
-its output kept for the page (through run_tool, which imports only that tool)."""
+its output kept for the page (`python -m lora_diffusion TOOL`, which imports only that tool)."""
 
 import argparse
 import contextlib
-import importlib
 import io
 import itertools
 import os
@@ -13,17 +12,14 @@ import sys
 import threading
 import time
 
+from lora_diffusion import cli
+
 from .form import SCHEMES, FormError, looks_like_number
 from .paths import inside_root
 
-TOOLS = {  # the page's tools: dataset tools, then the model and file tools
-    "excise": "lora_diffusion.tools.excise", "balance": "lora_diffusion.tools.balance",
-    "caption-sets": "lora_diffusion.tools.caption_sets", "caption": "lora_diffusion.tools.caption",
-    "inspect": "lora_diffusion.tools.inspect", "merge": "lora_diffusion.tools.merge",
-    "resize": "lora_diffusion.tools.resize", "extract": "lora_diffusion.tools.extract",
-    "convert": "lora_diffusion.tools.model_convert", "generate": "lora_diffusion.tools.generate",
-    "evaluate": "lora_diffusion.tools.evaluate",
-}
+# the page's tools (cli.SUBCOMMANDS' names): dataset tools, then the model and file tools
+TOOLS = ("excise", "balance", "caption-sets", "caption", "inspect", "merge", "resize", "extract", "convert",
+         "generate", "evaluate", "fuse")
 # Arguments that name files or folders (besides positionals and *_dir/*_file): they must lie under the root.
 PATH_ARGS = {"lora", "model", "output", "out", "prompts", "copy_to", "base", "tuned", "config", "reference",
              "embeddings_from", "clip_model", "images", "source"}
@@ -32,10 +28,7 @@ PATH_ARGS = {"lora", "model", "output", "out", "prompts", "copy_to", "base", "tu
 def tool_parser(name: str) -> argparse.ArgumentParser:
     if name not in TOOLS:
         raise FormError(f"no tool {name!r}; the studio runs {', '.join(TOOLS)}")
-    module = importlib.import_module(TOOLS[name])
-    parser = argparse.ArgumentParser(prog=f"lora-diffusion {name}", allow_abbrev=False)
-    module.add_arguments(parser)
-    return parser
+    return cli.subcommand_parser(name)
 
 
 def tool_fields(name: str) -> list[dict]:
@@ -115,7 +108,7 @@ class Tasks:
         self.tasks, self.lock, self.ids = {}, threading.Lock(), itertools.count(1)
 
     def start(self, name: str, values: dict) -> dict:
-        argv = [self.python, "-m", "lora_diffusion.studio.run_tool", name, *tool_argv(name, values, self.root)]
+        argv = [self.python, "-m", "lora_diffusion", name, *tool_argv(name, values, self.root)]
         task = {"id": next(self.ids), "tool": name, "argv": argv[3:], "state": "running", "output": "",
                 "returncode": None, "started": time.time()}
         with self.lock:
