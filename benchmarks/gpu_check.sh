@@ -16,9 +16,10 @@
 # It uses the machine's own python3 and CUDA torch. What that python lacks (diffusers and importlib_metadata on this
 # workplace's H200 image) comes as wheels in $GPU_CHECK_WHEELS (default .whl/ at the repository root, made here by
 # --fetch-wheels), installed with --no-deps into a folder on PYTHONPATH; nothing is fetched there.
-# Environment: GPU_CHECK_DRY=1 (= --dry), GPU_CHECK_BUDGET_S (default 470: stages are cut or skipped to end
-# within it; a dry run has no budget and ten times each stage's limit: a busy CPU is slow, not broken), GPU_CHECK_ONLY="stage ..." (run only these, e.g. to rerun one that failed; the summary reads what the
-# output folder holds), PYTHON (default python3).
+# Environment: GPU_CHECK_DRY=1 (= --dry); GPU_CHECK_BUDGET_S (default 470: stages are cut or skipped to end within
+# it; a dry run has no budget and ten times each stage's limit: a busy CPU is slow, not broken); GPU_CHECK_ONLY=
+# "stage ..." (run only these into the same folder, e.g. to rerun one that failed; the summary reads what the folder
+# holds); GPU_CHECK_WHEELS (the wheels' folder); PYTHON (default python3).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO=$PWD
@@ -30,7 +31,7 @@ while (( $# )); do
     --dry) DRY=1 ;;
     --out) OUT=${2:?--out needs a folder}; shift ;;
     --fetch-wheels) FETCH=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (expected --dry, --out DIR or --fetch-wheels)" >&2; exit 2 ;;
   esac
   shift
@@ -57,7 +58,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-470}
 SCALE=1
 [ "$DRY" = 1 ] && { BUDGET=${GPU_CHECK_BUDGET_S:-1000000}; SCALE=10; }
 START=$SECONDS
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export TOKENIZERS_PARALLELISM=false
 
 missing=$("$PY" -c 'import importlib.util as u
 print(" ".join(m for m in ("diffusers", "transformers", "accelerate", "peft", "safetensors") if not u.find_spec(m)))')
@@ -88,8 +90,8 @@ stage() {
   { time timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1; } 2>"$OUT/$name.cpu"
   rc=$?
   local cpu; cpu=$(awk '{printf "%.1f", $1 + $2}' "$OUT/$name.cpu")
-  echo "{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - began )), \"cpu_s\": ${cpu:-null}, \"limit\": $limit}" \
-    >>"$OUT/stages.jsonl"
+  printf '{"name": "%s", "rc": %d, "seconds": %d, "cpu_s": %s, "limit": %d}\n' "$name" "$rc" \
+    $(( SECONDS - began )) "${cpu:-null}" "$limit" >>"$OUT/stages.jsonl"
   rm -f "$OUT/$name.cpu"
   (( rc == 0 )) || { echo "    failed (rc $rc; 124/137: time limit):"; tail -n 5 "$OUT/$name.log" | sed 's/^/    /'; }
   return $rc
@@ -100,9 +102,12 @@ TRAIN=("$PY" train_lora.py --config_file examples/quickstart/config.toml --overw
 if [ "$DRY" = 1 ]; then
   # tiny sizes on the CPU: 4 of the quickstart's images (one step an epoch), one prompt of 2 sampling steps
   rm -rf "$OUT/dry_data" && mkdir -p "$OUT/dry_data/1_star"
-  for f in $(ls examples/quickstart/data/10_star/*.png | head -n 4); do cp "$f" "${f%.png}.txt" "$OUT/dry_data/1_star/"; done
+  for f in $(ls examples/quickstart/data/10_star/*.png | head -n 4); do
+    cp "$f" "${f%.png}.txt" "$OUT/dry_data/1_star/"
+  done
   echo "a red star on a yellow background --w 64 --h 64 --d 1 --l 5 --s 2" >"$OUT/dry_prompts.txt"
-  DATA=(--train_data_dir "$OUT/dry_data" --sample_prompts "$OUT/dry_prompts.txt" --validation_prompts "$OUT/dry_prompts.txt")
+  DATA=(--train_data_dir "$OUT/dry_data" --sample_prompts "$OUT/dry_prompts.txt"
+        --validation_prompts "$OUT/dry_prompts.txt")
   QUICKSTART=("${DATA[@]}" --max_train_epochs 2 --validation_every_n_epochs 1)
   VALIDATE_AT=2  # fp16 on a CPU is slow: one validation, at the end
   SHORT=("${DATA[@]}" --max_train_epochs 2)
