@@ -65,3 +65,13 @@ def test_each_config_file_is_one_run_named_after_it(tmp_path):
         bench_quality.planned_runs(["quickstart"], [a, tmp_path / "sub" / "a.toml"])
     with pytest.raises(SystemExit, match="unknown 'nope'"):
         bench_quality.planned_runs(["nope"])
+
+
+def test_the_backdrop_leak_counts_images_on_white_whose_prompt_asked_another_background():
+    asked = [world.Scene("star", "red", "yellow"), world.Scene("star", "blue", "orange"),
+             world.Scene("star", "green", "black"), world.Scene("star", "yellow", "white")]
+    drawn = [world.Scene("star", "red", "white"), world.Scene("star", "blue", "orange"),
+             world.Scene("star", "green", "white"), world.Scene("star", "yellow", "white")]
+    images = [world.render(scene) for scene in drawn]
+    # two of the three prompts that asked for another background came out on white; the white prompt is not counted
+    assert bench_quality.on_one_background(images, asked) == 2 / 3
