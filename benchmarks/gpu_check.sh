@@ -40,9 +40,8 @@ PY=${PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 
 if (( FETCH )); then
-  # pure-Python wheels, for the GPU machine's python (3.12 on this workplace's image); .whl/ stays out of git
+  # pure-Python wheels, for the GPU machine's python (3.12 on this workplace's image); .gitignore keeps .whl/ out
   mkdir -p "$WHEELS"
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
   exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     -d "$WHEELS" "diffusers==$("$PY" -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata
 fi
