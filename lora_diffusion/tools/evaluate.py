@@ -29,8 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_diffusion import world
+from lora_diffusion.core.network import load_network
+from lora_diffusion.data.files import is_image_file
 from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.models import load_models
 from lora_diffusion.world import quality
+from lora_diffusion.world.features import load_world_features
+
+from .generate import check_multiplier
 
 WORLD_PROMPTS = ("world:star", "world:held-out", "world:seen")
 GRID_ROWS = 16  # prompt x seed rows in grid.png; results.csv and .json score every row
@@ -109,7 +115,6 @@ def read_prompts(spec, extra):
 def feature_network(name):
     """The nn.Module that FID/KID compare images in (uint8 [N, 3, H, W] -> [N, d])."""
     if name == "world":
-        from lora_diffusion.world.features import load_world_features
 
         return load_world_features()
     if name == "inception" or name.startswith("inception:"):
@@ -203,7 +208,6 @@ def reference_images(folder, scenes, n, size):
     """Images of --reference, or for world prompts renders of the asked scenes (fresh sizes and places)."""
     from PIL import Image
 
-    from lora_diffusion.data.files import is_image_file
 
     if folder:
         paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p))
@@ -230,7 +234,6 @@ def reference_images(folder, scenes, n, size):
 def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, size, progress=None):
     """One image per (prompt, seed) with the variant's LoRA applied (and removed afterwards); progress(n) after
     each batch of n images."""
-    from lora_diffusion.core.network import load_network
 
     network = None
     if variant.path:
@@ -255,7 +258,6 @@ def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, gui
              metrics=("judge", "fid", "kid"), features="world", reference=None, clip_model=None):
     """Scores per variant: a list of dicts (label, file, multiplier, and each metric), and the images per variant.
     A progress bar on stderr counts the images."""
-    from lora_diffusion.models import load_models
 
     seeds = list(seeds)
     if not seeds or not prompts or not variants:
@@ -450,7 +452,6 @@ def run(args) -> int:
     from lora_diffusion.cli import set_cpu_threads
 
     set_cpu_threads(args.threads, "evaluate")
-    from .generate import check_multiplier
 
     try:
         multipliers = [check_multiplier(float(m), "--multipliers") for m in args.multipliers.split(",")]

@@ -15,13 +15,18 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelToolError, check_output, precision
+from lora_diffusion.concepts.fusion import Concept, fuse_concepts
+from lora_diffusion.formats.io import build_folder_atomically
+from lora_diffusion.formats.kohya import write_lora_file
+from lora_diffusion.models import load_models
+
+from .extract import extract_lora
+from .model_files import ModelToolError, bundled_embedding_tensors, check_output, precision, read_loras
 
 
 def save_diffusers_folder(models, path):
     """The models as a diffusers folder (the family's pipeline's save_pretrained, training noise scheduler),
     written all-or-nothing."""
-    from lora_diffusion.formats.io import build_folder_atomically
 
     pipeline = models.family.pipeline(models, models.noise_scheduler)
     build_folder_atomically(Path(path), lambda staging: pipeline.save_pretrained(staging, safe_serialization=True))
@@ -43,9 +48,7 @@ def add_bundled_embeddings(lora_path, concept_paths, dtype):
     """Rewrite the fused LoRA file with the concepts' bundled token embeddings (A1111's bundle_emb.*) in it."""
     from safetensors import safe_open
 
-    from lora_diffusion.formats.kohya import write_lora_file
 
-    from .model_files import bundled_embedding_tensors, read_loras
 
     embeddings = bundled_embedding_tensors(read_loras(concept_paths), dtype)
     if not embeddings:
@@ -59,10 +62,7 @@ def fuse(model, concept_files, prompt_files, out, *, lora_out=None, rank=16, con
          steps=4, size=None, lora_dtype=torch.float16, device="cpu", overwrite=False, say=print):
     """Fuse the concept files into `model`; write the diffusers folder `out` and the LoRA file `lora_out` (default:
     `out` + .safetensors) of fused - base at `rank`. Returns the per-module report of concepts.fusion."""
-    from lora_diffusion.concepts.fusion import Concept, fuse_concepts
-    from lora_diffusion.models import load_models
 
-    from .extract import extract_lora
 
     if len(prompt_files) != len(concept_files):
         raise ModelToolError(f"fuse needs one --prompts file per concept file: {len(concept_files)} file(s), "

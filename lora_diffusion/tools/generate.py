@@ -12,7 +12,12 @@ from pathlib import Path
 
 import torch
 
+from lora_diffusion.core.network import load_network
+from lora_diffusion.models import load_models
 from lora_diffusion.models.checkpoint import PRECISION_DTYPES  # --dtype's names
+from lora_diffusion.models.regional import parse_region
+from lora_diffusion.models.sampling import sample_images
+from lora_diffusion.training.sampling import parse_prompt_line, read_prompts
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
@@ -43,9 +48,6 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
     """Images for prompt dicts (see lora_diffusion.training.read_prompts) with the LoRAs applied or merged, and the
     textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer;
     `regions` (models.regional.Region list) apply to every prompt."""
-    from lora_diffusion.core.network import load_network
-    from lora_diffusion.models import load_models
-    from lora_diffusion.models.sampling import sample_images
 
     for path, multiplier in loras:
         check_multiplier(multiplier, path)
@@ -96,8 +98,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from lora_diffusion.models.regional import parse_region
-    from lora_diffusion.training.sampling import parse_prompt_line, read_prompts
 
     defaults = dict(width=args.width, height=args.height, steps=args.steps, scale=args.scale,
                     negative_prompt=args.negative)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import replace
 
 from lora_diffusion.core.adapters import ALGORITHMS
+from lora_diffusion.formats.kohya import read_lora_file
 
 from .model_files import factored_svd, is_sdxl_lora, module_delta, read_loras
 
@@ -101,7 +102,6 @@ def inspect_lora(path):
         tags = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except json.JSONDecodeError:
         tags = {}
-    from lora_diffusion.formats.kohya import read_lora_file
     embeddings = read_lora_file(path, warn_embeddings=False)[0].embeddings
     return {
         "file": str(path),

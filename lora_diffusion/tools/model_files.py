@@ -35,9 +35,27 @@ from lora_diffusion.core.targets import (
     written_kohya_name,
 )
 from lora_diffusion.formats.io import atomic_write
-from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileError, LoRAModules, ModuleWeights
-from lora_diffusion.models import convert
+from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileError, LoRAModules, ModuleWeights, read_lora_file
+from lora_diffusion.models import (
+    ASSETS,
+    convert,
+    declare_fp32_load,
+    empty_modules,
+    make_noise_scheduler,
+    write_model_index,
+)
 from lora_diffusion.models.checkpoint import PRECISION_DTYPES, SAFETENSORS_DTYPES, CheckpointReader, release_file_pages
+from lora_diffusion.models.sdxl import (
+    SDXL_CONFIGS,
+    check_sdxl_parts,
+    empty_sdxl_modules,
+    folder_tokenizers,
+    is_sdxl_checkpoint,
+    is_sdxl_folder,
+    text_encoder_names,
+    write_sdxl_model_index,
+)
+from lora_diffusion.models.tokenizer import load_clip_tokenizer, save_tokenizer
 
 from . import build_folder_atomically, check_output_apart
 
@@ -137,7 +155,6 @@ def diffusers_key(part, key):
 
 
 def open_folder(path):
-    from lora_diffusion.models.sdxl import is_sdxl_folder
 
     if not (path / "model_index.json").is_file():
         raise ModelToolError(f"'{path}' is a folder but not a diffusers model (model_index.json is missing)")
@@ -176,14 +193,6 @@ def stored_shape(reader, name):
 
 
 def open_single_file(path, config_dir, v2):
-    from lora_diffusion.models import ASSETS, empty_modules
-    from lora_diffusion.models.sdxl import (
-        SDXL_CONFIGS,
-        check_sdxl_parts,
-        empty_sdxl_modules,
-        is_sdxl_checkpoint,
-        text_encoder_names,
-    )
 
     reader = CheckpointReader(path, torch.float32)
     sdxl = is_sdxl_checkpoint(reader.names)
@@ -344,9 +353,6 @@ def write_single_file(path, model, get, dtype=None, keep_extras=False, metadata=
 def write_diffusers_folder(path, model, get, dtype=None, v_parameterization=False):
     """A diffusers folder (configs, weights per part, tokenizer, scheduler, model_index.json), staged next to
     `path` and renamed into place."""
-    from lora_diffusion.models import declare_fp32_load, make_noise_scheduler, write_model_index
-    from lora_diffusion.models.sdxl import folder_tokenizers, write_sdxl_model_index
-    from lora_diffusion.models.tokenizer import load_clip_tokenizer, save_tokenizer
 
     def fill(folder):
         for part in model.parts:
@@ -552,7 +558,6 @@ def lora_file_tensors(modules, shapes, dtype=torch.float16, sdxl=False):
 
 def read_loras(specs):
     """[(path, ratio)] from `path` or `path:ratio` strings, with each file's modules (canonical names)."""
-    from lora_diffusion.formats.kohya import read_lora_file
 
     loaded = []
     for spec in specs:

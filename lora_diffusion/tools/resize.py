@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from lora_diffusion.formats.kohya import network_metadata, write_lora_file
 
+from .merge import only_plain_lora
 from .model_files import (
     ModelToolError,
     bundled_embedding_tensors,
@@ -53,7 +54,6 @@ def resize_lora(source, output, *, rank, conv_rank=None, dynamic=None, dynamic_p
         raise ModelToolError(f"--dynamic {dynamic} needs a positive --dynamic_param, got {dynamic_param}")
     check_output(output, [source], overwrite)
     (path, _, modules, metadata), = read_loras([source])
-    from .merge import only_plain_lora
     only_plain_lora([(path, 1.0, modules, metadata)], "resize")
     result, shapes, report = {}, {}, {}
     for name, w in tqdm(sorted(modules.items()), desc="resizing", unit="module", leave=False):
