@@ -9,6 +9,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in one worker per core (pytest-xdist, pyproject's addopts): a thread each, for the worker and
+    # the trainers it starts (two threads per worker spin-wait against the other workers)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 ASSETS = Path(__file__).resolve().parents[1] / "lora_diffusion" / "assets"
 
