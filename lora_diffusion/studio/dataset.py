@@ -5,6 +5,10 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from lora_diffusion.data.dataset import LoRADataset
+from lora_diffusion.data.files import dotted_extension, is_image_file
+from lora_diffusion.data.layout import caption_file
+from lora_diffusion.data.subset import FLAG_DEFAULTS
 from lora_diffusion.formats.io import atomic_write
 
 from .paths import inside_root, relative_to_root
@@ -15,9 +19,6 @@ MAX_IMAGES = 2000  # listed per view (the counts cover them all)
 def scan(root: Path, train_data_dir: str, reg_data_dir: str | None = None, **given) -> dict:
     """`given`: dataset options by their flag names (the train form's caption_extension, resolution,
     enable_bucket, ...); unset ones take the flags' defaults."""
-    from lora_diffusion.data.dataset import LoRADataset
-    from lora_diffusion.data.layout import caption_file
-    from lora_diffusion.data.subset import FLAG_DEFAULTS
 
     train = inside_root(root, train_data_dir, "train_data_dir")
     reg = inside_root(root, reg_data_dir, "reg_data_dir") if reg_data_dir else None
@@ -32,8 +33,9 @@ def scan(root: Path, train_data_dir: str, reg_data_dir: str | None = None, **giv
         concepts.append({"folder": relative_to_root(root, subset.image_dir), "repeats": subset.num_repeats,
                          "class_tokens": subset.class_tokens, "is_reg": subset.is_reg, "images": len(entries),
                          "steps_per_epoch": sum(e.repeats for e in entries)})
+    extension = dotted_extension(options["caption_extension"])
     images = [{"path": relative_to_root(root, e.path), "caption": e.caption,
-               "caption_file": relative_to_root(root, caption_file(e.path, options["caption_extension"])),
+               "caption_file": relative_to_root(root, caption_file(e.path, extension)),
                "size": list(e.size), "bucket": list(e.bucket), "concept": e.subset,
                "is_reg": dataset.subsets[e.subset].is_reg} for e in dataset.entries[:MAX_IMAGES]]
     buckets = Counter(f"{e.bucket[0]}x{e.bucket[1]}" for e in dataset.entries)
@@ -44,8 +46,8 @@ def scan(root: Path, train_data_dir: str, reg_data_dir: str | None = None, **giv
 def save_caption(root: Path, image: str, caption_extension: str, text: str) -> str:
     """Writes the image's caption file (<stem><ext> beside it), atomically; returns its path under the root."""
     path = image_file(root, image)
-    extension = caption_extension or ".txt"
-    if "/" in extension or "\\" in extension or not extension.startswith("."):
+    extension = dotted_extension(caption_extension or ".txt")  # 'txt' as the trainer reads it
+    if "/" in extension or "\\" in extension:
         raise ValueError(f"caption_extension {extension!r}: expected an extension such as .txt")
     if not isinstance(text, str):
         raise ValueError("caption: expected text")
@@ -69,7 +71,6 @@ def thumbnail(root: Path, image: str, size: int = 192) -> bytes:
 
 def image_file(root: Path, image: str) -> Path:
     """An image file under the root (the only files the studio serves, besides evaluation results)."""
-    from lora_diffusion.data.files import is_image_file
 
     path = inside_root(root, image, "image")
     if not path.is_file() or not is_image_file(path):
@@ -96,7 +97,6 @@ def inside_or_none(root, path: Path) -> bool:
 
 def images_in(root: Path, under: str) -> list[str]:
     """The images directly inside a folder under the root (generated images, samples)."""
-    from lora_diffusion.data.files import is_image_file
 
     path = inside_root(root, under or ".", "folder")
     if not path.is_dir():

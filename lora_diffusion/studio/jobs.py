@@ -9,7 +9,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-STATES = ("queued", "running", "stopped", "failed", "finished")
 ENDED = ("stopped", "failed", "finished")
 
 SCHEMA = """

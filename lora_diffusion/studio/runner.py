@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.training.progress import progress_path
 
 from .form import FormError, parse, toml_text
-from .jobs import JobQueue, process_alive, process_start_time
+from .jobs import ENDED, JobQueue, process_alive, process_start_time
 from .paths import PathRefused, inside_root
 from .progress import read_events, written_paths
 
@@ -35,8 +37,9 @@ class Runner:
         return self.job_dir(job_id) / "train.log"
 
     def progress_path(self, job: dict) -> Path:
-        given = job["options"].get("progress_file")
-        path = Path(given) if given else Path(job["output_dir"]) / f"{job['output_name']}.progress.jsonl"
+        """Where the job's trainer writes its progress (the trainer's own rule), under the root."""
+        path = progress_path(SimpleNamespace(progress_file=job["options"].get("progress_file"),
+                                             output_dir=job["output_dir"], output_name=job["output_name"]))
         return path if path.is_absolute() else self.root / path
 
     def events(self, job: dict) -> list[dict]:
@@ -119,7 +122,7 @@ class Runner:
     def settle(self, job: dict, returncode: int | None):
         """The job's end state: the trainer's end record when it wrote one, else what the exit status says."""
         end = next((e for e in reversed(self.events(job)) if e["event"] == "end"), None)
-        if end is not None and end.get("status") in ("finished", "stopped", "failed"):
+        if end is not None and end.get("status") in ENDED:
             state, error = end["status"], end.get("error")
         elif returncode == 0:
             state, error = "finished", None
@@ -134,10 +137,11 @@ class Runner:
 
     # -- what a job wrote ----------------------------------------------------------------------------------
 
-    def resume_state(self, job: dict) -> str | None:
+    def resume_state(self, job: dict, events=None) -> str | None:
         """The newest state folder of the job, as the page names it (relative to the root): from its checkpoint
-        records, else the newest -state folder of its output name."""
-        states = [Path(e["state"]) for e in self.events(job) if e["event"] == "checkpoint" and e.get("state")]
+        records, else the newest -state folder of its output name. `events`: self.events(job), when read."""
+        events = self.events(job) if events is None else events
+        states = [Path(e["state"]) for e in events if e["event"] == "checkpoint" and e.get("state")]
         if not states:
             output = self.root / job["output_dir"]
             states = sorted(output.glob(f"{glob.escape(job['output_name'])}*-state"), key=lambda p: p.stat().st_mtime)
@@ -147,14 +151,14 @@ class Runner:
                 return str(path.relative_to(self.root))
         return None
 
-    def written(self, job: dict) -> list[Path]:
-        """The files and state folders the job's progress file names, under its output folder or the root."""
+    def written(self, job: dict, events=None) -> list[Path]:
+        """The files and state folders the job's progress file names, under its output folder or the root.
+        `events`: self.events(job), when read."""
         output = inside_root(self.root, job["output_dir"] or ".", "--output_dir")
         paths = []
-        for text in written_paths(self.events(job)):
-            path = Path(text) if Path(text).is_absolute() else self.root / text
+        for text in written_paths(self.events(job) if events is None else events):
             try:
-                path = inside_root(self.root, str(path))
+                path = inside_root(self.root, text)
             except PathRefused:
                 continue
             if output in path.parents and path.exists():

@@ -33,8 +33,12 @@ def load_or_create_token(data_dir: Path) -> tuple[str, bool]:
     if path.is_file():
         return path.read_text(encoding="utf-8").strip(), False
     token = secrets.token_urlsafe(32)
-    atomic_write(path, lambda f: f.write(token + "\n"), mode="w")
-    os.chmod(path, 0o600)
+
+    def write(f):
+        os.fchmod(f.fileno(), 0o600)  # never readable by others, not even as the temp file
+        f.write(token + "\n")
+
+    atomic_write(path, write, mode="w")
     return token, True
 
 

@@ -57,8 +57,9 @@ class Studio:
         if full:
             events = self.runner.events(job)
             view.update(options=job["options"], progress=summarize(events), log=self.runner.log_tail(job["id"]),
-                        files=[self.file_view(p) for p in self.runner.written(job)],
-                        resume_state=self.runner.resume_state(job) if job["state"] in ("stopped", "failed") else None,
+                        files=[self.file_view(p) for p in self.runner.written(job, events)],
+                        resume_state=self.runner.resume_state(job, events) if job["state"] in ("stopped", "failed")
+                        else None,
                         command=safe_command(job["options"]))
         return view
 
@@ -68,11 +69,12 @@ class Studio:
 
     def add_job(self, values: dict, name: str | None = None, resume_of: int | None = None) -> dict:
         checked = form.check(values, self.root)
-        job_id = self.queue.add(name or checked["output_name"], values, checked["output_dir"],
-                                checked["output_name"], resume_of)
-        if not values.get("progress_file"):  # each job its own, beside its log (a resumed run gets a new one)
-            self.queue.set_options(job_id, {**values, "progress_file": str(self.runner.job_dir(job_id) /
-                                                                             "progress.jsonl")})
+        with self.lock:  # the runner must not claim the job before it has its progress file
+            job_id = self.queue.add(name or checked["output_name"], values, checked["output_dir"],
+                                    checked["output_name"], resume_of)
+            if not values.get("progress_file"):  # each job its own, beside its log (a resumed run gets a new one)
+                self.queue.set_options(job_id, {**values, "progress_file": str(self.runner.job_dir(job_id) /
+                                                                                 "progress.jsonl")})
         self.tick()
         return self.job_view(self.queue.get(job_id))
 
