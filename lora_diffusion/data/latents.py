@@ -159,6 +159,7 @@ def cache_latents_in_shares(dataset, vae, *, rank: int, world: int, wait, to_dis
     cache_dir = None if to_disk else Path(scratch_dir)
     share = copy.copy(dataset)  # the same dataset, but only this process's images to encode
     share.entries = dataset.entries[rank::world]
+    encode_options.setdefault("vae_id", vae_fingerprint(vae))  # the same key for both passes, computed once
     try:
         share.cache_latents(vae, to_disk=True, cache_dir=cache_dir, **encode_options)
         wait()

@@ -27,9 +27,7 @@ def install_grad_scaler(accelerator, *, full_fp16: bool):
     one on GPUs only: on the CPU fp16 runs here as on a GPU (autocast to fp16, scaled loss, skipped steps on
     inf/NaN gradients) instead of as fp16 weights without a scaler. With --full_fp16 the scaler also unscales the
     fp16 gradients of the LoRA."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.mixed_precision != "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if accelerator.mixed_precision != "fp16":
         return
     if accelerator.scaler is not None and not full_fp16:
         return

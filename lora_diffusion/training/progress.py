@@ -29,6 +29,7 @@ class ProgressFile:
     def __init__(self, path: Path | None, enabled: bool = True):
         self.path, self.enabled = path, enabled and path is not None
         self.step, self.files, self.step_times = 0, [], []
+        self.descriptor = None  # opened for appending at the first line, closed after the end event
 
     def write(self, event: str, **fields):
         if "step" in fields:
@@ -40,12 +41,10 @@ class ProgressFile:
         if not self.enabled:
             return
         line = json.dumps({"event": event, "time": time.time(), **fields}) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, line.encode("utf-8"))  # one write of a whole line: a reader never sees half of one
-        finally:
-            os.close(descriptor)
+        if self.descriptor is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self.descriptor, line.encode("utf-8"))  # one write of a whole line: a reader never sees half of one
 
     def start(self, *, max_train_steps, epochs, output_dir, output_name, step):
         self.step_times = [(time.time(), step)]
@@ -65,6 +64,9 @@ class ProgressFile:
     def end(self, status: str, error: str | None = None):
         files = sorted({f for f in self.files if Path(f).exists()})
         self.write("end", status=status, step=self.step, files=files, error=error)
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
 
     @contextmanager
     def ending(self):
