@@ -115,7 +115,6 @@ def read_prompts(spec, extra):
 def feature_network(name):
     """The nn.Module that FID/KID compare images in (uint8 [N, 3, H, W] -> [N, d])."""
     if name == "world":
-
         return load_world_features()
     if name == "inception" or name.startswith("inception:"):
         weights = name.partition(":")[2] or None
@@ -208,7 +207,6 @@ def reference_images(folder, scenes, n, size):
     """Images of --reference, or for world prompts renders of the asked scenes (fresh sizes and places)."""
     from PIL import Image
 
-
     if folder:
         paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p))
         if not paths:
@@ -234,7 +232,6 @@ def reference_images(folder, scenes, n, size):
 def generate_variant(models, pipe, variant, prompts, seeds, *, steps, guidance, size, progress=None):
     """One image per (prompt, seed) with the variant's LoRA applied (and removed afterwards); progress(n) after
     each batch of n images."""
-
     network = None
     if variant.path:
         network = load_network(variant.path, models.unet, models.text_encoder, variant.multiplier,
@@ -258,7 +255,6 @@ def evaluate(model, variants, prompts, *, scenes=None, seeds=(0,), steps=20, gui
              metrics=("judge", "fid", "kid"), features="world", reference=None, clip_model=None):
     """Scores per variant: a list of dicts (label, file, multiplier, and each metric), and the images per variant.
     A progress bar on stderr counts the images."""
-
     seeds = list(seeds)
     if not seeds or not prompts or not variants:
         raise ValueError(f"evaluate: nothing to draw ({len(variants)} variant(s), {len(prompts)} prompt(s), "

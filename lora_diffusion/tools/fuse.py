@@ -27,7 +27,6 @@ from .model_files import ModelToolError, bundled_embedding_tensors, check_output
 def save_diffusers_folder(models, path):
     """The models as a diffusers folder (the family's pipeline's save_pretrained, training noise scheduler),
     written all-or-nothing."""
-
     pipeline = models.family.pipeline(models, models.noise_scheduler)
     build_folder_atomically(Path(path), lambda staging: pipeline.save_pretrained(staging, safe_serialization=True))
     return Path(path)
@@ -62,8 +61,6 @@ def fuse(model, concept_files, prompt_files, out, *, lora_out=None, rank=16, con
          steps=4, size=None, lora_dtype=torch.float16, device="cpu", overwrite=False, say=print):
     """Fuse the concept files into `model`; write the diffusers folder `out` and the LoRA file `lora_out` (default:
     `out` + .safetensors) of fused - base at `rank`. Returns the per-module report of concepts.fusion."""
-
-
     if len(prompt_files) != len(concept_files):
         raise ModelToolError(f"fuse needs one --prompts file per concept file: {len(concept_files)} file(s), "
                              f"{len(prompt_files)} --prompts")

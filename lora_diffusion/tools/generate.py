@@ -48,7 +48,6 @@ def generate(model: str, loras: list[tuple[str, float]], prompts: list[dict], ou
     """Images for prompt dicts (see lora_diffusion.training.read_prompts) with the LoRAs applied or merged, and the
     textual-inversion embeddings bundled in their files (A1111's `bundle_emb.*`) added to the tokenizer;
     `regions` (models.regional.Region list) apply to every prompt."""
-
     for path, multiplier in loras:
         check_multiplier(multiplier, path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

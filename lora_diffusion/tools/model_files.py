@@ -558,7 +558,6 @@ def lora_file_tensors(modules, shapes, dtype=torch.float16, sdxl=False):
 
 def read_loras(specs):
     """[(path, ratio)] from `path` or `path:ratio` strings, with each file's modules (canonical names)."""
-
     loaded = []
     for spec in specs:
         path, ratio = spec, 1.0
