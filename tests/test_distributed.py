@@ -156,6 +156,7 @@ def test_a_sigterm_to_one_rank_saves_once_on_every_rank_and_exits_0(tmp_path):
             if any(e["event"] == "step" for e in steps):
                 rank_one = next(pid for pid in worker_pids(process.pid) if environ_of(pid).get("RANK") == "1")
             time.sleep(0.5)
+        assert rank_one is not None, f"the run ended before its first step: {process.communicate()[0][-3000:]}"
         os.kill(rank_one, signal.SIGTERM)
         output, _ = process.communicate(timeout=1800)  # a safety net, not a measure
     finally:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lora_diffusion.formats.errors import LoRAFileError
-from lora_diffusion.models.checkpoint import _pickle_detail
+from lora_diffusion.formats.io import refused_pickle_detail
 
 EMBED_FLAG = "<embed>"
 
@@ -32,7 +32,7 @@ def read_pt(path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = _pickle_detail(error)
+        detail = refused_pickle_detail(error)
         if "weights only" in str(error).lower() and "global" in detail.lower():
             raise LoRAFileError(f"{path} is refused for safety: it holds pickled objects other than tensors "
                                 f"({detail}), and loading those can run arbitrary code") from None

@@ -185,3 +185,11 @@ def build_folder_atomically(target, fill, *, sync=True):
         if isinstance(error, OSError) and not hasattr(error, "written"):
             raise write_error(error, target) from error
         raise
+
+
+def refused_pickle_detail(error) -> str:
+    """The line of torch's weights-only error that names what was refused, without torch's advice."""
+    for line in str(error).splitlines():
+        if "unsupported" in line.lower():
+            return line.strip().removeprefix("WeightsUnpickler error:").strip().split(" was not")[0].rstrip(".")
+    return "a pickle torch's safe loader does not accept"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lora_diffusion.formats.io import refused_pickle_detail
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -176,7 +178,7 @@ def read_torch_checkpoint(path):
     except pickle.UnpicklingError as error:
         if "weights only" not in str(error).lower():
             raise  # a corrupt pickle, reported as such by the caller
-        detail = _pickle_detail(error)
+        detail = refused_pickle_detail(error)
         if "global" not in detail.lower():  # an opcode the safe loader does not know: most likely not a checkpoint
             raise ModelLoadError(f"{path} could not be read (corrupt, truncated or not a checkpoint?): {detail}; "
                                  "only tensors are loaded from .ckpt files, for safety") from None
@@ -190,14 +192,6 @@ def read_torch_checkpoint(path):
     if not isinstance(checkpoint, dict):
         raise ModelLoadError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}, mapped
-
-
-def _pickle_detail(error) -> str:
-    """The line of torch's weights-only error that names what was refused, without torch's advice."""
-    for line in str(error).splitlines():
-        if "unsupported" in line.lower():
-            return line.strip().removeprefix("WeightsUnpickler error:").strip().split(" was not")[0].rstrip(".")
-    return "a pickle torch's safe loader does not accept"
 
 
 def release_file_pages(tensor):

@@ -15,9 +15,9 @@ import torch
 from lora_diffusion.core.network import load_network
 from lora_diffusion.models import load_models
 from lora_diffusion.models.checkpoint import PRECISION_DTYPES  # --dtype's names
+from lora_diffusion.models.prompts import parse_prompt_line, read_prompts
 from lora_diffusion.models.regional import parse_region
 from lora_diffusion.models.sampling import sample_images
-from lora_diffusion.training.sampling import parse_prompt_line, read_prompts
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

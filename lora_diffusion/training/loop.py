@@ -60,6 +60,9 @@ class Run:
     validation: Any = None  # training.validation.Validation: held-out images and/or prompts to score
     progress: ProgressFile = field(default_factory=lambda: ProgressFile(None))  # --progress_file's events
     prepared: Any = None  # NetworkForward as accelerate prepared it (DDP) in a multi-process run, else None
+    # The loop's seams for a recipe's own pieces (e.g. ED-LoRA's attention loss and embedding freeze):
+    loss_terms: list = field(default_factory=list)  # term(run, batch) -> tensor added to each micro-batch's loss
+    step_hooks: list = field(default_factory=list)  # hook(run, state) after each optimizer step that updated
 
     @property
     def device(self):
@@ -180,15 +183,17 @@ class NetworkForward(torch.nn.Module):
         self.network = network
 
     def forward(self, loss_of, batch):
-        return loss_of(batch)
+        # accelerate wraps a prepared module's forward in autocast; the loss autocasts only what it means to (the
+        # encoders and the U-Net), exactly as in a one-process run, so the wrapper's is turned off here.
+        with torch.autocast(next(self.parameters()).device.type, enabled=False):
+            return loss_of(batch)
 
 
 def forward_loss(run: Run, batch):
-    """compute_loss of one micro-batch; in a multi-process run through the prepared network (DDP), with the
-    latents encoded first, outside the autocast accelerate puts around it (the VAE keeps its own dtype)."""
+    """compute_loss of one micro-batch; in a multi-process run through the prepared network (DDP)."""
     if run.prepared is None:
         return compute_loss(run, batch)
-    return run.prepared(partial(compute_loss, run), dict(batch, latents=batch_latents(run, batch)))
+    return run.prepared(partial(compute_loss, run), batch)
 
 
 def gradient_sync(run: Run, sync: bool):
@@ -233,7 +238,7 @@ def compute_loss(run: Run, batch):
     with accelerator.autocast():
         pred = models.family.call_unet(models.unet, noisy, timesteps, context.to(run.weight_dtype), added)
     mask = batch.get("alpha_masks")  # kohya: whenever images have masks (alpha_mask, conditioning_data_dir)
-    return training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
+    loss = training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
                                    min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
                                    is_reg=is_reg, prior_loss_weight=args.prior_loss_weight, loss_type=args.loss_type,
                                    huber_schedule=args.huber_schedule, huber_c_value=args.huber_c,
@@ -241,6 +246,9 @@ def compute_loss(run: Run, batch):
                                    scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
                                    v_pred_like_loss=args.v_pred_like_loss,
                                    debiased_estimation_loss=args.debiased_estimation_loss)
+    for term in run.loss_terms:
+        loss = loss + term(run, batch)
+    return loss
 
 
 def text_conditioning(run: Run, batch):
@@ -287,11 +295,14 @@ def optimizer_step(run: Run, state: RunState, params):
         run.accelerator.clip_grad_norm_(params, run.args.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if step_was_skipped(run.optimizer):  # the fp16 GradScaler found inf/NaN gradients: the weights did not move
+    skipped = step_was_skipped(run.optimizer)  # the fp16 GradScaler found inf/NaN gradients: the weights did not move
+    if skipped:
         state.skipped_steps += 1
     else:
         run.lr_scheduler.step()
     state.step += 1
+    for hook in [] if skipped else run.step_hooks:
+        hook(run, state)
     if run.args.scale_weight_norms:  # kohya's max-norm regularization, after the step
         state.norms = run.network.apply_max_norm(run.args.scale_weight_norms)
 
