@@ -78,9 +78,7 @@ def values_to_argv(values: dict) -> list[str]:
             items = value.split() if isinstance(value, str) else value
             if not isinstance(items, list) or not all(isinstance(v, (str, int, float)) for v in items):
                 raise FormError(f"--{name}: expected a list of values, got {value!r}")
-            for item in map(str, items):
-                if item.startswith("-") and not looks_like_number(item):
-                    raise FormError(f"--{name}: the item {item!r} starts with '-' (it would be read as a flag)")
+            refuse_flag_like(map(str, items), f"--{name}")
             argv += [f"--{name}", *map(str, items)]
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             argv.append(f"--{name}={value}")
@@ -97,14 +95,39 @@ def looks_like_number(text: str) -> bool:
     return True
 
 
+def refuse_flag_like(items, what: str):
+    """Values that argparse would read as flags ('-x', but not '-1') are refused, naming the field."""
+    for item in items:
+        if item.startswith("-") and not looks_like_number(item):
+            raise FormError(f"{what}: {item!r} starts with '-', so it would be read as a flag (on a command line it "
+                            "would be a flag, not this value)")
+
+
+def check_path_items(root: Path, items, what: str):
+    """Each path value lies under the root (a scheme such as builtin: names no file); PathRefused names `what`."""
+    for item in items:
+        if isinstance(item, str) and not item.startswith(SCHEMES):
+            inside_root(root, item, what)
+
+
+def parse_quietly(parser: argparse.ArgumentParser, argv: list[str], prefix: str = ""):
+    """parser.parse_args(argv), its one-line error (without `prefix`) as FormError instead of usage on stderr."""
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        try:
+            return parser.parse_args(argv)
+        except SystemExit:
+            lines = errors.getvalue().strip().splitlines()
+            raise FormError(lines[-1].removeprefix(prefix) if lines else f"{parser.prog}: invalid arguments") \
+                from None
+
+
 def check_paths(values: dict, root: Path):
     """Every file or folder option's value lies under the root (PathRefused names the flag otherwise)."""
     for name, value in values.items():
         if not is_path_option(name) or value in (None, "", []):
             continue
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and not item.startswith(SCHEMES):
-                inside_root(root, item, f"--{name}")
+        check_path_items(root, value if isinstance(value, list) else [value], f"--{name}")
 
 
 def parse(values: dict) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -112,14 +135,7 @@ def parse(values: dict) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     from lora_diffusion.training.trainer import build_parser
 
     parser = build_parser(prog="train_lora.py")
-    errors = io.StringIO()
-    with contextlib.redirect_stderr(errors):
-        try:
-            args = parser.parse_args(values_to_argv(values))
-        except SystemExit:
-            lines = errors.getvalue().strip().splitlines()
-            raise FormError(lines[-1].removeprefix("train_lora.py: error: ") if lines else "invalid flags") from None
-    return args, parser
+    return parse_quietly(parser, values_to_argv(values), "train_lora.py: error: "), parser
 
 
 def check(values: dict, root: Path) -> dict:

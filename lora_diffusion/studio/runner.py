@@ -17,7 +17,7 @@ from lora_diffusion.training.progress import progress_path
 
 from .form import FormError, parse, toml_text
 from .jobs import ENDED, JobQueue, process_alive, process_start_time
-from .paths import PathRefused, inside_root
+from .paths import PathRefused, inside_root, relative_to_root
 from .progress import read_events, written_paths
 
 
@@ -146,9 +146,12 @@ class Runner:
             output = self.root / job["output_dir"]
             states = sorted(output.glob(f"{glob.escape(job['output_name'])}*-state"), key=lambda p: p.stat().st_mtime)
         for state in reversed(states):
-            path = (self.root / state).resolve()  # an absolute record stays itself
-            if path.is_dir() and self.root in path.parents:
-                return str(path.relative_to(self.root))
+            try:
+                path = inside_root(self.root, str(state))  # an absolute record stays itself
+            except PathRefused:
+                continue
+            if path.is_dir() and path != self.root:
+                return relative_to_root(self.root, path)
         return None
 
     def written(self, job: dict, events=None) -> list[Path]:

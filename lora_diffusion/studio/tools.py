@@ -3,8 +3,6 @@ become an argv list checked by that parser, and it runs as `lora-diffusion TOOL 
 its output kept for the page (`python -m lora_diffusion TOOL`, which imports only that tool)."""
 
 import argparse
-import contextlib
-import io
 import itertools
 import os
 import subprocess
@@ -14,8 +12,7 @@ import time
 
 from lora_diffusion import cli
 
-from .form import SCHEMES, FormError, looks_like_number
-from .paths import inside_root
+from .form import FormError, check_path_items, parse_quietly, refuse_flag_like
 
 # the page's tools (cli.SUBCOMMANDS' names): dataset tools, then the model and file tools
 TOOLS = ("excise", "balance", "caption-sets", "caption", "inspect", "merge", "resize", "extract", "convert",
@@ -71,13 +68,9 @@ def tool_argv(name: str, values: dict, root) -> list[str]:
             raise FormError(f"lora-diffusion {name} {dest}: expected text, a number or a list of them")
         items = [str(v) for v in items]
         if is_path_arg(action):
-            for item in items:
-                if not item.startswith(SCHEMES):
-                    inside_root(root, item, f"lora-diffusion {name} {dest}")
+            check_path_items(root, items, f"lora-diffusion {name} {dest}")
         if not action.option_strings:
-            for item in items:
-                if item.startswith("-") and not looks_like_number(item):
-                    raise FormError(f"lora-diffusion {name} {dest}: {item!r} starts with '-' (it would be a flag)")
+            refuse_flag_like(items, f"lora-diffusion {name} {dest}")
             positionals += items
         elif action.nargs == 0:
             if value is not True:
@@ -90,13 +83,7 @@ def tool_argv(name: str, values: dict, root) -> list[str]:
         else:
             flags.append(f"{action.option_strings[0]}={items[0]}")
     argv = flags + ["--", *positionals] if positionals else flags
-    errors = io.StringIO()
-    with contextlib.redirect_stderr(errors):
-        try:
-            parser.parse_args(argv)
-        except SystemExit:
-            lines = errors.getvalue().strip().splitlines()
-            raise FormError(lines[-1] if lines else f"lora-diffusion {name}: invalid arguments") from None
+    parse_quietly(parser, argv)
     return argv
 
 
