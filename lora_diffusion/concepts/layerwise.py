@@ -19,11 +19,13 @@ The file: one tensor per cross-attention layer, keyed by the layer's processor n
 
 import functools
 import json
-import re
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from lora_diffusion.core.network import TokenEmbeddings
+from lora_diffusion.models.regional import cross_attention_processors
 
 FORMAT = "lora_diffusion.layerwise_embeddings"
 
@@ -33,12 +35,10 @@ def cross_attention_layers(unet) -> list[str]:
     return [name.removesuffix(".processor") for name in unet.attn_processors if name.endswith("attn2.processor")]
 
 
-def token_names(name, num_vectors):
-    return [name] + [f"{name}_{i}" for i in range(1, num_vectors)]
-
-
 class LayerwiseEmbeddings(nn.Module):
-    """A new token's vectors per cross-attention layer: `vectors` [layers, num_vectors, dim]."""
+    """A new token's vectors per cross-attention layer: `vectors` [layers, num_vectors, dim]. The tokens are added
+    and read back as core.network.TokenEmbeddings adds a plain embedding's (its checks, names and prompt expansion);
+    only the table's rows follow the layer being encoded."""
 
     def __init__(self, name, layers, vectors):
         super().__init__()
@@ -47,35 +47,37 @@ class LayerwiseEmbeddings(nn.Module):
                              f"[{len(layers)} layers, vectors, dim]")
         self.name, self.layers = name, list(layers)
         self.vectors = nn.Parameter(vectors.float().clone())
-        self.tokens = token_names(name, vectors.shape[1])
+        # the plain embedding of the first layer's vectors: the token names, expand(), adding the tokens
+        object.__setattr__(self, "plain", TokenEmbeddings(name, self.vectors[0]))
+        self.tokens = self.plain.tokens
         self.first_id = None
         self.current = None  # the layer whose vectors the embedding table gives now
         self._hooks = []
 
     @classmethod
-    def create(cls, tokenizer, text_encoder, unet, name, init_word=None, num_vectors=1):
-        """Every layer's vectors start as the embedding of `init_word`'s first token (else of `*`)."""
+    def create(cls, tokenizer, text_encoder, unet, name, init_word=None, num_vectors=1, random_first=None,
+               generator=None):
+        """Every layer's vectors start as the embedding of `init_word`'s first token (else of `*`); with
+        `random_first` (a std, Mix-of-Show's 0.013) and two or more vectors, the first vector is random normal with
+        that std instead (Mix-of-Show's `<rand-0.013>+word` initialiser), the same in every layer."""
         table = text_encoder.get_input_embeddings().weight.detach()
         ids = tokenizer.encode(init_word or "*", add_special_tokens=False)
-        start = table[ids[0]].float()
+        start = table[ids[0]].float().expand(num_vectors, -1).clone()
+        if random_first is not None and num_vectors > 1:
+            start[0] = torch.randn(start.shape[1], generator=generator) * random_first
         layers = cross_attention_layers(unet)
-        return cls(name, layers, start.expand(len(layers), num_vectors, -1).clone())
+        return cls(name, layers, start.expand(len(layers), -1, -1).clone())
 
     def apply_to(self, tokenizer, text_encoder):
         """Add the tokens to the tokenizer and the embedding table, whose rows then read the current layer's
         vectors (the first layer's outside encode)."""
-        from lora_diffusion.core.network import pool_at_eos
-
         first = len(tokenizer)
-        if tokenizer.add_tokens(self.tokens) != len(self.tokens):
-            raise ValueError(f"the token {self.name!r} is already in the tokenizer (or not one new token); choose "
-                             f"a new name such as <star1>")
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        pool_at_eos(text_encoder, tokenizer)
+        with torch.no_grad():
+            self.plain.weight.copy_(self.vectors[0])
+        self.plain.apply_to(tokenizer, text_encoder)  # checks, adds, resizes, pools at EOS, writes the rows
+        self.plain.remove()  # its hook reads one layer's vectors; ours reads the current layer's
         self.first_id = first
         table = text_encoder.get_input_embeddings()
-        with torch.no_grad():
-            table.weight[first:first + len(self.tokens)] = self.vectors[0].to(table.weight)
         self._hooks.append(table.register_forward_hook(functools.partial(LayerwiseEmbeddings._rows, self)))
         return self
 
@@ -91,9 +93,7 @@ class LayerwiseEmbeddings(nn.Module):
 
     def expand(self, text):
         """A prompt with a multi-vector token written out as its tokens (`<star>` -> `<star> <star>_1`)."""
-        if len(self.tokens) == 1:
-            return text
-        return re.sub(rf"(?<![\w]){re.escape(self.name)}(?![\w])", " ".join(self.tokens), text, flags=re.IGNORECASE)
+        return self.plain.expand(text)
 
     def encode(self, tokenizer, text_encoder, prompt) -> dict[str, torch.Tensor]:
         """{layer: the prompt's last hidden states [1, tokens, dim] with that layer's vectors}."""
@@ -158,15 +158,9 @@ class LayerContextProcessor:
 def layerwise_attention(unet, contexts, negative=None):
     """Within the block each `attn2` of `unet` reads contexts[its layer] (batch 1, or the call's batch); under
     classifier-free guidance pass the negative prompt's states, which go first in the batch as diffusers puts them."""
-    original = unet.attn_processors
     state = {"contexts": contexts, "negative": negative}
-    unet.set_attn_processor({name: LayerContextProcessor(processor, state, name.removesuffix(".processor"))
-                             if name.endswith("attn2.processor") else processor
-                             for name, processor in original.items()})
-    try:
+    with cross_attention_processors(unet, lambda processor, layer: LayerContextProcessor(processor, state, layer)):
         yield
-    finally:
-        unet.set_attn_processor(original)
 
 
 def load_layerwise_into_pipeline(pipe, path) -> LayerwiseEmbeddings:

@@ -130,6 +130,21 @@ class RegionalAttnProcessor:
 
 
 @contextmanager
+def cross_attention_processors(unet, wrap):
+    """Within the block every cross-attention (`attn2`) of `unet` runs `wrap(its processor, its layer name)` (the
+    name without `.processor`, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2`); the U-Net's own
+    processors are restored afterwards. The one seam of regional prompts, layer-wise embeddings and ED-LoRA."""
+    original = unet.attn_processors
+    unet.set_attn_processor({name: wrap(processor, name.removesuffix(".processor"))
+                             if name.endswith("attn2.processor") else processor
+                             for name, processor in original.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+@contextmanager
 def regional_attention(unet, contexts, *, latent_size, guidance):
     """Within the block, every cross-attention (`attn2`) of `unet` follows the regions (RegionContext list);
     `latent_size` (height, width) of the latents, `guidance`: whether the batch is classifier-free guidance's
@@ -137,14 +152,9 @@ def regional_attention(unet, contexts, *, latent_size, guidance):
     if not contexts:
         yield
         return
-    original = unet.attn_processors
     state = RegionalState(contexts, latent_size, guidance)
-    unet.set_attn_processor({name: RegionalAttnProcessor(processor, state) if name.endswith("attn2.processor")
-                             else processor for name, processor in original.items()})
-    try:
+    with cross_attention_processors(unet, lambda processor, _layer: RegionalAttnProcessor(processor, state)):
         yield
-    finally:
-        unet.set_attn_processor(original)
 
 
 def encode_regions(models, pipeline, regions, negative_prompt, *, expand, clip_skip=None, max_token_length=None,
