@@ -22,9 +22,7 @@ from lora_diffusion.formats import kohya
 
 from . import adapters
 from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
-from .adapters.base import dora_on_input
 from .adapters.base import shapes as _shapes
-from .adapters.lora import fit_shape as _fit
 from .spec import NetworkSpec
 from .targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
@@ -219,8 +217,9 @@ class LoRANetwork(nn.Module):
             save_dtype = dtype or next(layer.parameters()).dtype
             for key, tensor in layer.file_tensors(save_dtype, file_alpha).items():
                 tensors[f"{name}.{key}"] = tensor
-            if layer.is_dora:
-                tensors[f"{name}.dora_scale"] = layer.dora_scale.detach().to(save_dtype)
+            if layer.variant is not None:
+                for key, tensor in layer.variant.file_tensors(layer, save_dtype).items():
+                    tensors[f"{name}.{key}"] = tensor
         for name, embedding in self.embeddings.items():
             for key, vectors in embedding.file_tensors(bundled=True).items():
                 tensors[f"{kohya.EMBEDDING_PREFIX}{name}.{key}"] = vectors.to(dtype or vectors.dtype)
@@ -296,22 +295,14 @@ def _preview(names: list[str], n: int = 5) -> str:
 def _copy_into(layer: AdapterLayer, weights: kohya.ModuleWeights, name: str, source: str):
     """Copy file tensors into a layer of the same algorithm, folding the file's alpha into lora_up (LoRA) when the
     layer's alpha differs."""
-    if (layer.file_algo or layer.kind) != weights.algo or layer.is_dora != (weights.dora_scale is not None):
+    variant = layer.variant
+    if (layer.file_algo or layer.kind) != weights.algo or (variant is None) != (weights.dora_scale is None):
         raise kohya.LoRAFileError(f"{source}: {name} is a {weights.label} module in the file, a "
-                                  f"{'DoRA ' if layer.is_dora else ''}{layer.label} one in this "
+                                  f"{'' if variant is None else variant.label + ' '}{layer.label} one in this "
                                   f"network (a network made with other options?)")
     layer.load_file(weights, f"{source}: {name}")
-    if weights.dora_scale is not None:
-        if dora_on_input(weights.dora_scale, layer.base.weight.shape):  # LyCORIS' wd_on_out=False: [1, in, ...]
-            layer.dora_scale = nn.Parameter(torch.empty_like(weights.dora_scale, dtype=torch.float32,
-                                                             device=layer.dora_scale.device),
-                                            requires_grad=layer.dora_scale.requires_grad)
-        scale = _fit(weights.dora_scale, layer.dora_scale.shape)
-        if scale is None:
-            raise kohya.LoRAFileError(f"{source}: {name}.dora_scale is {tuple(weights.dora_scale.shape)}, expected "
-                                      f"{tuple(layer.dora_scale.shape)}")
-        with torch.no_grad():
-            layer.dora_scale.copy_(scale)
+    if variant is not None:
+        variant.load_file(layer, weights.dora_scale, f"{source}: {name}")
 
 
 def layer_from_file(module: nn.Module, weights: kohya.ModuleWeights, name: str, source,
@@ -407,10 +398,7 @@ def create_network(unet: nn.Module | None, text_encoder, rank: int = 4, alpha: f
             if not r:
                 continue  # kohya: rank 0, or a block whose lr weight is 0, has no module
         layers[target.name] = cls(target.module, r, a, multiplier=spec.multiplier, rank_dropout=spec.rank_dropout,
-                                  module_dropout=spec.module_dropout, dora_wd=spec.dora_wd, **own)
-    if not spec.wd_on_output:
-        for layer in layers.values():
-            layer.dora_scale = nn.Parameter(adapters.column_norms(layer.base.weight.detach().float()))
+                                  module_dropout=spec.module_dropout, dora_wd=spec.variant or False, **own)
     if spec.train_norm and train_unet:
         for target in filter_targets(unet_norm_targets(unet), spec.include, spec.exclude):
             layers[target.name] = adapters.NormLayer(target.module, multiplier=spec.multiplier,

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from . import adapters
-from .adapters import LoRALayer
+from .adapters import DoRA, LoRALayer
 from .adapters.lokr import check_factor
 
 # Options only LyCORIS' algorithms take (with algo=), beside dora_wd and train_norm.
@@ -99,6 +99,11 @@ class NetworkSpec:
         if self.lycoris:
             return adapters.algorithm(self.algo)
         return adapters.DyLoRALayer if self.dylora_unit is not None else LoRALayer
+
+    @property
+    def variant(self) -> DoRA | None:
+        """The layers' variant: DoRA with dora_wd (its magnitude per input column with wd_on_output=False)."""
+        return DoRA(on_input=not self.wd_on_output) if self.dora_wd else None
 
     def layer_options(self) -> dict:
         """The options the layer class declares (OPTIONS), from this spec."""

@@ -62,7 +62,8 @@ def _format_of(key: str, tensor: torch.Tensor) -> str | None:
 class ModuleWeights:
     """One module of a file. algo "lora": down/up (and `tensors` holds them by key); the others ("loha", "lokr",
     "ia3", see lora_diffusion/core/adapters/): `tensors` holds LyCORIS' tensors by key (hada_w1_a, ..., lokr_w1, ...,
-    weight/on_input) and down/up are None. `dora_scale` [out, 1(, 1, 1)] makes any of them DoRA."""
+    weight/on_input) and down/up are None. `dora_scale` [out, 1(, 1, 1)] or [1, in(, 1, 1)] makes any of them DoRA
+    (core/adapters/dora.py checks and applies it)."""
     down: torch.Tensor | None
     up: torch.Tensor | None
     alpha: float  # kohya convention: a missing .alpha, or 0, means alpha = rank
@@ -91,7 +92,7 @@ class ModuleWeights:
     def label(self) -> str:
         """LoRA, LoCon (a kxk conv), LoHa, LoKr, iA3; "DoRA " before it for DoRA (`algo` is the table's key)."""
         name = _algorithm(self.algo).file_label(self.module_tensors)
-        return ("DoRA " if self.dora_scale is not None else "") + name
+        return ("" if self.dora_scale is None else adapters.DoRA.label + " ") + name
 
     @property
     def kind(self) -> str:
@@ -173,9 +174,9 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
         if alpha is not None and alpha.numel() != 1:
             raise LoRAFileError(f"{source}: {name}.alpha must be a scalar, got shape {tuple(alpha.shape)}")
         alpha_value = float(alpha.float().item()) if alpha is not None else 0.0
-        dora = parts.get("dora_scale")
+        dora = parts.get(adapters.DoRA.file_key)
         algos = adapters.detect(parts)
-        tensors = {k: v for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+        tensors = {k: v for k, v in parts.items() if k not in ("alpha", adapters.DoRA.file_key)}
         if len(algos) != 1 or set(tensors) - set(algos[0].file_keys):
             raise LoRAFileError(f"{source}: module {name} has keys {sorted(parts)}; expected those of one algorithm: "
                                 f"lora_down/lora_up (LoRA), hada_* (LoHa), lokr_* (LoKr), weight/on_input (iA3) or "
@@ -187,11 +188,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], source: str = "state dict
         else:
             weights = ModuleWeights(None, None, 0.0, cls.kind, tensors)
         if dora is not None:
-            per_output = dora.dim() in (2, 4) and dora.shape[1:].numel() == 1
-            per_input = dora.dim() in (2, 4) and dora.shape[0] == 1 and dora.shape[2:].numel() == 1
-            if not (per_output or per_input):
-                raise LoRAFileError(f"{source}: {name}.dora_scale is {tuple(dora.shape)}; expected [out, 1(, 1, 1)] "
-                                    f"(LyCORIS' default wd_on_out=True) or [1, in(, 1, 1)] (wd_on_out=False)")
+            adapters.DoRA.check_file_tensor(name, dora, source)
             weights.dora_scale = dora
         weights.alpha = alpha_value or float(weights.rank)  # kohya: alpha 0 means alpha = rank
         modules[name] = weights

@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from lora_diffusion.core import adapters
-from lora_diffusion.core.adapters.base import dora_merged
 from lora_diffusion.core.targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -449,8 +448,7 @@ def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multi
     delta = delta.reshape(delta.shape[0], -1)
     if weights.dora_scale is None:
         return delta * multiplier
-    weight = base.float()
-    return (dora_merged(weight, delta, weights.dora_scale, multiplier) - weight).reshape(delta.shape)
+    return adapters.DoRA.file_delta(base.float(), delta, weights.dora_scale, multiplier)
 
 
 def module_bias_delta(weights: ModuleWeights, multiplier: float = 1.0) -> torch.Tensor | None:

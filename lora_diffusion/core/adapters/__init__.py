@@ -13,6 +13,9 @@ only, so a new algorithm is one module and one line below.
     ia3    iA3 (LyCORIS)                                          ia3.py
     glora  GLoRA (LyCORIS)                                        glora.py
     dylora DyLoRA (LyCORIS algo=dylora, kohya networks.dylora)    dylora.py (its files are LoRA files)
+
+and DoRA (dora.py), not an algorithm but the variant any layer may hold (`layer.variant`, LyCORIS' dora_wd=True):
+its magnitude `dora_scale` changes the weight the algorithm's update makes, its merging and its file.
     norm   trained norm layers (LyCORIS train_norm=True)          norm.py (beside any algo=, not one itself)
 """
 
@@ -28,6 +31,7 @@ from .base import (
     row_norms,
     tucker,
 )
+from .dora import DoRA
 from .dylora import DyLoRALayer
 from .glora import GLoRALayer
 from .ia3 import IA3Layer
@@ -54,8 +58,8 @@ def algo_names() -> list[str]:
 
 
 def file_keys() -> set[str]:
-    """Every key after `<module>.` that some algorithm reads, with the shared `alpha` and `dora_scale`."""
-    return {key for cls in ALGORITHMS.values() for key in cls.file_keys} | {"alpha", "dora_scale"}
+    """Every key after `<module>.` that some algorithm reads, with the shared `alpha` and DoRA's `dora_scale`."""
+    return {key for cls in ALGORITHMS.values() for key in cls.file_keys} | {"alpha", DoRA.file_key}
 
 
 def detect(keys) -> list[type[AdapterLayer]]:
@@ -63,7 +67,7 @@ def detect(keys) -> list[type[AdapterLayer]]:
     return [cls for cls in ALGORITHMS.values() if any(k in keys for k in cls.detect_keys)]
 
 
-__all__ = ["ALGORITHMS", "AdapterLayer", "DyLoRALayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer",
+__all__ = ["ALGORITHMS", "AdapterLayer", "DoRA", "DyLoRALayer", "GLoRALayer", "IA3Layer", "LoHaLayer", "LoKrLayer",
            "LoRALayer", "NormLayer", "TensorLayer", "algorithm", "algo_names", "detect", "file_keys", "freeze_base",
            # the algorithms' shared math
            "check_factor", "factorization", "in_dtype_of", "kaiming", "kron_product", "loha_product", "lokr_rank",

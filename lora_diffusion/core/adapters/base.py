@@ -1,6 +1,6 @@
 """AdapterLayer: what every algorithm shares (wrapping one nn.Linear / nn.Conv2d, the hook, alpha, multiplier,
-dropouts, DoRA, merging) and the file contract each algorithm declares; TensorLayer for algorithms whose parameters
-are LyCORIS' named tensors (LoHa, LoKr, iA3).
+dropouts, its variant (DoRA, dora.py), merging) and the file contract each algorithm declares; TensorLayer for
+algorithms whose parameters are LyCORIS' named tensors (LoHa, LoKr, iA3).
 
 The base module keeps its place, its class and its weight (never copied). `apply_to()` makes the layer part of the
 model: it becomes a child of the base module, named `lora` (`lora_1`, ... when several are stacked), and a forward
@@ -17,6 +17,15 @@ from torch import nn
 
 from lora_diffusion.formats.errors import LoRAFileError
 
+from .dora import (  # noqa: F401 (row_norms, column_norms, dora_merged, dora_on_input: importable here as in 0.1)
+    DoRA,
+    column_norms,
+    dora_merged,
+    dora_on_input,
+    row_norms,
+    variant_of,
+)
+
 
 class AdapterLayer(nn.Module):
     """What every algorithm (LoRA here, LoHa/LoKr in lycoris_layers.py) shares: it wraps one nn.Linear or nn.Conv2d
@@ -25,7 +34,8 @@ class AdapterLayer(nn.Module):
 
     A subclass creates its parameters, then calls `_finish_init`, and defines `delta_weight()` (the fp32 update
     shaped like the base weight, multiplier not applied) and `adapter_output(x)` (multiplier * the update applied to
-    x). With `dora_wd=True` the layer is DoRA (LyCORIS' weight decomposition, see dora_weight)."""
+    x). With `dora_wd=True` (or a dora.DoRA) the layer is DoRA (LyCORIS' weight decomposition): `variant` holds the
+    DoRA object that changes its weight, merging and file tensor; None for the plain algorithm."""
 
     kind = "adapter"  # the algorithm's name: create_network(algo=), ModuleWeights.algo, the registry's key
     label = "adapter"  # its name in messages
@@ -49,8 +59,8 @@ class AdapterLayer(nn.Module):
         raise TypeError(f"{type(self).__name__} wraps nn.Linear or nn.Conv2d, got {type(base).__name__}")
 
     def _finish_init(self, base: nn.Module, rank: int, alpha: float | None, *, multiplier: float, dropout: float,
-                     rank_dropout: float, module_dropout: float, dora_wd: bool = False, use_scalar: bool = False,
-                     rank_dropout_scale: bool = False):
+                     rank_dropout: float, module_dropout: float, dora_wd: "bool | DoRA" = False,
+                     use_scalar: bool = False, rank_dropout_scale: bool = False):
         """`alpha=None`: an algorithm without one (iA3): no `alpha` buffer, scale 1. `use_scalar` (LyCORIS): a
         trainable 0-dim `scalar`, starting at 0, multiplies the update (the algorithm then starts its zero factor
         at random values) and is folded into one factor in the file. `rank_dropout_scale` (LyCORIS): the rank
@@ -63,10 +73,10 @@ class AdapterLayer(nn.Module):
         else:
             self.alpha = None
         self._alpha_value = 1.0 if alpha is None else float(alpha)
-        if dora_wd:
-            self.dora_scale = nn.Parameter(row_norms(base.weight.detach().float()))
-        else:
-            self.dora_scale = None
+        self.variant = variant_of(dora_wd)
+        self.dora_scale = None  # the variant's magnitude, a parameter of the layer (its state dict key)
+        if self.variant is not None:
+            self.variant.init(self, base)
         self.scalar = nn.Parameter(torch.tensor(0.0)) if use_scalar else None
         self.rank_dropout_scale = rank_dropout_scale
         if base.weight.device.type != "meta":
@@ -90,7 +100,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def is_dora(self) -> bool:
-        return self.dora_scale is not None
+        return self.variant is not None
 
     @property
     def applied(self) -> bool:
@@ -122,8 +132,8 @@ class AdapterLayer(nn.Module):
         self.child_name = None
 
     def _add_delta(self, base, args, out):
-        # DoRA at multiplier 0 is not the base model in LyCORIS' formula (see dora_weight), so it is not skipped.
-        if self.merged or (self.multiplier == 0 and not self.is_dora):
+        # A variant may compute at multiplier 0 too (DoRA: W + dW in LyCORIS' formula, not the base model).
+        if self.merged or (self.multiplier == 0 and (self.variant is None or self.variant.inactive_at_zero)):
             return None
         if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
             return None
@@ -135,8 +145,8 @@ class AdapterLayer(nn.Module):
         return out if self.merged else out + self._output(x).to(out.dtype)
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_dora:
-            return self._weight_op(x, self.dora_weight(self.multiplier) - self.base.weight.float())
+        if self.variant is not None:
+            return self.variant.forward(self, x)
         return self.adapter_output(x)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,13 +177,9 @@ class AdapterLayer(nn.Module):
         """tensor * the use_scalar scalar (unchanged without one)."""
         return tensor if self.scalar is None else tensor * self.scalar.to(tensor.dtype)
 
-    # -- DoRA ------------------------------------------------------------------------------------------------
-
     def dora_weight(self, multiplier: float = 1.0) -> torch.Tensor:
-        """LyCORIS' DoRA weight (wd_on_out): W' = (W + dW) * (multiplier * (m / |W + dW| - 1) + 1), the norm taken
-        per output row, m = dora_scale, dW = delta_weight() (multiplier NOT applied to it). At multiplier 1 this
-        is m * (W + dW) / |W + dW|; at 0 it is W + dW, as in LyCORIS (ComfyUI instead blends W + s * (W' - W))."""
-        return dora_merged(self.base.weight.float(), self.training_delta(), self.dora_scale, multiplier)
+        """A DoRA layer's weight W' (dora.dora_merged: m * (W + dW) / |W + dW| at multiplier 1)."""
+        return self.variant.merged_weight(self, multiplier)
 
     # -- merging into the base weight ------------------------------------------------------------------------
 
@@ -181,9 +187,9 @@ class AdapterLayer(nn.Module):
     def merge(self):
         if self.merged:
             return
-        if self.is_dora:
-            # The DoRA update depends on the base weight, which merging changes: keep it to take it back exactly.
-            delta = self.dora_weight(self.multiplier) - self.base.weight.float()
+        if self.variant is not None:
+            # The variant's update depends on the base weight, which merging changes: keep it to take it back.
+            delta = self.variant.delta(self, self.multiplier)
             object.__setattr__(self, "_merged_delta", delta)
         else:
             delta = self.delta_weight() * self.multiplier
@@ -246,8 +252,8 @@ class AdapterLayer(nn.Module):
     def file_delta(cls, tensors: dict[str, torch.Tensor], scale: float,
                    base: torch.Tensor | None = None) -> torch.Tensor:
         """The update of the base weight that a file module of this algorithm makes at multiplier 1 (DoRA not
-        applied: see dora_merged), in fp32, as [out, ...] (reshape it to the base weight's shape). `scale` is the
-        file's (ModuleWeights.scale); `base` the base weight, needed where `delta_depends_on_base` (iA3, GLoRA).
+        applied: see dora.DoRA.file_delta), in fp32, as [out, ...] (reshape it to the base weight's shape). `scale`
+        is the file's (ModuleWeights.scale); `base` the base weight, needed where `delta_depends_on_base` (iA3, GLoRA).
         The model tools (merge, inspect) compute every module's update through this."""
         raise NotImplementedError
 
@@ -260,12 +266,12 @@ class AdapterLayer(nn.Module):
     lowrank_file = False
 
     def file_tensors(self, dtype: torch.dtype, file_alpha: float) -> dict[str, torch.Tensor]:
-        """This layer's tensors under its file keys (alpha included where the algorithm has one; not dora_scale,
+        """This layer's tensors under its file keys (alpha included where the algorithm has one; not its variant's,
         which LoRANetwork adds for every algorithm). `file_alpha` is the network's (see LoRALayer)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        dora = ", dora" if self.is_dora else ""
+        dora = ", dora" if self.variant is not None else ""
         alpha = "" if self.alpha is None else f", alpha={self.alpha.item():g}"
         return f"rank={self.rank}{alpha}, multiplier={self.multiplier:g}{dora}"
 
@@ -409,41 +415,6 @@ def freeze_base(model: nn.Module) -> nn.Module:
         if id(p) not in adapters:
             p.requires_grad_(False)
     return model
-
-
-def row_norms(weight: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each output row, shaped [out, 1(, 1, 1)] (LyCORIS' dora_scale with wd_on_out=True)."""
-    return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
-
-
-def dora_on_input(dora_scale: torch.Tensor, weight_shape) -> bool:
-    """Whether a dora_scale is LyCORIS' wd_on_out=False kind, [1, in(, 1, 1)]: the norm per input column (over the
-    output rows and kernel), which is what ComfyUI's weight_decompose computes; else it is [out, 1(, 1, 1)], the
-    norm per output row (LyCORIS' default wd_on_out=True, peft's and the DoRA authors' magnitude)."""
-    return len(weight_shape) >= 2 and weight_shape[0] != 1 and dora_scale.dim() >= 2 and dora_scale.shape[0] == 1 \
-        and dora_scale.numel() == weight_shape[1]
-
-
-def column_norms(weight: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each input column (over the output rows and the kernel), shaped [1, in(, 1, 1)]."""
-    norms = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
-    return norms.reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
-
-
-def dora_merged(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor,
-                multiplier: float = 1.0) -> torch.Tensor:
-    """DoRA, the variant every algorithm can take (LyCORIS' weight decomposition): the merged weight
-    W' = (W + dW) * (multiplier * (m / |W + dW| - 1) + 1), m = dora_scale, dW the algorithm's update at multiplier
-    1. The norm is taken along the axis dora_scale has (see dora_on_input): per output row for [out, 1(, 1, 1)], the
-    files this library writes, per input column for [1, in(, 1, 1)]. At multiplier 1 this is m * (W + dW) / |W + dW|
-    (LyCORIS, ComfyUI and this library agree); at 0 it is W + dW, as in LyCORIS (ComfyUI blends
-    W + s * (W' - W) instead)."""
-    merged = weight + delta.reshape(weight.shape)
-    norms = column_norms(merged) if dora_on_input(dora_scale, weight.shape) else row_norms(merged)
-    scale = dora_scale.float().reshape(norms.shape) / (norms + torch.finfo(torch.float32).eps)
-    if multiplier != 1:
-        scale = multiplier * (scale - 1) + 1
-    return merged * scale
 
 
 def _refresh_alpha(layer: AdapterLayer, incompatible_keys):

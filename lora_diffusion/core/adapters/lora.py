@@ -16,6 +16,7 @@ from torch import nn
 from lora_diffusion.formats.errors import LoRAFileError
 
 from .base import AdapterLayer, in_dtype_of
+from .dora import fit_shape
 
 
 class LoRALayer(AdapterLayer):
@@ -156,14 +157,8 @@ class LoRALayer(AdapterLayer):
         alpha_m / r * up @ down unchanged. DoRA modules keep their own alpha, as LyCORIS writes them."""
         alpha = self.alpha.item()
         up = self.with_scalar(self.lora_up.weight.detach().float()).detach()  # LyCORIS folds the scalar into up
-        if not self.is_dora and alpha != file_alpha:
+        if self.variant is None and alpha != file_alpha:
             up, alpha = up * (alpha / file_alpha), file_alpha
         return {"lora_down.weight": self.lora_down.weight.detach().to(dtype), "lora_up.weight": up.to(dtype),
                 "alpha": torch.tensor(alpha, dtype=dtype)}
 
-
-def fit_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-    """The tensor in the given shape when they differ at most by trailing 1x1 dims (2-D files for 1x1 convs)."""
-    def squeeze(s):
-        return tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)
-    return tensor.reshape(shape) if squeeze(tensor.shape) == squeeze(shape) else None
