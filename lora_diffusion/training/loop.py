@@ -234,7 +234,8 @@ def compute_loss(run: Run, batch):
             noise, args.ip_noise_gamma, random_strength=args.ip_noise_gamma_random_strength), timesteps)
     is_reg = batch["is_reg"].to(device)
     if args.reg_target == "base_model" and is_reg.any():
-        target = torch.where(is_reg[:, None, None, None], base_model_prediction(run, batch, noisy, timesteps), target)
+        target = target.clone()  # only the regularization rows learn the base model's prediction
+        target[is_reg] = base_model_prediction(run, batch, noisy, timesteps, rows=is_reg).to(target.dtype)
     with accelerator.autocast():
         pred = models.family.call_unet(models.unet, noisy, timesteps, context.to(run.weight_dtype), added)
     mask = batch.get("alpha_masks")  # kohya: whenever images have masks (alpha_mask, conditioning_data_dir)
@@ -271,11 +272,31 @@ def text_conditioning(run: Run, batch):
     return family.unet_conditioning(encoded, time_ids, device=device, dtype=run.weight_dtype)
 
 
+def batch_rows(batch, rows):
+    """The collated batch's samples where `rows` (a bool tensor over the batch) is true: its per-sample tensors and
+    lists cut to those rows, anything else as it is."""
+    size = rows.shape[0]
+    picked = rows.nonzero().flatten().tolist()
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
+            out[key] = value[rows.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            out[key] = [value[i] for i in picked]
+        else:
+            out[key] = value
+    return out
+
+
 @torch.no_grad()
-def base_model_prediction(run: Run, batch, noisy, timesteps):
+def base_model_prediction(run: Run, batch, noisy, timesteps, rows=None):
     """--reg_target base_model: what the model without the LoRA predicts for these noisy latents and captions.
     Regularization samples learn that instead of the noise that was added: the LoRA learns to leave their prompts
-    as the base model draws them, rather than to redraw the regularization images."""
+    as the base model draws them, rather than to redraw the regularization images. With `rows` (a bool tensor over
+    the batch, the regularization samples), the base model runs on those rows alone and returns their prediction
+    only: the same values as the whole batch's for those rows, at the cost of the rows it needs."""
+    if rows is not None:
+        batch, noisy, timesteps = batch_rows(batch, rows), noisy[rows], timesteps[rows]
     layers = list(run.network.layers().values())
     multipliers = [layer.multiplier for layer in layers]
     run.network.set_multiplier(0.0)
