@@ -91,3 +91,22 @@ def test_two_object_prompts_are_drawn_with_their_halves_regional_prompts():
     _, plain = quality.judge_two_object_prompts(models, scenes, steps=2, regional=False)
     assert len(images) == 2 and images[0].size == (64, 64) and set(accuracy) >= {"left", "right", "all"}
     assert not np.array_equal(np.asarray(images[0]), np.asarray(plain[0]))  # the regions change the image
+
+
+def test_pretraining_batches_with_a_two_object_share_show_what_their_captions_say():
+    from lora_diffusion.world import pretrain_mini
+
+    images, captions = pretrain_mini.world_batch(0, "denoiser", 3, 48, world.PRETRAIN_SHAPES, world.color_pairs(),
+                                                 empty_share=0.0, two_object_share=0.5)
+    pictures = [Image.fromarray(((im.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for im in images]
+    asked = [world.parse_two_object_caption(c) for c in captions]
+    two = [(p, a) for p, a in zip(pictures, asked) if a is not None]
+    one = [(p, world.parse_caption(c)) for p, c, a in zip(pictures, captions, asked) if a is None]
+    assert 12 <= len(two) <= 36 and one, (len(two), len(one))
+    for picture, scene in two:  # the caption names each half's shape and colour and the background as drawn
+        verdict = world.judge_two_objects(picture)
+        assert (verdict["left"], verdict["right"], verdict["background"]) == \
+            ((scene.left.shape, scene.left.color), (scene.right.shape, scene.right.color), scene.background)
+        assert scene.left.shape in world.PRETRAIN_SHAPES and scene.right.shape in world.PRETRAIN_SHAPES
+    for picture, asked_one in one:  # (shape, colour, background)
+        assert world.judge(picture) == asked_one

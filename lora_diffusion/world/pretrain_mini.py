@@ -90,6 +90,10 @@ class PretrainSettings:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     empty_caption_share: float = 0.1
+    # Share of the denoiser's images that show two shapes side by side ("a red circle on the left and a blue square
+    # on the right on a white background"): the multi-concept world; with it the judging also asks two-object
+    # prompts. Continue the shipped model with it: --init_from lora_diffusion/assets/mini (docs/research.md).
+    two_object_share: float = 0.0
     checkpoint_every: int = 250
     eval_every: int = 1000
     eval_images: int = 48
@@ -107,12 +111,27 @@ def build_models(seed):
 # Data: a batch is a pure function of (seed, stage, step), so a resumed run sees the same batches.
 
 
-def world_batch(seed, stage, step, batch_size, shapes, pairs, empty_share=0.0):
+def world_batch(seed, stage, step, batch_size, shapes, pairs, empty_share=0.0, two_object_share=0.0):
+    """(images, captions) of one step. A two-object image takes its shapes from `shapes` and its colours from the
+    whole palette (each shape's colour differs from the background); its caption is the two-object sentence. With
+    no two-object share the batches are those of earlier versions (the same draws in the same order)."""
     rng = random.Random(f"{seed}-{stage}-{step}")
-    scenes = [world.sample_scene(rng, shapes=shapes, pairs=pairs) for _ in range(batch_size)]
-    images = torch.stack([to_tensor(world.render(s, RESOLUTION)) for s in scenes])
+
+    def scene():
+        if two_object_share > 0 and rng.random() < two_object_share:
+            return world.sample_two_object_scene(rng, shapes=shapes)
+        return world.sample_scene(rng, shapes=shapes, pairs=pairs)
+
+    scenes = [scene() for _ in range(batch_size)]
     styles = ["empty" if rng.random() < empty_share else rng.choice(("sentence", "tags")) for _ in scenes]
-    return images, [world.caption(s, style) for s, style in zip(scenes, styles)]
+    images, captions = [], []
+    for scene, style in zip(scenes, styles):
+        two = isinstance(scene, world.TwoObjectScene)
+        render = world.render_two_objects if two else world.render
+        images.append(to_tensor(render(scene, RESOLUTION)))
+        captions.append("" if style == "empty" else world.two_object_caption(scene) if two else
+                        world.caption(scene, style))
+    return torch.stack(images), captions
 
 
 def to_tensor(image):
@@ -342,7 +361,7 @@ def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSetting
         lr = lr_at(step, settings.steps, settings.lr, settings.warmup_steps)
         set_lr(optimizer, lr)
         images, captions = world_batch(settings.seed, "denoiser", step, settings.batch_size, world.PRETRAIN_SHAPES,
-                                       pairs, settings.empty_caption_share)
+                                       pairs, settings.empty_caption_share, settings.two_object_share)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         with torch.no_grad():
             moments = vae.encode(images).latent_dist
@@ -370,6 +389,10 @@ def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSetting
             accuracy = judge_model(tokenizer, ema_te, vae, ema_unet, n=settings.eval_images, steps=20)
             info["evals"].append({"step": done, **accuracy})
             tqdm.write(f"step {done}: judged on held-out colour pairs: {quality.fmt(accuracy)}")
+            if settings.two_object_share > 0:
+                two = judge_two_objects_model(tokenizer, ema_te, vae, ema_unet, n=settings.eval_images, steps=20)
+                info["evals"][-1]["two_objects"] = two
+                tqdm.write(f"step {done}: two-object prompts: {quality.fmt(two)}")
         if done % settings.checkpoint_every == 0 or done == settings.steps:
             save_checkpoint(work / "denoiser_state", modules, optimizer, {**info, "step": done})
     return ema_te, ema_unet, info
@@ -390,6 +413,20 @@ def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
     accuracy, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), steps=steps)
     text_encoder.train(was_training[0]), unet.train(was_training[1])
     return accuracy
+
+
+@torch.no_grad()
+def judge_two_objects_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
+    """The two-object judge's shares (left, right, background, all) on n two-object prompts (not regional)."""
+    from types import SimpleNamespace
+
+    was_training = text_encoder.training, unet.training
+    text_encoder.eval(), unet.eval()
+    parts = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                            noise_scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
+    accuracy, _ = quality.judge_two_object_prompts(parts, quality.two_object_scenes(n), regional=False, steps=steps)
+    text_encoder.train(was_training[0]), unet.train(was_training[1])
+    return {key: accuracy[key] for key in ("left", "right", "background", "all")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,6 +491,14 @@ def pretrain(settings: PretrainSettings, stage="all"):
     result = {"held_out_accuracy": accuracy, "evals": info["evals"], "settings": asdict(settings)}
     (work / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"held-out colour pairs, {len(images)} images, 30 steps, guidance 5: {quality.fmt(accuracy)}")
+    if settings.two_object_share > 0:
+        for regional in (False, True):
+            two, _ = quality.judge_two_object_prompts(mini, quality.two_object_scenes(2 * settings.eval_images),
+                                                      regional=regional, steps=30)
+            two = {key: two[key] for key in ("left", "right", "background", "all")}
+            result[f"two_objects{'_regional' if regional else ''}"] = two
+            print(f"two-object prompts{' (regional)' if regional else ''}: {quality.fmt(two)}")
+        (work / "eval.json").write_text(json.dumps(result, indent=1))
     return out, accuracy
 
 
