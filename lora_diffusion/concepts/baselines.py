@@ -12,6 +12,8 @@
 
 import torch
 
+from lora_diffusion.core.deltas import lowrank_factors, merge_lora_files, module_delta
+
 MERGE_METHODS = ("ties", "dare_linear", "dare_ties")
 
 
@@ -55,43 +57,18 @@ def merge_task_vectors(deltas, weights, method="ties", density=0.5, generator=No
 def merge_concept_files(paths, output, *, method="ties", weights=None, density=0.5, rank=16, seed=0,
                         dtype=torch.float16, overwrite=False):
     """TIES / DARE of the LoRA files' updates, module by module, written as one kohya LoRA file at `rank` (bundled
-    token embeddings kept). Returns {module: retained Frobenius fraction of the merged update}."""
-    from lora_diffusion.formats.kohya import network_metadata, write_lora_file
-    from lora_diffusion.tools.merge import only_plain_lora
-    from lora_diffusion.tools.model_files import (
-        bundled_embedding_tensors,
-        check_output,
-        is_sdxl_lora,
-        lora_file_tensors,
-        lowrank_factors,
-        module_delta,
-        read_loras,
-    )
-
-    check_output(output, paths, overwrite)
-    files = read_loras(paths)
-    only_plain_lora(files, f"a {method} merge")
-    weights = list(weights) if weights is not None else [1.0] * len(files)
-    if len(weights) != len(files):
-        raise ValueError(f"{len(weights)} weight(s) for {len(files)} LoRA file(s)")
+    token embeddings kept), with the checks of every LoRA + LoRA merge (core.deltas.merge_lora_files: plain LoRA
+    files, all for SDXL or none, each module of one shape). Returns {module: retained Frobenius fraction of the
+    merged update}."""
+    weights = list(weights) if weights is not None else [1.0] * len(paths)
     generator = torch.Generator().manual_seed(seed)
-    names = sorted({name for _, _, modules, _ in files for name in modules})
-    result, shapes, report = {}, {}, {}
-    for name in names:
-        parts = [(w, modules[name]) for w, (_, _, modules, _) in zip(weights, files) if name in modules]
-        first = parts[0][1]
-        shape = tuple(first.up.shape[:1]) + tuple(first.down.shape[1:])
-        merged = merge_task_vectors([module_delta(m) for _, m in parts], [w for w, _ in parts], method, density,
-                                    generator)
+
+    def combine(parts, shape):
+        merged = merge_task_vectors([module_delta(m) for _, m, _ in parts], [w for w, _, _ in parts], method,
+                                    density, generator)
         up, down, s = lowrank_factors(merged, rank)
-        result[name], shapes[name] = (up, down, 1.0), (shape if len(shape) == 4 else shape[:2])
-        report[name] = float(s[:down.shape[0]].square().sum() / s.square().sum().clamp_min(1e-30)) ** 0.5
-    sdxl = is_sdxl_lora(files[0][2], files[0][3])
-    tensors, alpha = lora_file_tensors(result, shapes, dtype, sdxl=sdxl)
-    tensors.update(bundled_embedding_tensors(files, dtype))
-    metadata = network_metadata(rank=rank, alpha=alpha, sdxl=sdxl, output_name=str(output),
-                                v2=not sdxl and files[0][3].get("ss_v2") == "True")
-    metadata["ss_training_comment"] = f"{method} (density {density:g}) by lora-diffusion of " + ", ".join(
-        f"{path}:{w:g}" for w, (path, _, _, _) in zip(weights, files))
-    write_lora_file(str(output), tensors, metadata)
-    return report
+        return up, down, float(s[:down.shape[0]].square().sum() / s.square().sum().clamp_min(1e-30)) ** 0.5
+
+    return merge_lora_files(paths, output, combine, what=f"a {method} merge", dtype=dtype, ratios=weights,
+                            network_rank=rank, overwrite=overwrite,
+                            comment=f"{method} (density {density:g}) by lora-diffusion of ")

@@ -122,9 +122,9 @@ def relative_error(fused, weight, gram) -> float:
 
 def concept_modules(models, paths):
     """{kohya name: (module, {path: ModuleWeights})} of every module any file touches, checked against the model."""
+    from lora_diffusion.core.deltas import canonical_modules, check_module_fits, module_bias_delta
     from lora_diffusion.core.targets import all_named_modules
     from lora_diffusion.formats.kohya import read_lora_file
-    from lora_diffusion.tools.model_files import canonical_modules, check_module_fits, module_bias_delta
 
     targets = all_named_modules(models.unet, models.text_encoders)
     found, tokens = {}, {}
@@ -176,7 +176,7 @@ def fuse_concepts(models, concepts, *, method="closed_form", steps=4, guidance=5
                   device="cpu", say=print) -> dict[str, list[float]]:
     """Fuse the concepts' LoRAs into `models`' weights, in place (their tokens added); returns {module: each
     concept's relative output error on its own inputs}."""
-    from lora_diffusion.tools.model_files import module_delta
+    from lora_diffusion.core.deltas import module_delta
 
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not one of {', '.join(METHODS)}")

@@ -22,21 +22,17 @@ from dataclasses import replace
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
-from lora_diffusion.core import adapters
-from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileWarning, network_metadata, write_lora_file
+from lora_diffusion.core.deltas import merge_lora_files, only_plain_lora  # noqa: F401 (only_plain_lora: 0.1's place)
+from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileWarning
 
 from .model_files import (
     ModelToolError,
     addressable_weights,
-    bundled_embedding_tensors,
     check_module_fits,
     check_output,
     factored_svd,
     fit,
-    is_sdxl_lora,
-    lora_file_tensors,
     module_bias_delta,
     module_delta,
     on_meta,
@@ -93,19 +89,6 @@ def bias_delta(w, base, multiplier):
     return module_bias_delta(w, multiplier)
 
 
-def only_plain_lora(files, what):
-    """Refuse files with modules that are no up @ down pair (adapters' lowrank_file: LoRA/LoCon; DyLoRA files are
-    LoRA files): LoHa, LoKr, iA3, GLoRA, norm layers and DoRA. Their updates are no low-rank product that SVD
-    or concatenating ranks could keep in a LoRA file (iA3, GLoRA and DoRA depend on the base weight itself)."""
-    for path, _, modules, _ in files:
-        other = sorted({w.label for w in modules.values()
-                        if not adapters.ALGORITHMS[w.algo].lowrank_file or w.dora_scale is not None})
-        if other:
-            raise ModelToolError(f"{path} holds {', '.join(other)} modules; {what} works on plain LoRA/LoCon files "
-                                 f"only (their updates are no up @ down pair; merge them into a model with --model "
-                                 f"instead)")
-
-
 def update_shape(w):
     """(out, in * kh * kw) of a file module's update from its tensors' shapes, for the algorithms whose update needs
     no base weight (0.1.0's helper; merging checks a module against its base with model_files.check_module_fits)."""
@@ -121,25 +104,7 @@ def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16
     convs) the best approximation of the summed update. Bundled embeddings (`bundle_emb.*`) are kept as they are
     (no ratio applies to them); a token two files bundle with different vectors is refused unless
     `embeddings_from` names the file whose vectors to keep. Returns {module: (rank, retained Frobenius fraction)}."""
-    check_output(output, [s.rpartition(":")[0] or s for s in map(str, loras)], overwrite)
-    files = read_loras(loras)
-    only_plain_lora(files, "merging LoRA files into one")
-    embeddings = bundled_embedding_tensors(files, dtype, embeddings_from)
-    sdxl = [is_sdxl_lora(modules, metadata) for _, _, modules, metadata in files]
-    if len(set(sdxl)) > 1:
-        raise ModelToolError(f"{files[sdxl.index(True)][0]} is an SDXL LoRA but {files[sdxl.index(False)][0]} is not; "
-                             f"LoRAs for different base models cannot be merged")
-    names = sorted({n for _, _, modules, _ in files for n in modules})
-    result, shapes, report = {}, {}, {}
-    for name in tqdm(names, desc="merging", unit="module", leave=False):
-        parts = [(ratio, modules[name], path) for path, ratio, modules, _ in files if name in modules]
-        first = parts[0][1]
-        shape = tuple(first.up.shape[:1]) + tuple(first.down.shape[1:])
-        for _, w, path in parts:
-            this = tuple(w.up.shape[:1]) + tuple(w.down.shape[1:])
-            if torch.Size(this).numel() != torch.Size(shape).numel() or this[0] != shape[0]:
-                raise ModelToolError(f"{path}: module {name} has shape {this}, {parts[0][2]} has {shape}; LoRAs for "
-                                     f"different base models cannot be merged")
+    def combine(parts, shape):
         up = torch.cat([w.up.float().flatten(1) * (ratio * w.alpha / w.rank) for ratio, w, _ in parts], 1)
         down = torch.cat([w.down.float().flatten(1) for _, w, _ in parts], 0)
         target = conv_rank if (conv_rank and len(shape) == 4 and shape[2:] != (1, 1)) else rank
@@ -149,18 +114,11 @@ def merge_loras(loras, output, *, rank=None, conv_rank=None, dtype=torch.float16
             retained = float(s[:target].square().sum() / s.square().sum().clamp_min(1e-30)) ** 0.5
         else:
             retained = 1.0
-        result[name], shapes[name] = (up, down, 1.0), (shape if len(shape) == 4 else shape[:2])
-        report[name] = (down.shape[0], retained)
-    tensors, alpha = lora_file_tensors(result, shapes, dtype, sdxl=sdxl[0])
-    tensors.update(embeddings)
-    metadata = dict(files[0][3])
-    metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-    metadata.update(network_metadata(rank=max(r for r, _ in report.values()), alpha=alpha, sdxl=sdxl[0],
-                                     v2=not sdxl[0] and metadata.get("ss_v2") == "True", output_name=str(output)))
-    metadata["ss_training_comment"] = "merged by lora-diffusion from " + ", ".join(
-        f"{path}:{ratio:g}" for path, ratio, _, _ in files)
-    write_lora_file(str(output), tensors, metadata)
-    return report
+        return up, down, (down.shape[0], retained)
+
+    return merge_lora_files(loras, output, combine, what="merging LoRA files into one", dtype=dtype,
+                            keep_metadata=True, embeddings_from=embeddings_from, overwrite=overwrite,
+                            comment="merged by lora-diffusion from ")
 
 
 def add_arguments(parser):

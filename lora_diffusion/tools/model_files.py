@@ -1,6 +1,7 @@
 """Shared pieces of the model tools (convert, merge, resize, extract, inspect): a base model (SD1.x, SD2.x or SDXL)
 read tensor by tensor, written tensor by tensor (as a single file in the original SD / SGM layout or as a diffusers
-folder), and LoRA math on file tensors, independent of nn.Modules.
+folder); with the LoRA math on file tensors, independent of nn.Modules, that lives in core/deltas.py (its names are
+importable from here too).
 
     model = open_model("v1-5-pruned-emaonly.safetensors")      # or a diffusers folder
     model.entries[("unet", "conv_in.weight")]                   # (shape, dtype), diffusers names
@@ -13,16 +14,28 @@ No whole model is ever held: each output tensor is produced, written and dropped
 import json
 import math
 import os
-import re
 import shutil
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lora_diffusion.core import adapters
+from lora_diffusion.core.deltas import (  # noqa: F401 (the LoRA file math, here since 0.1: core/deltas.py)
+    SGM_UNET_NAME,
+    ModelToolError,
+    bundled_embedding_tensors,
+    canonical_modules,
+    check_module_fits,
+    factored_svd,
+    fit,
+    is_sdxl_lora,
+    lora_file_tensors,
+    lowrank_factors,
+    module_bias_delta,
+    module_delta,
+    on_meta,
+    read_loras,
+)
 from lora_diffusion.core.targets import (
     SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
@@ -31,10 +44,8 @@ from lora_diffusion.core.targets import (
     canonical_text_encoder_path,
     kohya_name,
     sdxl_unet_module_name,
-    written_kohya_name,
 )
 from lora_diffusion.formats.io import atomic_write
-from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileError, LoRAModules, ModuleWeights, read_lora_file
 from lora_diffusion.models import (
     ASSETS,
     convert,
@@ -64,10 +75,6 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
                 "text_encoder_2": "model"}
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-class ModelToolError(ValueError):
-    """Bad input to a model tool; the message names the file or option, what was given and what was expected."""
 
 
 def precision(name):
@@ -421,155 +428,3 @@ def addressable_weights(model):
             if model.sdxl and part == "unet":
                 weights.setdefault(kohya_name(UNET_PREFIX, key[: -len(".weight")]), (part, key))
     return weights
-
-
-SGM_UNET_NAME = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
-
-
-def is_sdxl_lora(modules, metadata):
-    """Whether a LoRA file is for SDXL: a second text encoder's module (lora_te2_), a U-Net module by its SGM path
-    (as kohya names SDXL's only), or SDXL in the metadata (kohya's ss_base_model_version, ModelSpec's)."""
-    return (any(n.startswith("lora_te2_") or SGM_UNET_NAME.match(n) for n in modules)
-            or metadata.get("ss_base_model_version", "").startswith("sdxl")
-            or metadata.get("modelspec.architecture", "").startswith("stable-diffusion-xl"))
-
-
-def module_delta(weights: ModuleWeights, base: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-    """The update of one file module's base weight as an fp32 matrix [out, in * kh * kw] (reshape it to the base
-    weight's shape), times `multiplier`, computed by the module's algorithm (adapters.ALGORITHMS: each knows its
-    update, file_delta). iA3's and GLoRA's update is a function of the base weight, and DoRA's too (and not linear
-    in the multiplier): pass `base` for them."""
-    cls = adapters.ALGORITHMS[weights.algo]
-    if base is None and (cls.delta_depends_on_base or weights.dora_scale is not None):
-        what = "a DoRA" if weights.dora_scale is not None else f"an {cls.label}" if cls.label[0] in "iA" else \
-            f"a {cls.label}"
-        raise ModelToolError(f"{what} module's update depends on the base weight; module_delta needs `base`")
-    delta = cls.file_delta(weights.module_tensors, weights.scale, base)
-    delta = delta.reshape(delta.shape[0], -1)
-    if weights.dora_scale is None:
-        return delta * multiplier
-    return adapters.DoRA.file_delta(base.float(), delta, weights.dora_scale, multiplier)
-
-
-def module_bias_delta(weights: ModuleWeights, multiplier: float = 1.0) -> torch.Tensor | None:
-    """The update of the base module's bias (norm layers: b_norm), times `multiplier`; None for the others."""
-    delta = adapters.ALGORITHMS[weights.algo].file_bias_delta(weights.module_tensors)
-    return None if delta is None else delta * multiplier
-
-
-def on_meta(weights: ModuleWeights) -> ModuleWeights:
-    """The file module with its tensors on the meta device (shapes only): its update's shape costs no arithmetic.
-    Scalars (alpha) stay real."""
-    def meta(t):
-        return None if t is None else t if t.dim() == 0 else t.to("meta")
-
-    return replace(weights, down=meta(weights.down), up=meta(weights.up), dora_scale=meta(weights.dora_scale),
-                   tensors={k: meta(v) for k, v in weights.tensors.items()})
-
-
-def check_module_fits(weights: ModuleWeights, shape, name, source):
-    """ModelToolError unless the file module's update fits a base weight of `shape` (computed on the meta device:
-    no arithmetic)."""
-    try:
-        delta = module_delta(on_meta(weights), base=torch.empty(shape, device="meta"))
-    except (RuntimeError, ValueError, IndexError) as e:
-        raise ModelToolError(f"{source}: module {name} ({weights.label}) does not fit the base weight "
-                             f"{tuple(shape)} ({e}); a LoRA for another model family?") from None
-    if delta.shape[0] != shape[0] or delta.numel() != math.prod(shape):
-        raise ModelToolError(f"{source}: module {name} is [out {delta.shape[0]}, in {delta.shape[1]}] but the base "
-                             f"weight is {tuple(shape)}; a LoRA for another model family?")
-
-
-def fit(delta, shape, name, source):
-    if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
-        raise ModelToolError(f"{source}: module {name} makes a {tuple(delta.shape)} update but the base weight is "
-                             f"{tuple(shape)}; a LoRA for another model family (SD1.x, SD2.x, SDXL)?")
-    return delta.reshape(shape)
-
-
-def canonical_modules(modules):
-    return LoRAModules({canonical_kohya_name(name): weights for name, weights in modules.items()},
-                       embeddings=getattr(modules, "embeddings", None))
-
-
-def bundled_embedding_tensors(files, dtype, embeddings_from=None):
-    """The `bundle_emb.<token>.*` tensors of the files' bundled embeddings (A1111's pivotal-tuning vectors), for a
-    LoRA file made from them, floats cast to `dtype` (as network.save_weights does). A token that two files bundle
-    with different vectors is refused, unless `embeddings_from` names the input whose vectors to keep."""
-    if embeddings_from is not None and not any(Path(p) == Path(embeddings_from) for p, _, _, _ in files):
-        raise ModelToolError(f"--embeddings_from {embeddings_from}: not one of the --lora files")
-    kept = {}  # token -> (path, {key: tensor})
-    for path, _, modules, _ in files:
-        for token, parts in modules.embeddings.items():
-            if token in kept:
-                first, theirs = kept[token]
-                if theirs.keys() == parts.keys() and all(torch.equal(theirs[k], parts[k]) for k in parts):
-                    continue
-                if embeddings_from is None:
-                    raise ModelToolError(
-                        f"{first} and {path} both bundle an embedding for the token {token!r}, with different "
-                        f"vectors; a LoRA file holds one per token: pass --embeddings_from with the file whose "
-                        f"vectors to keep")
-                if Path(path) != Path(embeddings_from):
-                    continue
-            kept[token] = (path, parts)
-    return {f"{EMBEDDING_PREFIX}{token}.{key}": (t.to(dtype) if t.is_floating_point() else t).contiguous()
-            for token, (_, parts) in sorted(kept.items()) for key, t in sorted(parts.items())}
-
-
-def lowrank_factors(matrix, rank):
-    """The best rank-`rank` approximation of a matrix (Eckart-Young): up = U_r S_r, down = V_r^T, and the singular
-    values. Full SVD in fp32."""
-    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    rank = max(1, min(rank, len(s)))
-    return u[:, :rank] * s[:rank], vh[:rank], s
-
-
-def factored_svd(up, down):
-    """SVD of up @ down ([out, r] @ [r, n]) without forming the product: QR of both factors, then the SVD of an
-    r x r core. Exact (not an approximation), and r x r work instead of out x n."""
-    q1, r1 = torch.linalg.qr(up.float())
-    q2, r2 = torch.linalg.qr(down.float().T)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
-    return q1 @ u, s, (q2 @ vh.T).T
-
-
-def lora_file_tensors(modules, shapes, dtype=torch.float16, sdxl=False):
-    """Kohya file tensors from {name: (up [out, r], down [r, n], scale)}, `shapes[name]` the base weight's shape
-    (to shape conv factors), the names spelled as files have them (`sdxl`: SDXL's, see written_kohya_name). One
-    alpha for the whole file (the most common rank, so most modules have scale 1): each module's own scale is
-    folded into lora_up, which leaves scale * up @ down unchanged."""
-    ranks = [down.shape[0] for _, down, _ in modules.values()]
-    alpha = float(Counter(ranks).most_common(1)[0][0]) if ranks else 1.0
-    tensors = {}
-    for name, (up, down, scale) in sorted(modules.items()):
-        rank, shape = down.shape[0], shapes[name]
-        up = up.float() * (scale * rank / alpha)
-        if len(shape) == 4:
-            down, up = down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1)
-        name = written_kohya_name(name, sdxl)
-        tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    return tensors, alpha
-
-
-def read_loras(specs):
-    """[(path, ratio)] from `path` or `path:ratio` strings, with each file's modules (canonical names)."""
-    loaded = []
-    for spec in specs:
-        path, ratio = spec, 1.0
-        head, sep, tail = str(spec).rpartition(":")
-        if sep and head and not Path(spec).exists():
-            try:
-                path, ratio = head, float(tail)
-            except ValueError:
-                raise ModelToolError(f"--lora {spec!r}: the ratio after ':' must be a number") from None
-        if not math.isfinite(ratio):
-            raise ModelToolError(f"--lora {spec!r}: the ratio must be finite")
-        try:
-            modules, metadata = read_lora_file(path, warn_embeddings=False)
-        except LoRAFileError as e:
-            raise ModelToolError(str(e)) from None
-        loaded.append((path, ratio, canonical_modules(modules), metadata))
-    return loaded
