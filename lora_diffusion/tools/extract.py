@@ -43,9 +43,10 @@ def targeted(part, key, shape, conv):
 
 
 def extract_lora(base, tuned, output, *, rank=None, conv_rank=None, threshold=None, min_diff=1e-8,
-                 dtype=torch.float16, config_dir=None, overwrite=False):
+                 dtype=torch.float16, config_dir=None, overwrite=False, extra_tensors=None):
     """Write the LoRA of `tuned` - `base`; returns {module: (rank, relative error)} (modules whose difference is
-    below `min_diff` everywhere are left out)."""
+    below `min_diff` everywhere are left out). `extra_tensors` are written in the same file beside the modules (the
+    `bundle_emb.*` token embeddings of a fused model's concepts, see tools/fuse.py)."""
     if not rank and not threshold:
         raise ModelToolError("extract needs --rank or --threshold (a retained Frobenius fraction in (0, 1])")
     if threshold is not None and not 0 < threshold <= 1:
@@ -80,6 +81,7 @@ def extract_lora(base, tuned, output, *, rank=None, conv_rank=None, threshold=No
     if not result:
         raise ModelToolError(f"{tuned} and {base} do not differ in any LoRA-targetable weight (above {min_diff})")
     tensors, alpha = lora_file_tensors(result, shapes, dtype)
+    tensors.update(extra_tensors or {})
     args = {"conv_dim": conv_rank, "conv_alpha": alpha} if conv_rank else {}
     metadata = network_metadata(rank=rank or max(r for r, _ in report.values()), alpha=alpha, network_args=args,
                                 v2=a.v2, sdxl=a.sdxl, output_name=str(output))

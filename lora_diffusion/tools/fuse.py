@@ -17,8 +17,7 @@ import torch
 
 from lora_diffusion.concepts.fusion import Concept, fuse_concepts
 from lora_diffusion.formats.io import build_folder_atomically
-from lora_diffusion.formats.kohya import write_lora_file
-from lora_diffusion.models import load_models
+from lora_diffusion.models import BUILTIN_MINI, MINI_FOLDER, load_models
 
 from .extract import extract_lora
 from .model_files import ModelToolError, bundled_embedding_tensors, check_output, precision, read_loras
@@ -43,20 +42,6 @@ def read_prompt_file(path) -> tuple[str, ...]:
     return prompts
 
 
-def add_bundled_embeddings(lora_path, concept_paths, dtype):
-    """Rewrite the fused LoRA file with the concepts' bundled token embeddings (A1111's bundle_emb.*) in it."""
-    from safetensors import safe_open
-
-
-
-    embeddings = bundled_embedding_tensors(read_loras(concept_paths), dtype)
-    if not embeddings:
-        return
-    with safe_open(str(lora_path), framework="pt") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    write_lora_file(str(lora_path), {**tensors, **embeddings}, metadata)
-
-
 def fuse(model, concept_files, prompt_files, out, *, lora_out=None, rank=16, conv_rank=None, method="closed_form",
          steps=4, size=None, lora_dtype=torch.float16, device="cpu", overwrite=False, say=print):
     """Fuse the concept files into `model`; write the diffusers folder `out` and the LoRA file `lora_out` (default:
@@ -74,13 +59,24 @@ def fuse(model, concept_files, prompt_files, out, *, lora_out=None, rank=16, con
     concepts = [Concept(str(path), read_prompt_file(prompts)) for path, prompts in zip(concept_files, prompt_files)]
     models = load_models(model, device=device)
     with tempfile.TemporaryDirectory(prefix="lora_diffusion_fuse_") as scratch:
-        base = model if Path(model).exists() else save_diffusers_folder(models, Path(scratch) / "base")
+        base = shipped_folder(model) or save_diffusers_folder(models, Path(scratch) / "base")
         report = fuse_concepts(models, concepts, method=method, steps=steps, size=size, device=device, say=say)
         save_diffusers_folder(models, out)
+        embeddings = bundled_embedding_tensors(read_loras(concept_files), lora_dtype)  # the concepts' tokens
         extract_lora(str(base), str(out), str(lora_out), rank=rank, conv_rank=conv_rank, dtype=lora_dtype,
-                     overwrite=True)
-    add_bundled_embeddings(lora_out, concept_files, lora_dtype)
+                     overwrite=True, extra_tensors=embeddings)
     return report
+
+
+def shipped_folder(model) -> Path | None:
+    """The model's own files when they are on disk (a folder or single file given by path; builtin:mini's shipped
+    folder), so that the base need not be written out again for extract; None for a model built in memory
+    (builtin:tiny's seeded random weights)."""
+    if Path(model).exists():
+        return Path(model)
+    if model == BUILTIN_MINI and (MINI_FOLDER / "model_index.json").is_file():
+        return MINI_FOLDER
+    return None
 
 
 def add_arguments(parser):
