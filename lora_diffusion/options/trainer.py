@@ -157,6 +157,21 @@ PIVOTAL = group(
            "then keep them (diffusers' advanced scripts; default 1: all steps)", kohya=False),
 )
 
+EDLORA = group(
+    "ED-LoRA (Mix-of-Show's concept LoRAs; docs/research.md, examples/mix_of_show/edlora.toml)",
+    Option("layerwise_embeddings", SWITCH, False, "--token_string gets one embedding per cross-attention layer "
+           "(P+): the prompt is encoded once per layer; saved as <output_name>.layerwise.safetensors (the LoRA file "
+           "bundles their mean); with 2+ vectors the first starts random (std 0.013), the others from --init_word; "
+           "SD1.x/2.x", kohya=False),
+    Option("attn_reg_weight", float, 0.0, "weight of the attention loss pulling the token's cross-attention maps "
+           "towards the subject mask (needs --layerwise_embeddings and masks: --alpha_mask or "
+           "conditioning_data_dir); 0: off", kohya=False),
+    Option("embedding_norm_threshold", float, None, "keep the token's vectors once their mean norm reaches this "
+           "(checked after each step); default: never", kohya=False),
+    Option("network_include", str, [], "train LoRA only on the modules whose path or kohya name matches one of "
+           "these regexes (e.g. attention only: 'attn[12].to_' 'self_attn.')", nargs="*", kohya=False),
+)
+
 OPTIMIZER = group(
     "optimizer",
     Option("optimizer_type", str, "AdamW", "AdamW, AdamW8bit, Lion, Lion8bit, PagedAdamW8bit, Prodigy, Adafactor, "
@@ -350,7 +365,7 @@ VALIDATION = group(
 
 def trainer_options() -> list[Option]:
     """Every option, in the order of --help; the dataset's own come in the data group."""
-    ours = CONFIG + MODEL + DATA + NETWORK + PIVOTAL + OPTIMIZER + TRAINING + DISTRIBUTED + OUTPUT + LOGGING + \
+    ours = CONFIG + MODEL + DATA + NETWORK + PIVOTAL + EDLORA + OPTIMIZER + TRAINING + DISTRIBUTED + OUTPUT + LOGGING + \
         VALIDATION
     names = {o.name for o in ours}
     dataset = [o for o in group(DATA[0].group, *_dataset_options()) if o.name not in names]

@@ -158,7 +158,8 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad(f"--clip_skip must be >= 1 (2 = the penultimate layer), got {args.clip_skip}")
     if args.token_string is None:
         for name, default in (("init_word", None), ("num_vectors_per_token", 1), ("embedding_lr", None),
-                              ("train_text_encoder_ti_frac", 1.0)):
+                              ("train_text_encoder_ti_frac", 1.0), ("layerwise_embeddings", False),
+                              ("attn_reg_weight", 0.0), ("embedding_norm_threshold", None)):
             if getattr(args, name) != default:
                 bad(f"--{name} needs --token_string (the new word whose embedding trains)")
     else:
@@ -177,6 +178,7 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
             bad(f"--train_text_encoder_ti_frac must be in (0, 1], got {args.train_text_encoder_ti_frac}")
         if args.embedding_lr is not None and args.embedding_lr < 0:
             bad(f"--embedding_lr must be >= 0, got {args.embedding_lr}")
+        check_edlora(args, bad)
     if args.validation_split is not None and args.validation_data_dir:
         bad("--validation_split and --validation_data_dir exclude each other")
     if args.validation_split is not None and not 0 < args.validation_split < 1:
@@ -186,6 +188,39 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad(f"--validation_metrics: unknown {', '.join(sorted(unknown))}; expected judge, fid, kid")
     network_options(args)  # a bad --network_args before any work
     return args
+
+
+def check_edlora(args, bad):
+    """--layerwise_embeddings, --attn_reg_weight, --embedding_norm_threshold (with a --token_string)."""
+    if args.attn_reg_weight < 0:
+        bad(f"--attn_reg_weight must be >= 0 (0: off), got {args.attn_reg_weight}")
+    if args.attn_reg_weight and not args.layerwise_embeddings:
+        bad("--attn_reg_weight needs --layerwise_embeddings (the attention maps are recorded by its processors)")
+    if args.embedding_norm_threshold is not None and not args.embedding_norm_threshold > 0:
+        bad(f"--embedding_norm_threshold must be > 0, got {args.embedding_norm_threshold}")
+    if args.layerwise_embeddings:
+        for flag in ("torch_compile", "weighted_captions"):
+            if getattr(args, flag):
+                bad(f"--layerwise_embeddings and --{flag} exclude each other (the per-layer text states reach "
+                    f"the U-Net by matching the states it is given)")
+
+
+def edlora_pieces(args, run, dataset, stack, say=print):
+    """The ED-LoRA pieces on the run's seams: the norm freeze (a step hook), and with --layerwise_embeddings the
+    per-layer encodings for the whole run (entered into `stack`) and the attention loss (a loss term)."""
+    from lora_diffusion.concepts.edlora import attention_term, concept_attention, norm_freeze
+
+    if args.embedding_norm_threshold is not None:
+        run.step_hooks.append(norm_freeze(run.embedding, args.embedding_norm_threshold, say=say))
+    if not args.layerwise_embeddings:
+        return
+    if args.attn_reg_weight and not dataset.has_masks:
+        raise TrainingError("--attn_reg_weight: no image folder has masks (the subject's); set --alpha_mask (the "
+                            "images' alpha) or a conditioning_data_dir of mask images per subset in --dataset_config")
+    concept = stack.enter_context(concept_attention(run.models, run.embedding.layerwise,
+                                                    record=bool(args.attn_reg_weight)))
+    if args.attn_reg_weight:
+        run.loss_terms.append(attention_term(concept, args.attn_reg_weight))
 
 
 def check_model_path(name, bad):
@@ -655,14 +690,11 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     else:
         network = create_network(unet, models.text_encoders, rank=args.network_dim, alpha=args.network_alpha,
                                  dropout=args.network_dropout, train_unet=train_unet,
-                                 train_text_encoder=train_text_encoder, **network_options(args))
+                                 train_text_encoder=train_text_encoder, **network_options(args),
+                                 **({"include": args.network_include} if args.network_include else {}))
     embedding, embedding_steps = None, 0
     if args.token_string:
-        from lora_diffusion.core.network import TokenEmbeddings
-
-        embedding = network.add_embedding(TokenEmbeddings.create(models.tokenizers, models.text_encoders,
-                                                                 args.token_string, args.init_word,
-                                                                 args.num_vectors_per_token))
+        embedding = network.add_embedding(new_token_embedding(args, models))
         embedding_steps = math.ceil(args.train_text_encoder_ti_frac * max_train_steps)
         word = re.compile(rf"(?<!\w){re.escape(args.token_string)}(?!\w)", re.IGNORECASE)
         if not any(word.search(caption) for caption in dataset.fixed_captions()):
@@ -691,6 +723,25 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     if args.torch_compile:  # kohya's: the U-Net, LoRA layers included, through torch.compile
         models.unet = torch.compile(unet, backend=args.dynamo_backend)
     return network, embedding, embedding_steps
+
+
+def new_token_embedding(args, models):
+    """--token_string's vectors, applied to the models: plain (TokenEmbeddings) or, with --layerwise_embeddings,
+    one set per cross-attention layer (ED-LoRA: with 2+ vectors the first starts random, std 0.013)."""
+    from lora_diffusion.core.network import TokenEmbeddings
+
+    if not args.layerwise_embeddings:
+        return TokenEmbeddings.create(models.tokenizers, models.text_encoders, args.token_string, args.init_word,
+                                      args.num_vectors_per_token)
+    from lora_diffusion.concepts.edlora import RANDOM_FIRST_STD, LayerwiseTokenEmbeddings
+    from lora_diffusion.concepts.layerwise import LayerwiseEmbeddings
+
+    if models.family.name == "sdxl":
+        raise TrainingError("--layerwise_embeddings: SD1.x/2.x only (SDXL's two text encoders are not done yet)")
+    layerwise = LayerwiseEmbeddings.create(models.tokenizer, models.text_encoder, models.unet, args.token_string,
+                                           args.init_word, args.num_vectors_per_token, random_first=RANDOM_FIRST_STD,
+                                           generator=torch.Generator().manual_seed(args.seed or 0))
+    return LayerwiseTokenEmbeddings(layerwise.apply_to(models.tokenizer, models.text_encoder))
 
 
 def build_optimizer(args, network, max_train_steps, accelerator):
@@ -723,6 +774,8 @@ def build_optimizer(args, network, max_train_steps, accelerator):
 
 
 def train(args):
+    from contextlib import ExitStack
+
     from . import load_state, read_prompts, run_metadata
     from .loop import Run, RunState, save_final_files, train_epochs
     from .progress import ProgressFile, progress_path
@@ -827,9 +880,18 @@ def train(args):
                           f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}")
         progress.start(max_train_steps=max_train_steps, epochs=num_epochs, output_dir=output_dir,
                        output_name=args.output_name, step=state.step)
-        train_epochs(run, state, skip_batches)
-        loop_ended = time.time()
-        final_path, lines = save_final_files(run, state)
+        with ExitStack() as edlora:
+            edlora_pieces(args, run, dataset, edlora, say=accelerator.print)
+            train_epochs(run, state, skip_batches)
+            loop_ended = time.time()
+            final_path, lines = save_final_files(run, state)  # its samples still read the per-layer states
+        if args.layerwise_embeddings and accelerator.is_main_process:
+            layerwise_path = output_dir / f"{args.output_name}.layerwise.safetensors"
+            run.embedding.layerwise.save(layerwise_path)
+            run.progress.files.append(str(layerwise_path))
+            lines.append(f"layer-wise embedding {' '.join(run.embedding.tokens)}: {layerwise_path} (diffusers: "
+                         f"lora_diffusion.concepts.layerwise.load_layerwise_into_pipeline; the LoRA file and the "
+                         f"_emb file hold the layers' mean)")
         accelerator.end_training()
         elapsed = time.time() - started
         pace = ""
