@@ -70,3 +70,25 @@ def vae():
         return original(x, *args, **kwargs)
     model.encode = counting_encode
     return model
+
+
+def count_calls(monkeypatch, owner, name: str) -> dict:
+    """Replace owner.name by a wrapper that counts its calls in the returned {"n": ...} and calls the original."""
+    calls, real = {"n": 0}, getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def lycoris_full_preset_for_diffusers(monkeypatch):
+    """LyCORIS' "full" preset minus TimestepEmbedding, which duplicates module names on a diffusers U-Net."""
+    import lycoris.kohya as lycoris_kohya
+    from lycoris.config import PRESET
+
+    preset = dict(PRESET["full"])
+    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
+    monkeypatch.setitem(lycoris_kohya.PRESET, "full", preset)

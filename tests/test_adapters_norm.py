@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
+from conftest import build_tiny_text_encoder, build_tiny_unet, lycoris_full_preset_for_diffusers, text_ids, unet_inputs
 
 pytest.importorskip("lycoris")
 import lycoris.kohya as lycoris_kohya  # noqa: E402
-from lycoris.config import PRESET  # noqa: E402
 from lycoris.modules import NormModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
@@ -92,9 +91,7 @@ def test_train_norm_network_is_lycoris_one(tmp_path, monkeypatch):
     ours.save_weights(path)
     ours.remove()
 
-    preset = dict(PRESET["full"])  # minus TimestepEmbedding, which duplicates names on a diffusers U-Net
-    preset["unet_target_module"] = [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"]
-    monkeypatch.setitem(lycoris_kohya.PRESET, "full", preset)
+    lycoris_full_preset_for_diffusers(monkeypatch)
     theirs = lycoris_kohya.create_network(1.0, 4, 2, None, text_encoder, unet, algo="lora", train_norm="True")
     theirs.apply_to(text_encoder, unet, apply_text_encoder=True, apply_unet=True)
     names = {m.lora_name.replace("lora_te_", "lora_te_text_model_") for m in theirs.unet_loras +

@@ -44,22 +44,22 @@ CASES = {
 PARAMS = [(c, b, d) for c, (_, _, bases) in CASES.items() for b in bases for d in ("fp32", "fp16")]
 
 
-def lycoris_output(module, base, x, multiplier):
-    module.multiplier = multiplier
-    module.apply_to()
+def output_with(adapter, base, x, multiplier, undo):
+    """base(x) with the adapter applied at `multiplier`, then taken off again by its `undo` method."""
+    adapter.multiplier = multiplier
+    adapter.apply_to()
     with torch.no_grad():
         y = base(x)
-    module.restore()
+    getattr(adapter, undo)()
     return y
+
+
+def lycoris_output(module, base, x, multiplier):
+    return output_with(module, base, x, multiplier, "restore")
 
 
 def our_output(layer, base, x, multiplier):
-    layer.multiplier = multiplier
-    layer.apply_to()
-    with torch.no_grad():
-        y = base(x)
-    layer.remove()
-    return y
+    return output_with(layer, base, x, multiplier, "remove")
 
 
 def assert_same_outputs(theirs, ours, plain):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import train_lora
+from conftest import count_calls
 from lora_diffusion import create_network, load_network
 from lora_diffusion.models import build_tiny_models
 from lora_diffusion.models.sdxl import build_tiny_xl_models, sdxl_pipeline
@@ -155,14 +156,7 @@ def test_cached_text_outputs_train_as_uncached_and_the_disk_cache_is_reused(tmp_
     from lora_diffusion.data.dataset import LoRADataset
 
     flags = dict(max_train_steps=3, network_train_unet_only=True)
-    calls = {"n": 0}
-    real = family.encode_prompts_sdxl
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(family, "encode_prompts_sdxl", counted)
+    calls = count_calls(monkeypatch, family, "encode_prompts_sdxl")
     losses, real_loss = [], loop.compute_loss
     monkeypatch.setattr(loop, "compute_loss", lambda run, batch: losses.append(real_loss(run, batch)) or losses[-1])
     assert train_lora.main(xl_flags(tmp_path / "cached", data, **flags)) == 0

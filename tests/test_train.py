@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import train_lora
+from conftest import count_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,14 +294,7 @@ def test_ctrl_c_saves_the_lora_and_a_resumable_state(tmp_path, data, monkeypatch
 def test_frozen_text_encoder_outputs_are_cached(tmp_path, data, monkeypatch):
     import lora_diffusion.models.sd as family  # the SD family's text encoding, which the loop asks for
 
-    calls = {"n": 0}
-    real_encode = family.encode_prompts
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return real_encode(*args, **kwargs)
-
-    monkeypatch.setattr(family, "encode_prompts", counted)
+    calls = count_calls(monkeypatch, family, "encode_prompts")
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=4, network_train_unet_only=True,
                                       cache_latents=True)) == 0
     assert calls["n"] == 1  # the 4 captions once, before the loop; never inside it
