@@ -365,8 +365,8 @@ VALIDATION = group(
 
 def trainer_options() -> list[Option]:
     """Every option, in the order of --help; the dataset's own come in the data group."""
-    ours = CONFIG + MODEL + DATA + NETWORK + PIVOTAL + EDLORA + OPTIMIZER + TRAINING + DISTRIBUTED + OUTPUT + LOGGING + \
-        VALIDATION
+    ours = CONFIG + MODEL + DATA + NETWORK + PIVOTAL + EDLORA + OPTIMIZER + TRAINING + DISTRIBUTED + OUTPUT + \
+        LOGGING + VALIDATION
     names = {o.name for o in ours}
     dataset = [o for o in group(DATA[0].group, *_dataset_options()) if o.name not in names]
     at = max(i for i, o in enumerate(ours) if o.group == DATA[0].group) + 1
