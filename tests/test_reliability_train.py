@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import train_lora
+from lora_diffusion.training.objective import Objective
 from tests.test_train import base_flags, make_dataset, read
 
 
@@ -160,16 +161,16 @@ def test_rotation_keeps_another_runs_files_and_its_own_newest(tmp_path, capsys):
 def test_rotation_skips_a_file_another_run_wrote_meanwhile(tmp_path, monkeypatch):
     data = small_dataset(tmp_path)
     out = tmp_path / "out"
-    import lora_diffusion.training as training
+    from lora_diffusion.training import loop
 
-    real_rotate = training.rotate
+    real_rotate = loop.rotate
 
     def rotate_after_a_foreign_write(written, keep, owned=None):
         if Path(written[0]).name.endswith(".safetensors") and len(written) == 3:
             foreign_lora(Path(written[0]))  # another run replaced this run's epoch-1 file under the same name
         return real_rotate(written, keep, owned=owned)
 
-    monkeypatch.setattr(training, "rotate", rotate_after_a_foreign_write)
+    monkeypatch.setattr(loop, "rotate", rotate_after_a_foreign_write)
     argv = base_flags(tmp_path, data, max_train_epochs=4, save_every_n_epochs=1, save_last_n_epochs=2)
     assert train_lora.main(argv) == 0
     assert (out / "t-000001.safetensors").is_file()  # not this run's any more: kept
@@ -219,16 +220,14 @@ def test_weights_that_overflow_the_save_precision_are_never_written(tmp_path, da
 
 
 def test_the_nan_message_names_the_last_finite_file(tmp_path, data, capsys, monkeypatch):
-    import lora_diffusion.training as training
+    real_loss, calls = Objective.loss, {"n": 0}
 
-    real_loss, calls = training.diffusion_loss, {"n": 0}
-
-    def nan_from_step_2(*args, **kwargs):
+    def nan_from_step_2(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
+        loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(training, "diffusion_loss", nan_from_step_2)
+    monkeypatch.setattr(Objective, "loss", nan_from_step_2)
     err = error_of(base_flags(tmp_path, data, max_train_steps=3, save_every_n_steps=1), capsys)
     assert f"The last file written, {tmp_path / 'out' / 't-step00000001.safetensors'}, holds finite" in err
 
@@ -259,14 +258,12 @@ def signal_on_call(n, signum):
 
 
 def hook_forward(monkeypatch, fire):
-    import lora_diffusion.training as training
+    real = Objective.noisy_and_target
 
-    real = training.training_target
-
-    def target(*args, **kwargs):
+    def target(self, *args, **kwargs):
         fire()  # inside compute_loss: after the text encoder, before the U-Net
-        return real(*args, **kwargs)
-    monkeypatch.setattr(training, "training_target", target)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Objective, "noisy_and_target", target)
 
 
 def hook_optimizer_step(monkeypatch, fire):
@@ -397,9 +394,7 @@ def test_bad_settings_fail_before_model_loading(tmp_path, data, capsys, monkeypa
 
 
 def test_clip_skip_beyond_the_text_encoder_fails_before_training(tmp_path, data, capsys, monkeypatch):
-    import lora_diffusion.training as training
-
-    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(Objective, "loss", lambda *a, **k: pytest.fail("trained"))
     err = error_of(base_flags(tmp_path, data, clip_skip=99), capsys)
     assert "--clip_skip 99" in err and "layers" in err
 

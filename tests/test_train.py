@@ -197,17 +197,17 @@ def test_the_last_samples_end_in_one_grid_with_the_judges_verdict(tmp_path, data
 
 
 def test_non_finite_loss_stops_before_a_broken_file(tmp_path, data, monkeypatch, capsys):
-    import lora_diffusion.training as training
+    from lora_diffusion.training.objective import Objective
 
     calls = {"n": 0}
-    real_loss = training.diffusion_loss
+    real_loss = Objective.loss
 
-    def loss_that_breaks(*args, **kwargs):
+    def loss_that_breaks(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
+        loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(training, "diffusion_loss", loss_that_breaks)
+    monkeypatch.setattr(Objective, "loss", loss_that_breaks)
     code = train_lora.main(base_flags(tmp_path, data, max_train_steps=5, save_every_n_steps=1))
     assert code == 2
     assert "loss became nan at step 3" in capsys.readouterr().err
@@ -269,23 +269,23 @@ def test_v_prediction_runs_and_is_recorded(tmp_path, data):
 def test_ctrl_c_saves_the_lora_and_a_resumable_state(tmp_path, data, monkeypatch):
     import signal
 
-    import lora_diffusion.training as training
+    from lora_diffusion.training.objective import Objective
 
     calls = {"n": 0}
-    real_loss = training.diffusion_loss
+    real_loss = Objective.loss
 
-    def ctrl_c_in_step_3(*args, **kwargs):
+    def ctrl_c_in_step_3(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: step 3 still ends, then the run saves and stops
-        return real_loss(*args, **kwargs)
+        return real_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(training, "diffusion_loss", ctrl_c_in_step_3)
+    monkeypatch.setattr(Objective, "loss", ctrl_c_in_step_3)
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=5)) == 130
     tensors, meta = read(tmp_path / "out" / "t-step00000003.safetensors")
     assert meta["ss_steps"] == "3" and len(tensors) == 3 * (192 + 72)
     assert (tmp_path / "out" / "t-step00000003-state" / "train_state.json").is_file()
-    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    monkeypatch.setattr(Objective, "loss", real_loss)
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=5,
                                       resume=tmp_path / "out" / "t-step00000003-state")) == 0
     assert read(tmp_path / "out" / "t.safetensors")[1]["ss_steps"] == "5"
@@ -377,30 +377,30 @@ def test_latents_are_cached_by_default_unless_crops_are_random(data):
 def test_reg_target_base_model_trains_reg_images_toward_the_base_models_prediction(tmp_path, data, monkeypatch):
     """--reg_target base_model: regularization samples' target is what the model without the LoRA predicts,
     recomputed here with a fresh builtin:tiny and diffusers' modules; training samples keep the noise."""
-    from lora_diffusion import training
     from lora_diffusion.models import load_models
     from lora_diffusion.training import loop
+    from lora_diffusion.training.objective import Objective
 
     reg = make_dataset(tmp_path, name="reg")
     seen = []
-    real_target, real_loss, real_compute = training.training_target, training.diffusion_loss, loop.compute_loss
+    real_target, real_loss, real_compute = Objective.noisy_and_target, Objective.loss, loop.compute_loss
 
     def compute_loss(run, batch):
         seen.append({"captions": list(batch["captions"])})
         return real_compute(run, batch)
 
-    def training_target(scheduler, latents, noise, timesteps, v_parameterization):
-        noisy, target = real_target(scheduler, latents, noise, timesteps, v_parameterization)
+    def noisy_and_target(self, scheduler, latents, noise, timesteps, v_parameterization):
+        noisy, target = real_target(self, scheduler, latents, noise, timesteps, v_parameterization)
         seen[-1].update(noisy=noisy, noise_target=target, timesteps=timesteps)
         return noisy, target
 
-    def diffusion_loss(pred, target, **kwargs):
+    def loss(self, pred, target, **kwargs):
         seen[-1].update(pred=pred.detach(), target=target, is_reg=kwargs["is_reg"])
-        return real_loss(pred, target, **kwargs)
+        return real_loss(self, pred, target, **kwargs)
 
     monkeypatch.setattr(loop, "compute_loss", compute_loss)
-    monkeypatch.setattr(training, "training_target", training_target)
-    monkeypatch.setattr(training, "diffusion_loss", diffusion_loss)
+    monkeypatch.setattr(Objective, "noisy_and_target", noisy_and_target)
+    monkeypatch.setattr(Objective, "loss", loss)
     argv = base_flags(tmp_path, data, reg_data_dir=reg, reg_target="base_model", max_train_steps=3,
                       learning_rate=1e-2, train_batch_size=4)
     assert train_lora.main(argv) == 0

@@ -190,12 +190,12 @@ def test_max_validation_steps_scores_only_the_first_images(monkeypatch):
     latents themselves and a U-Net that predicts zeros, each image's loss is mean(latents**2): the formula."""
     import torch
 
-    from lora_diffusion import training
+    from lora_diffusion.training import validation as validation_module
     from lora_diffusion.training.validation import ValidationSet, validation_loss
 
     values = [1.0, 2.0, 3.0]
     validation = ValidationSet([torch.full((1, 4, 2, 2), v) for v in values], ["a", "b", "c"], seed=0)
-    monkeypatch.setattr(training, "training_target", lambda scheduler, latents, noise, t, v: (latents, latents))
+    monkeypatch.setattr(validation_module, "training_target", lambda scheduler, latents, noise, t, v: (latents,) * 2)
 
     class Scheduler:
         config = type("Config", (), {"num_train_timesteps": 1000})

@@ -1,7 +1,8 @@
 """The training loop: one optimizer step, the saving and sampling at the end of a step or an epoch, the stop at a
 step boundary, and what processes must agree on. `Run` holds what a run is built from (fixed once it starts),
 `RunState` where it is (step, epoch, batch_in_epoch, epoch files, the last file and samples); every function takes
-them as arguments. The functions of lora_diffusion.training are looked up when called, so a patched one is used.
+them as arguments. What a step trains towards is run.objective (training.objective.Objective); a recipe adds its own
+loss terms and after-step hooks through run.loss_terms and run.step_hooks.
 """
 
 import os
@@ -20,9 +21,11 @@ from lora_diffusion.models.family import rebatch
 from lora_diffusion.models.sampling import sample_images
 
 from .errors import TrainingError
+from .objective import Objective
 from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
 from .precision import loss_scale, step_was_skipped
 from .progress import ProgressFile
+from .state import StateError, non_finite, rotate, save_state
 
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2",
                 "embeddings": "lr/embeddings"}
@@ -63,6 +66,11 @@ class Run:
     # The loop's seams for a recipe's own pieces (e.g. ED-LoRA's attention loss and embedding freeze):
     loss_terms: list = field(default_factory=list)  # term(run, batch) -> tensor added to each micro-batch's loss
     step_hooks: list = field(default_factory=list)  # hook(run, state) after each optimizer step that updated
+    objective: Objective | None = None  # noise, timesteps, target and loss; default: Objective.of(args)
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = Objective.of(self.args)
 
     @property
     def device(self):
@@ -120,14 +128,12 @@ def save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, w
 def _save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, with_state=None, final=False):
     """The LoRA (and, with --save_state, the state to resume at `batch_in_epoch` of 0-based `epoch`) as
     `<stem>...`, never with NaN/inf (checked after the cast to --save_precision); a write error names the path."""
-    from lora_diffusion import training
-
     args, step = run.args, state.step
     with_state = args.save_state if with_state is None else with_state
     path, state_dir = run.output_dir / f"{stem}.safetensors", run.output_dir / f"{stem}-state"
-    bad = training.non_finite(run.network.file_tensors(SAVE_PRECISION_DTYPES[args.save_precision]))
+    bad = non_finite(run.network.file_tensors(SAVE_PRECISION_DTYPES[args.save_precision]))
     if bad:
-        cause = "are NaN/inf" if training.non_finite(run.network.state_dict()) else \
+        cause = "are NaN/inf" if non_finite(run.network.state_dict()) else \
             f"overflow --save_precision {args.save_precision} (fp16 ends at 65504)"
         raise TrainingError(f"at step {step} the LoRA weights {cause} ({len(bad)} tensors, e.g. {bad[0]}); "
                             f"{path.name} was not written. {intact(state)} Try a lower --learning_rate or "
@@ -139,14 +145,14 @@ def _save_checkpoint(run: Run, state: RunState, stem, epoch, batch_in_epoch, *, 
         save_lora(run, path, epoch=epoch + (batch_in_epoch > 0), step=step, final=final)  # ss_epoch counts from 1
         state.last_saved, target = path, state_dir
         if with_state:
-            training.save_state(state_dir, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, extra=extra,
+            save_state(state_dir, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, extra=extra,
                                 **run.pieces)
         run.progress.write("checkpoint", step=step, epoch=epoch + (batch_in_epoch > 0), path=path,
                            state=state_dir if with_state else None)
     except OSError as e:
         raise TrainingError(f"could not write {target} at step {step}: {e.strerror or e}. Files already "
                             f"there are left as they were (writes are atomic). {intact(state)}") from None
-    except training.StateError as e:
+    except StateError as e:
         raise TrainingError(f"at step {step}: {e}. {intact(state)}") from None
 
 
@@ -214,39 +220,23 @@ def batch_latents(run: Run, batch):
 
 
 def compute_loss(run: Run, batch):
-    """One micro-batch: latents, text states, noise, the U-Net's prediction, the loss."""
-    from lora_diffusion import training
-
-    args, models, device, accelerator = run.args, run.models, run.device, run.accelerator
+    """One micro-batch: latents, text states, noise, the U-Net's prediction, the loss (run.objective's)."""
+    models, objective = run.models, run.objective
     latents = batch_latents(run, batch).to(run.weight_dtype)
     context, added = text_conditioning(run, batch)
-    noise = training.make_noise(latents, noise_offset=args.noise_offset,
-                                multires_noise_iterations=args.multires_noise_iterations,
-                                multires_noise_discount=args.multires_noise_discount,
-                                noise_offset_random_strength=args.noise_offset_random_strength,
-                                adaptive_noise_scale=args.adaptive_noise_scale)
-    timesteps = training.sample_timesteps(latents.shape[0], min_timestep=args.min_timestep,
-                                          max_timestep=args.max_timestep, device=device)
-    noisy, target = training.training_target(models.noise_scheduler, latents, noise, timesteps,
-                                             models.v_parameterization)
-    if args.ip_noise_gamma:  # the input is noised a little more than the target says
-        noisy = models.noise_scheduler.add_noise(latents, training.perturbed_noise(
-            noise, args.ip_noise_gamma, random_strength=args.ip_noise_gamma_random_strength), timesteps)
-    is_reg = batch["is_reg"].to(device)
-    if args.reg_target == "base_model" and is_reg.any():
+    noise = objective.noise(latents)
+    timesteps = objective.timesteps(latents.shape[0], run.device)
+    noisy, target = objective.noisy_and_target(models.noise_scheduler, latents, noise, timesteps,
+                                               models.v_parameterization)
+    is_reg = batch["is_reg"].to(run.device)
+    if run.args.reg_target == "base_model" and is_reg.any():
         target = target.clone()  # only the regularization rows learn the base model's prediction
         target[is_reg] = base_model_prediction(run, batch, noisy, timesteps, rows=is_reg).to(target.dtype)
-    with accelerator.autocast():
+    with run.accelerator.autocast():
         pred = models.family.call_unet(models.unet, noisy, timesteps, context.to(run.weight_dtype), added)
-    mask = batch.get("alpha_masks")  # kohya: whenever images have masks (alpha_mask, conditioning_data_dir)
-    loss = training.diffusion_loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
-                                   min_snr_gamma=args.min_snr_gamma, v_parameterization=models.v_parameterization,
-                                   is_reg=is_reg, prior_loss_weight=args.prior_loss_weight, loss_type=args.loss_type,
-                                   huber_schedule=args.huber_schedule, huber_c_value=args.huber_c,
-                                   huber_scale=args.huber_scale, mask=mask,
-                                   scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
-                                   v_pred_like_loss=args.v_pred_like_loss,
-                                   debiased_estimation_loss=args.debiased_estimation_loss)
+    loss = objective.loss(pred, target, timesteps=timesteps, noise_scheduler=models.noise_scheduler,
+                          v_parameterization=models.v_parameterization, is_reg=is_reg,
+                          mask=batch.get("alpha_masks"))  # kohya: whenever images have masks
     for term in run.loss_terms:
         loss = loss + term(run, batch)
     return loss
@@ -372,9 +362,7 @@ def after_step(run: Run, state: RunState, loss, progress):
 
 def rotate_own(run: Run, paths, keep: int):
     """Delete all but the newest `keep` of `paths` that still carry this run's session id."""
-    from lora_diffusion import training
-
-    training.rotate(paths, keep, owned=lambda path: session_of(Path(path)) == run.session_id)
+    rotate(paths, keep, owned=lambda path: session_of(Path(path)) == run.session_id)
 
 
 def after_epoch(run: Run, state: RunState):

@@ -19,6 +19,8 @@ from lora_diffusion.models.family import ModelFamily, family_named
 from lora_diffusion.models.prompt_weights import apply_token_weights, parse_weights, plain_text, token_weights
 from lora_diffusion.models.sampling import draw
 
+from .noise import training_target
+
 TIMESTEP_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -60,8 +62,6 @@ def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler,
     """Mean MSE over images x fixed timesteps. `encode(captions)` gives the text-encoder states as the family's
     encode_prompts does (SDXL: the states and the pooled embedding). `max_images`: only the first ones (kohya's
     --max_validation_steps; one image is one validation batch here)."""
-    from lora_diffusion import training
-
     total, count = 0.0, 0
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = [int(share * steps) for share in TIMESTEP_SHARES]
@@ -75,7 +75,7 @@ def validation_loss(validation: ValidationSet, *, unet, encode, noise_scheduler,
             generator = torch.Generator().manual_seed(validation.seed * 1_000_003 + index * 1009 + t)
             noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
             timestep = torch.tensor([t], device=device)
-            noisy, target = training.training_target(noise_scheduler, latents, noise, timestep, v_parameterization)
+            noisy, target = training_target(noise_scheduler, latents, noise, timestep, v_parameterization)
             prediction = family.call_unet(unet, noisy, timestep, context, added)
             total += torch.nn.functional.mse_loss(prediction.float(), target.float()).item()
             count += 1
