@@ -14,6 +14,7 @@ import json
 import os
 import re
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -92,6 +93,23 @@ class LoRANetwork(nn.Module):
             if layer.merged:
                 raise RuntimeError("unmerge() before changing the multiplier of a merged network")
             layer.multiplier = multiplier
+
+    @contextmanager
+    def bypassed(self):
+        """The base model alone for the calls inside (peft's disable_adapter): every layer adds nothing, whatever
+        its multiplier or variant (a DoRA layer at multiplier 0 still computes W + dW in LyCORIS' formula, so a
+        multiplier of 0 is not the base model). A new token's vectors stay in the text encoder's table."""
+        layers = list(self.layers().values())
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("unmerge() before bypassing a merged network: its update is in the base weights")
+        before = [layer.bypassed for layer in layers]
+        for layer in layers:
+            layer.bypassed = True
+        try:
+            yield self
+        finally:
+            for layer, was in zip(layers, before):
+                layer.bypassed = was
 
     def merge(self):
         """Bake multiplier * delta into the base weights; the LoRA branch then costs nothing at inference."""

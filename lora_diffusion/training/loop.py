@@ -287,17 +287,11 @@ def base_model_prediction(run: Run, batch, noisy, timesteps, rows=None):
     only: the same values as the whole batch's for those rows, at the cost of the rows it needs."""
     if rows is not None:
         batch, noisy, timesteps = batch_rows(batch, rows), noisy[rows], timesteps[rows]
-    layers = list(run.network.layers().values())
-    multipliers = [layer.multiplier for layer in layers]
-    run.network.set_multiplier(0.0)
-    try:
+    with run.network.bypassed():  # not multiplier 0: a DoRA layer still computes there
         context, added = text_conditioning(run, batch)
         with run.accelerator.autocast():
             return run.models.family.call_unet(run.models.unet, noisy, timesteps, context.to(run.weight_dtype),
                                                added)
-    finally:
-        for layer, multiplier in zip(layers, multipliers):
-            layer.multiplier = multiplier
 
 
 def optimizer_step(run: Run, state: RunState, params):

@@ -87,6 +87,7 @@ class AdapterLayer(nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.merged_multiplier = None  # set while the delta is baked into the base weight
+        self.bypassed = False  # LoRANetwork.bypassed(): the base module's output alone, whatever the variant
         # A plain attribute, not a submodule: the base belongs to its model, and the layer becomes the base's child.
         object.__setattr__(self, "base", base)
         object.__setattr__(self, "_hook", None)
@@ -133,7 +134,8 @@ class AdapterLayer(nn.Module):
 
     def _add_delta(self, base, args, out):
         # A variant may compute at multiplier 0 too (DoRA: W + dW in LyCORIS' formula, not the base model).
-        if self.merged or (self.multiplier == 0 and (self.variant is None or self.variant.inactive_at_zero)):
+        if self.merged or self.bypassed or (self.multiplier == 0 and (self.variant is None or
+                                                                      self.variant.inactive_at_zero)):
             return None
         if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
             return None
