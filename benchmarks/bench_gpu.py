@@ -243,6 +243,12 @@ def summarize(out: Path) -> dict:
         f"cached text: peak allocated",
         f"{sdxl_peak:.2f} GiB (reserved {sdxl.get('peak_reserved_bytes', 0) / GIB:.2f}), {sdxl['pace_s']:.3f} s/step"
         if sdxl else "-", f"<= {TARGETS['sdxl_peak_gib']:g} GiB", met(sdxl_peak, TARGETS["sdxl_peak_gib"]), "sdxl")
+    offload = read_json(out, "sdxl_offload")
+    offload_peak = max(offload["peak_bytes"], offload.get("first_step_peak_bytes", 0)) / GIB if offload else None
+    add("  the same with --cpu_offload_checkpointing (saved tensors in pinned CPU memory)",
+        f"{offload_peak:.2f} GiB, {offload['pace_s']:.3f} s/step"
+        + (f" ({offload_peak / sdxl_peak:.2f}x the memory, {offload['pace_s'] / sdxl['pace_s']:.2f}x the time)"
+           if sdxl else "") if offload else "-", "", "", "sdxl_offload")
     for name, title in (("fp16", "fp16 short run (GradScaler), validation + samples"),
                         ("bf16", "bf16 short run with a saved state")):
         add(title, train_line(train_figures(out, name)), "runs", "", name)
@@ -260,7 +266,7 @@ def summarize(out: Path) -> dict:
         title += ": DRY RUN on the CPU, tiny sizes (tests the plumbing; no figure here means anything)"
     print_left_aligned(title, ["check", "figure", "target", "met", "stage"], rows)
     summary = {"environment": env, "stages": stages, "targets": TARGETS, "step_ours": ours, "step_peft": peft,
-               "step_compile": compiled, "sdxl": sdxl, "resume_compare": resume,
+               "step_compile": compiled, "sdxl": sdxl, "sdxl_offload": offload, "resume_compare": resume,
                "train_runs": {n: train_figures(out, n) for n in ("quickstart", "fp16", "bf16", "resume")},
                "time_vs_peft": time_ratio, "table": rows,
                "not_ok": sorted(name for name, record in stages.items() if record.get("rc") != 0)}

@@ -36,6 +36,8 @@ VARIANTS = {
     "bare": {"impl": "bare"},  # no LoRA; the input requires grad so the whole backward runs (a lower bound)
     "ours-channels-last": {"impl": "ours", "channels_last": True},
     "ours-checkpointing": {"impl": "ours", "checkpointing": True},
+    # --cpu_offload_checkpointing: what the checkpointed backward keeps waits in (pinned) CPU memory
+    "ours-checkpointing-offload": {"impl": "ours", "checkpointing": True, "offload": True},
     "ours-math-sdpa": {"impl": "ours", "sdpa": "math"},
     "ours-compile": {"impl": "ours", "compile": True},
     "ours-no-autocast": {"impl": "ours", "autocast": False},
@@ -74,6 +76,10 @@ def build(variant: dict, quick: bool, dtype, device, rank: int, resolution: int,
     if variant.get("checkpointing"):
         unet.enable_gradient_checkpointing()
         unet.train()
+    if variant.get("offload"):
+        from lora_diffusion.models.offload import offload_saved_tensors
+
+        offload_saved_tensors(unet)
     if variant.get("sdpa") == "math":
         from diffusers.models.attention_processor import AttnProcessor
 

@@ -138,6 +138,8 @@ stage step_ours 120 40 "${BENCH[@]}" step --variant ours "${SD15[@]}" --json "$O
 stage step_peft 120 40 "${BENCH[@]}" step --variant peft "${SD15[@]}" --json "$OUT/step_peft.json"
 stage sdxl 120 40 "${BENCH[@]}" step --family sdxl --variant ours-checkpointing --rank 8 --no_flops "${SDXL[@]}" \
   --json "$OUT/sdxl.json"
+stage sdxl_offload 120 40 "${BENCH[@]}" step --family sdxl --variant ours-checkpointing-offload --rank 8 --no_flops \
+  "${SDXL[@]}" --json "$OUT/sdxl_offload.json"
 stage quickstart 150 60 "${TRAIN[@]}" --output_dir "$OUT/quickstart" --logging_dir "$OUT/quickstart/logs" \
   "${QUICKSTART[@]}"
 stage fp16 80 40 "${TRAIN[@]}" --output_dir "$OUT/fp16" --logging_dir "$OUT/fp16/logs" "${SHORT[@]}" \

@@ -17,7 +17,7 @@ from child_process import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGES = ["env", "step_ours", "step_peft", "sdxl", "quickstart", "fp16", "bf16", "resume", "resume_compare",
+STAGES = ["env", "step_ours", "step_peft", "sdxl", "sdxl_offload", "quickstart", "fp16", "bf16", "resume", "resume_compare",
           "step_compile"]
 
 
