@@ -208,9 +208,11 @@ def check_edlora(args, bad):
 def edlora_pieces(args, run, dataset, stack, say=print):
     """The ED-LoRA pieces on the run's seams: the norm freeze (a step hook), and with --layerwise_embeddings the
     per-layer encodings for the whole run (entered into `stack`) and the attention loss (a loss term)."""
-    from lora_diffusion.concepts.edlora import attention_term, concept_attention, norm_freeze
+    from lora_diffusion.concepts.edlora import attention_term, concept_attention, mean_norm, norm_freeze
 
     if args.embedding_norm_threshold is not None:
+        if args.resume and mean_norm(run.embedding) >= args.embedding_norm_threshold:
+            run.embedding.freeze()  # frozen before the state was saved: a resumed run goes on as the whole one
         run.step_hooks.append(norm_freeze(run.embedding, args.embedding_norm_threshold, say=say))
     if not args.layerwise_embeddings:
         return
