@@ -130,22 +130,22 @@ class ConceptAttention:
     # -- text -------------------------------------------------------------------------------------------------
 
     def encode(self, encode, captions, max_token_length=None):
-        """`encode()` once per layer with that layer's vectors; the first layer's states, recorded."""
+        """`encode(captions)` with each layer's vectors, in one text-encoder batch (the captions once per layer);
+        the first layer's states, recorded."""
         embedding = self.embedding
         ids = state_token_ids(self.tokenizer, captions, max_token_length)
         offsets = torch.arange(len(embedding.tokens))
         present = (ids[:, None, :] == embedding.first_id + offsets[None, :, None]).float()
         if not present.any():
-            return encode()
-        layers = {}
+            return encode(captions)
+        embedding.stacked = True
         try:
-            for index, layer in enumerate(embedding.layers):
-                embedding.current = index
-                layers[layer] = encode()
+            every = encode(list(captions) * len(embedding.layers))
         finally:
-            embedding.current = None
-        base = layers[embedding.layers[0]]
-        states = base[0] if isinstance(base, tuple) else base
+            embedding.stacked = False
+        count = len(captions)
+        layers = {layer: every[i * count:(i + 1) * count] for i, layer in enumerate(embedding.layers)}
+        states = base = layers[embedding.layers[0]]
         positions = present / present.sum(-1, keepdim=True).clamp_min(1)
         self.encodings.append(Encoding(states.detach(), layers, positions, states.requires_grad))
         return base
@@ -262,8 +262,8 @@ def layerwise_family(family, concept: ConceptAttention):
 
     class Layerwise(base):
         def encode_prompts(self, models, captions, *, clip_skip=None, max_token_length=None):
-            def encode():
-                return base.encode_prompts(self, models, captions, clip_skip=clip_skip,
+            def encode(texts):
+                return base.encode_prompts(self, models, texts, clip_skip=clip_skip,
                                            max_token_length=max_token_length)
 
             return concept.encode(encode, captions, max_token_length)

@@ -52,6 +52,7 @@ class LayerwiseEmbeddings(nn.Module):
         self.tokens = self.plain.tokens
         self.first_id = None
         self.current = None  # the layer whose vectors the embedding table gives now
+        self.stacked = False  # True: the table's input is every layer's batch in turn (layer 0's rows first)
         self._hooks = []
 
     @classmethod
@@ -82,10 +83,15 @@ class LayerwiseEmbeddings(nn.Module):
         return self
 
     def _rows(self, table, args, out):
-        vectors = self.vectors[self.current or 0]
         offset = args[0] - self.first_id
         new = (offset >= 0) & (offset < len(self.tokens))
-        return torch.where(new.unsqueeze(-1), vectors.to(out.dtype)[offset.clamp(0, len(self.tokens) - 1)], out)
+        index = offset.clamp(0, len(self.tokens) - 1)
+        if self.stacked:  # row r of the ids belongs to layer r // (rows / layers)
+            layer = torch.arange(len(offset), device=offset.device) // (len(offset) // len(self.layers))
+            rows = self.vectors.to(out.dtype)[layer[:, None], index]
+        else:
+            rows = self.vectors[self.current or 0].to(out.dtype)[index]
+        return torch.where(new.unsqueeze(-1), rows, out)
 
     def remove(self):
         while self._hooks:
