@@ -43,3 +43,24 @@ def test_kohyas_conditions_are_refused_in_one_line():
                         (("Adafactor", 1, "fp16"), "fp16"), (("Adafactor", 1, "no", 2), "multi-process")):
         with pytest.raises(TrainingError, match=words):
             check_fused_backward(*args)
+
+
+def test_a_fused_run_of_the_trainer_writes_the_lora_of_an_ordinary_one(tmp_path, capsys):
+    import train_lora
+    from tests.test_train import base_flags, make_dataset, read
+
+    data = make_dataset(tmp_path)
+    flags = dict(optimizer_type="Adafactor", optimizer_args=["relative_step=False", "scale_parameter=False"],
+                 max_train_steps=3, max_grad_norm=0)
+    assert train_lora.main(base_flags(tmp_path / "plain", data, **flags)) == 0
+    assert train_lora.main(base_flags(tmp_path / "fused", data, fused_backward_pass=True, **flags)) == 0
+    plain, _ = read(tmp_path / "plain" / "out" / "t.safetensors")
+    fused, meta = read(tmp_path / "fused" / "out" / "t.safetensors")
+    assert plain.keys() == fused.keys()
+    for key in plain:
+        torch.testing.assert_close(fused[key].float(), plain[key].float(), rtol=0, atol=1e-6, msg=key)
+    assert any(plain[k].abs().sum() > 0 for k in plain if "lora_up" in k)  # the up weights left 0: it trained
+    assert meta["ss_steps"] == "3"
+    capsys.readouterr()
+    assert train_lora.main(base_flags(tmp_path / "adamw", data, fused_backward_pass=True, max_train_steps=1)) == 2
+    assert "--fused_backward_pass works with --optimizer_type Adafactor only" in capsys.readouterr().err

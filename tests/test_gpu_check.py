@@ -17,8 +17,8 @@ from child_process import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGES = ["env", "step_ours", "step_peft", "sdxl", "sdxl_offload", "quickstart", "fp16", "bf16", "resume", "resume_compare",
-          "step_compile"]
+STAGES = ["env", "step_ours", "step_peft", "sdxl", "sdxl_offload", "quickstart", "fp16", "bf16", "resume",
+          "resume_compare", "step_compile"]
 
 
 def gpu_check(out: Path, *args, **env):

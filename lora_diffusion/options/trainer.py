@@ -199,9 +199,9 @@ OPTIMIZER = group(
     Option("optimizer_schedulefree_wrapper", SWITCH, False, "wrap --optimizer_type in schedule-free's "
            "ScheduleFreeWrapper", kohya=False),
     Option("max_grad_norm", float, 1.0, "0 disables clipping", metadata=True),
-    Option("fused_backward_pass", SWITCH, False, "Adafactor steps each parameter during the backward pass",
-           refused="the fused backward pass is a memory trick for full fine-tuning; LoRA weights are small, so it "
-           "is not implemented"),
+    Option("fused_backward_pass", SWITCH, False, "step each parameter inside the backward pass and free its "
+           "gradient at once (--optimizer_type Adafactor, no accumulation, as kohya's; --max_grad_norm clips each "
+           "tensor)"),
     Option("ema_decay", float, None, "keep an exponential moving average of the LoRA weights with this decay "
            "(0.999 is typical) and save it instead of the raw weights (OneTrainer's EMA)", kohya=False,
            refused="EMA of the LoRA weights is not implemented yet"),
@@ -221,8 +221,8 @@ TRAINING = group(
            "--mixed_precision bf16; half the memory of the trained weights, coarser updates)"),
     Option("gradient_accumulation_steps", int, 1, "micro-batches an optimizer step", metadata=True),
     Option("gradient_checkpointing", SWITCH, False, "recompute activations in the backward pass", metadata=True),
-    Option("cpu_offload_checkpointing", SWITCH, False, "offload checkpointed activations to the CPU",
-           refused="CPU offload of checkpoints is kohya's FLUX/SD3 option"),
+    Option("cpu_offload_checkpointing", SWITCH, False, "with --gradient_checkpointing: what the U-Net's backward "
+           "keeps waits in (pinned) CPU memory"),
     Option("xformers", SWITCH, False, "xformers attention (default: PyTorch SDPA; without xformers installed, a "
            "warning and SDPA)"),
     Option("sdpa", SWITCH, False, "PyTorch's scaled dot-product attention (our default anyway)"),

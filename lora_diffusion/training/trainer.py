@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from lora_diffusion.models.offload import offload_saved_tensors
+
 from .errors import TrainingError
+from .fused_backward import check_fused_backward, install_fused_backward
 from .outputs import check_free_space, outputs_of_other_runs, prepare_output_dir
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
@@ -89,6 +92,11 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
         bad("--full_fp16 needs --mixed_precision fp16")
     if args.use_lion_optimizer:
         args.optimizer_type = "Lion"
+    if args.fused_backward_pass:  # kohya's conditions and ours (one process is checked once it is known)
+        check_fused_backward(args.optimizer_type, args.gradient_accumulation_steps, args.mixed_precision)
+    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+        warnings.warn("--cpu_offload_checkpointing does nothing without --gradient_checkpointing (as in kohya's "
+                      "train_network.py): add it, or leave the offload out")
     if args.bucket_reso_steps % 8:
         steps = max(8, args.bucket_reso_steps + 7 - (args.bucket_reso_steps + 7) % 8)
         warnings.warn(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of 8 (the VAE's factor); "
@@ -717,6 +725,8 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     set_seed(args.seed, device_specific=True)  # same LoRA init everywhere; different noise on each process
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if args.cpu_offload_checkpointing:
+            offload_saved_tensors(unet)
         for encoder in models.text_encoder_list:
             if train_text_encoder:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -768,6 +778,10 @@ def build_optimizer(args, network, max_train_steps, accelerator):
     # prepared too (prepare_network: DDP all-reduces the gradients during the backward).
     optimizer_name = describe_optimizer(optimizer, args.optimizer_args)
     params = [p for group in param_groups for p in group["params"]]
+    if args.fused_backward_pass:  # each parameter steps in the backward; the loop's own step then finds nothing
+        check_fused_backward(args.optimizer_type, args.gradient_accumulation_steps, args.mixed_precision,
+                             accelerator.num_processes)
+        install_fused_backward(optimizer, args.max_grad_norm)
     return accelerator.prepare(optimizer), lr_scheduler, optimizer_name, params
 
 
