@@ -27,6 +27,7 @@ _moved.install()
 
 from lora_diffusion.core.adapters import LoRALayer
 from lora_diffusion.core.inject import inject_trainable_lora
+from lora_diffusion.core.kohya import LoRAFileError, read_lora_file
 from lora_diffusion.core.network import (
     LoRANetwork,
     TokenEmbeddings,
@@ -36,7 +37,6 @@ from lora_diffusion.core.network import (
     merge_base_weights,
 )
 from lora_diffusion.core.spec import NetworkSpec
-from lora_diffusion.formats.kohya import LoRAFileError, read_lora_file
 
 __version__ = "0.1.0"
 

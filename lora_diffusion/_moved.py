@@ -8,7 +8,8 @@ import importlib.util
 import sys
 import warnings
 
-# old module (under lora_diffusion.) -> its home now; a prefix: `adapters.lora` follows `adapters`
+# old module (under lora_diffusion., dotted for one in a package) -> its home now; a prefix: `adapters.lora`
+# follows `adapters`
 MOVED = {
     "adapters": "core.adapters",
     "network": "core.network",
@@ -16,7 +17,8 @@ MOVED = {
     "inject": "core.inject",
     "layer": "core.adapters",
     "lycoris_layers": "core.adapters",
-    "kohya": "formats.kohya",
+    "kohya": "core.kohya",
+    "formats.kohya": "core.kohya",  # the adapters' own file format: with them since 0.2
     "cloneofsimo": "lora",  # its research API; its file readers are formats.cloneofsimo
     "io": "formats.io",
     "base_checkpoint": "models.checkpoint",
@@ -42,10 +44,10 @@ def new_path(fullname: str) -> str | None:
     package, _, rest = fullname.partition(".")
     if package != "lora_diffusion" or not rest:
         return None
-    head, _, tail = rest.partition(".")
-    if head not in MOVED:
-        return None
-    return "lora_diffusion." + MOVED[head] + ("." + tail if tail else "")
+    for old in sorted(MOVED, key=len, reverse=True):  # the longest moved path that `rest` is or lies under
+        if rest == old or rest.startswith(old + "."):
+            return "lora_diffusion." + MOVED[old] + rest[len(old):]
+    return None
 
 
 class _Alias(importlib.abc.Loader):

@@ -15,8 +15,8 @@ from lycoris.modules import DyLoraModule, LoConModule, get_module, make_module  
 
 from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.core.adapters import DyLoRALayer, LoRALayer  # noqa: E402
+from lora_diffusion.core.kohya import parse_state_dict  # noqa: E402
 from lora_diffusion.core.network import LoRANetwork  # noqa: E402
-from lora_diffusion.formats.kohya import parse_state_dict  # noqa: E402
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x"

@@ -16,8 +16,8 @@ from lycoris.modules import GLoRAModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.core.adapters import GLoRALayer  # noqa: E402
+from lora_diffusion.core.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from lora_diffusion.core.network import LoRANetwork, layer_from_file  # noqa: E402
-from lora_diffusion.formats.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from test_adapters_ia3 import run  # noqa: E402  (base(x) with a module applied)
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)

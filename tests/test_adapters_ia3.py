@@ -17,8 +17,8 @@ from lycoris.modules import IA3Module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.core.adapters import ALGORITHMS, IA3Layer  # noqa: E402
+from lora_diffusion.core.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from lora_diffusion.core.network import LoRANetwork, layer_from_file  # noqa: E402
-from lora_diffusion.formats.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from test_lycoris import BASES, NAME  # noqa: E402  (the same bases as the other LyCORIS algorithms)
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)

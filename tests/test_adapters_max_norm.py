@@ -77,8 +77,8 @@ def test_lokr_matches_lycoris_apply_max_norm():
     lycoris = pytest.importorskip("lycoris")
     from lycoris.modules import LokrModule
 
+    from lora_diffusion.core.kohya import parse_state_dict
     from lora_diffusion.core.network import layer_from_file
-    from lora_diffusion.formats.kohya import parse_state_dict
 
     torch.manual_seed(1)
     base = nn.Linear(32, 48)

@@ -17,8 +17,8 @@ from lycoris.modules import NormModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
 from lora_diffusion.core.adapters import NormLayer  # noqa: E402
+from lora_diffusion.core.kohya import parse_state_dict  # noqa: E402
 from lora_diffusion.core.network import LoRANetwork, layer_from_file  # noqa: E402
-from lora_diffusion.formats.kohya import parse_state_dict  # noqa: E402
 from test_adapters_ia3 import run  # noqa: E402  (base(x) with a module applied)
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)

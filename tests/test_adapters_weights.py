@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_text_encoder, build_tiny_unet, unet_inputs
 from lora_diffusion import create_network, dim_from_weights, merge_base_weights
-from lora_diffusion.formats.kohya import LoRAFileError
+from lora_diffusion.core.kohya import LoRAFileError
 
 
 def randomized(network, seed, std=0.05):

@@ -9,7 +9,7 @@ import torch
 
 from lora_diffusion.concepts.baselines import merge_concept_files
 from lora_diffusion.core import deltas
-from lora_diffusion.formats.kohya import read_lora_file, write_lora_file
+from lora_diffusion.core.kohya import read_lora_file, write_lora_file
 from lora_diffusion.tools import fuse, merge, model_files
 from lora_diffusion.tools.merge import merge_loras
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import build_tiny_text_encoder, build_tiny_unet, text_ids, unet_inputs
 from lora_diffusion import LoRAFileError, create_network, load_network
-from lora_diffusion.formats import kohya
+from lora_diffusion.core import kohya
 
 
 def randomize(network, seed=0, std=0.05):
@@ -294,7 +294,8 @@ def test_file_errors_live_at_the_bottom_and_import_from_their_old_homes():
     import ast
 
     import lora_diffusion
-    from lora_diffusion.formats import errors, kohya
+    from lora_diffusion.core import kohya
+    from lora_diffusion.formats import errors
 
     assert kohya.LoRAFileError is errors.LoRAFileError is lora_diffusion.LoRAFileError
     assert kohya.LoRAFileWarning is errors.LoRAFileWarning

@@ -18,9 +18,9 @@ from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights  # no
 from lycoris.modules import LoConModule, LohaModule, LokrModule, get_module, make_module  # noqa: E402
 
 from lora_diffusion import create_network, load_network  # noqa: E402
+from lora_diffusion.core.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 from lora_diffusion.core.network import LoRANetwork, layer_from_file  # noqa: E402
 from lora_diffusion.core.targets import text_encoder_targets, unet_targets  # noqa: E402
-from lora_diffusion.formats.kohya import LoRAFileError, parse_state_dict  # noqa: E402
 
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 NAME = "lora_unet_x"

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import train_lora
+from lora_diffusion.core import kohya
 from lora_diffusion.core.network import load_network
-from lora_diffusion.formats import kohya
 from lora_diffusion.models import load_models
 from lora_diffusion.training import encode_prompts
 from test_train import base_flags, make_dataset, read

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 import test_pivotal
 import train_lora
 from lora_diffusion import create_network
+from lora_diffusion.core import kohya
 from lora_diffusion.core.network import load_network
-from lora_diffusion.formats import kohya
 from lora_diffusion.models.sdxl import build_tiny_xl_models, generate_sdxl_samples, sdxl_pipeline
 from lora_diffusion.training import encode_prompts_sdxl
 from lora_diffusion.training.sampling import make_sample_scheduler, parse_prompt_line

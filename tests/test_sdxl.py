@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lora_diffusion import create_network, load_network
 from lora_diffusion.cli import main
-from lora_diffusion.formats.kohya import LoRAFileError, read_lora_file
+from lora_diffusion.core.kohya import LoRAFileError, read_lora_file
 from lora_diffusion.models import ASSETS, load_models
 from lora_diffusion.models.sdxl import build_tiny_xl_models, sdxl_pipeline
 from test_models import assert_same_weights, flat_clip_key, randomize, unet_to_original, vae_to_original

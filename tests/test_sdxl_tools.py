@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_diffusion import create_network, load_network
 from lora_diffusion.cli import main
-from lora_diffusion.formats.kohya import read_lora_file
+from lora_diffusion.core.kohya import read_lora_file
 from lora_diffusion.models import ASSETS, build_tiny_models, load_models, save_tiny_diffusers_folder
 from lora_diffusion.models.sdxl import build_tiny_xl_models, save_tiny_xl_diffusers_folder, sdxl_pipeline
 from lora_diffusion.tools.extract import extract_lora

@@ -123,8 +123,8 @@ def relative_error(fused, weight, gram) -> float:
 def concept_modules(models, paths):
     """{kohya name: (module, {path: ModuleWeights})} of every module any file touches, checked against the model."""
     from lora_diffusion.core.deltas import canonical_modules, check_module_fits, module_bias_delta
+    from lora_diffusion.core.kohya import read_lora_file
     from lora_diffusion.core.targets import all_named_modules
-    from lora_diffusion.formats.kohya import read_lora_file
 
     targets = all_named_modules(models.unet, models.text_encoders)
     found, tokens = {}, {}

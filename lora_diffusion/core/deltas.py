@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lora_diffusion.formats.kohya import (
+from lora_diffusion.core.kohya import (
     EMBEDDING_PREFIX,
     LoRAFileError,
     LoRAModules,

@@ -19,9 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lora_diffusion.formats import kohya
-
-from . import adapters
+from . import adapters, kohya
 from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
 from .adapters.base import shapes as _shapes
 from .spec import NetworkSpec

@@ -1,2 +1,3 @@
-"""Files: the kohya / LyCORIS LoRA `.safetensors` (kohya.py), cloneofsimo/lora's `.pt` and safeloras files
-(cloneofsimo.py), and writing any file all-or-nothing (io.py)."""
+"""Files: cloneofsimo/lora's `.pt` and safeloras files (cloneofsimo.py), writing any file all-or-nothing and
+reading TOML (io.py), and the file errors (errors.py). The kohya / LyCORIS LoRA `.safetensors` is the adapters'
+own format: lora_diffusion.core.kohya."""

@@ -1,5 +1,5 @@
 """The errors of reading and writing LoRA files, at the bottom of the package: it imports nothing of it, so the
-adapter algorithms (core/adapters/) and the file readers (formats/kohya.py, cloneofsimo.py) can both raise them
+adapter algorithms (core/adapters/) and the file readers (core/kohya.py, formats/cloneofsimo.py) can both raise them
 without importing each other."""
 
 

@@ -14,8 +14,8 @@ import re
 import torch
 from tqdm import tqdm
 
+from lora_diffusion.core.kohya import network_metadata, write_lora_file
 from lora_diffusion.core.targets import _TEXT_ENCODER, _UNET_CONV_PARENT, _UNET_TRANSFORMER
-from lora_diffusion.formats.kohya import network_metadata, write_lora_file
 
 from .model_files import (
     TEXT_ENCODERS,

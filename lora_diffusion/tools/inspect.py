@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import replace
 
 from lora_diffusion.core.adapters import ALGORITHMS
-from lora_diffusion.formats.kohya import read_lora_file
+from lora_diffusion.core.kohya import read_lora_file
 
 from .model_files import factored_svd, is_sdxl_lora, module_delta, read_loras
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from lora_diffusion.core.deltas import merge_lora_files, only_plain_lora  # noqa: F401 (only_plain_lora: 0.1's place)
-from lora_diffusion.formats.kohya import EMBEDDING_PREFIX, LoRAFileWarning
+from lora_diffusion.core.kohya import EMBEDDING_PREFIX, LoRAFileWarning
 
 from .model_files import (
     ModelToolError,

@@ -13,7 +13,7 @@ retained Frobenius norm of param). The retained Frobenius fraction of each modul
 import torch
 from tqdm import tqdm
 
-from lora_diffusion.formats.kohya import network_metadata, write_lora_file
+from lora_diffusion.core.kohya import network_metadata, write_lora_file
 
 from .merge import only_plain_lora
 from .model_files import (

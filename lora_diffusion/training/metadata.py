@@ -6,7 +6,7 @@
 
 Values are converted as kohya writes them (str(value)): floats "0.0001", None "None", bools "True"/"False",
 tuples "(512, 512)"; dicts and lists become JSON. Only keys passed are written. The network's own keys
-(ss_network_*, ss_output_name, modelspec.*, hashes) belong to lora_diffusion.formats.kohya, not here.
+(ss_network_*, ss_output_name, modelspec.*, hashes) belong to lora_diffusion.core.kohya, not here.
 """
 
 import json
@@ -100,7 +100,7 @@ def training_metadata(**values):
     for key, value in values.items():
         name = key[3:] if key.startswith("ss_") else key
         if name in NETWORK_KEYS:
-            raise ValueError(f"training_metadata: ss_{name} is the network's key, written by formats.kohya")
+            raise ValueError(f"training_metadata: ss_{name} is the network's key, written by core.kohya")
         if name not in TRAINING_KEYS:
             raise ValueError(f"training_metadata: unknown key {key!r}; known: {', '.join(TRAINING_KEYS)}")
         record[f"ss_{name}"] = metadata_value(value)

@@ -22,9 +22,8 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from lora_diffusion.core import adapters
 from lora_diffusion.core.targets import KNOWN_PREFIXES, canonical_kohya_name
-
-from .errors import LoRAFileError, LoRAFileWarning
-from .io import atomic_write
+from lora_diffusion.formats.errors import LoRAFileError, LoRAFileWarning
+from lora_diffusion.formats.io import atomic_write
 
 # 0.1.0's names of what each algorithm declares (core/adapters/)
 LOHA_KEYS = adapters.LoHaLayer.file_keys
