@@ -267,15 +267,15 @@ def hook_forward(monkeypatch, fire):
 
 
 def hook_optimizer_step(monkeypatch, fire):
-    import lora_diffusion.training as training
+    from lora_diffusion.training import trainer
 
-    real = training.create_optimizer
+    real = trainer.create_optimizer
 
     def create(*args, **kwargs):
         optimizer = real(*args, **kwargs)
         optimizer.register_step_pre_hook(lambda *a: fire())  # the handler runs inside optimizer.step()
         return optimizer
-    monkeypatch.setattr(training, "create_optimizer", create)
+    monkeypatch.setattr(trainer, "create_optimizer", create)
 
 
 def hook_between_steps(monkeypatch, fire):

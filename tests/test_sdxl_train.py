@@ -261,11 +261,11 @@ def test_param_groups_give_each_sdxl_text_encoder_its_learning_rate():
 def test_text_encoder_lr_one_value_for_both_encoders_or_one_each(tmp_path, data, monkeypatch, values, expected):
     """kohya's --text_encoder_lr takes several values: on SDXL one trains both encoders at it, two are TE1's and
     TE2's. The optimizer the trainer builds gets those groups."""
-    from lora_diffusion import training
+    from lora_diffusion.training import trainer
 
     created = []
-    real = training.create_optimizer
-    monkeypatch.setattr(training, "create_optimizer", lambda name, groups, **kw: created.append(groups) or
+    real = trainer.create_optimizer
+    monkeypatch.setattr(trainer, "create_optimizer", lambda name, groups, **kw: created.append(groups) or
                         real(name, groups, **kw))
     assert train_lora.main(xl_flags(tmp_path, data, max_train_steps=1, unet_lr=1e-3, text_encoder_lr=values)) == 0
     groups = created[-1]

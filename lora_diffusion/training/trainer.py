@@ -22,11 +22,54 @@ from pathlib import Path
 
 import torch
 
+import lora_diffusion.models as base_models  # load_models through the package: tests replace it there
+from lora_diffusion.cli import set_cpu_threads
+from lora_diffusion.concepts.edlora import (
+    RANDOM_FIRST_STD,
+    LayerwiseTokenEmbeddings,
+    attention_term,
+    concept_attention,
+    mean_norm,
+    norm_freeze,
+)
+from lora_diffusion.concepts.layerwise import LayerwiseEmbeddings
+from lora_diffusion.core.network import (
+    ALGOS,
+    TokenEmbeddings,
+    check_token_name,
+    create_network,
+    dim_from_weights,
+    merge_base_weights,
+)
+from lora_diffusion.data import dataset as image_data  # collate_fn through the module: tests replace it there
+from lora_diffusion.data.debug import debug_dataset
+from lora_diffusion.data.latents import cache_latents_in_shares
+from lora_diffusion.data.subset import FLAG_DEFAULTS
+from lora_diffusion.formats.io import loads_toml
+from lora_diffusion.models import DIFFUSERS_DTYPE_KWARG, detect_family
+from lora_diffusion.models.checkpoint import CheckpointReader
+from lora_diffusion.models.convert import VAE_PREFIX, vae_name
+from lora_diffusion.models.family import fallback_family
+from lora_diffusion.models.float8 import store_in_float8
 from lora_diffusion.models.offload import offload_saved_tensors
+from lora_diffusion.options import build_parser as parser_of
+from lora_diffusion.options import trainer_options
+from lora_diffusion.options.flag_file import read_config_file, write_config_file
+from lora_diffusion.options.network_args import NetworkArgsError, network_keywords
 
 from .errors import TrainingError
 from .fused_backward import check_fused_backward, install_fused_backward
+from .loop import NetworkForward, Run, RunState, ShardedBatches, save_final_files, train_epochs
+from .metadata import run_metadata
+from .noise import with_zero_terminal_snr
+from .optim import create_lr_scheduler, create_optimizer, describe_optimizer
 from .outputs import check_free_space, outputs_of_other_runs, prepare_output_dir
+from .precision import allow_tf32, install_grad_scaler
+from .progress import ProgressFile, progress_path
+from .sampling import SAMPLERS, read_prompts
+from .state import load_state, read_train_state
+from .text_cache import cache_text_outputs_on_disk, encoders_fingerprint
+from .validation import Validation, best_epoch, build_validation_set
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
 
@@ -36,14 +79,11 @@ MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": to
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    from lora_diffusion.options import build_parser as parser_of
-    from lora_diffusion.options import trainer_options
 
     return parser_of(trainer_options(), prog=prog, description=__doc__)
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
-    from lora_diffusion.options.flag_file import read_config_file
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -58,9 +98,7 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
 def resolve(given: argparse.Namespace) -> argparse.Namespace:
     """The run's settings from the flags as given: checked (every error names its flag, before any work) and with
     the values that follow from others filled in. `given` is left as it was."""
-    from lora_diffusion.options import trainer_options
 
-    from .sampling import SAMPLERS
 
     def bad(message):
         raise TrainingError(message)
@@ -171,7 +209,6 @@ def resolve(given: argparse.Namespace) -> argparse.Namespace:
             if getattr(args, name) != default:
                 bad(f"--{name} needs --token_string (the new word whose embedding trains)")
     else:
-        from lora_diffusion.core.network import check_token_name
 
         try:
             check_token_name(args.token_string)
@@ -216,8 +253,6 @@ def check_edlora(args, bad):
 def edlora_pieces(args, run, dataset, stack, say=print):
     """The ED-LoRA pieces on the run's seams: the norm freeze (a step hook), and with --layerwise_embeddings the
     per-layer encodings for the whole run (entered into `stack`) and the attention loss (a loss term)."""
-    from lora_diffusion.concepts.edlora import attention_term, concept_attention, mean_norm, norm_freeze
-
     if args.embedding_norm_threshold is not None:
         if args.resume and mean_norm(run.embedding) >= args.embedding_norm_threshold:
             run.embedding.freeze()  # frozen before the state was saved: a resumed run goes on as the whole one
@@ -261,8 +296,6 @@ def one_or_pair(values, flag, bad):
 def looks_like_sdxl(name) -> bool:
     """Is the model SDXL? From its name, folder or safetensors header only (no weights read); a .ckpt says False.
     (Kept for code that asks; the trainer asks the family: detect_family.)"""
-    from lora_diffusion.models import detect_family
-
     return detect_family(name).name == "sdxl"
 
 
@@ -270,9 +303,6 @@ def resolve_model_defaults(args):
     """The flags whose defaults depend on the model's family (detected from its name, folder or file header):
     --resolution (SD 512; SDXL 1024, kohya's SDXL recommendation), and when --resolution is not given either, the
     family's bucket range unless --min/--max_bucket_reso are given (SD 256 to 1024 px, SDXL 512 to 2048 px)."""
-    from lora_diffusion.models import detect_family
-    from lora_diffusion.models.family import fallback_family
-
     name = args.pretrained_model_name_or_path
     family = detect_family(name) if args.resolution is None and name else fallback_family()
     args.resolution_defaulted = args.resolution is None
@@ -286,9 +316,6 @@ def resolve_model_defaults(args):
 
 def network_options(args) -> dict:
     """--network_args k=v pairs as create_network keywords (options.network_args declares each key)."""
-    from lora_diffusion.core.network import ALGOS
-    from lora_diffusion.options.network_args import NetworkArgsError, network_keywords
-
     try:
         options = network_keywords(args.network_module, args.network_args)
     except NetworkArgsError as e:
@@ -306,13 +333,11 @@ def network_options(args) -> dict:
 
 
 def build_dataset(args):
-    from lora_diffusion.data.dataset import LoRADataset
-    from lora_diffusion.data.subset import FLAG_DEFAULTS
 
     options = {name: getattr(args, name) for name in FLAG_DEFAULTS}  # the dataset options are flags of one name
     if args.dataset_config:
-        return LoRADataset.from_config(args.dataset_config, **options, seed=args.seed)
-    return LoRADataset(args.train_data_dir, args.reg_data_dir, **options, seed=args.seed)
+        return image_data.LoRADataset.from_config(args.dataset_config, **options, seed=args.seed)
+    return image_data.LoRADataset(args.train_data_dir, args.reg_data_dir, **options, seed=args.seed)
 
 
 def held_out_entries(args, dataset) -> list:
@@ -326,12 +351,10 @@ def held_out_images(args, dataset) -> tuple[list, list]:
     if args.validation_split is not None:
         entries = dataset.split_validation(args.validation_split, args.validation_seed)
     elif args.validation_data_dir:
-        from lora_diffusion.data.dataset import LoRADataset
-        from lora_diffusion.data.subset import FLAG_DEFAULTS
 
         options = {name: getattr(args, name) for name in FLAG_DEFAULTS}
         options["in_json"] = None  # the training images' metadata names none of the validation images
-        dataset = LoRADataset(args.validation_data_dir, **options, seed=args.seed)
+        dataset = image_data.LoRADataset(args.validation_data_dir, **options, seed=args.seed)
         entries = dataset.entries
     else:
         return [], []
@@ -341,8 +364,6 @@ def held_out_images(args, dataset) -> tuple[list, list]:
 def build_validation(args, held_out, models, device, weight_dtype, resolution, interpolations=None):
     """The encoded validation images (each resized with `interpolations`' filter, its subset's
     --resize_interpolation) and, for --validation_prompts, what scoring generated images needs."""
-    from .validation import Validation, build_validation_set
-
     if not held_out and not args.validation_prompts:
         return None
     seed = args.seed if args.validation_seed is None else args.validation_seed
@@ -357,7 +378,6 @@ def make_accelerator(args):
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from .precision import allow_tf32, install_grad_scaler
 
     # accelerate keeps its settings in process-wide singletons; a second train() in one process (a notebook, the
     # tests) with another --mixed_precision would be refused without this reset.
@@ -414,7 +434,6 @@ def prepare_network(network, accelerator):
     loss directly: the same operations as always)."""
     from accelerate.utils import DistributedType
 
-    from .loop import NetworkForward
 
     if accelerator.distributed_type == DistributedType.NO:
         return None
@@ -439,8 +458,6 @@ def tracker_names(args) -> list[str] | None:
 def check_outputs_and_resume(args, output_dir: Path, accelerator):
     """The output folder, the state to resume and other runs' files, before any work. Returns (the resumed
     state's extra record or {}, the network's shape, the run's session id)."""
-    from . import read_train_state
-
     prepare_output_dir(output_dir)
     resumed = read_train_state(args.resume)["extra"] if args.resume else {}
     network_shape = dict(network_dim=args.network_dim, **network_options(args))
@@ -467,8 +484,6 @@ def check_outputs_and_resume(args, output_dir: Path, accelerator):
 
 def check_optimizer_settings(args):
     """A bad --optimizer_type/--optimizer_args fails now, not after minutes of model loading."""
-    from . import create_optimizer
-
     quiet = logging.getLogger("lora_diffusion.training.optim")
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # its advice is given once, for the real optimizer
     try:
@@ -480,9 +495,7 @@ def check_optimizer_settings(args):
 
 def load_base_models(args, weight_dtype, device):
     """The frozen base, loaded straight into the compute dtype."""
-    from lora_diffusion.models import load_models
-
-    models = load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
+    models = base_models.load_models(args.pretrained_model_name_or_path, v2=args.v2 or None,
                          v_parameterization=args.v_parameterization or None, dtype=weight_dtype, device=device)
     if args.vae:
         models.vae = load_vae(args.vae, models.vae)
@@ -511,12 +524,9 @@ def load_vae(name, like):
     without the checkpoint's first_stage_model. prefix, or in diffusers' naming; it replaces `like` (same config)."""
     from diffusers import AutoencoderKL
 
-    from lora_diffusion.models.checkpoint import CheckpointReader
-    from lora_diffusion.models.convert import VAE_PREFIX, vae_name
 
     path = Path(name).expanduser()
     if path.is_dir():
-        from lora_diffusion.models import DIFFUSERS_DTYPE_KWARG
 
         return AutoencoderKL.from_pretrained(str(path), local_files_only=True,
                                              **{DIFFUSERS_DTYPE_KWARG: like.dtype}).to(like.device)
@@ -603,7 +613,6 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
         if accelerator.num_processes == 1:
             dataset.cache_latents(models.vae, to_disk=args.cache_latents_to_disk, **encode_options)
         else:  # each process its share (through the disk cache); the barriers wait --ddp_timeout at most
-            from lora_diffusion.data.latents import cache_latents_in_shares
 
             cache_latents_in_shares(dataset, models.vae, rank=accelerator.process_index,
                                     world=accelerator.num_processes, wait=accelerator.wait_for_everyone,
@@ -622,7 +631,6 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
                                                     max_token_length=args.max_token_length)
 
         if args.cache_text_encoder_outputs_to_disk:
-            from .text_cache import cache_text_outputs_on_disk, encoders_fingerprint
 
             fields = dict(encoders=encoders_fingerprint(encoders), **models.family.text_cache_tag,
                           max_token_length=args.max_token_length, clip_skip=args.clip_skip,
@@ -645,18 +653,16 @@ def cache_inputs(args, dataset, models, accelerator, train_text_encoder):
 def build_loader(args, dataset, accelerator):
     """The bucket batches of this process and the run's length: (loader, batch_sampler, batch_size,
     batches_per_epoch, steps_per_epoch, max_train_steps, num_epochs)."""
-    from lora_diffusion.data.dataset import BucketBatchSampler, collate_fn
 
-    from .loop import ShardedBatches
 
     device = accelerator.device
     batch_size = getattr(dataset, "batch_size", None) or args.train_batch_size  # a dataset config's batch_size wins
-    batch_sampler = BucketBatchSampler(dataset, batch_size, seed=args.seed)
+    batch_sampler = image_data.BucketBatchSampler(dataset, batch_size, seed=args.seed)
     loader_sampler = ShardedBatches(batch_sampler, accelerator.process_index, accelerator.num_processes)
     workers = args.max_data_loader_n_workers
     if workers is None:  # on a CPU the step is hundreds of times slower than loading: workers only take its cores
         workers = 0 if args.cache_latents or device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) - 1))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=loader_sampler, collate_fn=collate_fn,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=loader_sampler, collate_fn=image_data.collate_fn,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -677,23 +683,19 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
     embedding trains)."""
     from accelerate.utils import set_seed
 
-    from lora_diffusion import create_network
 
     unet = models.unet
     if args.base_weights:  # kohya's: merged into the base for good before the new network
-        from lora_diffusion.core.network import merge_base_weights
 
         merge_base_weights(args.base_weights, unet, models.text_encoders, args.base_weights_multiplier)
         accelerator.print(f"merged into the model: {', '.join(args.base_weights)}")
     if args.fp8_base or args.fp8_base_unet:  # kohya's: the frozen weights in float8, after any merge into them
-        from lora_diffusion.models.float8 import store_in_float8
 
         stored = store_in_float8(unet, keep=("conv_in",))
         if args.fp8_base:
             stored += sum(store_in_float8(encoder) for encoder in models.text_encoder_list)
         accelerator.print(f"--fp8_base{'' if args.fp8_base else '_unet'}: {stored} base layers stored in float8")
     if args.dim_from_weights:  # kohya's: every module with the rank and alpha it has in --network_weights
-        from lora_diffusion.core.network import dim_from_weights
 
         network = dim_from_weights(args.network_weights, unet, models.text_encoders, dropout=args.network_dropout)
         network.set_trainable(unet=train_unet, text_encoder=train_text_encoder)
@@ -740,13 +742,9 @@ def build_network(args, models, dataset, max_train_steps, accelerator, train_une
 def new_token_embedding(args, models):
     """--token_string's vectors, applied to the models: plain (TokenEmbeddings) or, with --layerwise_embeddings,
     one set per cross-attention layer (ED-LoRA: with 2+ vectors the first starts random, std 0.013)."""
-    from lora_diffusion.core.network import TokenEmbeddings
-
     if not args.layerwise_embeddings:
         return TokenEmbeddings.create(models.tokenizers, models.text_encoders, args.token_string, args.init_word,
                                       args.num_vectors_per_token)
-    from lora_diffusion.concepts.edlora import RANDOM_FIRST_STD, LayerwiseTokenEmbeddings
-    from lora_diffusion.concepts.layerwise import LayerwiseEmbeddings
 
     if models.family.name == "sdxl":
         raise TrainingError("--layerwise_embeddings: SD1.x/2.x only (SDXL's two text encoders are not done yet)")
@@ -758,8 +756,6 @@ def new_token_embedding(args, models):
 
 def build_optimizer(args, network, max_train_steps, accelerator):
     """(optimizer prepared by accelerate, lr scheduler, the optimizer's name for ss_optimizer, the parameters)."""
-    from . import create_lr_scheduler, create_optimizer, describe_optimizer
-
     param_groups = network.param_groups(unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr,
                                         default_lr=args.learning_rate, embedding_lr=args.embedding_lr)
     optimizer = create_optimizer(args.optimizer_type, param_groups, learning_rate=args.learning_rate,
@@ -792,9 +788,6 @@ def build_optimizer(args, network, max_train_steps, accelerator):
 def train(args):
     from contextlib import ExitStack
 
-    from . import load_state, read_prompts, run_metadata
-    from .loop import Run, RunState, save_final_files, train_epochs
-    from .progress import ProgressFile, progress_path
 
     # --- what can fail without any work: the output folder, the state to resume, the optimizer's settings ------
     if args.console_log_level or args.console_log_file:
@@ -805,7 +798,6 @@ def train(args):
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, MIXED_PRECISION_DTYPES[args.mixed_precision]
     if device.type == "cpu":  # the rule of every command: the cores free now, unless told
-        from lora_diffusion.cli import set_cpu_threads
 
         set_cpu_threads(args.threads, "train", say=accelerator.print)  # stdout: stderr is for errors
     output_dir = Path(args.output_dir)
@@ -817,7 +809,6 @@ def train(args):
         # --- data (first: a wrong folder fails before minutes of model loading) ------------------------------------
         dataset = build_dataset(args)
         if args.debug_dataset:
-            from lora_diffusion.data.debug import debug_dataset
 
             debug_dataset(dataset, 10, out=accelerator.print)
             return None
@@ -837,7 +828,6 @@ def train(args):
         # --- models, caches, batches, network, optimizer -----------------------------------------------------------
         models = load_base_models(args, weight_dtype, device)
         if args.zero_terminal_snr:
-            from . import with_zero_terminal_snr
 
             models.noise_scheduler = with_zero_terminal_snr(models.noise_scheduler)
         train_text_encoder = not args.network_train_unet_only and args.text_encoder_lr != 0
@@ -881,7 +871,6 @@ def train(args):
         if run.log_with:
             init_kwargs = {}
             if args.log_tracker_config:
-                from lora_diffusion.formats.io import loads_toml
 
                 init_kwargs = loads_toml(Path(args.log_tracker_config).read_text(encoding="utf-8"))
             if args.wandb_run_name and "wandb" in run.log_with:
@@ -917,7 +906,6 @@ def train(args):
         accelerator.print(f"done: {state.step} steps in {elapsed:.1f}s{pace}; LoRA: {final_path}" +
                           (f"; samples: {output_dir / 'sample'}" if prompts else "") +
                           (f"; logs: {args.logging_dir}" if args.logging_dir else ""))
-        from .validation import best_epoch
 
         for line in lines + [best_epoch(state.validations) or ""]:
             if line:
@@ -926,7 +914,6 @@ def train(args):
 
 
 def main(argv=None, prog=None) -> int:
-    from lora_diffusion.options.flag_file import write_config_file
 
     try:
         args = parse_args(argv, prog)
