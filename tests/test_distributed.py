@@ -28,15 +28,15 @@ SGD = dict(optimizer_type="torch.optim.SGD", learning_rate=1.0, max_grad_norm=0)
 LAUNCHED = '''
 import json, os, sys
 import torch
-from lora_diffusion import training
 from lora_diffusion.data import dataset
+from lora_diffusion.training.objective import Objective
 
-def make_noise(latents, **options):
+def noise(self, latents):
     seeds = [int(latent.double().abs().sum().item() * 1000) % 2**31 for latent in latents]
     return torch.stack([torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
                         for latent, seed in zip(latents, seeds)]).to(latents.device, latents.dtype)
 
-def sample_timesteps(batch_size, *, device=None, **options):
+def timesteps(self, batch_size, device=None):
     return torch.full((batch_size,), 500, dtype=torch.long, device=device)
 
 encoded, timeouts, real_encode = [], [], dataset.encode_latents
@@ -47,7 +47,7 @@ def counting_encode(vae, images, **options):
         timeouts.append(backend.options._timeout.total_seconds())
     return real_encode(vae, images, **options)
 
-training.make_noise, training.sample_timesteps, dataset.encode_latents = make_noise, sample_timesteps, counting_encode
+Objective.noise, Objective.timesteps, dataset.encode_latents = noise, timesteps, counting_encode
 import train_lora
 code = train_lora.command(sys.argv[1:])
 with open(os.environ["COUNTS"] + os.environ.get("RANK", "0"), "w") as f:

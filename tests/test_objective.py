@@ -2,7 +2,7 @@
 (here one that doubles the loss) and the loop uses it, with no module function patched."""
 
 import train_lora
-from lora_diffusion.training import loop
+from lora_diffusion.training import trainer
 from lora_diffusion.training.objective import Objective
 from tests.test_train import base_flags, make_dataset
 
@@ -25,13 +25,13 @@ def test_a_run_uses_the_objective_it_is_given(tmp_path, monkeypatch):
             seen.append(float(loss.detach()))
             return 2 * loss
 
-    real_run = loop.Run
+    real_run = trainer.Run
 
     def run_with_doubled(*args, **kwargs):
         run = real_run(*args, **kwargs)
         run.objective = Doubled(**vars(run.objective))
         return run
 
-    monkeypatch.setattr(loop, "Run", run_with_doubled)
+    monkeypatch.setattr(trainer, "Run", run_with_doubled)
     assert train_lora.main(base_flags(tmp_path, data, max_train_steps=2)) == 0
     assert len(seen) == 2
