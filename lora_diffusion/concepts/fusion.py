@@ -30,6 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_diffusion.core.deltas import canonical_modules, check_module_fits, module_bias_delta, module_delta
+from lora_diffusion.core.kohya import read_lora_file
+from lora_diffusion.core.network import load_network
+from lora_diffusion.core.targets import all_named_modules
+from lora_diffusion.models.sampling import make_sample_scheduler
+
 METHODS = ("closed_form", "lbfgs")
 RCOND = 1e-10  # relative cut-off of the Gram's singular values in the closed form (float64)
 
@@ -122,10 +128,6 @@ def relative_error(fused, weight, gram) -> float:
 
 def concept_modules(models, paths):
     """{kohya name: (module, {path: ModuleWeights})} of every module any file touches, checked against the model."""
-    from lora_diffusion.core.deltas import canonical_modules, check_module_fits, module_bias_delta
-    from lora_diffusion.core.kohya import read_lora_file
-    from lora_diffusion.core.targets import all_named_modules
-
     targets = all_named_modules(models.unet, models.text_encoders)
     found, tokens = {}, {}
     for path in paths:
@@ -153,9 +155,6 @@ def record_concept(models, concept: Concept, modules, *, steps=4, guidance=5.0, 
     """The mean input Grams of `modules` while the concept's own model (its LoRA and tokens loaded) encodes each of
     its prompts and denoises it for `steps` sampling steps (classifier-free guidance: the empty prompt's inputs are
     recorded too). `size`: the images' side (default: the U-Net's own, as diffusers' pipelines choose)."""
-    from lora_diffusion.core.network import load_network
-    from lora_diffusion.models.sampling import make_sample_scheduler
-
     network = load_network(concept.path, models.unet, models.text_encoders, tokenizer=models.tokenizers)
     pipeline = models.family.pipeline(models, make_sample_scheduler("ddim", models.noise_scheduler,
                                                                     v_parameterization=models.v_parameterization))
@@ -176,8 +175,6 @@ def fuse_concepts(models, concepts, *, method="closed_form", steps=4, guidance=5
                   device="cpu", say=print) -> dict[str, list[float]]:
     """Fuse the concepts' LoRAs into `models`' weights, in place (their tokens added); returns {module: each
     concept's relative output error on its own inputs}."""
-    from lora_diffusion.core.deltas import module_delta
-
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if not concepts:

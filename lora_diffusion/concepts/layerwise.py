@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lora_diffusion.core.network import TokenEmbeddings
+from lora_diffusion.formats.io import atomic_write
 from lora_diffusion.models.regional import cross_attention_processors
 
 FORMAT = "lora_diffusion.layerwise_embeddings"
@@ -118,8 +119,6 @@ class LayerwiseEmbeddings(nn.Module):
 
     def save(self, path):
         from safetensors.torch import save
-
-        from lora_diffusion.formats.io import atomic_write
 
         tensors = {layer: self.vectors[i].detach().float().cpu().contiguous() for i, layer in enumerate(self.layers)}
         metadata = {"format": FORMAT, "token": self.name, "layers": json.dumps(self.layers)}

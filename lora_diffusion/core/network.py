@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lora_diffusion.formats.io import atomic_write
+
 from . import adapters, kohya
 from .adapters import AdapterLayer, LoRALayer, blocks, freeze_base
 from .adapters.base import shapes as _shapes
@@ -700,8 +702,6 @@ class TokenEmbeddings(nn.Module):
     def save_textual_inversion(self, path, metadata: dict[str, str] | None = None):
         """A textual-inversion .safetensors (see file_tensors), with the token in its metadata."""
         from safetensors.torch import save as save_safetensors_bytes
-
-        from lora_diffusion.formats.io import atomic_write
 
         tensors = {k: v.float().cpu().contiguous() for k, v in self.file_tensors(bundled=False).items()}
         data = save_safetensors_bytes(tensors, {"token": self.name, **(metadata or {})})

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lora_diffusion.models.convert import unet_original_name
+
+from .adapters import AdapterLayer
+
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
@@ -98,8 +102,6 @@ def unet_module_name(unet: nn.Module, path: str) -> str:
 
 def sdxl_unet_module_name(config, path: str) -> str:
     """kohya's name of an SDXL U-Net module from the U-Net's config (a mapping, as config.json holds it)."""
-    from lora_diffusion.models.convert import unet_original_name
-
     original = unet_original_name(path + ".weight", config["layers_per_block"],
                                   ["Attn" in t for t in config["up_block_types"]])
     return kohya_name(UNET_PREFIX, original.removesuffix(".weight") if original else path)
@@ -123,8 +125,6 @@ def _addressable(module: nn.Module) -> bool:
 
 def base_modules(model: nn.Module):
     """named_modules() without the LoRAs already applied to the model (and their own Linear/Conv2d inside)."""
-    from .adapters import AdapterLayer
-
     return model.named_modules(memo={m for layer in model.modules() if isinstance(layer, AdapterLayer)
                                      for m in layer.modules()})
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lora_diffusion import captioning
 from lora_diffusion.captioning import CaptionError
+from lora_diffusion.cli import main, set_cpu_threads
 
 
 def add_arguments(parser):
@@ -67,8 +68,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from lora_diffusion.cli import set_cpu_threads
-
     if args.append and args.prepend:
         raise CaptionError("caption: --append and --prepend exclude each other")
     if args.model is None:
@@ -93,6 +92,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from lora_diffusion.cli import main
-
     sys.exit(main(["caption", *sys.argv[1:]]))

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_diffusion import world
+from lora_diffusion.cli import set_cpu_threads
 from lora_diffusion.core.network import load_network
 from lora_diffusion.data.files import is_image_file
 from lora_diffusion.formats.io import atomic_write
@@ -445,7 +446,6 @@ def check_flags(args):
 
 def run(args) -> int:
     check_flags(args)
-    from lora_diffusion.cli import set_cpu_threads
 
     set_cpu_threads(args.threads, "evaluate")
 

@@ -22,10 +22,12 @@ from lora_diffusion.models.sampling import sample_images
 
 from .errors import TrainingError
 from .objective import Objective
+from .optim import set_schedule_free_mode
 from .outputs import SAVE_PRECISION_DTYPES, save_lora, session_of, summarize_last_samples
 from .precision import loss_scale, step_was_skipped
 from .progress import ProgressFile
 from .state import StateError, non_finite, rotate, save_state
+from .validation import caption_encoder, validate
 
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2",
                 "embeddings": "lr/embeddings"}
@@ -111,8 +113,6 @@ def intact(state: RunState) -> str:
 def eval_weights(run: Run):
     """The weights to save, sample or validate: a schedule-free optimizer's averaged point, back to its training
     point afterwards (other optimizers: nothing changes)."""
-    from .optim import set_schedule_free_mode
-
     set_schedule_free_mode(run.optimizer, train=False)
     try:
         yield
@@ -245,8 +245,6 @@ def compute_loss(run: Run, batch):
 def text_conditioning(run: Run, batch):
     """The U-Net's text inputs for a batch: the encoder states (cached, or encoded with the text-encoder LoRA and
     the new token) and the family's added conditioning (SDXL: the pooled embedding and the size/crop ids)."""
-    from .validation import caption_encoder
-
     args, models, device = run.args, run.models, run.device
     family = models.family
     if run.text_cache is not None:
@@ -348,8 +346,6 @@ def after_step(run: Run, state: RunState, loss, progress):
     if args.sample_every_n_steps and state.step % args.sample_every_n_steps == 0:
         sample(run, state)
     if run.validation is not None and args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
-        from .validation import validate
-
         with eval_weights(run):
             validate(run, state, state.epoch + 1)  # the epoch in progress
 
@@ -375,8 +371,6 @@ def after_epoch(run: Run, state: RunState):
     if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
         sample(run, state, epoch=done)
     if run.validation is not None and done % args.validation_every_n_epochs == 0:
-        from .validation import validate
-
         with eval_weights(run):
             validate(run, state, done)
 
@@ -391,7 +385,6 @@ def train_epochs(run: Run, state: RunState, skip_batches: int):
     first_epoch, params = state.epoch, run.params
     progress = tqdm(total=run.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="steps")
-    from .optim import set_schedule_free_mode
 
     set_schedule_free_mode(run.optimizer, train=True)
     if args.sample_at_first and state.step == 0:

@@ -13,6 +13,8 @@ import json
 import os
 import time
 
+from lora_diffusion.options import trainer_options
+
 # Every key a kohya LoRA training record can hold (without the "ss_" prefix), and what it means.
 TRAINING_KEYS = {
     "session_id": "random integer shared by the files of one run",
@@ -111,8 +113,6 @@ def run_metadata(args, models, dataset, resolution, batch_size, num_batches, max
                  optimizer_name, session_id, num_processes=1) -> dict:
     """The training record (kohya's ss_* keys) of this run, as plain values: every option declared with
     metadata=True (lora_diffusion.options), then what the run computed."""
-    from lora_diffusion.options import trainer_options
-
     record = {f"ss_{o.name}": getattr(args, o.name) for o in trainer_options() if o.metadata and not o.dest}
     record.update(
         ss_num_train_images=dataset.num_train_images, ss_num_reg_images=dataset.num_reg_images,

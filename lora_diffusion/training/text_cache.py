@@ -9,6 +9,7 @@ import json
 import torch
 
 from lora_diffusion.data.errors import warn
+from lora_diffusion.data.latents import read_cache_file, write_cache_file
 
 
 def encoders_fingerprint(encoders) -> str:
@@ -29,8 +30,6 @@ def text_cache_key(caption, fields) -> str:
 
 
 def _read(path, key):
-    from lora_diffusion.data.latents import read_cache_file
-
     tensors = read_cache_file(path, key, "text-encoder", "encoding the caption again")
     if tensors is None:
         return None
@@ -41,8 +40,6 @@ def _read(path, key):
 
 
 def _write(path, key, value):
-    from lora_diffusion.data.latents import write_cache_file
-
     tensors = {"context": value[0], "pooled": value[1]} if isinstance(value, tuple) else {"context": value}
     write_cache_file(path, key, tensors, "lora_diffusion.text_outputs.1")
 

@@ -15,10 +15,14 @@ from typing import Any
 
 import torch
 
+from lora_diffusion.data.images import center_crop, load_image
 from lora_diffusion.models.family import ModelFamily, family_named
 from lora_diffusion.models.prompt_weights import apply_token_weights, parse_weights, plain_text, token_weights
 from lora_diffusion.models.sampling import draw
+from lora_diffusion.tools import evaluate
+from lora_diffusion.tools.evaluate import score_images
 
+from .errors import TrainingError
 from .noise import training_target
 
 TIMESTEP_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -43,8 +47,6 @@ def build_validation_set(entries, vae, *, seed, device, dtype, sdxl=False, famil
     """Encode held-out dataset entries (LoRADataset.split_validation or a validation dataset's entries) once.
     family: the model's (models.family; `sdxl=True` names SDXL's); interpolations: each entry's
     --resize_interpolation (its subset's), None for the default."""
-    from lora_diffusion.data.images import center_crop, load_image
-
     family = family or family_named("sdxl" if sdxl else "sd")
     interpolations = interpolations or [None] * len(entries)
     latents = []
@@ -96,10 +98,6 @@ class Validation:
 
     @classmethod
     def create(cls, images, prompts_spec, metrics, *, seeds, size):
-        from lora_diffusion.tools import evaluate
-
-        from .errors import TrainingError
-
         prompts = feature_net = reference = None
         if prompts_spec:
             try:
@@ -190,8 +188,6 @@ def caption_encoder(models, expand_prompt, *, clip_skip=None, max_token_length=N
 def validate(run, state, epoch):
     """The validation loss and metrics after `epoch`: printed, logged (TensorBoard `loss/validation`,
     `validation/<metric>`) and kept in state.validations."""
-    from lora_diffusion.tools.evaluate import score_images
-
     args, models, validation = run.args, run.models, run.validation
     result = {"epoch": epoch, "step": state.step}
     encoders = text_encoders(models)

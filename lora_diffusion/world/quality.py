@@ -11,6 +11,8 @@ import random
 import torch
 
 from lora_diffusion.formats.io import atomic_write
+from lora_diffusion.models.regional import Region, encode_regions, regional_attention
+from lora_diffusion.models.sampling import draw
 
 from . import scenes as world
 
@@ -105,8 +107,6 @@ def summarize_samples(paths, grid_path):
 
 def two_object_regions(scene: world.TwoObjectScene):
     """Regional prompts for a two-object scene: each half's one-object caption over that half."""
-    from lora_diffusion.models.regional import Region
-
     return [Region(world.caption(scene.left), (0.0, 0.0, 0.5, 1.0)),
             Region(world.caption(scene.right), (0.5, 0.0, 1.0, 1.0))]
 
@@ -127,9 +127,6 @@ def two_object_scenes(n, shapes=world.PRETRAIN_SHAPES, seed=1234):
 def judge_two_object_prompts(models, scenes, *, regional=True, steps=30, guidance=5.0, seed=0, size=SIZE):
     """One image per two-object scene from its caption (world.two_object_caption), with its halves' regional
     prompts when `regional`, judged by world.judge_two_objects; (accuracy, images)."""
-    from lora_diffusion.models.regional import encode_regions, regional_attention
-    from lora_diffusion.models.sampling import draw
-
     pipe = world_pipeline(models)
     factor = pipe.vae_scale_factor
     images = []
