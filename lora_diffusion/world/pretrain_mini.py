@@ -24,8 +24,10 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -402,31 +404,36 @@ def train_denoiser(text_encoder, vae, unet, tokenizer, settings: PretrainSetting
 # Judging during training.
 
 
-@torch.no_grad()
-def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
-    from types import SimpleNamespace
+TWO_OBJECT_KEYS = ("left", "right", "background", "all")  # the two-object judge's shares the run reports
 
+
+@contextmanager
+def judged_parts(tokenizer, text_encoder, vae, unet):
+    """The models as a pipeline's parts, in eval mode for the judging and back in their own mode after."""
     was_training = text_encoder.training, unet.training
     text_encoder.eval(), unet.eval()
-    parts = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet)
-    pipe = quality.world_pipeline(parts, DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
-    accuracy, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), steps=steps)
-    text_encoder.train(was_training[0]), unet.train(was_training[1])
+    try:
+        yield SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                              noise_scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
+    finally:
+        text_encoder.train(was_training[0]), unet.train(was_training[1])
+
+
+@torch.no_grad()
+def judge_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
+    with judged_parts(tokenizer, text_encoder, vae, unet) as parts:
+        pipe = quality.world_pipeline(parts, DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
+        accuracy, _ = quality.judge_prompts(pipe, quality.held_out_scenes(n), steps=steps)
     return accuracy
 
 
 @torch.no_grad()
 def judge_two_objects_model(tokenizer, text_encoder, vae, unet, n=48, steps=30):
-    """The two-object judge's shares (left, right, background, all) on n two-object prompts (not regional)."""
-    from types import SimpleNamespace
-
-    was_training = text_encoder.training, unet.training
-    text_encoder.eval(), unet.eval()
-    parts = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                            noise_scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
-    accuracy, _ = quality.judge_two_object_prompts(parts, quality.two_object_scenes(n), regional=False, steps=steps)
-    text_encoder.train(was_training[0]), unet.train(was_training[1])
-    return {key: accuracy[key] for key in ("left", "right", "background", "all")}
+    """The two-object judge's shares (TWO_OBJECT_KEYS) on n two-object prompts (not regional)."""
+    with judged_parts(tokenizer, text_encoder, vae, unet) as parts:
+        accuracy, _ = quality.judge_two_object_prompts(parts, quality.two_object_scenes(n), regional=False,
+                                                       steps=steps)
+    return {key: accuracy[key] for key in TWO_OBJECT_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,7 +502,7 @@ def pretrain(settings: PretrainSettings, stage="all"):
         for regional in (False, True):
             two, _ = quality.judge_two_object_prompts(mini, quality.two_object_scenes(2 * settings.eval_images),
                                                       regional=regional, steps=30)
-            two = {key: two[key] for key in ("left", "right", "background", "all")}
+            two = {key: two[key] for key in TWO_OBJECT_KEYS}
             result[f"two_objects{'_regional' if regional else ''}"] = two
             print(f"two-object prompts{' (regional)' if regional else ''}: {quality.fmt(two)}")
         (work / "eval.json").write_text(json.dumps(result, indent=1))
