@@ -11,11 +11,13 @@ from torch import nn
 
 def offload_saved_tensors(module: nn.Module, *, pin_memory: bool | None = None) -> nn.Module:
     """Each call of `module` saves its tensors for the backward in CPU memory (torch.autograd.graph.save_on_cpu).
-    pin_memory: default, on CUDA only (page-locked memory makes the copies asynchronous)."""
+    pin_memory: default, when the module is on CUDA (page-locked memory makes the copies asynchronous); call it
+    after the module is on its device."""
     if getattr(module, "_offloads_saved_tensors", False):
         return module
     forward = module.forward
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+    pin = on_cuda if pin_memory is None else pin_memory
 
     @functools.wraps(forward)
     def offloaded(*args, **kwargs):
